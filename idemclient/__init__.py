@@ -1,0 +1,52 @@
+"""idemclient: make unsafe HTTP calls (POST, PATCH) safe to retry, across crashes.
+
+Every operation gets one Idempotency-Key, written with the exact request to a local SQLite
+journal before it is sent; retries and resumes after a crash reuse that key, so the server
+performs the operation once. See the README for the guarantees and the limits.
+"""
+
+from __future__ import annotations
+
+from ._client import AsyncClient, Client, ResumeResult, aresume_pending, resume_pending, wrap
+from ._core import operation
+from ._errors import (
+    ConflictError,
+    IdempotencyError,
+    InvalidOperationError,
+    JournalError,
+    OperationAbandonedError,
+    OperationExpiredError,
+    OperationInProgressError,
+    OperationMismatchError,
+    RetriesExhaustedError,
+)
+from ._journal import Journal, Operation
+from ._policy import RetryPolicy
+from ._transport import AsyncIdempotentTransport, IdempotentTransport
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AsyncClient",
+    "AsyncIdempotentTransport",
+    "Client",
+    "ConflictError",
+    "IdempotencyError",
+    "IdempotentTransport",
+    "InvalidOperationError",
+    "Journal",
+    "JournalError",
+    "Operation",
+    "OperationAbandonedError",
+    "OperationExpiredError",
+    "OperationInProgressError",
+    "OperationMismatchError",
+    "ResumeResult",
+    "RetriesExhaustedError",
+    "RetryPolicy",
+    "__version__",
+    "aresume_pending",
+    "operation",
+    "resume_pending",
+    "wrap",
+]

@@ -1,0 +1,280 @@
+"""Ready-made clients, `wrap()` for clients that exist, and resuming interrupted operations."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import anyio.to_thread
+import httpx
+
+from ._core import OPERATION_EXTENSION, RESUME_EXTENSION
+from ._errors import (
+    ConflictError,
+    OperationAbandonedError,
+    OperationExpiredError,
+    OperationInProgressError,
+    RetriesExhaustedError,
+)
+from ._journal import Journal, Operation
+from ._policy import RetryPolicy
+from ._transport import (
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_METHODS,
+    AsyncIdempotentTransport,
+    IdempotentTransport,
+    JournalLike,
+)
+
+__all__ = ["AsyncClient", "Client", "ResumeResult", "aresume_pending", "resume_pending", "wrap"]
+
+AnyClient = TypeVar("AnyClient", httpx.Client, httpx.AsyncClient)
+_Idempotent = IdempotentTransport | AsyncIdempotentTransport
+
+
+def _wrap_transports(client: httpx.Client | httpx.AsyncClient, options: dict[str, Any]) -> None:
+    """Wrap the client's transport and every mounted one, all on one journal."""
+    current = client._transport
+    if isinstance(current, (IdempotentTransport, AsyncIdempotentTransport)):
+        raise ValueError("this client is already wrapped by idemclient")
+    journal_arg: JournalLike = options.pop("journal", None)
+    journal = journal_arg if isinstance(journal_arg, Journal) else Journal(journal_arg)
+    kind: Callable[..., _Idempotent] = (
+        AsyncIdempotentTransport if isinstance(client, httpx.AsyncClient) else IdempotentTransport
+    )
+    main = kind(current, journal=journal, **options)
+    # The journal belongs to the client when wrap() opened it: closing the client closes it.
+    main._owns_journal = not isinstance(journal_arg, Journal)
+    client._transport = main
+    client._mounts = {  # type: ignore[assignment]
+        pattern: None if mounted is None else kind(mounted, journal=journal, **options)
+        for pattern, mounted in client._mounts.items()
+    }
+
+
+def wrap(client: AnyClient, **options: Any) -> AnyClient:
+    """Make an existing `httpx.Client` or `httpx.AsyncClient` idempotent; the same object back.
+
+    Its transport and mounted transports are wrapped in place, so base URL, headers, auth,
+    cookies, timeouts, proxies and event hooks keep working. `options` are those of
+    `IdempotentTransport` (`journal`, `retry`, `methods`, `key_header`, ...).
+
+    Example:
+        >>> client = idemclient.wrap(httpx.Client(base_url=..., headers={"Authorization": ...}))
+    """
+    if not isinstance(client, (httpx.Client, httpx.AsyncClient)):
+        raise TypeError(f"wrap() takes an httpx.Client or httpx.AsyncClient, not {client!r}")
+    _wrap_transports(client, dict(options))
+    return client
+
+
+def _idempotent_transport(client: httpx.Client | httpx.AsyncClient) -> _Idempotent:
+    transport = client._transport
+    if not isinstance(transport, (IdempotentTransport, AsyncIdempotentTransport)):
+        raise TypeError(
+            "this client has no idemclient transport: use idemclient.Client, idemclient.wrap()"
+            " or a transport=IdempotentTransport(...)"
+        )
+    return transport
+
+
+class Client(httpx.Client):
+    """An `httpx.Client` whose POST and PATCH are journaled, keyed and retried.
+
+    Takes every `httpx.Client` argument, plus `journal`, `retry`, `methods` and the other
+    options of `IdempotentTransport`.
+
+    Example:
+        >>> with idemclient.Client(base_url="https://api.example", journal="billing.sqlite3") as c:
+        ...     c.resume_pending()          # finish what a crash interrupted
+        ...     with idemclient.operation("charge-42"):
+        ...         c.post("/charges", json={"amount": 500})
+    """
+
+    def __init__(
+        self,
+        *,
+        journal: JournalLike = None,
+        retry: RetryPolicy | None = None,
+        methods: Sequence[str] = DEFAULT_METHODS,
+        key_header: str = "Idempotency-Key",
+        key_style: Literal["bare", "structured"] = "bare",
+        secret_headers: Sequence[str] = (),
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        sleep: Callable[[float], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _wrap_transports(self, dict(
+            journal=journal, retry=retry, methods=methods, key_header=key_header,
+            key_style=key_style, secret_headers=secret_headers, max_body_size=max_body_size,
+            sleep=sleep,
+        ))  # fmt: skip
+
+    @property
+    def journal(self) -> Journal:
+        """The journal of this client's operations."""
+        return _idempotent_transport(self).journal
+
+    def resume_pending(self) -> list[ResumeResult]:
+        """Finish this journal's interrupted operations through this client."""
+        return resume_pending(self)
+
+
+class AsyncClient(httpx.AsyncClient):
+    """An `httpx.AsyncClient` whose POST and PATCH are journaled, keyed and retried.
+
+    Example:
+        >>> async with idemclient.AsyncClient(base_url="https://api.example") as c:
+        ...     await c.aresume_pending()
+        ...     await c.post("/orders", json={"cart": "c1"})
+    """
+
+    def __init__(
+        self,
+        *,
+        journal: JournalLike = None,
+        retry: RetryPolicy | None = None,
+        methods: Sequence[str] = DEFAULT_METHODS,
+        key_header: str = "Idempotency-Key",
+        key_style: Literal["bare", "structured"] = "bare",
+        secret_headers: Sequence[str] = (),
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _wrap_transports(self, dict(
+            journal=journal, retry=retry, methods=methods, key_header=key_header,
+            key_style=key_style, secret_headers=secret_headers, max_body_size=max_body_size,
+            sleep=sleep,
+        ))  # fmt: skip
+
+    @property
+    def journal(self) -> Journal:
+        """The journal of this client's operations."""
+        return _idempotent_transport(self).journal
+
+    async def aresume_pending(self) -> list[ResumeResult]:
+        """Finish this journal's interrupted operations through this client."""
+        return await aresume_pending(self)
+
+    async def resume_pending(self) -> list[ResumeResult]:
+        """The same as `aresume_pending()`, under the sync client's name."""
+        return await aresume_pending(self)
+
+
+# -- resume -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeResult:
+    """What `resume_pending` did with one operation.
+
+    `outcome` is `completed` (the server answered; `response` holds it), `conflict` (422),
+    `expired` (sent once and past the retention: not resent, a person decides),
+    `in_progress` (another live process holds it), or `failed` (retries ran out or a
+    transport error; it stays pending). `operation` is the journal's record after the attempt.
+    """
+
+    operation: Operation
+    outcome: Literal["completed", "conflict", "expired", "in_progress", "failed"]
+    response: httpx.Response | None = None
+    error: Exception | None = None
+
+
+def _rebase(url: str, base_url: httpx.URL) -> httpx.URL:
+    """The stored URL on the client's base URL origin, if the client has one."""
+    stored = httpx.URL(url)
+    if not base_url.host:
+        return stored
+    return stored.copy_with(scheme=base_url.scheme, host=base_url.host, port=base_url.port)
+
+
+def _resume_requests(
+    client: httpx.Client | httpx.AsyncClient,
+) -> tuple[Journal, list[ResumeResult], list[tuple[Operation, httpx.Request]]]:
+    transport = _idempotent_transport(client)
+    journal = transport.journal
+    expired = [ResumeResult(op, "expired") for op in journal.expire_stale()]
+    requests = []
+    for op in journal.pending():
+        method, url, headers, body = journal.request_of(op.key)
+        extensions: dict[str, Any] = {RESUME_EXTENSION: True}
+        if op.name is not None:
+            extensions[OPERATION_EXTENSION] = op.name
+        request = client.build_request(
+            method, _rebase(url, client.base_url), headers=headers, content=body,
+            extensions=extensions,
+        )  # fmt: skip
+        request.headers[transport.key_header] = op.key
+        requests.append((op, request))
+    return journal, expired, requests
+
+
+def _result(
+    journal: Journal, op: Operation, response: httpx.Response | None, error: Exception | None
+) -> ResumeResult:
+    now = journal.get(op.key) or op
+    outcome: Literal["completed", "conflict", "expired", "in_progress", "failed"]
+    if error is None:
+        outcome = "completed"
+    elif isinstance(error, ConflictError):
+        outcome = "conflict"
+    elif isinstance(error, (OperationExpiredError, OperationAbandonedError)):
+        outcome = "expired"
+    elif isinstance(error, OperationInProgressError):
+        outcome = "in_progress"
+    else:
+        outcome = "failed"
+    return ResumeResult(now, outcome, response, error)
+
+
+_RESUMABLE_ERRORS = (
+    ConflictError,
+    OperationExpiredError,
+    OperationAbandonedError,
+    OperationInProgressError,
+    RetriesExhaustedError,
+    httpx.TransportError,
+)
+
+
+def resume_pending(client: httpx.Client) -> list[ResumeResult]:
+    """Resend every pending operation of the client's journal, through the client.
+
+    The client's auth, headers and base URL apply (a token refreshed since the crash works);
+    each operation goes out with its stored key and exact body bytes, so a server that acted
+    before the crash replays its answer instead of acting twice. Operations sent once and
+    older than the journal's retention become `expired` and are not sent.
+
+    Raises:
+        JournalError: the journal cannot be read or written (stops at once).
+        TypeError: the client has no idemclient transport.
+    """
+    journal, results, requests = _resume_requests(client)
+    for op, request in requests:
+        try:
+            response = client.send(request)
+            response.read()
+        except _RESUMABLE_ERRORS as exc:
+            results.append(_result(journal, op, None, exc))
+        else:
+            results.append(_result(journal, op, response, None))
+    return results
+
+
+async def aresume_pending(client: httpx.AsyncClient) -> list[ResumeResult]:
+    """The async twin of `resume_pending`; journal reads run in a worker thread."""
+    journal, results, requests = await anyio.to_thread.run_sync(_resume_requests, client)
+    for op, request in requests:
+        response: httpx.Response | None = None
+        error: Exception | None = None
+        try:
+            response = await client.send(request)
+            await response.aread()
+        except _RESUMABLE_ERRORS as exc:
+            response, error = None, exc
+        results.append(await anyio.to_thread.run_sync(_result, journal, op, response, error))
+    return results

@@ -1,0 +1,568 @@
+"""One operation as a sequence of decisions, with no I/O (the shape of httpx's `auth_flow`).
+
+`keyed_flow` and `plain_flow` are generators. They yield *steps* (`Call` a journal method,
+`Send` a request, `Sleep`) and receive each step's result; the sync and async transports in
+`_transport.py` are the two loops that carry the steps out. Retry decisions come from a
+tenacity controller (`RetryPolicy.controller`), driven one `iter()` at a time.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+import os
+import random
+import threading
+import uuid
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import tenacity
+
+from ._errors import (
+    ConflictError,
+    IdempotencyError,
+    InvalidOperationError,
+    OperationAbandonedError,
+    OperationExpiredError,
+    OperationInProgressError,
+    OperationMismatchError,
+    RetriesExhaustedError,
+)
+from ._journal import (
+    Decision,
+    Journal,
+    Operation,
+    Registration,
+    RequestRecord,
+    StoredResponse,
+    current_owner,
+)
+from ._policy import Exhausted, Outcome, RetryPolicy, Verdict, classify_error, classify_response
+from ._policy import is_replayed as server_replayed
+
+logger = logging.getLogger("idemclient")
+
+#: Request extension naming the operation (a stable name that survives reruns).
+OPERATION_EXTENSION = "idempotency_operation"
+#: Request extension set by `resume_pending`: the stored request, found by its key.
+RESUME_EXTENSION = "idempotency_resume"
+#: Response extension describing the operation.
+RESPONSE_EXTENSION = "idempotency"
+
+#: Never journaled: credentials (the client re-applies its auth on resume) and headers that
+#: httpx derives from the body and URL on every send.
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+_DERIVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_MAX_NAME_LENGTH = 200
+_MAX_KEY_LENGTH = 255
+_LEASE_MARGIN = 30.0
+_DEFAULT_LEASE = 300.0
+
+
+# -- settings and names ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """A transport's options, checked once."""
+
+    policy: RetryPolicy
+    methods: frozenset[str]
+    key_header: str
+    key_style: Literal["bare", "structured"]
+    secret_headers: frozenset[str]
+    max_body_size: int
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        retry: RetryPolicy | None,
+        methods: Iterable[str],
+        key_header: str,
+        key_style: Literal["bare", "structured"],
+        secret_headers: Iterable[str],
+        max_body_size: int,
+    ) -> Settings:
+        if key_style not in ("bare", "structured"):
+            raise ValueError(f"key_style must be 'bare' or 'structured', not {key_style!r}")
+        if max_body_size < 0:
+            raise ValueError("max_body_size must not be negative")
+        if not key_header or any(c in key_header for c in " :\r\n"):
+            raise ValueError(f"invalid key_header {key_header!r}")
+        return cls(
+            policy=retry if retry is not None else RetryPolicy(),
+            methods=frozenset(m.upper() for m in methods),
+            key_header=key_header,
+            key_style=key_style,
+            secret_headers=SECRET_HEADERS | {h.lower() for h in secret_headers},
+            max_body_size=max_body_size,
+        )
+
+
+def check_name(name: object) -> str:
+    """Validate an operation name: 1 to 200 printable characters."""
+    if not isinstance(name, str) or not name:
+        raise InvalidOperationError(f"an operation name must be a non-empty string, not {name!r}")
+    if len(name) > _MAX_NAME_LENGTH:
+        raise InvalidOperationError(
+            f"operation name is {len(name)} characters long; the limit is {_MAX_NAME_LENGTH}"
+        )
+    if not name.isprintable():
+        raise InvalidOperationError(f"operation name {name!r} contains control characters")
+    return name
+
+
+def parse_key(value: str) -> str:
+    """The key from a caller's header, bare or as a Structured Field string (`"..."`)."""
+    key = value.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not key or len(key) > _MAX_KEY_LENGTH:
+        raise InvalidOperationError(
+            f"an Idempotency-Key must be 1 to {_MAX_KEY_LENGTH} characters, got {len(key)}"
+        )
+    if any(not (0x20 <= ord(c) <= 0x7E) or c in '"\\' for c in key):
+        raise InvalidOperationError(
+            "an Idempotency-Key may hold only printable ASCII without '\"' or '\\'"
+        )
+    return key
+
+
+class _Scope:
+    """The names handed out inside one `operation()` block: name, name#2, name#3, ..."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def next_name(self) -> str:
+        with self._lock:
+            self._count += 1
+            count = self._count
+        return self.name if count == 1 else f"{self.name}#{count}"
+
+
+_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
+    "idemclient_operation", default=None
+)
+
+
+class operation:
+    """Name the operations sent inside this block, so that a rerun finds them.
+
+    The first journaled request in the block is named `name`, the second `name#2`, and so on,
+    in the order they are sent: keep that order stable across reruns. A completed operation is
+    answered from the journal without sending; an interrupted one is resent with its key.
+    Works with `with` and `async with`, in threads and tasks (a context variable).
+
+    Example:
+        >>> with idemclient.operation(f"charge-{invoice.id}"):
+        ...     r = client.post("/charges", json={"amount": 500})
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = check_name(name)
+        self._tokens: list[contextvars.Token[_Scope | None]] = []
+
+    def __enter__(self) -> operation:
+        self._tokens.append(_scope.set(_Scope(self.name)))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _scope.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> operation:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__()
+
+    def __repr__(self) -> str:
+        return f"operation({self.name!r})"
+
+
+# -- what to send and what to journal -------------------------------------------------------
+
+
+def _strip_userinfo(url: httpx.URL) -> str:
+    return str(url.copy_with(userinfo=b"")) if url.userinfo else str(url)
+
+
+def fingerprint(method: str, url: str, body: bytes) -> str:
+    """sha256 of method, URL and body: what makes two requests the same operation."""
+    digest = hashlib.sha256()
+    digest.update(method.encode() + b"\n" + url.encode() + b"\n")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def lease_seconds(request: httpx.Request) -> float:
+    """How long a claim holds: the request's timeouts summed, plus a margin."""
+    timeout = request.extensions.get("timeout")
+    if isinstance(timeout, dict):
+        values = [v for v in timeout.values() if isinstance(v, (int, float))]
+        if len(values) == len(timeout) and values:
+            return float(sum(values)) + _LEASE_MARGIN
+    return _DEFAULT_LEASE + _LEASE_MARGIN
+
+
+_owner_cache: tuple[int, str] | None = None
+
+
+def owner() -> str:
+    """This process's lease owner string, recomputed after a fork."""
+    global _owner_cache
+    pid = os.getpid()
+    if _owner_cache is None or _owner_cache[0] != pid:
+        _owner_cache = (pid, current_owner())
+    return _owner_cache[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A journaled request: what is stored, and what is sent on every attempt."""
+
+    record: RequestRecord
+    request: httpx.Request
+    lease_seconds: float
+
+
+def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
+    """Turn a request and its fully read body into a `Plan`. Raises `InvalidOperationError`."""
+    name = request.extensions.get(OPERATION_EXTENSION)
+    if name is not None:
+        name = check_name(name)
+    else:
+        scope = _scope.get()
+        name = scope.next_name() if scope is not None else None
+    given = request.headers.get(settings.key_header)
+    key = parse_key(given) if given is not None else str(uuid.uuid4())
+    url = _strip_userinfo(request.url)
+    skip = settings.secret_headers | _DERIVED_HEADERS | {settings.key_header.lower()}
+    stored = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in skip]
+    record = RequestRecord(
+        name=name,
+        key=key,
+        key_given=given is not None,
+        method=request.method,
+        url=url,
+        headers=stored,
+        body=body,
+        fingerprint=fingerprint(request.method, url, body),
+        resume=bool(request.extensions.get(RESUME_EXTENSION)),
+    )
+    headers = request.headers.copy()
+    headers.pop("transfer-encoding", None)
+    headers["content-length"] = str(len(body))
+    headers[settings.key_header] = f'"{key}"' if settings.key_style == "structured" else key
+    to_send = httpx.Request(
+        request.method,
+        request.url,
+        headers=headers,
+        stream=httpx.ByteStream(body),
+        extensions=request.extensions,
+    )
+    return Plan(record, to_send, lease_seconds(request))
+
+
+# -- steps ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Run a journal method (in a worker thread, for the async shell)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send through the wrapped transport. With `read`, answer with the whole raw body read
+    (a `Received` whose response streams those bytes); else the live response."""
+
+    request: httpx.Request
+    read: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    seconds: float
+
+
+Step = Call | Send | Sleep
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    response: httpx.Response
+    raw: bytes | None  # the raw (undecoded) body, when the step asked to read it
+
+
+def _decoded(response: httpx.Response, raw: bytes) -> bytes:
+    """The body with its content-encoding removed, for looking inside it."""
+    try:
+        return httpx.Response(response.status_code, headers=response.headers, content=raw).read()
+    except httpx.DecodingError:
+        return raw
+
+
+def _extension(op: Operation, attempts: int, replayed: bool) -> dict[str, Any]:
+    return {"key": op.key, "operation": op.name, "attempts": attempts, "replayed": replayed}
+
+
+def replay_response(
+    reg: Registration, request: httpx.Request, *, replayed: bool = True
+) -> httpx.Response:
+    """The journaled final response of a finished operation, as a fresh httpx.Response."""
+    stored = reg.response
+    assert stored is not None
+    headers = list(stored.headers)
+    if not stored.body_kept:
+        drop = {"content-length", "content-encoding", "transfer-encoding"}
+        headers = [(k, v) for k, v in headers if k.lower() not in drop]
+    ext = _extension(reg.operation, reg.operation.attempts, replayed)
+    if not stored.body_kept:
+        ext["body_kept"] = False
+    return httpx.Response(
+        stored.status,
+        headers=headers,
+        stream=httpx.ByteStream(stored.body),
+        request=request,
+        extensions={RESPONSE_EXTENSION: ext},
+    )
+
+
+def _refuse(reg: Registration, request: httpx.Request) -> IdempotencyError:
+    op = reg.operation
+    label = repr(op.name) if op.name is not None else f"with key {op.key!r}"
+    if reg.decision is Decision.CONFLICT:
+        response = replay_response(reg, request) if reg.response is not None else None
+        status = response.status_code if response is not None else "?"
+        return ConflictError(
+            f"operation {label} was refused by the server earlier (HTTP {status}); "
+            "it is not sent again",
+            operation=op,
+            response=response,
+        )
+    if reg.decision is Decision.MISMATCH:
+        return OperationMismatchError(
+            f"operation {label}: {reg.detail}; nothing was sent", operation=op
+        )
+    if reg.decision is Decision.IN_PROGRESS:
+        return OperationInProgressError(
+            f"operation {label} is being sent by another process ({reg.detail}); nothing was sent",
+            operation=op,
+        )
+    if reg.decision is Decision.EXPIRED:
+        return OperationExpiredError(
+            f"operation {label} was sent before and is older than the journal's retention: "
+            "the server may have forgotten its key, so it is not resent automatically "
+            "(abandon it, or decide by hand)",
+            operation=op,
+        )
+    return OperationAbandonedError(
+        f"operation {label} was abandoned; nothing was sent", operation=op
+    )
+
+
+def _stored(response: httpx.Response, raw: bytes) -> StoredResponse:
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() != "set-cookie"]
+    return StoredResponse(response.status_code, headers, raw)
+
+
+def _retry_loop(
+    controller: tenacity.Retrying,
+    attempt: Callable[[], Generator[Step, Any, Outcome]],
+    on_sleep: Callable[[Outcome, float], None],
+) -> Generator[Step, Any, Outcome | Exhausted]:
+    """Drive the tenacity controller: attempt, sleep, attempt, ... until it hands back a value."""
+    controller.begin()
+    state = tenacity.RetryCallState(controller, fn=None, args=(), kwargs={})
+    last: Outcome | None = None
+    while True:
+        do = controller.iter(state)
+        if isinstance(do, tenacity.DoAttempt):
+            last = yield from attempt()
+            state.set_result(last)
+        elif isinstance(do, tenacity.DoSleep):
+            assert last is not None
+            on_sleep(last, float(do))
+            state.prepare_for_next_attempt()
+            yield Sleep(float(do))
+        else:
+            assert isinstance(do, (Outcome, Exhausted))
+            return do
+
+
+def _close_response(outcome: Outcome) -> None:
+    if outcome.response is not None:
+        outcome.response.close()
+
+
+def keyed_flow(
+    the_plan: Plan,
+    journal: Journal,
+    policy: RetryPolicy,
+    clock: Callable[[], float],
+    wall_clock: Callable[[], float],
+    rng: random.Random | None = None,
+) -> Generator[Step, Any, httpx.Response]:
+    """A journaled operation: register and claim, send, retry with the same key, record."""
+    record, request = the_plan.record, the_plan.request
+    me = owner()
+    reg: Registration = yield Call(journal.register, (record, me, the_plan.lease_seconds))
+    op = reg.operation
+    label = op.name or op.key
+    if reg.decision is Decision.COMPLETED:
+        logger.info("operation %s (key %s) already completed: replaying", label, op.key)
+        return replay_response(reg, request)
+    if reg.decision is not Decision.SEND:
+        raise _refuse(reg, request)
+
+    version, attempts = reg.lease_version, op.attempts
+    first = True
+    last_raw = b""
+
+    def attempt() -> Generator[Step, Any, Outcome]:
+        nonlocal version, attempts, first, last_raw
+        if not first:
+            claimed = yield Call(
+                journal.claim, (op.key, version, me, the_plan.lease_seconds, last_error)
+            )
+            if claimed is None:
+                raise OperationInProgressError(
+                    f"operation {label} was taken over by another process; not resent",
+                    operation=op,
+                )
+            version, attempts = claimed
+        first = False
+        try:
+            received: Received = yield Send(request, read=True)
+        except httpx.TransportError as exc:
+            outcome = classify_error(exc)
+        else:
+            raw = last_raw = received.raw or b""
+            body = _decoded(received.response, raw) if received.response.status_code == 400 else raw
+            outcome = classify_response(
+                received.response, body, keyed=True, policy=policy, now=wall_clock()
+            )
+        logger.debug(
+            "%s %s operation=%s key=%s attempt=%d: %s -> %s",
+            request.method, request.url, label, op.key, attempts, outcome.reason,
+            outcome.verdict.value,
+        )  # fmt: skip
+        return outcome
+
+    last_error: str | None = None
+
+    def on_sleep(outcome: Outcome, seconds: float) -> None:
+        nonlocal last_error
+        last_error = outcome.reason
+        _close_response(outcome)
+        logger.info(
+            "operation %s (key %s): %s, retrying in %.2fs with the same key",
+            label, op.key, outcome.reason, seconds,
+        )  # fmt: skip
+
+    settled = False
+    try:
+        result = yield from _retry_loop(policy.controller(clock, rng), attempt, on_sleep)
+        if isinstance(result, Exhausted):
+            last = result.last
+            _close_response(last)
+            settled = True
+            yield Call(journal.release, (op.key, version, f"{result.reason}; last: {last.reason}"))
+            raise RetriesExhaustedError(
+                f"operation {label} (key {op.key}) gave up: {result.reason}; last outcome: "
+                f"{last.reason}. It stays pending: resume it to finish with the same key",
+                operation=op,
+                response=last.response,
+                attempts=attempts,
+            ) from last.error
+        if result.verdict is Verdict.ERROR:
+            settled = True
+            yield Call(journal.release, (op.key, version, result.reason))
+            assert result.error is not None
+            raise result.error
+        response = result.response
+        assert response is not None
+        state: Literal["completed", "conflict"] = (
+            "conflict" if result.verdict is Verdict.CONFLICT else "completed"
+        )
+        settled = True
+        kept = yield Call(journal.finish, (op.key, version, state, _stored(response, last_raw)))
+        if not kept:
+            logger.warning(
+                "operation %s (key %s) was taken over while in flight; its holder records "
+                "the result",
+                label, op.key,
+            )  # fmt: skip
+    except GeneratorExit:
+        raise
+    except BaseException:
+        if not settled:
+            # Cancelled, interrupted, or the journal failed mid-way: give the lease back so
+            # that a resume in this same process need not wait for it to expire.
+            try:
+                yield Call(journal.release, (op.key, version, "interrupted"))
+            except Exception:
+                logger.debug("could not release operation %s", label, exc_info=True)
+        raise
+
+    ext = _extension(op, attempts, server_replayed(response))
+    response.extensions = {**response.extensions, RESPONSE_EXTENSION: ext}
+    if state == "conflict":
+        logger.warning("operation %s (key %s): %s, not retried", label, op.key, result.reason)
+        raise ConflictError(
+            f"operation {label} (key {op.key}) was refused by the server ({result.reason}): "
+            "the key was used with another request, or the server cannot process it; "
+            "not retried",
+            operation=op,
+            response=response,
+        )
+    return response
+
+
+def plain_flow(
+    request: httpx.Request,
+    policy: RetryPolicy,
+    clock: Callable[[], float],
+    wall_clock: Callable[[], float],
+    rng: random.Random | None = None,
+) -> Generator[Step, Any, httpx.Response]:
+    """An unjournaled request (GET, PUT, DELETE, ...): retried on transient failures only.
+
+    A body that cannot be sent twice (a generator) gets a single attempt. When the attempts
+    run out on a retryable status, the last response is returned, as plain httpx would.
+    """
+    if not isinstance(request.stream, httpx.ByteStream):
+        policy = policy.replace(max_attempts=1)
+
+    def attempt() -> Generator[Step, Any, Outcome]:
+        try:
+            received: Received = yield Send(request, read=False)
+        except httpx.TransportError as exc:
+            return classify_error(exc)
+        return classify_response(
+            received.response, None, keyed=False, policy=policy, now=wall_clock()
+        )
+
+    def on_sleep(outcome: Outcome, seconds: float) -> None:
+        _close_response(outcome)
+        logger.info(
+            "%s %s: %s, retrying in %.2fs", request.method, request.url, outcome.reason, seconds
+        )
+
+    result = yield from _retry_loop(policy.controller(clock, rng), attempt, on_sleep)
+    last = result.last if isinstance(result, Exhausted) else result
+    if last.response is not None:
+        return last.response
+    assert last.error is not None
+    raise last.error

@@ -1,0 +1,709 @@
+"""The SQLite journal: what was asked, under which key, and what came back.
+
+One file, one table. Every read-then-write runs in an explicit `BEGIN IMMEDIATE` transaction
+(a deferred transaction that later upgrades to a write fails at once with "database is
+locked" instead of waiting). Every sqlite3 or OS error becomes a `JournalError` naming the file,
+in one place: `_errors_as_journal_error`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import platformdirs
+
+from ._errors import JournalError
+
+__all__ = [
+    "Decision",
+    "Journal",
+    "Operation",
+    "Registration",
+    "RequestRecord",
+    "StoredResponse",
+    "default_journal_path",
+]
+
+State = Literal["pending", "completed", "conflict", "expired", "abandoned"]
+STATES: tuple[State, ...] = ("pending", "completed", "conflict", "expired", "abandoned")
+_FINISHED: tuple[State, ...] = ("completed", "conflict", "abandoned")
+
+#: Bumped by every schema change; migrations go forward only.
+SCHEMA_VERSION = 1
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_DEFAULT_PURGE_HORIZON = timedelta(days=30)
+
+_SCHEMA = """
+CREATE TABLE operations (
+    id              INTEGER PRIMARY KEY,
+    name            TEXT UNIQUE,            -- NULL for an unnamed operation
+    key             TEXT NOT NULL UNIQUE,
+    state           TEXT NOT NULL,
+    method          TEXT NOT NULL,
+    url             TEXT NOT NULL,          -- user info removed
+    headers         TEXT NOT NULL,          -- JSON pairs, secrets removed
+    body            BLOB NOT NULL,          -- the exact bytes sent on every attempt
+    fingerprint     TEXT NOT NULL,          -- sha256 of method, URL and body
+    attempts        INTEGER NOT NULL,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    first_sent_at   REAL,                   -- NULL until the first claim: provably never sent
+    lease_owner     TEXT,                   -- host:pid:process-start-time
+    lease_expires   REAL,
+    lease_version   INTEGER NOT NULL,       -- fences writes of a holder that was taken over
+    response_status INTEGER,
+    response_headers TEXT,
+    response_body   BLOB,
+    response_body_kept INTEGER,
+    last_error      TEXT
+);
+-- Resume and expiry scan only pending rows: that stays cheap however large the journal grows.
+CREATE INDEX operations_pending ON operations (created_at) WHERE state = 'pending';
+CREATE INDEX operations_finished ON operations (updated_at) WHERE state != 'pending';
+"""
+
+
+def default_journal_path() -> Path:
+    """`$IDEMCLIENT_JOURNAL` if set, else `journal.sqlite3` in the user state directory."""
+    env = os.environ.get("IDEMCLIENT_JOURNAL")
+    if env:
+        return Path(env).expanduser()
+    return platformdirs.user_state_path("idemclient") / "journal.sqlite3"
+
+
+# -- process identity, for leases ---------------------------------------------------------
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux), to tell a reused pid from the holder."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+_HOST = socket.gethostname()
+
+
+def current_owner() -> str:
+    """This process as a lease owner: host, pid and start time (pids are reused)."""
+    pid = os.getpid()
+    return f"{_HOST}:{pid}:{_process_start_time(pid) or '0'}"
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether the owner still runs. A holder on another host is assumed alive."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3:
+        return True
+    host, pid_text, start = parts
+    if host != _HOST:
+        return True
+    try:
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    if start == "0":
+        return True
+    return _process_start_time(pid) == start
+
+
+# -- records ------------------------------------------------------------------------------
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One journaled operation, as the journal holds it now.
+
+    `name` is `None` for an unnamed operation. `state` is one of `pending` (resumable),
+    `completed`, `conflict` (422), `expired` (sent once and older than the retention: never
+    resent automatically) and `abandoned`. `attempts` counts the sends claimed so far.
+
+    Example:
+        >>> op = journal.get("charge-42")
+        >>> op.state, op.attempts, op.response_status
+        ('completed', 2, 201)
+    """
+
+    name: str | None
+    key: str
+    state: State
+    method: str
+    url: str
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    response_status: int | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A final response as journaled: status, headers (no Set-Cookie) and the raw body.
+
+    `body_kept` is `False` when the body was larger than the journal's `max_response_body`;
+    a replay then returns the status and headers with an empty body.
+    """
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    body_kept: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What `register` needs to know about a request (secrets already removed)."""
+
+    name: str | None
+    key: str
+    key_given: bool  # the caller chose the key (an Idempotency-Key header)
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    fingerprint: str
+    resume: bool = False  # sent by resume: the stored request, found by key
+
+
+class Decision(Enum):
+    """What `register` decided; the core turns it into a send, a replay or an error."""
+
+    SEND = "send"
+    COMPLETED = "completed"
+    CONFLICT = "conflict"
+    MISMATCH = "mismatch"
+    IN_PROGRESS = "in_progress"
+    EXPIRED = "expired"
+    ABANDONED = "abandoned"
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    decision: Decision
+    operation: Operation
+    lease_version: int = 0
+    response: StoredResponse | None = None
+    detail: str = ""
+
+
+_COLUMNS = (
+    "name, key, state, method, url, attempts, created_at, updated_at, response_status, "
+    "last_error, fingerprint, first_sent_at, lease_owner, lease_expires, lease_version, "
+    "response_headers, response_body, response_body_kept"
+)
+
+
+def _operation(row: tuple[Any, ...]) -> Operation:
+    return Operation(
+        name=row[0],
+        key=row[1],
+        state=row[2],
+        method=row[3],
+        url=row[4],
+        attempts=row[5],
+        created_at=_dt(row[6]),
+        updated_at=_dt(row[7]),
+        response_status=row[8],
+        last_error=row[9],
+    )
+
+
+def _stored_response(row: tuple[Any, ...]) -> StoredResponse | None:
+    if row[8] is None:
+        return None
+    headers = [(str(k), str(v)) for k, v in json.loads(row[15] or "[]")]
+    return StoredResponse(row[8], headers, bytes(row[16] or b""), bool(row[17]))
+
+
+class Journal:
+    """The durable record of operations: one SQLite file in WAL mode.
+
+    Args:
+        path: the file; `None` means `$IDEMCLIENT_JOURNAL` or the user state directory.
+            A missing parent directory is created with mode 0700, a new file with mode 0600.
+        retention: how long the server keeps a key. A pending operation sent at least once
+            and older than this becomes `expired` and is never resent automatically.
+        durability: `"full"` fsyncs the register/claim commit before the request is sent (it
+            survives a power loss); `"normal"` survives a crash of the process, not of the
+            machine. Completion writes need no fsync: if one is lost, a resume resends the
+            same key and the server replays its answer.
+        busy_timeout: seconds to wait for another process's write lock before `JournalError`.
+        max_response_body: bytes of a final response body kept for replays.
+
+    Raises:
+        JournalError: the file cannot be created or opened, is not an SQLite database, is
+            corrupt, or comes from a newer idemclient. It is never replaced.
+
+    Example:
+        >>> journal = Journal("billing.sqlite3")
+        >>> [op.name for op in journal.pending()]
+        ['charge-41']
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        retention: timedelta = timedelta(hours=24),
+        durability: Literal["full", "normal"] = "full",
+        busy_timeout: float = 10.0,
+        max_response_body: int = 1024 * 1024,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
+        if retention <= timedelta(0):
+            raise ValueError("retention must be positive")
+        self.path = Path(path).expanduser() if path is not None else default_journal_path()
+        self.retention = retention
+        self.durability = durability
+        self.busy_timeout = busy_timeout
+        self.max_response_body = max_response_body
+        self._clock = clock
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
+        self._open()
+
+    def __repr__(self) -> str:
+        return f"<Journal {str(self.path)!r} durability={self.durability!r}>"
+
+    # -- connections ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors_as_journal_error(self, action: str) -> Iterator[None]:
+        """The one boundary where sqlite3 and OS errors become `JournalError`."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise JournalError(
+                f"could not {action}: journal {self.path}: {exc}", path=str(self.path)
+            ) from exc
+        except OSError as exc:
+            raise JournalError(
+                f"could not {action}: journal {self.path}: {exc}", path=str(self.path)
+            ) from exc
+
+    def _open(self) -> None:
+        with self._errors_as_journal_error("open the journal"):
+            parent = self.path.parent
+            if not parent.exists():
+                parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                head = os.read(fd, len(_SQLITE_MAGIC))
+            finally:
+                os.close(fd)
+            if head and head != _SQLITE_MAGIC[: len(head)]:
+                raise JournalError(
+                    f"journal {self.path} is not an SQLite database; it was left untouched "
+                    "(move it away or pass another path)",
+                    path=str(self.path),
+                )
+            db = self._connection()
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"journal {self.path} has schema version {version}, newer than this "
+                    f"idemclient understands ({SCHEMA_VERSION}): upgrade idemclient",
+                    path=str(self.path),
+                )
+            if version < SCHEMA_VERSION:
+                self._migrate(db, version)
+            else:
+                db.execute("SELECT 1 FROM operations LIMIT 1").fetchall()
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            current = db.execute("PRAGMA user_version").fetchone()[0]
+            if current == 0:
+                tables = db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                ).fetchall()
+                if tables:
+                    raise JournalError(
+                        f"{self.path} is an SQLite database but not an idemclient journal "
+                        f"(it has tables {sorted(t[0] for t in tables)}); it was left untouched",
+                        path=str(self.path),
+                    )
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection. Never carried across fork(): a child opens its own."""
+        if self._closed:
+            raise JournalError(f"journal {self.path} is closed", path=str(self.path))
+        pid = os.getpid()
+        cached: tuple[int, sqlite3.Connection] | None = getattr(self._local, "conn", None)
+        if cached is not None and cached[0] == pid:
+            return cached[1]
+        # isolation_level=None: no implicit transactions; we say BEGIN IMMEDIATE ourselves.
+        # check_same_thread=False only so that close() may close every thread's connection.
+        db = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        # WAL: readers never block the writer, and a commit is one append (+ fsync if FULL).
+        db.execute("PRAGMA journal_mode = WAL")
+        # FULL fsyncs the WAL on every commit: the intent survives a power loss.
+        # NORMAL fsyncs only at checkpoints: it survives a crash of the process.
+        db.execute(f"PRAGMA synchronous = {'FULL' if self.durability == 'full' else 'NORMAL'}")
+        # The WAL file stays bounded; the default is fine, said here so nobody wonders.
+        db.execute("PRAGMA wal_autocheckpoint = 1000")
+        self._local.conn = (pid, db)
+        if cached is None:
+            with self._lock:
+                self._connections.append(db)
+        return db
+
+    @contextlib.contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One `BEGIN IMMEDIATE` transaction; its COMMIT is durable per `durability`."""
+        with self._errors_as_journal_error(action):
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _read(self, action: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._errors_as_journal_error(action):
+            return cast("list[tuple[Any, ...]]", self._connection().execute(sql, params).fetchall())
+
+    def close(self) -> None:
+        """Close every connection this journal opened. Later use raises `JournalError`."""
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for db in connections:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the operation's life -------------------------------------------------------------
+
+    @staticmethod
+    def _find(db: sqlite3.Connection, column: str, value: str) -> tuple[Any, ...] | None:
+        row = db.execute(
+            f"SELECT {_COLUMNS} FROM operations WHERE {column} = ?", (value,)
+        ).fetchone()
+        return cast("tuple[Any, ...] | None", row)
+
+    def _lease_free(self, row: tuple[Any, ...], now: float) -> bool:
+        owner, expires = row[12], row[13]
+        if owner is None or (expires is not None and expires <= now):
+            return True
+        return not _owner_alive(owner)
+
+    def register(self, record: RequestRecord, owner: str, lease_seconds: float) -> Registration:
+        """Look the operation up and, if it is to be sent, claim it: one durable commit.
+
+        Unknown: insert it, claimed. Known: a different request is a mismatch; a finished one
+        is answered from the journal; a pending one is claimed if its lease is free.
+        """
+        now = self._clock()
+        with self._write("register the operation") as db:
+            row = None
+            if record.name is not None:
+                row = self._find(db, "name", record.name)
+                if record.key_given:
+                    by_key = self._find(db, "key", record.key)
+                    if by_key is not None and (row is None or by_key[1] != row[1]):
+                        return Registration(
+                            Decision.MISMATCH,
+                            _operation(by_key),
+                            detail=f"key {record.key!r} already belongs to another operation",
+                        )
+            elif record.key_given or record.resume:
+                row = self._find(db, "key", record.key)
+            if row is None:
+                db.execute(
+                    "INSERT INTO operations (name, key, state, method, url, headers, body, "
+                    "fingerprint, attempts, created_at, updated_at, first_sent_at, lease_owner, "
+                    "lease_expires, lease_version) "
+                    "VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, 1)",
+                    (
+                        record.name,
+                        record.key,
+                        record.method,
+                        record.url,
+                        json.dumps(record.headers),
+                        record.body,
+                        record.fingerprint,
+                        now,
+                        now,
+                        now,
+                        owner,
+                        now + lease_seconds,
+                    ),
+                )
+                op = Operation(
+                    record.name, record.key, "pending", record.method, record.url, 1,
+                    _dt(now), _dt(now), None, None,
+                )  # fmt: skip
+                return Registration(Decision.SEND, op, lease_version=1)
+            op = _operation(row)
+            if record.key_given and row[1] != record.key:
+                return Registration(
+                    Decision.MISMATCH, op, detail=f"it has another key ({op.key!r})"
+                )
+            if not record.resume and row[10] != record.fingerprint:
+                return Registration(
+                    Decision.MISMATCH,
+                    op,
+                    detail=f"it was registered with another request ({op.method} {op.url})",
+                )
+            if op.state == "completed":
+                return Registration(Decision.COMPLETED, op, response=_stored_response(row))
+            if op.state == "conflict":
+                return Registration(Decision.CONFLICT, op, response=_stored_response(row))
+            if op.state == "abandoned":
+                return Registration(Decision.ABANDONED, op)
+            if op.state == "expired":
+                return Registration(Decision.EXPIRED, op)
+            first_sent = row[11]
+            if first_sent is not None and first_sent < now - self.retention.total_seconds():
+                db.execute(
+                    "UPDATE operations SET state = 'expired', updated_at = ?, lease_owner = NULL,"
+                    " lease_expires = NULL WHERE key = ?",
+                    (now, op.key),
+                )
+                return Registration(Decision.EXPIRED, _operation(self._find(db, "key", op.key)))  # type: ignore[arg-type]
+            if not self._lease_free(row, now):
+                return Registration(
+                    Decision.IN_PROGRESS, op, detail=f"held by {row[12]} until {_dt(row[13])}"
+                )
+            version = row[14] + 1
+            db.execute(
+                "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
+                "lease_owner = ?, lease_expires = ?, updated_at = ?, "
+                "first_sent_at = COALESCE(first_sent_at, ?) WHERE key = ?",
+                (version, owner, now + lease_seconds, now, now, op.key),
+            )
+            claimed = self._find(db, "key", op.key)
+            assert claimed is not None
+            return Registration(Decision.SEND, _operation(claimed), lease_version=version)
+
+    def claim(
+        self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
+    ) -> tuple[int, int] | None:
+        """Claim one more attempt for a holder at `version`: `(new_version, attempts)`.
+
+        `None` means the lease was taken over (fenced out): the caller must not send.
+        """
+        now = self._clock()
+        with self._write("claim the next attempt") as db:
+            cursor = db.execute(
+                "UPDATE operations SET attempts = attempts + 1, lease_version = lease_version + 1,"
+                " lease_owner = ?, lease_expires = ?, updated_at = ?, last_error = ? "
+                "WHERE key = ? AND lease_version = ? AND state = 'pending'",
+                (owner, now + lease_seconds, now, last_error, key, version),
+            )
+            if cursor.rowcount != 1:
+                return None
+            attempts = db.execute(
+                "SELECT attempts FROM operations WHERE key = ?", (key,)
+            ).fetchone()[0]
+            return version + 1, int(attempts)
+
+    def finish(
+        self,
+        key: str,
+        version: int,
+        state: Literal["completed", "conflict"],
+        response: StoredResponse,
+    ) -> bool:
+        """Record the final response. `False`: fenced out, another holder owns it now."""
+        now = self._clock()
+        body, kept = response.body, response.body_kept
+        if len(body) > self.max_response_body:
+            body, kept = b"", False
+        with self._write("record the response") as db:
+            cursor = db.execute(
+                "UPDATE operations SET state = ?, updated_at = ?, response_status = ?, "
+                "response_headers = ?, response_body = ?, response_body_kept = ?, "
+                "lease_owner = NULL, lease_expires = NULL, last_error = NULL "
+                "WHERE key = ? AND lease_version = ? AND state = 'pending'",
+                (
+                    state,
+                    now,
+                    response.status,
+                    json.dumps(response.headers),
+                    body,
+                    int(kept),
+                    key,
+                    version,
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def release(self, key: str, version: int, last_error: str | None) -> bool:
+        """Give the lease back, leaving the operation pending with its last error."""
+        now = self._clock()
+        with self._write("release the operation") as db:
+            cursor = db.execute(
+                "UPDATE operations SET lease_owner = NULL, lease_expires = NULL, "
+                "updated_at = ?, last_error = ? WHERE key = ? AND lease_version = ?",
+                (now, last_error, key, version),
+            )
+            return cursor.rowcount == 1
+
+    def request_of(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes]:
+        """The stored request of an operation: method, URL, headers (no secrets), body."""
+        rows = self._read(
+            "read the stored request",
+            "SELECT method, url, headers, body FROM operations WHERE key = ?",
+            (key,),
+        )
+        if not rows:
+            raise KeyError(key)
+        method, url, headers, body = rows[0]
+        return method, url, [(str(k), str(v)) for k, v in json.loads(headers)], bytes(body)
+
+    # -- inspection and upkeep ------------------------------------------------------------
+
+    def operations(self, state: State | None = None) -> list[Operation]:
+        """Every operation, oldest first; only those in `state` if given."""
+        if state is not None and state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        where, params = ("WHERE state = ?", (state,)) if state else ("", ())
+        rows = self._read(
+            "list operations",
+            f"SELECT {_COLUMNS} FROM operations {where} ORDER BY created_at, id",
+            params,
+        )
+        return [_operation(r) for r in rows]
+
+    def get(self, name_or_key: str) -> Operation | None:
+        """The operation with this name, else with this key; `None` if neither is known."""
+        rows = self._read(
+            "look the operation up",
+            f"SELECT {_COLUMNS} FROM operations WHERE name = ? OR key = ? "
+            "ORDER BY name = ? DESC LIMIT 1",
+            (name_or_key, name_or_key, name_or_key),
+        )
+        return _operation(rows[0]) if rows else None
+
+    def pending(self) -> list[Operation]:
+        """Operations a resume would send: pending, oldest first (expired ones excluded)."""
+        cutoff = self._clock() - self.retention.total_seconds()
+        rows = self._read(
+            "list pending operations",
+            f"SELECT {_COLUMNS} FROM operations WHERE state = 'pending' "
+            "AND (first_sent_at IS NULL OR first_sent_at >= ?) ORDER BY created_at, id",
+            (cutoff,),
+        )
+        return [_operation(r) for r in rows]
+
+    def expire_stale(self) -> list[Operation]:
+        """Mark pending operations sent once and older than the retention as `expired`."""
+        now = self._clock()
+        cutoff = now - self.retention.total_seconds()
+        with self._write("expire stale operations") as db:
+            keys = [
+                r[0]
+                for r in db.execute(
+                    "SELECT key FROM operations WHERE state = 'pending' "
+                    "AND first_sent_at IS NOT NULL AND first_sent_at < ? ORDER BY created_at",
+                    (cutoff,),
+                ).fetchall()
+            ]
+            for key in keys:
+                db.execute(
+                    "UPDATE operations SET state = 'expired', updated_at = ?, "
+                    "lease_owner = NULL, lease_expires = NULL WHERE key = ?",
+                    (now, key),
+                )
+            rows = [self._find(db, "key", key) for key in keys]
+        return [_operation(r) for r in rows if r is not None]
+
+    def abandon(self, name_or_key: str) -> Operation:
+        """Mark a pending or expired operation `abandoned`: it is never sent again.
+
+        Raises:
+            KeyError: no operation has this name or key.
+            ValueError: the operation is already finished (completed, conflict, abandoned).
+        """
+        now = self._clock()
+        with self._write("abandon the operation") as db:
+            row = self._find(db, "name", name_or_key) or self._find(db, "key", name_or_key)
+            if row is None:
+                raise KeyError(name_or_key)
+            if row[2] in _FINISHED:
+                raise ValueError(f"operation {name_or_key!r} is already {row[2]}")
+            db.execute(
+                "UPDATE operations SET state = 'abandoned', updated_at = ?, lease_owner = NULL,"
+                " lease_expires = NULL WHERE key = ?",
+                (now, row[1]),
+            )
+            updated = self._find(db, "key", row[1])
+        assert updated is not None
+        return _operation(updated)
+
+    def purge(
+        self,
+        older_than: timedelta = _DEFAULT_PURGE_HORIZON,
+        *,
+        states: tuple[State, ...] = _FINISHED,
+    ) -> int:
+        """Delete finished operations last updated more than `older_than` ago; the count.
+
+        Only `completed`, `conflict` and `abandoned` rows can be purged, and never sooner than
+        the retention: a rerun of a named operation must find its answer after the server has
+        forgotten the key. Pending and expired rows are never purged.
+        """
+        if older_than < self.retention:
+            raise ValueError(
+                f"older_than ({older_than}) must not be shorter than the retention "
+                f"({self.retention})"
+            )
+        bad = [s for s in states if s not in _FINISHED]
+        if bad:
+            raise ValueError(f"only finished states can be purged, not {', '.join(bad)}")
+        cutoff = self._clock() - older_than.total_seconds()
+        marks = ", ".join("?" for _ in states)
+        with self._write("purge operations") as db:
+            cursor = db.execute(
+                f"DELETE FROM operations WHERE state IN ({marks}) AND updated_at < ?",
+                (*states, cutoff),
+            )
+            return cursor.rowcount

@@ -1,0 +1,343 @@
+"""`IdempotentTransport` and `AsyncIdempotentTransport`: thin loops over `_core`'s steps.
+
+The two classes differ only in how a step is carried out: the sync one calls the journal,
+the wrapped transport and `time.sleep` directly; the async one runs journal calls in a worker
+thread (so an fsync never blocks the event loop) and awaits the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Iterable, Sequence
+from typing import Any, Literal
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from ._core import Call, Received, Send, Settings, Step, keyed_flow, plain_flow, plan
+from ._errors import InvalidOperationError
+from ._journal import Journal
+from ._policy import RetryPolicy
+
+__all__ = ["AsyncIdempotentTransport", "IdempotentTransport"]
+
+DEFAULT_METHODS = ("POST", "PATCH")
+DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
+
+JournalLike = Journal | str | os.PathLike[str] | None
+
+
+def _too_large(limit: int) -> InvalidOperationError:
+    return InvalidOperationError(
+        f"request body is larger than max_body_size ({limit} bytes): it cannot be journaled "
+        "for replay; nothing was sent"
+    )
+
+
+def _consumed() -> InvalidOperationError:
+    return InvalidOperationError(
+        "request body was already consumed and cannot be replayed; nothing was sent"
+    )
+
+
+def _collect(chunks: Iterable[bytes], limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def read_body(request: httpx.Request, limit: int) -> bytes:
+    """The whole request body, read once (a generator body can be read only once)."""
+    if not isinstance(request.stream, Iterable):
+        raise InvalidOperationError("an async request body cannot be sent by a sync transport")
+    try:
+        return _collect(request.stream, limit)
+    except (httpx.StreamConsumed, httpx.StreamClosed) as exc:
+        raise _consumed() from exc
+
+
+async def aread_body(request: httpx.Request, limit: int) -> bytes:
+    """The whole request body, read once, from an async or in-memory stream."""
+    stream = request.stream
+    if not isinstance(stream, AsyncIterable):
+        return read_body(request, limit)
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            parts.append(chunk)
+    except (httpx.StreamConsumed, httpx.StreamClosed) as exc:
+        raise _consumed() from exc
+    return b"".join(parts)
+
+
+def _in_memory(response: httpx.Response, raw: bytes, request: httpx.Request) -> Received:
+    """A response whose raw body was read whole: it streams those bytes to the client."""
+    copy = httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=httpx.ByteStream(raw),
+        extensions=response.extensions,
+        request=request,
+    )
+    return Received(copy, raw)
+
+
+def _open_journal(journal: JournalLike) -> tuple[Journal, bool]:
+    if isinstance(journal, Journal):
+        return journal, False
+    return Journal(journal), True
+
+
+class _Base:
+    """What both shells share: options, the journal, and the choice of flow."""
+
+    def __init__(
+        self,
+        *,
+        journal: JournalLike,
+        retry: RetryPolicy | None,
+        methods: Sequence[str],
+        key_header: str,
+        key_style: Literal["bare", "structured"],
+        secret_headers: Sequence[str],
+        max_body_size: int,
+        clock: Callable[[], float] | None,
+        rng: random.Random | None,
+    ) -> None:
+        self.settings = Settings.build(
+            retry=retry,
+            methods=methods,
+            key_header=key_header,
+            key_style=key_style,
+            secret_headers=secret_headers,
+            max_body_size=max_body_size,
+        )
+        self._journal, self._owns_journal = _open_journal(journal)
+        self._clock = clock or time.monotonic
+        self._wall_clock = time.time
+        self._rng = rng
+
+    @property
+    def journal(self) -> Journal:
+        """The journal this transport writes to."""
+        return self._journal
+
+    @property
+    def key_header(self) -> str:
+        return self.settings.key_header
+
+    def _keyed(self, request: httpx.Request) -> bool:
+        return request.method.upper() in self.settings.methods
+
+    def _keyed_flow(
+        self, request: httpx.Request, body: bytes
+    ) -> Generator[Step, Any, httpx.Response]:
+        return keyed_flow(
+            plan(request, body, self.settings),
+            self._journal,
+            self.settings.policy,
+            self._clock,
+            self._wall_clock,
+            self._rng,
+        )
+
+    def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
+        return plain_flow(request, self.settings.policy, self._clock, self._wall_clock, self._rng)
+
+
+class IdempotentTransport(_Base, httpx.BaseTransport):
+    """An httpx transport that makes POST and PATCH safe to retry, across crashes.
+
+    Each journaled request gets an Idempotency-Key (a UUIDv4, or the caller's own header), is
+    written to the journal with a durable commit *before* it is sent, and is retried with the
+    same key and the same body bytes. Other methods are retried on transient failures only.
+
+    Args:
+        transport: the transport to wrap; `None` means `httpx.HTTPTransport()`.
+        journal: a `Journal`, a path, or `None` for the default journal.
+        retry: the `RetryPolicy`; `None` means `RetryPolicy()`.
+        methods: the methods that are journaled and get a key.
+        key_header: the header carrying the key.
+        key_style: `"bare"` sends the key as is; `"structured"` quotes it as a Structured Field
+            string (`"..."`), the IETF draft's form, for strict servers.
+        secret_headers: more header names never to write to the journal (Authorization,
+            Proxy-Authorization, Cookie and X-Api-Key are always left out).
+        max_body_size: the largest request body that is journaled; a larger one is refused
+            with `InvalidOperationError` before anything is sent.
+        sleep: called with the seconds to wait between attempts (tests pass a recorder).
+        clock: monotonic seconds, for the policy's deadline.
+
+    Example:
+        >>> client = httpx.Client(transport=IdempotentTransport(journal="billing.sqlite3"))
+        >>> client.post("https://api.example/charges", json={"amount": 500})
+    """
+
+    def __init__(
+        self,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        journal: JournalLike = None,
+        retry: RetryPolicy | None = None,
+        methods: Sequence[str] = DEFAULT_METHODS,
+        key_header: str = "Idempotency-Key",
+        key_style: Literal["bare", "structured"] = "bare",
+        secret_headers: Sequence[str] = (),
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        sleep: Callable[[float], None] | None = None,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(
+            journal=journal,
+            retry=retry,
+            methods=methods,
+            key_header=key_header,
+            key_style=key_style,
+            secret_headers=secret_headers,
+            max_body_size=max_body_size,
+            clock=clock,
+            rng=rng,
+        )
+        self._transport = transport if transport is not None else httpx.HTTPTransport()
+        self._sleep = sleep or time.sleep
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self._keyed(request):
+            body = read_body(request, self.settings.max_body_size)
+            return self._drive(self._keyed_flow(request, body))
+        return self._drive(self._plain_flow(request))
+
+    def _do(self, step: Step) -> Any:
+        if isinstance(step, Call):
+            return step.fn(*step.args)
+        if isinstance(step, Send):
+            response = self._transport.handle_request(step.request)
+            if not step.read:
+                return Received(response, None)
+            try:
+                raw = b"".join(response.iter_raw())
+            finally:
+                response.close()
+            return _in_memory(response, raw, step.request)
+        self._sleep(step.seconds)
+        return None
+
+    def _drive(self, flow: Generator[Step, Any, httpx.Response]) -> httpx.Response:
+        try:
+            step = next(flow)
+            while True:
+                try:
+                    result = self._do(step)
+                except BaseException as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(result)
+        except StopIteration as stop:
+            response: httpx.Response = stop.value
+            return response
+        finally:
+            flow.close()
+
+    def close(self) -> None:
+        self._transport.close()
+        if self._owns_journal:
+            self._journal.close()
+
+
+class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
+    """The async twin of `IdempotentTransport`, over an `httpx.AsyncBaseTransport`.
+
+    Journal calls run in a worker thread (`anyio.to_thread`), shielded from cancellation so
+    that a journal write is never left half done. Same arguments as `IdempotentTransport`,
+    with `transport=None` meaning `httpx.AsyncHTTPTransport()` and an async `sleep`.
+
+    Example:
+        >>> client = httpx.AsyncClient(transport=AsyncIdempotentTransport())
+        >>> await client.post("https://api.example/orders", json={"cart": "c1"})
+    """
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        journal: JournalLike = None,
+        retry: RetryPolicy | None = None,
+        methods: Sequence[str] = DEFAULT_METHODS,
+        key_header: str = "Idempotency-Key",
+        key_style: Literal["bare", "structured"] = "bare",
+        secret_headers: Sequence[str] = (),
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(
+            journal=journal,
+            retry=retry,
+            methods=methods,
+            key_header=key_header,
+            key_style=key_style,
+            secret_headers=secret_headers,
+            max_body_size=max_body_size,
+            clock=clock,
+            rng=rng,
+        )
+        self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+        self._sleep = sleep or anyio.sleep
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._keyed(request):
+            body = await aread_body(request, self.settings.max_body_size)
+            return await self._drive(self._keyed_flow(request, body))
+        return await self._drive(self._plain_flow(request))
+
+    async def _do(self, step: Step) -> Any:
+        if isinstance(step, Call):
+            with anyio.CancelScope(shield=True):
+                result = await anyio.to_thread.run_sync(functools.partial(step.fn, *step.args))
+            return result
+        if isinstance(step, Send):
+            response = await self._transport.handle_async_request(step.request)
+            if not step.read:
+                return Received(response, None)
+            try:
+                raw = b"".join([chunk async for chunk in response.aiter_raw()])
+            finally:
+                await response.aclose()
+            return _in_memory(response, raw, step.request)
+        await self._sleep(step.seconds)
+        return None
+
+    async def _drive(self, flow: Generator[Step, Any, httpx.Response]) -> httpx.Response:
+        try:
+            step = next(flow)
+            while True:
+                try:
+                    result = await self._do(step)
+                except BaseException as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(result)
+        except StopIteration as stop:
+            response: httpx.Response = stop.value
+            return response
+        finally:
+            flow.close()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+        if self._owns_journal:
+            self._journal.close()

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import idemclient
+
+
+def test_all_is_exactly_the_public_surface() -> None:
+    assert sorted(idemclient.__all__) == sorted(
+        [
+            "AsyncClient",
+            "AsyncIdempotentTransport",
+            "Client",
+            "ConflictError",
+            "IdempotencyError",
+            "IdempotentTransport",
+            "InvalidOperationError",
+            "Journal",
+            "JournalError",
+            "Operation",
+            "OperationAbandonedError",
+            "OperationExpiredError",
+            "OperationInProgressError",
+            "OperationMismatchError",
+            "ResumeResult",
+            "RetriesExhaustedError",
+            "RetryPolicy",
+            "__version__",
+            "aresume_pending",
+            "operation",
+            "resume_pending",
+            "wrap",
+        ]
+    )
+
+
+def test_every_exported_name_exists_and_public_names_are_exported() -> None:
+    for name in idemclient.__all__:
+        assert hasattr(idemclient, name), name
+    public = {n for n in vars(idemclient) if not n.startswith("_")}
+    assert public <= set(idemclient.__all__) | {"annotations", "testing"}
+
+
+def test_error_tree() -> None:
+    e = idemclient
+    assert issubclass(e.ConflictError, e.IdempotencyError)
+    assert issubclass(e.OperationMismatchError, e.ConflictError)
+    for cls in (
+        e.OperationInProgressError,
+        e.OperationExpiredError,
+        e.OperationAbandonedError,
+        e.InvalidOperationError,
+        e.JournalError,
+        e.RetriesExhaustedError,
+    ):
+        assert issubclass(cls, e.IdempotencyError)
+        assert not issubclass(cls, e.ConflictError)
+    assert issubclass(e.InvalidOperationError, ValueError)
