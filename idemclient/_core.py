@@ -231,6 +231,26 @@ class Plan:
     record: RequestRecord
     request: httpx.Request
     lease_seconds: float
+    key_header: str
+    key_style: Literal["bare", "structured"]
+
+    def request_with_key(self, key: str) -> httpx.Request:
+        """The request to send under the journal's key (a rerun reuses the first key)."""
+        if key == self.record.key:
+            return self.request
+        headers = self.request.headers.copy()
+        headers[self.key_header] = _key_value(key, self.key_style)
+        return httpx.Request(
+            self.request.method,
+            self.request.url,
+            headers=headers,
+            stream=httpx.ByteStream(self.record.body),
+            extensions=self.request.extensions,
+        )
+
+
+def _key_value(key: str, style: Literal["bare", "structured"]) -> str:
+    return f'"{key}"' if style == "structured" else key
 
 
 def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
@@ -260,7 +280,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     headers = request.headers.copy()
     headers.pop("transfer-encoding", None)
     headers["content-length"] = str(len(body))
-    headers[settings.key_header] = f'"{key}"' if settings.key_style == "structured" else key
+    headers[settings.key_header] = _key_value(key, settings.key_style)
     to_send = httpx.Request(
         request.method,
         request.url,
@@ -268,7 +288,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         stream=httpx.ByteStream(body),
         extensions=request.extensions,
     )
-    return Plan(record, to_send, lease_seconds(request))
+    return Plan(record, to_send, lease_seconds(request), settings.key_header, settings.key_style)
 
 
 # -- steps ----------------------------------------------------------------------------------
@@ -425,6 +445,7 @@ def keyed_flow(
         return replay_response(reg, request)
     if reg.decision is not Decision.SEND:
         raise _refuse(reg, request)
+    request = the_plan.request_with_key(op.key)
 
     version, attempts = reg.lease_version, op.attempts
     first = True
@@ -476,7 +497,8 @@ def keyed_flow(
         result = yield from _retry_loop(policy.controller(clock, rng), attempt, on_sleep)
         if isinstance(result, Exhausted):
             last = result.last
-            _close_response(last)
+            if last.response is not None:
+                last.response.read()  # in memory: readable by the caller, and closed
             settled = True
             yield Call(journal.release, (op.key, version, f"{result.reason}; last: {last.reason}"))
             raise RetriesExhaustedError(
@@ -519,6 +541,7 @@ def keyed_flow(
     ext = _extension(op, attempts, server_replayed(response))
     response.extensions = {**response.extensions, RESPONSE_EXTENSION: ext}
     if state == "conflict":
+        response.read()  # in memory: the caller can read the server's reason
         logger.warning("operation %s (key %s): %s, not retried", label, op.key, result.reason)
         raise ConflictError(
             f"operation {label} (key {op.key}) was refused by the server ({result.reason}): "

@@ -83,6 +83,25 @@ async def aread_body(request: httpx.Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def _read_raw(response: httpx.Response) -> bytes:
+    """The body as the wire carried it (still content-encoded): that is what is journaled.
+
+    Reads the transport's stream itself, as `iter_raw()` would, but also when a transport
+    (such as `httpx.MockTransport`) hands back a response it had already read in memory.
+    """
+    stream = response.stream
+    if not isinstance(stream, Iterable):
+        raise TypeError("a sync transport returned an async response stream")
+    return b"".join(stream)
+
+
+async def _aread_raw(response: httpx.Response) -> bytes:
+    stream = response.stream
+    if isinstance(stream, AsyncIterable):
+        return b"".join([chunk async for chunk in stream])
+    return _read_raw(response)
+
+
 def _in_memory(response: httpx.Response, raw: bytes, request: httpx.Request) -> Received:
     """A response whose raw body was read whole: it streams those bytes to the client."""
     copy = httpx.Response(
@@ -228,7 +247,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             if not step.read:
                 return Received(response, None)
             try:
-                raw = b"".join(response.iter_raw())
+                raw = _read_raw(response)
             finally:
                 response.close()
             return _in_memory(response, raw, step.request)
@@ -314,7 +333,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             if not step.read:
                 return Received(response, None)
             try:
-                raw = b"".join([chunk async for chunk in response.aiter_raw()])
+                raw = await _aread_raw(response)
             finally:
                 await response.aclose()
             return _in_memory(response, raw, step.request)

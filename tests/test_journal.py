@@ -1,0 +1,386 @@
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from idemclient import Journal, JournalError
+from idemclient._journal import (
+    SCHEMA_VERSION,
+    Decision,
+    RequestRecord,
+    StoredResponse,
+    current_owner,
+    default_journal_path,
+)
+
+LEASE = 60.0
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record(
+    name: str | None = "op-1",
+    key: str = "key-1",
+    body: bytes = b'{"amount": 5}',
+    *,
+    key_given: bool = False,
+    fingerprint: str | None = None,
+    resume: bool = False,
+) -> RequestRecord:
+    return RequestRecord(
+        name=name,
+        key=key,
+        key_given=key_given,
+        method="POST",
+        url="https://api.example/charges",
+        headers=[("content-type", "application/json")],
+        body=body,
+        fingerprint=fingerprint or f"fp-{body!r}",
+        resume=resume,
+    )
+
+
+def dead_owner() -> str:
+    """The owner string of a process that has exited."""
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from idemclient._journal import current_owner; print(current_owner())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return child.stdout.strip()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def journal(journal_path: Path, clock: Clock) -> Journal:
+    return Journal(journal_path, clock=clock)
+
+
+def test_new_operation_is_registered_claimed_and_sent(journal: Journal) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    assert reg.decision is Decision.SEND
+    assert reg.lease_version == 1
+    op = journal.get("op-1")
+    assert op is not None
+    assert (op.state, op.attempts, op.key, op.method) == ("pending", 1, "key-1", "POST")
+    assert journal.get("key-1") == op
+    assert journal.request_of("key-1") == (
+        "POST",
+        "https://api.example/charges",
+        [("content-type", "application/json")],
+        b'{"amount": 5}',
+    )
+
+
+def test_completed_operation_is_answered_from_the_journal(journal: Journal) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    stored = StoredResponse(201, [("content-type", "application/json")], b'{"id": 1}')
+    assert journal.finish("key-1", reg.lease_version, "completed", stored)
+    again = journal.register(record(), current_owner(), LEASE)
+    assert again.decision is Decision.COMPLETED
+    assert again.response == stored
+    op = journal.get("op-1")
+    assert op is not None
+    assert (op.state, op.response_status, op.attempts) == ("completed", 201, 1)
+
+
+def test_conflict_is_remembered(journal: Journal) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.finish("key-1", reg.lease_version, "conflict", StoredResponse(422, [], b"no"))
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.CONFLICT
+
+
+def test_same_name_with_another_request_is_a_mismatch(journal: Journal) -> None:
+    journal.register(record(), current_owner(), LEASE)
+    reg = journal.register(record(body=b"other"), current_owner(), LEASE)
+    assert reg.decision is Decision.MISMATCH
+    assert "another request" in reg.detail
+
+
+def test_caller_key_identifies_the_operation(journal: Journal) -> None:
+    journal.register(record(name=None, key="k", key_given=True), current_owner(), LEASE)
+    reg = journal.register(record(name=None, key="k", key_given=True, body=b"x"), "o", LEASE)
+    assert reg.decision is Decision.MISMATCH
+    # a name with a key that belongs to another operation
+    reg = journal.register(record(name="other", key="k", key_given=True), "o", LEASE)
+    assert reg.decision is Decision.MISMATCH
+    assert "belongs to another operation" in reg.detail
+
+
+def test_live_holder_blocks_and_dead_holder_is_free_at_once(journal: Journal) -> None:
+    journal.register(record(), current_owner(), LEASE)
+    # this process is alive: a second claimer is refused
+    assert journal.register(record(), "other-claimer", LEASE).decision is Decision.IN_PROGRESS
+    with sqlite3.connect(journal.path) as db:
+        db.execute("UPDATE operations SET lease_owner = ?", (dead_owner(),))
+    reg = journal.register(record(), current_owner(), LEASE)
+    assert reg.decision is Decision.SEND
+    assert reg.lease_version == 2
+    op = journal.get("op-1")
+    assert op is not None
+    assert op.attempts == 2
+
+
+def test_holder_on_another_host_blocks_until_its_lease_expires(
+    journal: Journal, clock: Clock
+) -> None:
+    journal.register(record(), "elsewhere.example:123:456", LEASE)
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.IN_PROGRESS
+    clock.now += LEASE + 1
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.SEND
+
+
+def test_writes_are_fenced_by_the_lease_version(journal: Journal, clock: Clock) -> None:
+    first = journal.register(record(), "elsewhere.example:1:1", LEASE)
+    clock.now += LEASE + 1
+    second = journal.register(record(), current_owner(), LEASE)
+    assert second.lease_version == first.lease_version + 1
+    # the paused first holder wakes up: its writes change nothing
+    assert not journal.finish(
+        "key-1", first.lease_version, "completed", StoredResponse(201, [], b"a")
+    )
+    assert journal.claim("key-1", first.lease_version, "x", LEASE, None) is None
+    assert not journal.release("key-1", first.lease_version, "late")
+    assert journal.finish("key-1", second.lease_version, "completed", StoredResponse(201, [], b"b"))
+    reg = journal.register(record(), current_owner(), LEASE)
+    assert reg.response is not None
+    assert reg.response.body == b"b"
+
+
+def test_claim_counts_attempts_and_records_the_last_error(journal: Journal) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    claimed = journal.claim("key-1", reg.lease_version, current_owner(), LEASE, "HTTP 503")
+    assert claimed == (reg.lease_version + 1, 2)
+    op = journal.get("key-1")
+    assert op is not None
+    assert op.last_error == "HTTP 503"
+
+
+def test_expiry_after_retention_only_when_sent(journal_path: Path, clock: Clock) -> None:
+    journal = Journal(journal_path, clock=clock, retention=timedelta(hours=1))
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.release("key-1", reg.lease_version, "ReadTimeout")
+    assert [op.name for op in journal.pending()] == ["op-1"]
+    clock.now += 3601
+    assert journal.pending() == []
+    expired = journal.expire_stale()
+    assert [op.state for op in expired] == ["expired"]
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.EXPIRED
+    # never sent: resent whatever its age
+    with sqlite3.connect(journal.path) as db:
+        db.execute(
+            "UPDATE operations SET state = 'pending', first_sent_at = NULL, attempts = 0, "
+            "created_at = 0"
+        )
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.SEND
+
+
+def test_register_turns_an_old_pending_operation_expired(journal_path: Path, clock: Clock) -> None:
+    journal = Journal(journal_path, clock=clock, retention=timedelta(hours=1))
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.release("key-1", reg.lease_version, None)
+    clock.now += 7200
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.EXPIRED
+    op = journal.get("op-1")
+    assert op is not None
+    assert op.state == "expired"
+
+
+def test_abandon(journal: Journal) -> None:
+    journal.register(record(), current_owner(), LEASE)
+    assert journal.abandon("op-1").state == "abandoned"
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.ABANDONED
+    with pytest.raises(ValueError, match="already abandoned"):
+        journal.abandon("key-1")
+    with pytest.raises(KeyError):
+        journal.abandon("nope")
+
+
+def test_operations_filter_and_order(journal: Journal, clock: Clock) -> None:
+    for i in range(3):
+        clock.now += 1
+        journal.register(record(name=f"op-{i}", key=f"k-{i}", body=bytes([i])), "o", LEASE)
+    journal.abandon("op-1")
+    assert [op.name for op in journal.operations()] == ["op-0", "op-1", "op-2"]
+    assert [op.name for op in journal.operations("abandoned")] == ["op-1"]
+    with pytest.raises(ValueError, match="state must be one of"):
+        journal.operations("done")  # type: ignore[arg-type]
+
+
+def test_purge_keeps_pending_and_respects_retention(journal: Journal, clock: Clock) -> None:
+    done = journal.register(record(name="done", key="k1"), "o", LEASE)
+    journal.finish("k1", done.lease_version, "completed", StoredResponse(200, [], b""))
+    journal.register(record(name="pending", key="k2"), "o", LEASE)
+    with pytest.raises(ValueError, match="shorter than the retention"):
+        journal.purge(older_than=timedelta(hours=1))
+    with pytest.raises(ValueError, match="only finished states"):
+        journal.purge(states=("pending",))
+    assert journal.purge() == 0
+    clock.now += timedelta(days=31).total_seconds()
+    assert journal.purge() == 1
+    assert [op.name for op in journal.operations()] == ["pending"]
+
+
+def test_large_response_body_is_not_kept(journal_path: Path) -> None:
+    journal = Journal(journal_path, max_response_body=10)
+    reg = journal.register(record(), "o", LEASE)
+    journal.finish("key-1", reg.lease_version, "completed", StoredResponse(200, [], b"x" * 11))
+    again = journal.register(record(), "o", LEASE)
+    assert again.response == StoredResponse(200, [], b"", body_kept=False)
+
+
+def test_file_and_directory_modes(journal: Journal) -> None:
+    journal.register(record(), "o", LEASE)
+    assert stat.S_IMODE(journal.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(journal.path.parent.stat().st_mode) == 0o700
+    for suffix in ("-wal", "-shm"):
+        side = journal.path.with_name(journal.path.name + suffix)
+        if side.exists():
+            assert stat.S_IMODE(side.stat().st_mode) & 0o077 == 0
+
+
+def test_wal_mode_and_schema_version(journal: Journal) -> None:
+    with sqlite3.connect(journal.path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_reopening_keeps_the_operations(journal_path: Path) -> None:
+    with Journal(journal_path) as first:
+        first.register(record(), "o", LEASE)
+    with Journal(journal_path) as second:
+        assert [op.name for op in second.operations()] == ["op-1"]
+
+
+def test_not_a_database_is_reported_by_path_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    path.write_bytes(b"this is my shopping list, not a journal\n" * 10)
+    before = path.read_bytes()
+    with pytest.raises(JournalError, match="not an SQLite database") as info:
+        Journal(path)
+    assert info.value.path == str(path)
+    assert path.read_bytes() == before
+
+
+def test_corrupt_journal_is_reported_by_path(journal_path: Path) -> None:
+    with Journal(journal_path) as j:
+        for i in range(50):
+            j.register(record(name=f"op-{i}", key=f"k-{i}", body=os.urandom(2000)), "o", LEASE)
+    data = bytearray(journal_path.read_bytes())
+    data[100 : 4096 * 3] = b"\xff" * (4096 * 3 - 100)
+    journal_path.write_bytes(bytes(data))
+    for side in ("-wal", "-shm"):
+        Path(str(journal_path) + side).unlink(missing_ok=True)
+    with pytest.raises(JournalError, match=str(journal_path)):
+        Journal(journal_path).operations()
+    assert journal_path.read_bytes() == bytes(data)
+
+
+def test_truncated_journal_is_reported(journal_path: Path) -> None:
+    with Journal(journal_path) as j:
+        j.register(record(), "o", LEASE)
+    Path(str(journal_path) + "-wal").unlink(missing_ok=True)
+    journal_path.write_bytes(journal_path.read_bytes()[:10])
+    with pytest.raises(JournalError, match=str(journal_path)):
+        Journal(journal_path)
+
+
+def test_newer_schema_is_refused(journal_path: Path) -> None:
+    Journal(journal_path).close()
+    with sqlite3.connect(journal_path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(JournalError, match="newer than this idemclient"):
+        Journal(journal_path)
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE users (id INTEGER)")
+    with pytest.raises(JournalError, match="not an idemclient journal"):
+        Journal(path)
+
+
+def test_unusable_directory_is_a_journal_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file where a directory should be")
+    with pytest.raises(JournalError, match="could not open the journal") as info:
+        Journal(tmp_path / "file" / "j.sqlite3")
+    assert info.value.path == str(tmp_path / "file" / "j.sqlite3")
+
+
+def test_lock_held_past_the_busy_timeout_is_a_journal_error(journal_path: Path) -> None:
+    journal = Journal(journal_path, busy_timeout=0.05)
+    other = sqlite3.connect(journal_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(JournalError, match="locked"):
+            journal.register(record(), "o", LEASE)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert journal.operations() == []
+
+
+def test_closed_journal_refuses_to_register(journal_path: Path) -> None:
+    journal = Journal(journal_path)
+    journal.close()
+    with pytest.raises(JournalError, match="closed"):
+        journal.register(record(), "o", LEASE)
+
+
+def test_default_path_honours_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("IDEMCLIENT_JOURNAL", str(tmp_path / "env.sqlite3"))
+    assert default_journal_path() == tmp_path / "env.sqlite3"
+    assert Journal().path == tmp_path / "env.sqlite3"
+    monkeypatch.delenv("IDEMCLIENT_JOURNAL")
+    assert default_journal_path().name == "journal.sqlite3"
+    assert "idemclient" in str(default_journal_path())
+
+
+def test_invalid_options_are_refused(journal_path: Path) -> None:
+    with pytest.raises(ValueError, match="durability"):
+        Journal(journal_path, durability="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="retention"):
+        Journal(journal_path, retention=timedelta(0))
+
+
+def test_a_forked_child_opens_its_own_connection(journal: Journal) -> None:
+    journal.register(record(), "o", LEASE)
+    parent_conn = journal._connection()
+    pid = os.fork()
+    if pid == 0:  # child: must not reuse the parent's connection
+        code = 0
+        try:
+            if journal._connection() is parent_conn:
+                code = 3
+            journal.register(record(name="child", key="kc"), "o", LEASE)
+        except BaseException:
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert journal.get("child") is not None

@@ -1,0 +1,617 @@
+"""The transports against scripted servers (`httpx.MockTransport`): keys, retries, stops."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import sqlite3
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import idemclient
+from idemclient import (
+    AsyncIdempotentTransport,
+    ConflictError,
+    IdempotentTransport,
+    InvalidOperationError,
+    Journal,
+    JournalError,
+    OperationInProgressError,
+    OperationMismatchError,
+    RetriesExhaustedError,
+    RetryPolicy,
+)
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Script:
+    """A scripted server: answers from a list, records every request it received."""
+
+    def __init__(self, *answers: httpx.Response | Exception) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    @property
+    def keys(self) -> list[str | None]:
+        return [r.headers.get("Idempotency-Key") for r in self.requests]
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [r.content for r in self.requests]
+
+
+def ok(status: int = 201, **kwargs: object) -> httpx.Response:
+    return httpx.Response(status, json={"id": "ch_1"}, **kwargs)  # type: ignore[arg-type]
+
+
+def client_for(
+    handler: Handler, journal: Path | Journal, sleeps: list[float], **options: object
+) -> httpx.Client:
+    transport = IdempotentTransport(
+        httpx.MockTransport(handler),
+        journal=journal,
+        sleep=sleeps.append,
+        rng=random.Random(0),
+        **options,  # type: ignore[arg-type]
+    )
+    return httpx.Client(transport=transport, base_url="https://api.example")
+
+
+def journal_of(client: httpx.Client) -> Journal:
+    transport = client._transport
+    assert isinstance(transport, IdempotentTransport)
+    return transport.journal
+
+
+@pytest.fixture
+def client_factory(
+    journal_path: Path, sleeps: list[float]
+) -> Iterator[Callable[..., httpx.Client]]:
+    made: list[httpx.Client] = []
+
+    def make(handler: Handler, **options: object) -> httpx.Client:
+        client = client_for(handler, journal_path, sleeps, **options)
+        made.append(client)
+        return client
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_retries_reuse_one_key_and_the_same_body_bytes(
+    client_factory: Callable[..., httpx.Client], sleeps: list[float]
+) -> None:
+    script = Script(httpx.Response(503), httpx.ReadTimeout("lost"), ok())
+    client = client_factory(script)
+    response = client.post("/charges", json={"amount": 500})
+    assert response.status_code == 201
+    assert response.json() == {"id": "ch_1"}
+    key = script.keys[0]
+    assert key is not None
+    assert uuid.UUID(key).version == 4
+    assert script.keys == [key, key, key]
+    assert script.bodies == [b'{"amount":500}'] * 3
+    assert len(sleeps) == 2
+    assert response.extensions["idempotency"] == {
+        "key": key,
+        "operation": None,
+        "attempts": 3,
+        "replayed": False,
+    }
+    op = journal_of(client).get(key)
+    assert op is not None
+    assert (op.state, op.attempts, op.response_status) == ("completed", 3, 201)
+
+
+def test_server_replay_marker_is_surfaced(client_factory: Callable[..., httpx.Client]) -> None:
+    client = client_factory(Script(ok(headers={"Idempotent-Replayed": "true"})))
+    assert client.post("/charges", json={}).extensions["idempotency"]["replayed"] is True
+
+
+def test_422_is_a_hard_stop_remembered_by_name(
+    client_factory: Callable[..., httpx.Client], sleeps: list[float]
+) -> None:
+    script = Script(httpx.Response(422, json={"error": "key reused"}))
+    client = client_factory(script)
+    with pytest.raises(ConflictError) as info, idemclient.operation("charge-7"):
+        client.post("/charges", json={"amount": 5})
+    assert len(script.requests) == 1
+    assert sleeps == []
+    assert info.value.response is not None
+    assert info.value.response.status_code == 422
+    assert info.value.response.json() == {"error": "key reused"}
+    assert info.value.operation is not None
+    assert info.value.operation.name == "charge-7"
+    op = journal_of(client).get("charge-7")
+    assert op is not None
+    assert op.state == "conflict"
+    # a rerun raises again without sending
+    with pytest.raises(ConflictError) as again, idemclient.operation("charge-7"):
+        client.post("/charges", json={"amount": 5})
+    assert len(script.requests) == 1
+    assert again.value.response is not None
+    assert again.value.response.status_code == 422
+
+
+def test_stripe_style_idempotency_error_is_a_conflict(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    body = {"error": {"type": "idempotency_error", "message": "Keys for idempotent requests"}}
+    script = Script(httpx.Response(400, json=body))
+    with pytest.raises(ConflictError):
+        client_factory(script).post("/charges", json={})
+    assert len(script.requests) == 1
+
+
+def test_gzip_encoded_idempotency_error_is_a_conflict(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    raw = gzip.compress(b'{"error": {"type": "idempotency_error"}}')
+    script = Script(httpx.Response(400, content=raw, headers={"Content-Encoding": "gzip"}))
+    with pytest.raises(ConflictError):
+        client_factory(script).post("/charges", json={})
+
+
+def test_plain_400_is_an_answer(client_factory: Callable[..., httpx.Client]) -> None:
+    script = Script(httpx.Response(400, json={"error": "amount must be positive"}))
+    assert client_factory(script).post("/charges", json={}).status_code == 400
+
+
+def test_completed_named_operation_replays_without_sending(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    script = Script(ok(headers={"X-Request-Id": "r1"}))
+    client = client_factory(script)
+    with idemclient.operation("charge-1"):
+        first = client.post("/charges", json={"amount": 5})
+    second = client.post(
+        "/charges", json={"amount": 5}, extensions={"idempotency_operation": "charge-1"}
+    )
+    assert len(script.requests) == 1
+    assert second.status_code == first.status_code
+    assert second.content == first.content
+    assert second.headers["X-Request-Id"] == "r1"
+    assert second.extensions["idempotency"]["replayed"] is True
+    assert second.extensions["idempotency"]["key"] == first.extensions["idempotency"]["key"]
+
+
+def test_gzip_response_replays_decoded(client_factory: Callable[..., httpx.Client]) -> None:
+    raw = gzip.compress(b'{"id": "ch_9"}')
+    client = client_factory(
+        Script(httpx.Response(201, content=raw, headers={"Content-Encoding": "gzip"}))
+    )
+    with idemclient.operation("gz"):
+        assert client.post("/c", json={}).json() == {"id": "ch_9"}
+    with idemclient.operation("gz"):
+        assert client.post("/c", json={}).json() == {"id": "ch_9"}
+
+
+def test_same_name_with_another_request_is_refused_before_sending(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    script = Script(ok())
+    client = client_factory(script)
+    with idemclient.operation("charge-1"):
+        client.post("/charges", json={"amount": 5})
+    with (
+        pytest.raises(OperationMismatchError, match="nothing was sent"),
+        idemclient.operation("charge-1"),
+    ):
+        client.post("/charges", json={"amount": 6})
+    assert len(script.requests) == 1
+
+
+def test_operation_block_names_each_request_in_order(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    script = Script(ok())
+    client = client_factory(script)
+    for _ in range(2):
+        with idemclient.operation("order-1"):
+            client.post("/orders", json={"cart": 1})
+            client.post("/emails", json={"to": "a@example"})
+    assert len(script.requests) == 2
+    names = [op.name for op in journal_of(client).operations()]
+    assert names == ["order-1", "order-1#2"]
+
+
+def test_exhausted_retries_leave_the_operation_pending(
+    client_factory: Callable[..., httpx.Client], sleeps: list[float]
+) -> None:
+    script = Script(httpx.Response(503))
+    client = client_factory(script, retry=RetryPolicy(max_attempts=4))
+    with pytest.raises(RetriesExhaustedError, match="stays pending") as info:
+        client.post("/charges", json={"amount": 5})
+    assert len(script.requests) == 4
+    assert len(sleeps) == 3
+    assert info.value.attempts == 4
+    assert info.value.response is not None
+    assert info.value.response.status_code == 503
+    op = journal_of(client).operations()[0]
+    assert (op.state, op.attempts) == ("pending", 4)
+    assert op.last_error is not None
+    assert "HTTP 503" in op.last_error
+    assert [p.key for p in journal_of(client).pending()] == [op.key]
+
+
+def test_exhausted_connect_errors_chain_the_cause(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    client = client_factory(
+        Script(httpx.ConnectError("refused")), retry=RetryPolicy(max_attempts=2)
+    )
+    with pytest.raises(RetriesExhaustedError) as info:
+        client.post("/charges", json={})
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert info.value.response is None
+
+
+def test_unretryable_transport_error_is_raised_and_the_lease_released(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    script = Script(httpx.UnsupportedProtocol("nope"), ok())
+    client = client_factory(script)
+    with pytest.raises(httpx.UnsupportedProtocol), idemclient.operation("op"):
+        client.post("/charges", json={})
+    assert len(script.requests) == 1
+    # not stuck "in progress" for this process: the same name goes on with the same key
+    with idemclient.operation("op"):
+        response = client.post("/charges", json={})
+    assert response.status_code == 201
+    assert script.keys[0] == script.keys[1]
+
+
+def test_retry_after_is_honoured_and_capped(
+    client_factory: Callable[..., httpx.Client], sleeps: list[float]
+) -> None:
+    script = Script(httpx.Response(429, headers={"Retry-After": "3"}), ok())
+    client_factory(script).post("/charges", json={})
+    assert sleeps == [3.0]
+    sleeps.clear()
+    script = Script(httpx.Response(503, headers={"Retry-After": "3600"}), ok())
+    with pytest.raises(RetriesExhaustedError, match="max_retry_after"):
+        client_factory(script).post("/charges", json={})
+    assert len(script.requests) == 1
+    assert sleeps == []
+
+
+def test_deadline_bounds_the_whole_operation(journal_path: Path, sleeps: list[float]) -> None:
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    transport = IdempotentTransport(
+        httpx.MockTransport(Script(httpx.Response(503))),
+        journal=journal_path,
+        retry=RetryPolicy(max_attempts=50, base_delay=1, max_delay=1, jitter=False, deadline=2.5),
+        sleep=sleep,
+        clock=lambda: now[0],
+    )
+    with (
+        httpx.Client(transport=transport) as client,
+        pytest.raises(RetriesExhaustedError, match="deadline"),
+    ):
+        client.post("https://api.example/x", json={})
+    assert sleeps == [1.0, 1.0]
+
+
+def test_hint_header_stops_a_retry(client_factory: Callable[..., httpx.Client]) -> None:
+    script = Script(httpx.Response(503, headers={"x-should-retry": "false"}))
+    assert client_factory(script).post("/charges", json={}).status_code == 503
+    assert len(script.requests) == 1
+
+
+def test_idempotent_methods_are_retried_without_key_or_journal(
+    client_factory: Callable[..., httpx.Client], sleeps: list[float]
+) -> None:
+    script = Script(httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(200))
+    client = client_factory(script)
+    assert client.get("/charges/1").status_code == 200
+    assert script.keys == [None, None, None]
+    assert len(sleeps) == 2
+    assert journal_of(client).operations() == []
+
+
+def test_idempotent_method_returns_the_last_response_when_retries_run_out(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    script = Script(httpx.Response(503))
+    client = client_factory(script, retry=RetryPolicy(max_attempts=2))
+    assert client.get("/x").status_code == 503
+    assert len(script.requests) == 2
+
+
+def test_unkeyed_409_is_an_answer(client_factory: Callable[..., httpx.Client]) -> None:
+    script = Script(httpx.Response(409))
+    assert client_factory(script).put("/x", json={}).status_code == 409
+    assert len(script.requests) == 1
+
+
+def test_methods_are_configurable(client_factory: Callable[..., httpx.Client]) -> None:
+    script = Script(ok())
+    client = client_factory(script, methods=("POST", "PUT"))
+    client.put("/x", json={})
+    client.patch("/x", json={})
+    assert script.keys[0] is not None
+    assert script.keys[1] is None
+
+
+def test_generator_body_is_read_once_and_resent_byte_for_byte(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"hello "
+        yield b"world"
+
+    script = Script(httpx.Response(502), ok())
+    client = client_factory(script)
+    client.post("/upload", content=chunks())
+    assert script.bodies == [b"hello world", b"hello world"]
+    for request in script.requests:
+        assert request.headers["content-length"] == "11"
+        assert "transfer-encoding" not in request.headers
+
+
+def test_too_large_body_is_refused_before_sending(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    script = Script(ok())
+    client = client_factory(script, max_body_size=10)
+
+    def chunks() -> Iterator[bytes]:
+        yield b"x" * 8
+        yield b"x" * 8
+
+    with pytest.raises(InvalidOperationError, match="max_body_size"):
+        client.post("/upload", content=chunks())
+    with pytest.raises(InvalidOperationError, match="max_body_size"):
+        client.post("/upload", content=b"y" * 11)
+    assert script.requests == []
+    assert journal_of(client).operations() == []
+
+
+def test_callers_key_is_used_and_validated(client_factory: Callable[..., httpx.Client]) -> None:
+    script = Script(ok())
+    client = client_factory(script)
+    client.post("/x", json={}, headers={"Idempotency-Key": "order-123-attempt"})
+    assert script.keys == ["order-123-attempt"]
+    assert journal_of(client).get("order-123-attempt") is not None
+    # quoted (Structured Field) form is understood
+    client.post("/x", json={}, headers={"Idempotency-Key": '"order-123-attempt"'})
+    assert len(script.requests) == 1  # completed: replayed from the journal
+    for bad in ["", "a" * 256, "tab\there", 'a"b', "back\\slash"]:
+        with pytest.raises(InvalidOperationError):
+            client.post("/x", json={}, headers={"Idempotency-Key": bad})
+    assert len(script.requests) == 1
+
+
+def test_structured_key_style_quotes_the_key(client_factory: Callable[..., httpx.Client]) -> None:
+    script = Script(ok())
+    client_factory(script, key_style="structured").post("/x", json={})
+    key = script.keys[0]
+    assert key is not None
+    assert key.startswith('"')
+    assert key.endswith('"')
+    uuid.UUID(key.strip('"'))
+
+
+def test_custom_key_header(client_factory: Callable[..., httpx.Client]) -> None:
+    script = Script(ok())
+    client_factory(script, key_header="X-Idempotency-Key").post("/x", json={})
+    assert script.requests[0].headers.get("X-Idempotency-Key") is not None
+    assert script.keys == [None]
+
+
+def test_invalid_operation_names(client_factory: Callable[..., httpx.Client]) -> None:
+    client = client_factory(Script(ok()))
+    for bad in ["", "x" * 201, "line\nbreak"]:
+        with pytest.raises(InvalidOperationError):
+            idemclient.operation(bad)
+        with pytest.raises(InvalidOperationError):
+            client.post("/x", json={}, extensions={"idempotency_operation": bad})
+
+
+def test_locked_journal_fails_closed(journal_path: Path, sleeps: list[float]) -> None:
+    script = Script(ok())
+    client = client_for(script, Journal(journal_path, busy_timeout=0.05), sleeps)
+    holder = sqlite3.connect(journal_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(JournalError) as info:
+            client.post("/charges", json={"amount": 5})
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert script.requests == []
+    assert info.value.path == str(journal_path)
+
+
+def test_secrets_never_reach_the_journal(journal_path: Path, sleeps: list[float]) -> None:
+    secrets = [
+        "Bearer sk_live_AUTHORIZATION",
+        "Basic PROXY_SECRET",
+        "session=COOKIE_SECRET",
+        "XAPIKEY_SECRET",
+        "CUSTOM_SECRET",
+        "URL_PASSWORD",
+        "SET_COOKIE_SECRET",
+        "dXNlcjpVUkxfUEFTU1dPUkQ=",  # base64 of user:URL_PASSWORD, as httpx sends it
+    ]
+    script = Script(httpx.Response(503), ok(headers={"Set-Cookie": "sid=SET_COOKIE_SECRET"}))
+    client = client_for(script, journal_path, sleeps, secret_headers=("X-Custom-Token",))
+    client.post(
+        "https://user:URL_PASSWORD@api.example/charges",
+        json={"amount": 5},
+        headers={
+            "Authorization": secrets[0],
+            "Proxy-Authorization": secrets[1],
+            "Cookie": secrets[2],
+            "X-Api-Key": secrets[3],
+            "X-Custom-Token": secrets[4],
+            "X-Trace": "kept",
+        },
+    )
+    # the server did get the credentials (httpx turns URL user info into Basic auth)
+    sent = script.requests[-1].headers
+    assert sent["Authorization"] == "Basic dXNlcjpVUkxfUEFTU1dPUkQ="
+    assert sent["X-Api-Key"] == secrets[3]
+    stored = b"".join(
+        p.read_bytes() for p in journal_path.parent.iterdir() if p.name.startswith("journal")
+    )
+    assert b"kept" in stored
+    for secret in secrets:
+        assert secret.encode() not in stored, secret
+    op = journal_of(client).operations()[0]
+    assert op.url == "https://api.example/charges"
+
+
+def test_lost_lease_stops_before_resending(journal_path: Path, sleeps: list[float]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        # another process takes the operation over while this attempt is in flight
+        with sqlite3.connect(journal_path) as db:
+            db.execute("UPDATE operations SET lease_version = lease_version + 10")
+        return httpx.Response(503)
+
+    script = Script(ok())
+    calls: list[httpx.Request] = []
+
+    def recording(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return handler(request)
+
+    client = client_for(recording, journal_path, sleeps)
+    with pytest.raises(OperationInProgressError, match="taken over"):
+        client.post("/charges", json={})
+    assert len(calls) == 1
+    assert script.requests == []
+
+
+def test_transport_owns_a_journal_it_opened(journal_path: Path) -> None:
+    transport = IdempotentTransport(httpx.MockTransport(Script(ok())), journal=journal_path)
+    transport.close()
+    with pytest.raises(JournalError, match="closed"):
+        transport.journal.operations()
+    shared = Journal(journal_path)
+    IdempotentTransport(httpx.MockTransport(Script(ok())), journal=shared).close()
+    assert shared.operations() == []
+
+
+def test_invalid_transport_options(journal_path: Path) -> None:
+    with pytest.raises(ValueError, match="key_style"):
+        IdempotentTransport(journal=journal_path, key_style="quoted")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="key_header"):
+        IdempotentTransport(journal=journal_path, key_header="Bad Header")
+
+
+# -- async ----------------------------------------------------------------------------
+
+
+class AsyncScript(Script):
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        return self(request)
+
+
+class ThreadRecordingJournal(Journal):
+    """Records which thread each journal write ran on."""
+
+    threads: list[int]
+
+    def register(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        self.threads.append(threading.get_ident())
+        return super().register(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def async_client(
+    script: AsyncScript, journal: Path | Journal, sleeps: list[float], **options: object
+) -> httpx.AsyncClient:
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    transport = AsyncIdempotentTransport(
+        httpx.MockTransport(script.handle),
+        journal=journal,
+        sleep=sleep,
+        **options,  # type: ignore[arg-type]
+    )
+    return httpx.AsyncClient(transport=transport, base_url="https://api.example")
+
+
+@pytest.mark.anyio
+async def test_async_retries_reuse_one_key(journal_path: Path, sleeps: list[float]) -> None:
+    script = AsyncScript(httpx.Response(503), httpx.RemoteProtocolError("stale"), ok())
+    async with async_client(script, journal_path, sleeps) as client:
+        response = await client.post("/charges", json={"amount": 5})
+    assert response.status_code == 201
+    assert len(set(script.keys)) == 1
+    assert script.keys[0] is not None
+    assert len(script.requests) == 3
+    assert len(sleeps) == 2
+    assert response.extensions["idempotency"]["attempts"] == 3
+
+
+@pytest.mark.anyio
+async def test_async_journal_runs_in_a_worker_thread(
+    journal_path: Path, sleeps: list[float]
+) -> None:
+    journal = ThreadRecordingJournal(journal_path)
+    journal.threads = []
+    async with async_client(AsyncScript(ok()), journal, sleeps) as client:
+        await client.post("/charges", json={})
+    assert journal.threads
+    assert threading.get_ident() not in journal.threads
+
+
+@pytest.mark.anyio
+async def test_async_conflict_and_named_replay(journal_path: Path, sleeps: list[float]) -> None:
+    script = AsyncScript(httpx.Response(422))
+    async with async_client(script, journal_path, sleeps) as client:
+        async with idemclient.operation("a-1"):
+            with pytest.raises(ConflictError):
+                await client.post("/charges", json={})
+        async with idemclient.operation("a-1"):
+            with pytest.raises(ConflictError):
+                await client.post("/charges", json={})
+    assert len(script.requests) == 1
+
+    script = AsyncScript(ok())
+    async with async_client(script, journal_path, sleeps) as client:
+        with idemclient.operation("a-2"):
+            first = await client.post("/charges", json={})
+        with idemclient.operation("a-2"):
+            second = await client.post("/charges", json={})
+    assert len(script.requests) == 1
+    assert second.extensions["idempotency"]["replayed"] is True
+    assert second.json() == first.json()
+
+
+@pytest.mark.anyio
+async def test_async_generator_body_and_exhaustion(journal_path: Path, sleeps: list[float]) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"ab"
+        yield b"cd"
+
+    script = AsyncScript(httpx.Response(500))
+    async with async_client(
+        script, journal_path, sleeps, retry=RetryPolicy(max_attempts=2)
+    ) as client:
+        with pytest.raises(RetriesExhaustedError):
+            await client.post("/upload", content=chunks())
+    assert script.bodies == [b"abcd", b"abcd"]
