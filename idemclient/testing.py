@@ -306,7 +306,10 @@ class IdempotentServer:
     def start(self) -> IdempotentServer:
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self._server.serve_forever, name="idemclient-test-server", daemon=True
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name="idemclient-test-server",
+                daemon=True,
             )
             self._thread.start()
         return self

@@ -1,0 +1,245 @@
+"""Client, AsyncClient, wrap() and resume_pending()."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+import idemclient
+from idemclient import Journal, JournalError, RetriesExhaustedError, RetryPolicy
+
+
+class Recorder:
+    """A MockTransport handler that records requests and answers from a status list."""
+
+    def __init__(self, *statuses: int | Exception) -> None:
+        self.statuses = list(statuses) or [201]
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        self.requests.append(request)
+        answer = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return httpx.Response(answer, json={"n": len(self.requests)})
+
+
+def test_wrap_keeps_the_clients_settings(journal_path: Path) -> None:
+    main, other = Recorder(), Recorder()
+    original = httpx.Client(
+        transport=httpx.MockTransport(main),
+        mounts={"https://other.example": httpx.MockTransport(other)},
+        base_url="https://api.example/v1/",
+        headers={"X-Tenant": "t1"},
+        auth=("user", "secret"),
+        cookies={"session": "s1"},
+        timeout=3.0,
+    )
+    client = idemclient.wrap(original, journal=journal_path)
+    assert client is original
+    client.post("charges", json={"amount": 1})
+    sent = main.requests[0]
+    assert str(sent.url) == "https://api.example/v1/charges"
+    assert sent.headers["X-Tenant"] == "t1"
+    assert sent.headers["Authorization"].startswith("Basic ")
+    assert sent.headers["Cookie"] == "session=s1"
+    assert sent.headers["Idempotency-Key"]
+    assert sent.extensions["timeout"]["read"] == 3.0
+    client.post("https://other.example/hooks", json={})
+    assert other.requests[0].headers["Idempotency-Key"]
+    client.close()
+    with Journal(journal_path) as journal:
+        assert {op.url for op in journal.operations()} == {
+            "https://api.example/v1/charges",
+            "https://other.example/hooks",
+        }
+
+
+def test_wrap_shares_one_journal_and_refuses_to_wrap_twice(journal_path: Path) -> None:
+    client = idemclient.wrap(
+        httpx.Client(
+            transport=httpx.MockTransport(Recorder()),
+            mounts={"https://other.example": httpx.MockTransport(Recorder())},
+        ),
+        journal=journal_path,
+    )
+    client.post("https://api.example/a", json={})
+    client.post("https://other.example/b", json={})
+    with Journal(journal_path) as journal:
+        assert len(journal.operations()) == 2
+    with pytest.raises(ValueError, match="already wrapped"):
+        idemclient.wrap(client)
+    with pytest.raises(TypeError, match=r"httpx\.Client"):
+        idemclient.wrap("not a client")  # type: ignore[type-var]
+    client.close()
+
+
+def test_client_is_an_httpx_client_with_a_journal(journal_path: Path) -> None:
+    recorder = Recorder()
+    with idemclient.Client(
+        journal=journal_path, transport=httpx.MockTransport(recorder), base_url="https://x"
+    ) as client:
+        assert isinstance(client, httpx.Client)
+        assert client.journal.path == journal_path
+        client.post("/a", json={})
+        assert recorder.requests[0].headers["Idempotency-Key"]
+        journal = client.journal
+    with pytest.raises(JournalError, match="closed"):
+        journal.operations()
+
+
+def test_resume_pending_finishes_with_the_same_key_and_current_auth(journal_path: Path) -> None:
+    down = Recorder(httpx.ConnectError("refused"))
+    with idemclient.Client(
+        journal=journal_path,
+        transport=httpx.MockTransport(down),
+        base_url="https://api.example",
+        headers={"Authorization": "Bearer old-token"},
+        retry=RetryPolicy(max_attempts=1),
+    ) as client:
+        with idemclient.operation("charge-1"), pytest.raises(RetriesExhaustedError):
+            client.post("/charges", json={"amount": 5}, headers={"X-Trace": "t"})
+        with pytest.raises(RetriesExhaustedError):
+            client.post("/refunds", content=b"raw-bytes", headers={"Content-Type": "text/plain"})
+    key = down.requests[0].headers["Idempotency-Key"]
+
+    up = Recorder()
+    with idemclient.Client(
+        journal=journal_path,
+        transport=httpx.MockTransport(up),
+        base_url="https://api.example",
+        headers={"Authorization": "Bearer new-token"},
+    ) as client:
+        results = client.resume_pending()
+        assert [r.outcome for r in results] == ["completed", "completed"]
+        assert [r.operation.state for r in results] == ["completed", "completed"]
+        assert results[0].response is not None
+        assert results[0].response.json() == {"n": 1}
+        first, second = up.requests
+        assert first.headers["Idempotency-Key"] == key
+        assert first.headers["Authorization"] == "Bearer new-token"
+        assert first.headers["X-Trace"] == "t"
+        assert first.content == b'{"amount":5}'
+        assert second.content == b"raw-bytes"
+        assert second.headers["Content-Type"] == "text/plain"
+        assert client.resume_pending() == []
+        # the named operation is answered from the journal now
+        with idemclient.operation("charge-1"):
+            replay = client.post("/charges", json={"amount": 5}, headers={"X-Trace": "t"})
+        assert replay.extensions["idempotency"]["replayed"] is True
+        assert len(up.requests) == 2
+
+
+def test_resume_uses_the_clients_base_url(journal_path: Path) -> None:
+    with (
+        idemclient.Client(
+            journal=journal_path,
+            transport=httpx.MockTransport(Recorder(httpx.ConnectError("down"))),
+            base_url="http://old.example:8080",
+            retry=RetryPolicy(max_attempts=1),
+        ) as client,
+        pytest.raises(RetriesExhaustedError),
+    ):
+        client.post("/api/charges?x=1", json={})
+    up = Recorder()
+    with idemclient.Client(
+        journal=journal_path, transport=httpx.MockTransport(up), base_url="https://new.example"
+    ) as client:
+        assert [r.outcome for r in client.resume_pending()] == ["completed"]
+    assert str(up.requests[0].url) == "https://new.example/api/charges?x=1"
+
+
+def test_resume_reports_conflicts_failures_and_expired(journal_path: Path) -> None:
+    now = [1_800_000_000.0]
+    journal = Journal(journal_path, clock=lambda: now[0], retention=timedelta(hours=1))
+    with idemclient.Client(
+        journal=journal,
+        transport=httpx.MockTransport(Recorder(httpx.ReadTimeout("lost"))),
+        base_url="https://x",
+        retry=RetryPolicy(max_attempts=1),
+    ) as client:
+        for name in ("old", "conflicting", "failing"):
+            with idemclient.operation(name), pytest.raises(RetriesExhaustedError):
+                client.post(f"/{name}", json={})
+            now[0] += 1
+    with sqlite3.connect(journal_path) as db:
+        db.execute("UPDATE operations SET first_sent_at = first_sent_at - 7200 WHERE name = 'old'")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(422 if request.url.path == "/conflicting" else 503)
+
+    with idemclient.Client(
+        journal=journal,
+        transport=httpx.MockTransport(handler),
+        base_url="https://x",
+        retry=RetryPolicy(max_attempts=2),
+        sleep=lambda s: None,
+    ) as client:
+        results = {r.operation.name: r for r in client.resume_pending()}
+    assert results["old"].outcome == "expired"
+    assert results["old"].operation.state == "expired"
+    assert results["conflicting"].outcome == "conflict"
+    assert results["conflicting"].operation.state == "conflict"
+    assert results["failing"].outcome == "failed"
+    assert isinstance(results["failing"].error, RetriesExhaustedError)
+    assert results["failing"].operation.state == "pending"
+    journal.close()
+
+
+def test_resume_skips_an_operation_held_by_a_live_process(journal_path: Path) -> None:
+    with (
+        idemclient.Client(
+            journal=journal_path,
+            transport=httpx.MockTransport(Recorder(httpx.ConnectError("down"))),
+            retry=RetryPolicy(max_attempts=1),
+        ) as client,
+        pytest.raises(RetriesExhaustedError),
+    ):
+        client.post("https://x/a", json={})
+    with sqlite3.connect(journal_path) as db:
+        db.execute(
+            "UPDATE operations SET lease_owner = 'elsewhere.example:1:1', lease_expires = 9e9"
+        )
+    up = Recorder()
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(up)) as client:
+        assert [r.outcome for r in client.resume_pending()] == ["in_progress"]
+    assert up.requests == []
+
+
+def test_resume_needs_an_idemclient_client() -> None:
+    with httpx.Client() as plain, pytest.raises(TypeError, match="no idemclient transport"):
+        idemclient.resume_pending(plain)
+
+
+@pytest.mark.anyio
+async def test_async_client_wrap_and_resume(journal_path: Path) -> None:
+    down = Recorder(httpx.ConnectError("refused"))
+    async with idemclient.AsyncClient(
+        journal=journal_path,
+        transport=httpx.MockTransport(down),
+        base_url="https://api.example",
+        retry=RetryPolicy(max_attempts=1),
+    ) as client:
+        assert isinstance(client, httpx.AsyncClient)
+        with pytest.raises(RetriesExhaustedError):
+            await client.post("/orders", json={"cart": "c1"})
+    up = Recorder()
+    async with idemclient.AsyncClient(
+        journal=journal_path, transport=httpx.MockTransport(up), base_url="https://api.example"
+    ) as client:
+        results = await client.aresume_pending()
+        assert [r.outcome for r in results] == ["completed"]
+        assert await idemclient.aresume_pending(client) == []
+    assert up.requests[0].headers["Idempotency-Key"] == down.requests[0].headers["Idempotency-Key"]
+
+    wrapped = idemclient.wrap(
+        httpx.AsyncClient(transport=httpx.MockTransport(Recorder())), journal=journal_path
+    )
+    response = await wrapped.post("https://api.example/x", json={})
+    assert response.extensions["idempotency"]["attempts"] == 1
+    await wrapped.aclose()
