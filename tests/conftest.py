@@ -28,3 +28,8 @@ def sleeps() -> list[float]:
 def server() -> Iterator[IdempotentServer]:
     with IdempotentServer() as srv:
         yield srv
+
+
+@pytest.fixture
+def server_url_and_journal(server: IdempotentServer, journal_path: Path) -> tuple[str, Path]:
+    return server.url, journal_path
