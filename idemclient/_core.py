@@ -476,7 +476,7 @@ def keyed_flow(
             )
         logger.debug(
             "%s %s operation=%s key=%s attempt=%d: %s -> %s",
-            request.method, request.url, label, op.key, attempts, outcome.reason,
+            record.method, record.url, label, op.key, attempts, outcome.reason,
             outcome.verdict.value,
         )  # fmt: skip
         return outcome
@@ -567,6 +567,7 @@ def plain_flow(
     """
     if not isinstance(request.stream, httpx.ByteStream):
         policy = policy.replace(max_attempts=1)
+    url = _strip_userinfo(request.url)  # for logs: never a password
 
     def attempt() -> Generator[Step, Any, Outcome]:
         try:
@@ -579,9 +580,7 @@ def plain_flow(
 
     def on_sleep(outcome: Outcome, seconds: float) -> None:
         _close_response(outcome)
-        logger.info(
-            "%s %s: %s, retrying in %.2fs", request.method, request.url, outcome.reason, seconds
-        )
+        logger.info("%s %s: %s, retrying in %.2fs", request.method, url, outcome.reason, seconds)
 
     result = yield from _retry_loop(policy.controller(clock, rng), attempt, on_sleep)
     last = result.last if isinstance(result, Exhausted) else result

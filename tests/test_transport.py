@@ -615,3 +615,61 @@ async def test_async_generator_body_and_exhaustion(journal_path: Path, sleeps: l
         with pytest.raises(RetriesExhaustedError):
             await client.post("/upload", content=chunks())
     assert script.bodies == [b"abcd", b"abcd"]
+
+
+def test_logs_carry_keys_and_decisions_but_no_secret(
+    client_factory: Callable[..., httpx.Client], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="idemclient")
+    client = client_factory(Script(httpx.Response(503), ok()))
+    response = client.post(
+        "https://user:URL_PASSWORD@api.example/charges",
+        json={"card": "BODY_SECRET"},
+        headers={"Authorization": "Bearer HEADER_SECRET"},
+    )
+    client.get("https://user:URL_PASSWORD@api.example/charges")
+    key = response.extensions["idempotency"]["key"]
+    assert key in caplog.text
+    assert "retrying" in caplog.text
+    for secret in ("URL_PASSWORD", "BODY_SECRET", "HEADER_SECRET"):
+        assert secret not in caplog.text
+
+
+def test_operation_names_are_per_thread(client_factory: Callable[..., httpx.Client]) -> None:
+    client = client_factory(Script(ok()))
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            with idemclient.operation(f"thread-{n}"):
+                client.post("/x", json={"n": n})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    names = sorted(op.name or "" for op in journal_of(client).operations())
+    assert names == ["thread-0", "thread-1", "thread-2", "thread-3"]
+
+
+@pytest.mark.anyio
+async def test_operation_names_are_per_task(journal_path: Path, sleeps: list[float]) -> None:
+    import anyio
+
+    script = AsyncScript(ok())
+    async with async_client(script, journal_path, sleeps) as client:
+
+        async def task(n: int) -> None:
+            async with idemclient.operation(f"task-{n}"):
+                await anyio.sleep(0)
+                await client.post("/x", json={"n": n})
+
+        async with anyio.create_task_group() as group:
+            for n in range(4):
+                group.start_soon(task, n)
+        names = sorted(op.name or "" for op in client._transport.journal.operations())  # type: ignore[attr-defined]
+    assert names == ["task-0", "task-1", "task-2", "task-3"]
