@@ -117,9 +117,11 @@ class Client(httpx.Client):
         """The journal of this client's operations."""
         return _idempotent_transport(self).journal
 
-    def resume_pending(self) -> list[ResumeResult]:
+    def resume_pending(
+        self, *, on_result: Callable[[ResumeResult], object] | None = None
+    ) -> list[ResumeResult]:
         """Finish this journal's interrupted operations through this client."""
-        return resume_pending(self)
+        return resume_pending(self, on_result=on_result)
 
 
 class AsyncClient(httpx.AsyncClient):
@@ -156,13 +158,17 @@ class AsyncClient(httpx.AsyncClient):
         """The journal of this client's operations."""
         return _idempotent_transport(self).journal
 
-    async def aresume_pending(self) -> list[ResumeResult]:
+    async def aresume_pending(
+        self, *, on_result: Callable[[ResumeResult], object] | None = None
+    ) -> list[ResumeResult]:
         """Finish this journal's interrupted operations through this client."""
-        return await aresume_pending(self)
+        return await aresume_pending(self, on_result=on_result)
 
-    async def resume_pending(self) -> list[ResumeResult]:
+    async def resume_pending(
+        self, *, on_result: Callable[[ResumeResult], object] | None = None
+    ) -> list[ResumeResult]:
         """The same as `aresume_pending()`, under the sync client's name."""
-        return await aresume_pending(self)
+        return await aresume_pending(self, on_result=on_result)
 
 
 # -- resume -----------------------------------------------------------------------------
@@ -241,7 +247,9 @@ _RESUMABLE_ERRORS = (
 )
 
 
-def resume_pending(client: httpx.Client) -> list[ResumeResult]:
+def resume_pending(
+    client: httpx.Client, *, on_result: Callable[[ResumeResult], object] | None = None
+) -> list[ResumeResult]:
     """Resend every pending operation of the client's journal, through the client.
 
     The client's auth, headers and base URL apply (a token refreshed since the crash works);
@@ -249,25 +257,41 @@ def resume_pending(client: httpx.Client) -> list[ResumeResult]:
     before the crash replays its answer instead of acting twice. Operations sent once and
     older than the journal's retention become `expired` and are not sent.
 
+    `on_result` is called with each `ResumeResult` as soon as it is known (for progress).
+
     Raises:
         JournalError: the journal cannot be read or written (stops at once).
         TypeError: the client has no idemclient transport.
     """
     journal, results, requests = _resume_requests(client)
+    _report(results, on_result)
     for op, request in requests:
+        response: httpx.Response | None = None
+        error: Exception | None = None
         try:
             response = client.send(request)
             response.read()
         except _RESUMABLE_ERRORS as exc:
-            results.append(_result(journal, op, None, exc))
-        else:
-            results.append(_result(journal, op, response, None))
+            response, error = None, exc
+        results.append(_result(journal, op, response, error))
+        _report(results[-1:], on_result)
     return results
 
 
-async def aresume_pending(client: httpx.AsyncClient) -> list[ResumeResult]:
+def _report(
+    results: list[ResumeResult], on_result: Callable[[ResumeResult], object] | None
+) -> None:
+    if on_result is not None:
+        for result in results:
+            on_result(result)
+
+
+async def aresume_pending(
+    client: httpx.AsyncClient, *, on_result: Callable[[ResumeResult], object] | None = None
+) -> list[ResumeResult]:
     """The async twin of `resume_pending`; journal reads run in a worker thread."""
     journal, results, requests = await anyio.to_thread.run_sync(_resume_requests, client)
+    _report(results, on_result)
     for op, request in requests:
         response: httpx.Response | None = None
         error: Exception | None = None
@@ -277,4 +301,5 @@ async def aresume_pending(client: httpx.AsyncClient) -> list[ResumeResult]:
         except _RESUMABLE_ERRORS as exc:
             response, error = None, exc
         results.append(await anyio.to_thread.run_sync(_result, journal, op, response, error))
+        _report(results[-1:], on_result)
     return results

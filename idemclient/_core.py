@@ -500,7 +500,9 @@ def keyed_flow(
             if last.response is not None:
                 last.response.read()  # in memory: readable by the caller, and closed
             settled = True
-            yield Call(journal.release, (op.key, version, f"{result.reason}; last: {last.reason}"))
+            yield Call(
+                journal.release, (op.key, version, f"{last.reason}; gave up: {result.reason}")
+            )
             raise RetriesExhaustedError(
                 f"operation {label} (key {op.key}) gave up: {result.reason}; last outcome: "
                 f"{last.reason}. It stays pending: resume it to finish with the same key",

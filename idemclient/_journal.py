@@ -599,6 +599,21 @@ class Journal:
         method, url, headers, body = rows[0]
         return method, url, [(str(k), str(v)) for k, v in json.loads(headers)], bytes(body)
 
+    def _lookup(self, name_or_key: str) -> tuple[Any, ...] | None:
+        """The row with this name, else with this key (a name wins over a key)."""
+        rows = self._read(
+            "look the operation up",
+            f"SELECT {_COLUMNS} FROM operations WHERE name = ? OR key = ? "
+            "ORDER BY name = ? DESC LIMIT 1",
+            (name_or_key, name_or_key, name_or_key),
+        )
+        return rows[0] if rows else None
+
+    def stored_response(self, name_or_key: str) -> StoredResponse | None:
+        """The journaled final response of an operation, if it has one."""
+        row = self._lookup(name_or_key)
+        return _stored_response(row) if row is not None else None
+
     # -- inspection and upkeep ------------------------------------------------------------
 
     def operations(self, state: State | None = None) -> list[Operation]:
@@ -615,13 +630,8 @@ class Journal:
 
     def get(self, name_or_key: str) -> Operation | None:
         """The operation with this name, else with this key; `None` if neither is known."""
-        rows = self._read(
-            "look the operation up",
-            f"SELECT {_COLUMNS} FROM operations WHERE name = ? OR key = ? "
-            "ORDER BY name = ? DESC LIMIT 1",
-            (name_or_key, name_or_key, name_or_key),
-        )
-        return _operation(rows[0]) if rows else None
+        row = self._lookup(name_or_key)
+        return _operation(row) if row is not None else None
 
     def pending(self) -> list[Operation]:
         """Operations a resume would send: pending, oldest first (expired ones excluded)."""

@@ -47,6 +47,7 @@ class Effect:
     method: str
     path: str
     body: bytes
+    headers: dict[str, str] = field(default_factory=dict, compare=False)
 
     def json(self) -> Any:
         """The body parsed as JSON (`None` if it is not JSON)."""
@@ -192,7 +193,8 @@ class _Handler(BaseHTTPRequestHandler):
         if server.act_seconds:
             time.sleep(server.act_seconds)
         with state.lock:
-            effect = Effect(key, self.command, self.path, body)
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            effect = Effect(key, self.command, self.path, body, headers)
             state.effects.append(effect)
             number = len(state.effects)
             payload = json.dumps(

@@ -1,0 +1,398 @@
+"""The `idemclient` command: look into a journal, finish or abandon what a crash left behind."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from ._client import Client, ResumeResult
+from ._errors import JournalError
+from ._journal import STATES, Journal, Operation, default_journal_path
+from ._policy import RetryPolicy
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1  # resume left operations unfinished; an operation was not found
+EXIT_USAGE = 2  # bad arguments (argparse's own code)
+EXIT_JOURNAL = 3  # the journal could not be opened, read or written
+EXIT_INTERRUPTED = 130
+
+EPILOG = f"""\
+The journal is --journal PATH, else $IDEMCLIENT_JOURNAL, else {default_journal_path()}.
+
+exit status:
+  {EXIT_OK}    done
+  {EXIT_INCOMPLETE}    resume left operations unfinished, or no such operation
+  {EXIT_USAGE}    bad arguments
+  {EXIT_JOURNAL}    the journal could not be opened, read or written (the message names it)
+  {EXIT_INTERRUPTED}  interrupted
+
+examples:
+  idemclient list --state pending
+  idemclient show charge-inv-042
+  idemclient resume --base-url https://api.example --header-from-env 'Authorization=API_AUTH'
+  idemclient abandon charge-inv-042
+  idemclient purge --older-than 30d
+"""
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "x-api-key"}
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing: reported like argparse's own errors."""
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `15m`, `12h`, `7d`, `2w` as a timedelta."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use a number and a unit (s, m, h, d, w), e.g. 7d"
+        )
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _age(when: datetime, now: datetime) -> str:
+    seconds = max(0, int((now - when).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _as_json(op: Operation) -> dict[str, Any]:
+    return {
+        "name": op.name,
+        "key": op.key,
+        "state": op.state,
+        "method": op.method,
+        "url": op.url,
+        "attempts": op.attempts,
+        "created_at": op.created_at.isoformat(),
+        "updated_at": op.updated_at.isoformat(),
+        "response_status": op.response_status,
+        "last_error": op.last_error,
+    }
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _open(args: argparse.Namespace, *, create: bool) -> Journal | None:
+    path = Path(args.journal).expanduser() if args.journal else default_journal_path()
+    if not create and not path.exists():
+        return None
+    return Journal(path)
+
+
+def _missing(args: argparse.Namespace, err: TextIO) -> None:
+    path = args.journal or default_journal_path()
+    print(f"idemclient: no journal at {path} (nothing has been journaled there yet)", file=err)
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_where(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    path = Path(args.journal).expanduser() if args.journal else default_journal_path()
+    print(path, file=out)
+    if not path.exists():
+        print("idemclient: (the file does not exist yet)", file=err)
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    journal = _open(args, create=False)
+    if journal is None:
+        if args.json:
+            print("[]", file=out)
+        else:
+            _missing(args, err)
+        return EXIT_OK
+    with journal:
+        ops = journal.operations(args.state)
+    if args.json:
+        print(json.dumps([_as_json(op) for op in ops], indent=2), file=out)
+        return EXIT_OK
+    if not ops:
+        print("no operations" + (f" in state {args.state}" if args.state else ""), file=out)
+        return EXIT_OK
+    now = datetime.now(timezone.utc)
+    rows = [["NAME", "KEY", "STATE", "METHOD", "URL", "ATTEMPTS", "AGE", "LAST"]]
+    for op in ops:
+        last = str(op.response_status) if op.response_status is not None else op.last_error or ""
+        rows.append(
+            [
+                _short(op.name or "-", 32),
+                op.key,
+                op.state,
+                op.method,
+                _short(op.url, 48),
+                str(op.attempts),
+                _age(op.created_at, now),
+                _short(last, 40),
+            ]
+        )
+    _table(rows, out)
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    journal = _open(args, create=False)
+    if journal is None:
+        _missing(args, err)
+        return EXIT_INCOMPLETE
+    with journal:
+        op = journal.get(args.operation)
+        stored = journal.stored_response(args.operation) if op is not None else None
+    if op is None:
+        print(f"idemclient: no operation named or keyed {args.operation!r}", file=err)
+        return EXIT_INCOMPLETE
+    data = _as_json(op)
+    if stored is not None:
+        data["response"] = {
+            "status": stored.status,
+            "headers": dict(stored.headers),
+            "body_bytes": len(stored.body),
+            "body_kept": stored.body_kept,
+        }
+    if args.json:
+        print(json.dumps(data, indent=2), file=out)
+        return EXIT_OK
+    for field in ("name", "key", "state", "method", "url", "attempts", "created_at",
+                  "updated_at", "last_error"):  # fmt: skip
+        print(f"{field + ':':<14}{data[field] if data[field] is not None else '-'}", file=out)
+    if stored is not None:
+        kept = "" if stored.body_kept else " (too large: not kept, a replay has an empty body)"
+        print(
+            f"{'response:':<14}HTTP {stored.status}, {len(stored.body)} body bytes{kept}", file=out
+        )
+        for name, value in stored.headers:
+            print(f"{'':<14}{name}: {value}", file=out)
+    return EXIT_OK
+
+
+def _headers(args: argparse.Namespace, err: TextIO) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"-H takes 'Name: value', not {item!r}")
+        if name.strip().lower() in _SECRET_HEADERS:
+            print(
+                f"idemclient: warning: {name.strip()} on the command line is visible to other "
+                "users (ps, shell history); prefer --header-from-env",
+                file=err,
+            )
+        headers[name.strip()] = value.strip()
+    for item in args.header_from_env:
+        name, sep, var = item.partition("=")
+        if not sep or not name.strip() or not var.strip():
+            raise UsageError(f"--header-from-env takes 'Name=ENVVAR', not {item!r}")
+        value = os.environ.get(var.strip())
+        if value is None:
+            raise UsageError(f"environment variable {var.strip()} (for {name.strip()}) is not set")
+        headers[name.strip()] = value
+    return headers
+
+
+def _describe(result: ResumeResult) -> str:
+    op = result.operation
+    label = op.name or op.key
+    if result.response is not None:
+        replayed = result.response.extensions.get("idempotency", {}).get("replayed")
+        how = ", replayed by the server" if replayed else ""
+        return f"{label}: {result.outcome} (HTTP {result.response.status_code}{how})"
+    reason = f": {result.error}" if result.error is not None else ""
+    return f"{label}: {result.outcome}{reason}"
+
+
+def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    headers = _headers(args, err)
+    if args.attempts < 1:
+        raise UsageError("--attempts must be at least 1")
+    journal = _open(args, create=False)
+    if journal is None:
+        _missing(args, err)
+        print("nothing to resume", file=out)
+        return EXIT_OK
+    if args.dry_run:
+        with journal:
+            to_send = journal.pending()
+            sendable = {op.key for op in to_send}
+            to_expire = [op for op in journal.operations("pending") if op.key not in sendable]
+        for op in to_send:
+            print(f"would send: {op.name or op.key} {op.method} {op.url} (key {op.key})", file=out)
+        for op in to_expire:
+            print(f"would expire (past retention, not sent): {op.name or op.key}", file=out)
+        print(f"{len(to_send)} to send, {len(to_expire)} to expire", file=out)
+        return EXIT_OK
+    total = len(journal.pending())
+    done = 0
+
+    def progress(result: ResumeResult) -> None:
+        nonlocal done
+        done += 1
+        print(f"[{done}/{total}] {_describe(result)}", file=err, flush=True)
+
+    client = Client(
+        journal=journal,
+        base_url=args.base_url or "",
+        headers=headers,
+        timeout=args.timeout,
+        retry=RetryPolicy(max_attempts=args.attempts),
+    )
+    with client, journal:
+        results = client.resume_pending(on_result=progress)
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.outcome] = counts.get(result.outcome, 0) + 1
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+    print(f"resumed {len(results)} operations" + (f": {summary}" if results else ""), file=out)
+    return EXIT_OK if all(r.outcome == "completed" for r in results) else EXIT_INCOMPLETE
+
+
+def cmd_abandon(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    journal = _open(args, create=False)
+    if journal is None:
+        _missing(args, err)
+        return EXIT_INCOMPLETE
+    with journal:
+        try:
+            op = journal.abandon(args.operation)
+        except KeyError:
+            print(f"idemclient: no operation named or keyed {args.operation!r}", file=err)
+            return EXIT_INCOMPLETE
+        except ValueError as exc:
+            print(f"idemclient: {exc}", file=err)
+            return EXIT_INCOMPLETE
+    print(f"abandoned {op.name or op.key} (key {op.key}); it will never be sent again", file=out)
+    return EXIT_OK
+
+
+def cmd_purge(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    journal = _open(args, create=False)
+    if journal is None:
+        _missing(args, err)
+        print("purged 0 operations", file=out)
+        return EXIT_OK
+    states = tuple(args.state) if args.state else ("completed", "conflict", "abandoned")
+    with journal:
+        try:
+            count = journal.purge(older_than=args.older_than, states=states)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    print(f"purged {count} operations ({', '.join(states)}) older than {args.older_than}", file=out)
+    return EXIT_OK
+
+
+# -- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idemclient",
+        description="Inspect an idemclient journal, and finish or abandon the operations a "
+        "crash left pending.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--journal", metavar="PATH", help="the journal file to use")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--journal", metavar="PATH", help="the journal file to use",
+                         default=argparse.SUPPRESS)  # fmt: skip
+        return sub
+
+    command("where", "print the path of the journal in use").set_defaults(run=cmd_where)
+
+    sub = command("list", "list operations: name, key, state, method, URL, attempts, age, last")
+    sub.add_argument("--state", choices=STATES, help="only operations in this state")
+    sub.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    sub.set_defaults(run=cmd_list)
+
+    sub = command("show", "show one operation and its stored response")
+    sub.add_argument("operation", metavar="NAME_OR_KEY")
+    sub.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    sub.set_defaults(run=cmd_show)
+
+    sub = command(
+        "resume",
+        "resend every pending operation with its own key (the server replays what it did)",
+    )
+    sub.add_argument("--base-url", metavar="URL",
+                     help="send to this scheme://host:port instead of the stored one")  # fmt: skip
+    sub.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'",
+                     help="add a header (not for secrets: see --header-from-env)")  # fmt: skip
+    sub.add_argument("--header-from-env", action="append", default=[], metavar="Name=ENVVAR",
+                     help="add a header whose value is in an environment variable")  # fmt: skip
+    sub.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="timeout of each request (default: 30)")  # fmt: skip
+    sub.add_argument("--attempts", type=int, default=5, metavar="N",
+                     help="attempts per operation, the first included (default: 5)")  # fmt: skip
+    sub.add_argument("--dry-run", action="store_true", help="say what would be sent; send nothing")
+    sub.set_defaults(run=cmd_resume)
+
+    sub = command("abandon", "mark a pending or expired operation abandoned: never sent again")
+    sub.add_argument("operation", metavar="NAME_OR_KEY")
+    sub.set_defaults(run=cmd_abandon)
+
+    sub = command("purge", "delete finished operations (never pending or expired ones)")
+    sub.add_argument("--older-than", type=parse_duration, default=timedelta(days=30),
+                     metavar="DURATION", help="e.g. 30d, 12h (default: 30d; never below "
+                     "the retention)")  # fmt: skip
+    sub.add_argument("--state", action="append", choices=("completed", "conflict", "abandoned"),
+                     help="only this state (repeatable; default: all three)")  # fmt: skip
+    sub.set_defaults(run=cmd_purge)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run the command line; returns the exit status."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args, out, err)
+    except UsageError as exc:
+        print(f"idemclient {args.command}: error: {exc}", file=err)
+        return EXIT_USAGE
+    except JournalError as exc:
+        print(f"idemclient: error: {exc}", file=err)
+        return EXIT_JOURNAL
+    except httpx.InvalidURL as exc:
+        print(f"idemclient {args.command}: error: {exc}", file=err)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("idemclient: interrupted", file=err)
+        return EXIT_INTERRUPTED
+    return code
+
+
+def run() -> None:
+    """The console script's entry point."""
+    sys.exit(main())

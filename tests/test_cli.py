@@ -1,0 +1,210 @@
+"""The `idemclient` command line."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import idemclient
+from idemclient._cli import EXIT_INCOMPLETE, EXIT_JOURNAL, EXIT_OK, EXIT_USAGE, main
+from idemclient.testing import IdempotentServer
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def down_url() -> str:
+    """A loopback URL where nothing listens."""
+    server = IdempotentServer()
+    url = server.url
+    server.stop()
+    return url
+
+
+@pytest.fixture
+def populated(journal_path: Path, server: IdempotentServer) -> Path:
+    """A journal with one completed, one conflict and one pending operation."""
+    with idemclient.Client(base_url=server.url, journal=journal_path) as client:
+        with idemclient.operation("charge-done"):
+            client.post("/charges", json={"n": 1})
+        server.inject("status", status=422)
+        with idemclient.operation("charge-refused"), pytest.raises(idemclient.ConflictError):
+            client.post("/charges", json={"n": 2})
+    with (
+        idemclient.Client(
+            base_url=down_url(), journal=journal_path, retry=idemclient.RetryPolicy(max_attempts=1)
+        ) as client,
+        idemclient.operation("charge-pending"),
+        pytest.raises(idemclient.RetriesExhaustedError),
+    ):
+        client.post("/charges", json={"n": 3}, headers={"X-Trace": "t-3"})
+    return journal_path
+
+
+def test_where(journal_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, err = cli("--journal", str(journal_path), "where")
+    assert (code, out.strip()) == (EXIT_OK, str(journal_path))
+    assert "does not exist yet" in err
+    monkeypatch.setenv("IDEMCLIENT_JOURNAL", str(journal_path))
+    assert cli("where")[1].strip() == str(journal_path)
+
+
+def test_list_without_a_journal_creates_nothing(journal_path: Path) -> None:
+    code, _, err = cli("--journal", str(journal_path), "list")
+    assert code == EXIT_OK
+    assert "no journal at" in err
+    assert cli("--journal", str(journal_path), "list", "--json")[1].strip() == "[]"
+    assert not journal_path.exists()
+
+
+def test_list_table_and_json(populated: Path) -> None:
+    code, out, _ = cli("--journal", str(populated), "list")
+    assert code == EXIT_OK
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "KEY", "STATE", "METHOD", "URL", "ATTEMPTS", "AGE", "LAST"]
+    body = "\n".join(lines[1:])
+    for name, state in [("charge-done", "completed"), ("charge-refused", "conflict"),
+                        ("charge-pending", "pending")]:  # fmt: skip
+        assert any(name in line and state in line for line in lines[1:]), body
+    assert "ConnectError" in body
+    code, out, _ = cli("list", "--state", "pending", "--json", "--journal", str(populated))
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == ["charge-pending"]
+    assert rows[0]["attempts"] == 1
+    assert cli("--journal", str(populated), "list", "--state", "abandoned")[1].startswith(
+        "no operations"
+    )
+
+
+def test_show(populated: Path) -> None:
+    code, out, _ = cli("--journal", str(populated), "show", "charge-done")
+    assert code == EXIT_OK
+    assert "state:        completed" in out
+    assert "HTTP 201" in out
+    code, out, _ = cli("--journal", str(populated), "show", "charge-done", "--json")
+    data = json.loads(out)
+    assert data["response"]["status"] == 201
+    assert data["response"]["body_kept"] is True
+    assert cli("--journal", str(populated), "show", "nope")[0] == EXIT_INCOMPLETE
+
+
+def test_resume_dry_run_sends_nothing(populated: Path, server: IdempotentServer) -> None:
+    before = server.effect_count
+    code, out, _ = cli("--journal", str(populated), "resume", "--dry-run")
+    assert code == EXIT_OK
+    assert "would send: charge-pending POST" in out
+    assert "1 to send, 0 to expire" in out
+    assert server.effect_count == before
+
+
+def test_resume_finishes_with_headers_from_the_environment(
+    populated: Path, server: IdempotentServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("API_AUTH", "Bearer from-env")
+    before = server.effect_count
+    code, out, err = cli(
+        "--journal", str(populated), "resume", "--base-url", server.url,
+        "--header-from-env", "Authorization=API_AUTH", "-H", "X-Operator: alice",
+    )  # fmt: skip
+    assert code == EXIT_OK, err
+    assert "resumed 1 operations: 1 completed" in out
+    assert "[1/1] charge-pending: completed (HTTP 201)" in err
+    assert server.effect_count == before + 1
+    effect = server.effects[-1]
+    assert effect.headers["authorization"] == "Bearer from-env"
+    assert effect.headers["x-operator"] == "alice"
+    assert effect.headers["x-trace"] == "t-3"
+    with idemclient.Journal(populated) as journal:
+        op = journal.get("charge-pending")
+        assert op is not None
+        assert op.state == "completed"
+        assert effect.key == op.key
+    # nothing left
+    assert cli("--journal", str(populated), "resume")[1].strip() == "resumed 0 operations"
+
+
+def test_resume_that_fails_exits_1(populated: Path) -> None:
+    code, out, err = cli(
+        "--journal", str(populated), "resume", "--base-url", down_url(), "--attempts", "1"
+    )
+    assert code == EXIT_INCOMPLETE
+    assert "1 failed" in out
+    assert "charge-pending: failed" in err
+
+
+def test_resume_header_arguments(populated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MISSING_VAR", raising=False)
+    code, _, err = cli("--journal", str(populated), "resume", "--header-from-env", "X=MISSING_VAR")
+    assert code == EXIT_USAGE
+    assert "MISSING_VAR" in err
+    assert cli("--journal", str(populated), "resume", "-H", "no-colon")[0] == EXIT_USAGE
+    assert cli("--journal", str(populated), "resume", "--attempts", "0")[0] == EXIT_USAGE
+    code, _, err = cli(
+        "--journal", str(populated), "resume", "--dry-run", "-H", "Authorization: Bearer x"
+    )
+    assert code == EXIT_OK
+    assert "prefer --header-from-env" in err
+
+
+def test_abandon(populated: Path) -> None:
+    code, out, _ = cli("--journal", str(populated), "abandon", "charge-pending")
+    assert code == EXIT_OK
+    assert "never be sent again" in out
+    code, _, err = cli("--journal", str(populated), "abandon", "charge-pending")
+    assert code == EXIT_INCOMPLETE
+    assert "already abandoned" in err
+    assert cli("--journal", str(populated), "abandon", "nope")[0] == EXIT_INCOMPLETE
+
+
+def test_purge(populated: Path) -> None:
+    code, _, err = cli("--journal", str(populated), "purge", "--older-than", "1h")
+    assert code == EXIT_USAGE
+    assert "retention" in err
+    code, out, _ = cli("--journal", str(populated), "purge")
+    assert code == EXIT_OK
+    assert out.startswith("purged 0 operations")
+    with pytest.raises(SystemExit) as info:
+        cli("--journal", str(populated), "purge", "--older-than", "soon")
+    assert info.value.code == EXIT_USAGE
+
+
+def test_corrupt_journal_exits_3_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.sqlite3"
+    path.write_bytes(b"not a database at all" * 20)
+    code, _, err = cli("--journal", str(path), "list")
+    assert code == EXIT_JOURNAL
+    assert str(path) in err
+    assert path.read_bytes() == b"not a database at all" * 20
+
+
+def test_python_dash_m_and_console_script(journal_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "idemclient", "--journal", str(journal_path), "where"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0
+    assert result.stdout.strip() == str(journal_path)
+    script = Path(sys.executable).with_name("idemclient")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "exit status" in result.stdout
+
+
+def test_no_command_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as info:
+        cli()
+    assert info.value.code == EXIT_USAGE
+
+
+def test_resume_with_a_bad_base_url(populated: Path) -> None:
+    code, _, err = cli("--journal", str(populated), "resume", "--base-url", "http://[::1")
+    assert code == EXIT_USAGE
+    assert "error" in err
