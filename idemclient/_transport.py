@@ -18,6 +18,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
+from ._config import testing_mode
 from ._core import Call, Received, Send, Settings, Step, keyed_flow, plain_flow, plan
 from ._errors import InvalidOperationError
 from ._journal import Journal
@@ -167,14 +168,15 @@ class _Base:
         return keyed_flow(
             plan(request, body, self.settings),
             self._journal,
-            self.settings.policy,
+            testing_mode().apply(self.settings.policy),
             self._clock,
             self._wall_clock,
             self._rng,
         )
 
     def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
-        return plain_flow(request, self.settings.policy, self._clock, self._wall_clock, self._rng)
+        policy = testing_mode().apply(self.settings.policy)
+        return plain_flow(request, policy, self._clock, self._wall_clock, self._rng)
 
 
 class IdempotentTransport(_Base, httpx.BaseTransport):
@@ -251,7 +253,8 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             finally:
                 response.close()
             return _in_memory(response, raw, step.request)
-        self._sleep(step.seconds)
+        if not testing_mode().on:
+            self._sleep(step.seconds)
         return None
 
     def _drive(self, flow: Generator[Step, Any, httpx.Response]) -> httpx.Response:
@@ -337,7 +340,8 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             finally:
                 await response.aclose()
             return _in_memory(response, raw, step.request)
-        await self._sleep(step.seconds)
+        if not testing_mode().on:
+            await self._sleep(step.seconds)
         return None
 
     async def _drive(self, flow: Generator[Step, Any, httpx.Response]) -> httpx.Response:

@@ -1,7 +1,9 @@
-"""A small idempotent HTTP server for tests and demos, with the IETF draft's semantics.
+"""Helpers for testing code that uses idemclient: a fake idempotent server and a no-sleep mode.
 
-`IdempotentServer` listens on 127.0.0.1 (a free port by default). Every POST or PATCH with an
-`Idempotency-Key` header "acts" once (the act is recorded in `effects`) and stores its answer:
+`IdempotentApp` has the IETF draft's semantics and serves as an `httpx.MockTransport` handler;
+`IdempotentServer` is the same behind a real socket on 127.0.0.1 (a free port by default).
+Every POST or PATCH with an `Idempotency-Key` header "acts" once (the act is recorded in
+`effects`) and stores its answer:
 
 * a key seen for the first time: act, answer 201 with a JSON body, remember the answer;
 * the same key again, same request: replay the stored answer with `Idempotent-Replayed: true`;
@@ -11,7 +13,8 @@
 
 Faults are injected per request with `inject()`: answer N times with a status (and
 Retry-After) before acting, act and then drop the connection (the answer is lost), or act and
-answer late. Run it standalone with `python -m idemclient.testing --port 8000`.
+answer late. `set_testing()` turns backoff off for the whole process. Run the server
+standalone with `python -m idemclient.testing --port 8000`.
 
 Example:
     >>> with IdempotentServer() as server:
@@ -34,7 +37,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-__all__ = ["Effect", "IdempotentServer"]
+import anyio
+import httpx
+
+from ._config import TestingMode, set_testing_mode
+
+__all__ = ["Effect", "IdempotentApp", "IdempotentServer", "set_testing"]
 
 FaultKind = Literal["status", "drop_after_acting", "slow_after_acting", "slow_before_acting"]
 
@@ -75,13 +83,29 @@ class _Entry:
     body: bytes = b""
 
 
-@dataclass
-class _State:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    keys: dict[str, _Entry] = field(default_factory=dict)
-    effects: list[Effect] = field(default_factory=list)
-    requests: Counter[str] = field(default_factory=Counter)
-    faults: list[_Fault] = field(default_factory=list)
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """An act to perform: wait `before`, act, then answer after `after` (or drop)."""
+
+    key: str | None
+    method: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    before: float
+    after: float
+    drop: bool
+
+
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Answer:
+    return _Answer(status, json.dumps(payload).encode(), headers or {})
 
 
 def _parse_key(value: str) -> str:
@@ -91,6 +115,188 @@ def _parse_key(value: str) -> str:
     return value
 
 
+class IdempotentApp:
+    """The server's semantics without a socket: use it as an `httpx.MockTransport` handler.
+
+    `handler` serves sync and async clients (its waits block); `async_handler` waits with
+    `anyio.sleep`, so concurrent requests overlap (as a 409 test needs). A dropped answer is
+    raised as `httpx.ReadError` after the act, as a lost connection would be.
+
+    Example:
+        >>> app = IdempotentApp()
+        >>> app.inject("status", times=2, status=503)
+        >>> transport = idemclient.IdempotentTransport(httpx.MockTransport(app.handler))
+    """
+
+    def __init__(
+        self,
+        *,
+        require_key: bool = True,
+        key_header: str = "Idempotency-Key",
+        act_seconds: float = 0.0,
+    ) -> None:
+        self.require_key = require_key
+        self.key_header = key_header
+        self.act_seconds = act_seconds
+        self._lock = threading.Lock()
+        self._keys: dict[str, _Entry] = {}
+        self._effects: list[Effect] = []
+        self._requests: Counter[str] = Counter()
+        self._faults: list[_Fault] = []
+
+    # -- what tests look at ---------------------------------------------------------------
+
+    @property
+    def effects(self) -> list[Effect]:
+        """Every act performed, in order."""
+        with self._lock:
+            return list(self._effects)
+
+    @property
+    def effect_count(self) -> int:
+        with self._lock:
+            return len(self._effects)
+
+    def requests_for(self, key: str) -> int:
+        """How many requests arrived with this key (replays and refusals included)."""
+        with self._lock:
+            return self._requests[key]
+
+    def duplicates(self) -> int:
+        """Acts beyond the first for the same method, path and body: 0 is the goal."""
+        counts = Counter((e.method, e.path, e.body) for e in self.effects)
+        return sum(n - 1 for n in counts.values())
+
+    def inject(
+        self,
+        kind: FaultKind,
+        *,
+        times: int = 1,
+        status: int = 503,
+        retry_after: str | None = None,
+        seconds: float = 0.0,
+        path: str | None = None,
+    ) -> None:
+        """Apply a fault to the next `times` POST/PATCH requests (to `path`, if given).
+
+        Kinds: `status` answers `status` (with `retry_after`) without acting;
+        `drop_after_acting` acts, then closes the connection with no answer;
+        `slow_after_acting` acts, then waits `seconds` before answering;
+        `slow_before_acting` waits `seconds` (the key is in flight: 409 to others), then acts.
+        """
+        with self._lock:
+            self._faults.append(_Fault(kind, times, status, retry_after, seconds, path))
+
+    # -- the semantics, in two steps around the waits -------------------------------------
+
+    def _take_fault(self, path: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.times > 0 and fault.path in (None, path):
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def _admit(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> _Answer | _Work:
+        """Answer at once (GET, fault, refusal, replay), or say what to act on."""
+        if method not in ("POST", "PATCH"):
+            if path == "/_idem/effects":
+                effects = [
+                    {"key": e.key, "method": e.method, "path": e.path, "body": e.json()}
+                    for e in self.effects
+                ]
+                return _json(200, {"count": len(effects), "effects": effects})
+            return _json(200, {"path": path})
+        raw_key = headers.get(self.key_header.lower())
+        key = _parse_key(raw_key) if raw_key is not None else None
+        with self._lock:
+            self._requests[key or ""] += 1
+        fault = self._take_fault(path)
+        if fault is not None and fault.kind == "status":
+            extra = {"Retry-After": fault.retry_after} if fault.retry_after else None
+            return _json(fault.status, {"error": "injected fault"}, extra)
+        if key is None and self.require_key:
+            return _json(400, {"error": f"missing {self.key_header} header"})
+        if key is not None:
+            fingerprint = hashlib.sha256(f"{method} {path}\n".encode() + body).hexdigest()
+            with self._lock:
+                entry = self._keys.get(key)
+                if entry is None:
+                    self._keys[key] = _Entry(fingerprint)
+            if entry is not None:
+                if entry.fingerprint != fingerprint:
+                    return _json(422, {"error": "Idempotency-Key reused with another request"})
+                if not entry.done:
+                    return _json(409, {"error": "a request with this key is in progress"})
+                return _Answer(entry.status, entry.body, {"Idempotent-Replayed": "true"})
+        kind = fault.kind if fault is not None else None
+        seconds = fault.seconds if fault is not None else 0.0
+        return _Work(
+            key=key,
+            method=method,
+            path=path,
+            body=body,
+            headers=headers,
+            before=self.act_seconds + (seconds if kind == "slow_before_acting" else 0.0),
+            after=seconds if kind == "slow_after_acting" else 0.0,
+            drop=kind == "drop_after_acting",
+        )
+
+    def _perform(self, work: _Work) -> _Answer:
+        """Act once: record the effect and remember the answer under the key."""
+        with self._lock:
+            effect = Effect(work.key, work.method, work.path, work.body, work.headers)
+            self._effects.append(effect)
+            payload = json.dumps(
+                {"id": f"res_{len(self._effects)}", "path": work.path, "request": effect.json()}
+            ).encode()
+            if work.key is not None:
+                entry = self._keys[work.key]
+                entry.done, entry.status, entry.body = True, 201, payload
+        return _Answer(201, payload)
+
+    # -- as an httpx.MockTransport handler ------------------------------------------------
+
+    @staticmethod
+    def _request_parts(request: httpx.Request) -> tuple[str, str, dict[str, str]]:
+        path = request.url.raw_path.decode("ascii")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        return request.method, path, headers
+
+    @staticmethod
+    def _response(answer: _Answer) -> httpx.Response:
+        headers = {"Content-Type": "application/json", **answer.headers}
+        return httpx.Response(answer.status, headers=headers, content=answer.body)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        """Answer one request (for `httpx.MockTransport`); waits block the caller."""
+        method, path, headers = self._request_parts(request)
+        admitted = self._admit(method, path, headers, request.read())
+        if isinstance(admitted, _Answer):
+            return self._response(admitted)
+        time.sleep(admitted.before)
+        answer = self._perform(admitted)
+        if admitted.drop:
+            raise httpx.ReadError("connection closed after the server acted", request=request)
+        time.sleep(admitted.after)
+        return self._response(answer)
+
+    async def async_handler(self, request: httpx.Request) -> httpx.Response:
+        """`handler` for async clients, waiting with `anyio.sleep`."""
+        method, path, headers = self._request_parts(request)
+        admitted = self._admit(method, path, headers, await request.aread())
+        if isinstance(admitted, _Answer):
+            return self._response(admitted)
+        await anyio.sleep(admitted.before)
+        answer = self._perform(admitted)
+        if admitted.drop:
+            raise httpx.ReadError("connection closed after the server acted", request=request)
+        await anyio.sleep(admitted.after)
+        return self._response(answer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
@@ -98,117 +304,34 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: tests and the demo print their own summaries
 
-    def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
+    def _send(self, answer: _Answer) -> None:
+        self.send_response(answer.status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
+        self.send_header("Content-Length", str(len(answer.body)))
+        for name, value in answer.headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(answer.body)
 
-    def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(payload).encode(), headers)
-
-    def _drop(self) -> None:
-        self.close_connection = True
-        self.connection.shutdown(socket.SHUT_RDWR)
-
-    def do_GET(self) -> None:
-        state = self.server.state
-        if self.path == "/_idem/effects":
-            with state.lock:
-                effects = [
-                    {"key": e.key, "method": e.method, "path": e.path, "body": e.json()}
-                    for e in state.effects
-                ]
-            self._json(200, {"count": len(effects), "effects": effects})
+    def _handle(self) -> None:
+        app = self.server.app
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        admitted = app._admit(self.command, self.path, headers, body)
+        if isinstance(admitted, _Answer):
+            self._send(admitted)
             return
-        self._json(200, {"path": self.path})
-
-    def do_POST(self) -> None:
-        self._act()
-
-    def do_PATCH(self) -> None:
-        self._act()
-
-    def do_PUT(self) -> None:
-        self._body()
-        self._json(200, {"path": self.path})
-
-    def _take_fault(self) -> _Fault | None:
-        state = self.server.state
-        with state.lock:
-            for fault in state.faults:
-                if fault.times > 0 and fault.path in (None, self.path):
-                    fault.times -= 1
-                    return fault
-        return None
-
-    def _act(self) -> None:
-        server, state = self.server, self.server.state
-        body = self._body()
-        raw_key = self.headers.get(server.key_header)
-        key = _parse_key(raw_key) if raw_key is not None else None
-        with state.lock:
-            state.requests[key or ""] += 1
-        fault = self._take_fault()
-        if fault is not None and fault.kind == "status":
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
-            self._json(fault.status, {"error": "injected fault"}, headers)
+        time.sleep(admitted.before)
+        answer = app._perform(admitted)
+        if admitted.drop:  # the answer is lost: close the connection without a word
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
             return
-        if key is None:
-            if server.require_key:
-                self._json(400, {"error": f"missing {server.key_header} header"})
-                return
-            self._perform(None, body, fault)
-            return
-        fingerprint = hashlib.sha256(f"{self.command} {self.path}\n".encode() + body).hexdigest()
-        with state.lock:
-            entry = state.keys.get(key)
-            if entry is None:
-                state.keys[key] = _Entry(fingerprint)
-            elif entry.fingerprint != fingerprint:
-                conflict = True
-            else:
-                conflict = False
-        if entry is not None:
-            if conflict:
-                self._json(422, {"error": "Idempotency-Key reused with another request"})
-            elif not entry.done:
-                self._json(409, {"error": "a request with this key is in progress"})
-            else:
-                self._send(entry.status, entry.body, {"Idempotent-Replayed": "true"})
-            return
-        self._perform(key, body, fault)
+        time.sleep(admitted.after)
+        self._send(answer)
 
-    def _perform(self, key: str | None, body: bytes, fault: _Fault | None) -> None:
-        server, state = self.server, self.server.state
-        if fault is not None and fault.kind == "slow_before_acting":
-            time.sleep(fault.seconds)
-        if server.act_seconds:
-            time.sleep(server.act_seconds)
-        with state.lock:
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            effect = Effect(key, self.command, self.path, body, headers)
-            state.effects.append(effect)
-            number = len(state.effects)
-            payload = json.dumps(
-                {"id": f"res_{number}", "path": self.path, "request": effect.json()}
-            )
-            if key is not None:
-                entry = state.keys[key]
-                entry.done, entry.status, entry.body = True, 201, payload.encode()
-        if fault is not None and fault.kind == "drop_after_acting":
-            self._drop()
-            return
-        if fault is not None and fault.kind == "slow_after_acting":
-            time.sleep(fault.seconds)
-        self._send(201, payload.encode())
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _handle
 
 
 class _Server(ThreadingHTTPServer):
@@ -216,22 +339,12 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(
-        self,
-        address: tuple[str, int],
-        *,
-        require_key: bool,
-        key_header: str,
-        act_seconds: float,
-    ) -> None:
+    def __init__(self, address: tuple[str, int], app: IdempotentApp) -> None:
         super().__init__(address, _Handler)
-        self.state = _State()
-        self.require_key = require_key
-        self.key_header = key_header
-        self.act_seconds = act_seconds
+        self.app = app
 
 
-class IdempotentServer:
+class IdempotentServer(IdempotentApp):
     """A real HTTP server on the loopback interface with IETF idempotency semantics.
 
     Args:
@@ -252,58 +365,14 @@ class IdempotentServer:
         key_header: str = "Idempotency-Key",
         act_seconds: float = 0.0,
     ) -> None:
-        self._server = _Server(
-            (host, port), require_key=require_key, key_header=key_header, act_seconds=act_seconds
-        )
+        super().__init__(require_key=require_key, key_header=key_header, act_seconds=act_seconds)
+        self._server = _Server((host, port), self)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
-
-    @property
-    def effects(self) -> list[Effect]:
-        """Every act performed, in order."""
-        with self._server.state.lock:
-            return list(self._server.state.effects)
-
-    @property
-    def effect_count(self) -> int:
-        with self._server.state.lock:
-            return len(self._server.state.effects)
-
-    def requests_for(self, key: str) -> int:
-        """How many requests arrived with this key (replays and refusals included)."""
-        with self._server.state.lock:
-            return self._server.state.requests[key]
-
-    def duplicates(self) -> int:
-        """Acts beyond the first for the same request body: 0 is the goal."""
-        counts = Counter(e.body for e in self.effects)
-        return sum(n - 1 for n in counts.values())
-
-    def inject(
-        self,
-        kind: FaultKind,
-        *,
-        times: int = 1,
-        status: int = 503,
-        retry_after: str | None = None,
-        seconds: float = 0.0,
-        path: str | None = None,
-    ) -> None:
-        """Apply a fault to the next `times` POST/PATCH requests (to `path`, if given).
-
-        Kinds: `status` answers `status` (with `retry_after`) without acting;
-        `drop_after_acting` acts, then closes the connection with no answer;
-        `slow_after_acting` acts, then waits `seconds` before answering;
-        `slow_before_acting` waits `seconds` (the key is in flight: 409 to others), then acts.
-        """
-        with self._server.state.lock:
-            self._server.state.faults.append(
-                _Fault(kind, times, status, retry_after, seconds, path)
-            )
 
     def start(self) -> IdempotentServer:
         if self._thread is None:
@@ -328,6 +397,33 @@ class IdempotentServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class set_testing:
+    """Turn off backoff for the whole process, so that test suites run fast.
+
+    While on, idemclient never sleeps between attempts (Retry-After included), and, with
+    `max_attempts`, makes at most that many attempts per operation. Everything else (keys,
+    journal, classification) works as in production. Call it, or use it as a context manager
+    that restores the previous mode on exit.
+
+    Example:
+        >>> from idemclient.testing import set_testing
+        >>> set_testing(True, max_attempts=2)          # e.g. in conftest.py
+        >>> with set_testing(True):                    # or for one block
+        ...     client.post("/charges", json={})
+    """
+
+    def __init__(self, testing: bool = True, *, max_attempts: int | None = None) -> None:
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self._previous = set_testing_mode(TestingMode(testing, max_attempts))
+
+    def __enter__(self) -> set_testing:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        set_testing_mode(self._previous)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,137 @@
+"""idemclient.testing: the fake idempotent server as a MockTransport handler, and test mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+import idemclient
+from idemclient import IdempotentTransport, RetriesExhaustedError, RetryPolicy, _config
+from idemclient.testing import IdempotentApp, IdempotentServer, set_testing
+
+
+def mock_client(app: IdempotentApp, journal: Path, sleeps: list[float]) -> httpx.Client:
+    transport = IdempotentTransport(
+        httpx.MockTransport(app.handler), journal=journal, sleep=sleeps.append
+    )
+    return httpx.Client(transport=transport, base_url="https://api.example")
+
+
+def test_app_semantics_through_mock_transport(journal_path: Path, sleeps: list[float]) -> None:
+    app = IdempotentApp()
+    app.inject("status", times=2, status=503, retry_after="1")
+    app.inject("drop_after_acting")
+    with mock_client(app, journal_path, sleeps) as client:
+        response = client.post("/charges", json={"amount": 5})
+    assert response.status_code == 201
+    info = response.extensions["idempotency"]
+    assert info["attempts"] == 4  # 503, 503, acted + dropped, replayed
+    assert info["replayed"] is True
+    assert sleeps[:2] == [1.0, 1.0]
+    assert app.effect_count == 1
+    assert app.requests_for(info["key"]) == 4
+    assert app.duplicates() == 0
+    assert app.effects[0].json() == {"amount": 5}
+    assert app.effects[0].headers["idempotency-key"] == info["key"]
+
+
+def test_app_refuses_a_reused_key_and_a_missing_key() -> None:
+    app = IdempotentApp()
+    with httpx.Client(transport=httpx.MockTransport(app.handler)) as raw:
+        key = {"Idempotency-Key": "k1"}
+        assert raw.post("https://x/a", json={"n": 1}, headers=key).status_code == 201
+        replay = raw.post("https://x/a", json={"n": 1}, headers=key)
+        assert replay.status_code == 201
+        assert replay.headers["Idempotent-Replayed"] == "true"
+        assert raw.post("https://x/a", json={"n": 2}, headers=key).status_code == 422
+        assert raw.post("https://x/b", json={"n": 1}, headers=key).status_code == 422
+        assert raw.post("https://x/a", json={"n": 1}).status_code == 400
+        effects = raw.get("https://x/_idem/effects").json()
+        assert effects["count"] == 1
+    assert app.effect_count == 1
+
+
+def test_app_without_required_keys_acts_every_time() -> None:
+    app = IdempotentApp(require_key=False)
+    with httpx.Client(transport=httpx.MockTransport(app.handler)) as raw:
+        raw.post("https://x/a", json={})
+        raw.post("https://x/a", json={})
+    assert app.effect_count == 2
+    assert app.duplicates() == 1
+
+
+@pytest.mark.anyio
+async def test_async_handler_answers_409_while_in_flight() -> None:
+    app = IdempotentApp()
+    app.inject("slow_before_acting", seconds=0.2)
+    statuses: list[int] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(app.async_handler)) as raw:
+
+        async def send(delay: float) -> None:
+            await anyio.sleep(delay)
+            r = await raw.post("https://x/a", json={}, headers={"Idempotency-Key": "k"})
+            statuses.append(r.status_code)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(send, 0.0)
+            group.start_soon(send, 0.05)
+    assert statuses == [409, 201]
+    assert app.effect_count == 1
+
+
+def test_set_testing_turns_off_sleeping_and_caps_attempts(
+    journal_path: Path, sleeps: list[float]
+) -> None:
+    app = IdempotentApp()
+    app.inject("status", times=10, status=503, retry_after="60")
+    with mock_client(app, journal_path, sleeps) as client:
+        with set_testing(True, max_attempts=3):
+            assert _config.testing_mode().on
+            with pytest.raises(RetriesExhaustedError) as info:
+                client.post("/charges", json={})
+        assert info.value.attempts == 3
+        assert sleeps == []
+        assert not _config.testing_mode().on
+        # outside test mode the same transport sleeps again
+        with pytest.raises(RetriesExhaustedError):
+            client.post("/x", json={}, extensions={"timeout": {}})
+    assert sleeps == [60.0] * 4
+
+
+def test_set_testing_as_a_call_and_validation() -> None:
+    previous = _config.testing_mode()
+    set_testing(True)
+    try:
+        assert _config.testing_mode().on
+        assert _config.testing_mode().apply(RetryPolicy()).max_attempts == 5
+    finally:
+        set_testing(previous.on, max_attempts=previous.max_attempts)
+    with pytest.raises(ValueError, match="max_attempts"):
+        set_testing(True, max_attempts=0)
+    assert _config.testing_mode() == previous
+
+
+def test_server_effects_endpoint(server: IdempotentServer) -> None:
+    with httpx.Client(base_url=server.url) as raw:
+        raw.post("/a", json={"x": 1}, headers={"Idempotency-Key": '"quoted-key"'})
+        data = json.loads(raw.get("/_idem/effects").content)
+    assert data["effects"] == [
+        {"key": "quoted-key", "method": "POST", "path": "/a", "body": {"x": 1}}
+    ]
+
+
+def test_quickstart_style_usage_with_test_mode(journal_path: Path) -> None:
+    app = IdempotentApp()
+    app.inject("status", times=2, status=503)
+    with (
+        set_testing(True),
+        idemclient.Client(
+            journal=journal_path, transport=httpx.MockTransport(app.handler), base_url="https://x"
+        ) as client,
+    ):
+        assert client.post("/orders", json={}).status_code == 201
+    assert app.effect_count == 1
