@@ -8,7 +8,7 @@ performs the operation once. See the README for the guarantees and the limits.
 from __future__ import annotations
 
 from ._client import AsyncClient, Client, ResumeResult, aresume_pending, resume_pending, wrap
-from ._core import operation
+from ._core import Event, operation
 from ._errors import (
     ConflictError,
     IdempotencyError,
@@ -31,6 +31,7 @@ __all__ = [
     "AsyncIdempotentTransport",
     "Client",
     "ConflictError",
+    "Event",
     "IdempotencyError",
     "IdempotentTransport",
     "InvalidOperationError",

@@ -9,7 +9,7 @@ from typing import Any, Literal, TypeVar
 import anyio.to_thread
 import httpx
 
-from ._core import OPERATION_EXTENSION, RESUME_EXTENSION
+from ._core import OPERATION_EXTENSION, RESUME_EXTENSION, Event
 from ._errors import (
     ConflictError,
     OperationAbandonedError,
@@ -103,13 +103,14 @@ class Client(httpx.Client):
         secret_headers: Sequence[str] = (),
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         sleep: Callable[[float], None] | None = None,
+        hooks: Sequence[Callable[[Event], object]] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _wrap_transports(self, dict(
             journal=journal, retry=retry, methods=methods, key_header=key_header,
             key_style=key_style, secret_headers=secret_headers, max_body_size=max_body_size,
-            sleep=sleep,
+            sleep=sleep, hooks=hooks,
         ))  # fmt: skip
 
     @property
@@ -144,13 +145,14 @@ class AsyncClient(httpx.AsyncClient):
         secret_headers: Sequence[str] = (),
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        hooks: Sequence[Callable[[Event], object]] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _wrap_transports(self, dict(
             journal=journal, retry=retry, methods=methods, key_header=key_header,
             key_style=key_style, secret_headers=secret_headers, max_body_size=max_body_size,
-            sleep=sleep,
+            sleep=sleep, hooks=hooks,
         ))  # fmt: skip
 
     @property

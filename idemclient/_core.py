@@ -316,7 +316,64 @@ class Sleep:
     seconds: float
 
 
-Step = Call | Send | Sleep
+EventKind = Literal[
+    "registered",
+    "sending",
+    "answered",
+    "retrying",
+    "recording",
+    "completed",
+    "conflict",
+    "gave_up",
+    "replayed",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One moment in a journaled operation's life, handed to the `hooks` of a transport.
+
+    `kind` is one of:
+
+    * `registered`: the operation is durably in the journal (claimed); nothing sent yet.
+    * `sending`: an attempt is durably claimed and is about to be sent.
+    * `answered`: the attempt got a response (`status`) or a transport error (`error`).
+    * `retrying`: a retry will be sent with the same key after `delay` seconds.
+    * `recording`: the final response (`status`) is about to be written to the journal.
+    * `completed` / `conflict`: the final response is recorded (`conflict`: a 422-like refusal).
+    * `gave_up`: the attempts ran out; the operation stays pending.
+    * `replayed`: the operation had completed before: answered from the journal, not sent.
+
+    `attempt` counts the attempts claimed so far (across reruns). Hooks are plain callables,
+    called in order, in the thread (or event loop) that sends the request; an exception from a
+    hook is logged and does not disturb the operation.
+
+    Example:
+        >>> def count(event: idemclient.Event) -> None:
+        ...     if event.kind == "retrying":
+        ...         metrics.increment("http.retries", tags={"operation": event.operation})
+        >>> client = idemclient.Client(hooks=[count])
+    """
+
+    kind: EventKind
+    operation: str | None
+    key: str
+    method: str
+    url: str
+    attempt: int
+    status: int | None = None
+    error: BaseException | None = None
+    delay: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Hand an `Event` to the transport's hooks."""
+
+    event: Event
+
+
+Step = Call | Send | Sleep | Emit
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +457,7 @@ def _stored(response: httpx.Response, raw: bytes) -> StoredResponse:
 def _retry_loop(
     controller: tenacity.Retrying,
     attempt: Callable[[], Generator[Step, Any, Outcome]],
-    on_sleep: Callable[[Outcome, float], None],
+    on_sleep: Callable[[Outcome, float], Generator[Step, Any, None]],
 ) -> Generator[Step, Any, Outcome | Exhausted]:
     """Drive the tenacity controller: attempt, sleep, attempt, ... until it hands back a value."""
     controller.begin()
@@ -413,7 +470,7 @@ def _retry_loop(
             state.set_result(last)
         elif isinstance(do, tenacity.DoSleep):
             assert last is not None
-            on_sleep(last, float(do))
+            yield from on_sleep(last, float(do))
             state.prepare_for_next_attempt()
             yield Sleep(float(do))
         else:
@@ -440,16 +497,23 @@ def keyed_flow(
     reg: Registration = yield Call(journal.register, (record, me, the_plan.lease_seconds))
     op = reg.operation
     label = op.name or op.key
+    version, attempts = reg.lease_version, op.attempts
+
+    def event(kind: EventKind, **details: Any) -> Emit:
+        return Emit(Event(kind, op.name, op.key, record.method, record.url, attempts, **details))
+
     if reg.decision is Decision.COMPLETED:
         logger.info("operation %s (key %s) already completed: replaying", label, op.key)
+        yield event("replayed", status=reg.response.status if reg.response else None)
         return replay_response(reg, request)
     if reg.decision is not Decision.SEND:
         raise _refuse(reg, request)
     request = the_plan.request_with_key(op.key)
+    yield event("registered")
 
-    version, attempts = reg.lease_version, op.attempts
     first = True
     last_raw = b""
+    last_error: str | None = None
 
     def attempt() -> Generator[Step, Any, Outcome]:
         nonlocal version, attempts, first, last_raw
@@ -464,6 +528,7 @@ def keyed_flow(
                 )
             version, attempts = claimed
         first = False
+        yield event("sending")
         try:
             received: Received = yield Send(request, read=True)
         except httpx.TransportError as exc:
@@ -479,11 +544,11 @@ def keyed_flow(
             record.method, record.url, label, op.key, attempts, outcome.reason,
             outcome.verdict.value,
         )  # fmt: skip
+        status = outcome.response.status_code if outcome.response is not None else None
+        yield event("answered", status=status, error=outcome.error)
         return outcome
 
-    last_error: str | None = None
-
-    def on_sleep(outcome: Outcome, seconds: float) -> None:
+    def on_sleep(outcome: Outcome, seconds: float) -> Generator[Step, Any, None]:
         nonlocal last_error
         last_error = outcome.reason
         _close_response(outcome)
@@ -491,6 +556,7 @@ def keyed_flow(
             "operation %s (key %s): %s, retrying in %.2fs with the same key",
             label, op.key, outcome.reason, seconds,
         )  # fmt: skip
+        yield event("retrying", delay=seconds, error=outcome.error)
 
     settled = False
     try:
@@ -499,10 +565,11 @@ def keyed_flow(
             last = result.last
             if last.response is not None:
                 last.response.read()  # in memory: readable by the caller, and closed
+            reason = f"{last.reason}; gave up: {result.reason}"
+            yield Call(journal.release, (op.key, version, reason))
             settled = True
-            yield Call(
-                journal.release, (op.key, version, f"{last.reason}; gave up: {result.reason}")
-            )
+            logger.warning("operation %s (key %s): %s; it stays pending", label, op.key, reason)
+            yield event("gave_up", error=last.error)
             raise RetriesExhaustedError(
                 f"operation {label} (key {op.key}) gave up: {result.reason}; last outcome: "
                 f"{last.reason}. It stays pending: resume it to finish with the same key",
@@ -511,8 +578,8 @@ def keyed_flow(
                 attempts=attempts,
             ) from last.error
         if result.verdict is Verdict.ERROR:
-            settled = True
             yield Call(journal.release, (op.key, version, result.reason))
+            settled = True
             assert result.error is not None
             raise result.error
         response = result.response
@@ -520,8 +587,9 @@ def keyed_flow(
         state: Literal["completed", "conflict"] = (
             "conflict" if result.verdict is Verdict.CONFLICT else "completed"
         )
-        settled = True
+        yield event("recording", status=response.status_code)
         kept = yield Call(journal.finish, (op.key, version, state, _stored(response, last_raw)))
+        settled = True
         if not kept:
             logger.warning(
                 "operation %s (key %s) was taken over while in flight; its holder records "
@@ -542,6 +610,7 @@ def keyed_flow(
 
     ext = _extension(op, attempts, server_replayed(response))
     response.extensions = {**response.extensions, RESPONSE_EXTENSION: ext}
+    yield event(state, status=response.status_code)
     if state == "conflict":
         response.read()  # in memory: the caller can read the server's reason
         logger.warning("operation %s (key %s): %s, not retried", label, op.key, result.reason)
@@ -552,6 +621,10 @@ def keyed_flow(
             operation=op,
             response=response,
         )
+    logger.info(
+        "operation %s (key %s) completed: HTTP %d after %d attempt(s)",
+        label, op.key, response.status_code, attempts,
+    )  # fmt: skip
     return response
 
 
@@ -580,9 +653,10 @@ def plain_flow(
             received.response, None, keyed=False, policy=policy, now=wall_clock()
         )
 
-    def on_sleep(outcome: Outcome, seconds: float) -> None:
+    def on_sleep(outcome: Outcome, seconds: float) -> Generator[Step, Any, None]:
         _close_response(outcome)
         logger.info("%s %s: %s, retrying in %.2fs", request.method, url, outcome.reason, seconds)
+        yield from ()
 
     result = yield from _retry_loop(policy.controller(clock, rng), attempt, on_sleep)
     last = result.last if isinstance(result, Exhausted) else result

@@ -19,7 +19,19 @@ import anyio.to_thread
 import httpx
 
 from ._config import testing_mode
-from ._core import Call, Received, Send, Settings, Step, keyed_flow, plain_flow, plan
+from ._core import (
+    Call,
+    Emit,
+    Event,
+    Received,
+    Send,
+    Settings,
+    Step,
+    keyed_flow,
+    logger,
+    plain_flow,
+    plan,
+)
 from ._errors import InvalidOperationError
 from ._journal import Journal
 from ._policy import RetryPolicy
@@ -136,7 +148,9 @@ class _Base:
         max_body_size: int,
         clock: Callable[[], float] | None,
         rng: random.Random | None,
+        hooks: Sequence[Callable[[Event], object]],
     ) -> None:
+        self._hooks = tuple(hooks)
         self.settings = Settings.build(
             retry=retry,
             methods=methods,
@@ -158,6 +172,13 @@ class _Base:
     @property
     def key_header(self) -> str:
         return self.settings.key_header
+
+    def _emit(self, event: Event) -> None:
+        for hook in self._hooks:
+            try:
+                hook(event)
+            except Exception:
+                logger.exception("idemclient hook %r failed on %s", hook, event.kind)
 
     def _keyed(self, request: httpx.Request) -> bool:
         return request.method.upper() in self.settings.methods
@@ -200,6 +221,10 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             with `InvalidOperationError` before anything is sent.
         sleep: called with the seconds to wait between attempts (tests pass a recorder).
         clock: monotonic seconds, for the policy's deadline.
+        hooks: callables given each `Event` of a journaled operation (registered, sending,
+            answered, retrying, recording, completed, conflict, gave_up, replayed): the place
+            to count retries or trace attempts, since retries inside a transport are hidden
+            from httpx's own event hooks.
 
     Example:
         >>> client = httpx.Client(transport=IdempotentTransport(journal="billing.sqlite3"))
@@ -220,6 +245,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        hooks: Sequence[Callable[[Event], object]] = (),
     ) -> None:
         super().__init__(
             journal=journal,
@@ -231,6 +257,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             max_body_size=max_body_size,
             clock=clock,
             rng=rng,
+            hooks=hooks,
         )
         self._transport = transport if transport is not None else httpx.HTTPTransport()
         self._sleep = sleep or time.sleep
@@ -242,6 +269,8 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         return self._drive(self._plain_flow(request))
 
     def _do(self, step: Step) -> Any:
+        if isinstance(step, Emit):
+            return self._emit(step.event)
         if isinstance(step, Call):
             return step.fn(*step.args)
         if isinstance(step, Send):
@@ -305,6 +334,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         sleep: Callable[[float], Awaitable[None]] | None = None,
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        hooks: Sequence[Callable[[Event], object]] = (),
     ) -> None:
         super().__init__(
             journal=journal,
@@ -316,6 +346,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             max_body_size=max_body_size,
             clock=clock,
             rng=rng,
+            hooks=hooks,
         )
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
         self._sleep = sleep or anyio.sleep
@@ -327,6 +358,8 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         return await self._drive(self._plain_flow(request))
 
     async def _do(self, step: Step) -> Any:
+        if isinstance(step, Emit):
+            return self._emit(step.event)
         if isinstance(step, Call):
             with anyio.CancelScope(shield=True):
                 result = await anyio.to_thread.run_sync(functools.partial(step.fn, *step.args))

@@ -10,6 +10,7 @@ def test_all_is_exactly_the_public_surface() -> None:
             "AsyncIdempotentTransport",
             "Client",
             "ConflictError",
+            "Event",
             "IdempotencyError",
             "IdempotentTransport",
             "InvalidOperationError",
