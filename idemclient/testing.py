@@ -157,6 +157,12 @@ class IdempotentApp:
         with self._lock:
             return len(self._effects)
 
+    @property
+    def request_count(self) -> int:
+        """How many POST/PATCH requests arrived, keyed or not, answered or not."""
+        with self._lock:
+            return sum(self._requests.values())
+
     def requests_for(self, key: str) -> int:
         """How many requests arrived with this key (replays and refusals included)."""
         with self._lock:

@@ -1,0 +1,114 @@
+"""Several processes and threads on one journal; a paused holder taken over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import idemclient
+from idemclient.testing import IdempotentServer
+
+HERE = Path(__file__).parent
+
+
+def test_processes_and_threads_share_one_journal(
+    server: IdempotentServer, journal_path: Path
+) -> None:
+    count, processes = 30, 4
+    idemclient.Journal(journal_path).close()  # created once, then shared
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "contention_child.py"),
+                server.url,
+                str(journal_path),
+                str(count),
+                str(seed),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in range(processes)
+    ]
+    outputs = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err
+        outputs.append(out.split())
+    # every operation performed exactly once by the server, whoever sent it
+    assert Counter(e.path for e in server.effects) == Counter(
+        {f"/ops/{i}": 1 for i in range(count)}
+    )
+    assert server.duplicates() == 0
+    # each of the 8 workers finished every operation: sent once, otherwise replayed
+    sent = sum(int(o[1]) for o in outputs)
+    replayed = sum(int(o[2]) for o in outputs)
+    assert sent + replayed == count * processes * 2
+    with idemclient.Journal(journal_path) as journal:
+        ops = journal.operations()
+    assert len(ops) == count
+    assert {op.state for op in ops} == {"completed"}
+    keys = {e.path: e.key for e in server.effects}
+    assert all(keys[f"/ops/{op.name.removeprefix('op-')}"] == op.key for op in ops if op.name)
+
+
+PAUSED_CHILD = """
+import sys
+import idemclient
+
+url, journal = sys.argv[1:3]
+with idemclient.Client(base_url=url, journal=journal, timeout=30.0) as client:
+    with idemclient.operation("paused-op"):
+        response = client.post("/ops/paused", json={"op": "paused"})
+print(response.status_code, flush=True)
+"""
+
+
+def test_a_paused_holder_taken_over_cannot_overwrite(
+    server: IdempotentServer, journal_path: Path, tmp_path: Path
+) -> None:
+    """SIGSTOP the holder mid-request; once its lease has expired another process takes
+    the operation over; when the first wakes up, its late write is fenced out."""
+    script = tmp_path / "paused.py"
+    script.write_text(PAUSED_CHILD)
+    server.inject("slow_after_acting", seconds=0.5)
+    child = subprocess.Popen(
+        [sys.executable, str(script), server.url, str(journal_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while server.effect_count == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(child.pid, signal.SIGSTOP)
+        # A second process whose clock says the holder's lease ran out long ago.
+        later = idemclient.Journal(journal_path, clock=lambda: time.time() + 3600)
+        with (
+            idemclient.Client(base_url=server.url, journal=later, timeout=10.0) as client,
+            idemclient.operation("paused-op"),
+        ):
+            taken = client.post("/ops/paused", json={"op": "paused"})
+        assert taken.extensions["idempotency"]["replayed"] is True
+        assert taken.extensions["idempotency"]["attempts"] == 2
+        later.close()
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert out.strip() == "201"  # the woken holder still hands its caller the answer
+    assert server.effect_count == 1
+    with idemclient.Journal(journal_path) as journal:
+        op = journal.get("paused-op")
+        stored = journal.stored_response("paused-op")
+    assert op is not None
+    assert stored is not None
+    assert (op.state, op.attempts) == ("completed", 2)
+    # the recorded answer is the taker's (a replay), not the paused holder's late one
+    assert {k.lower(): v for k, v in stored.headers}["idempotent-replayed"] == "true"
