@@ -18,6 +18,7 @@ from ._errors import (
     OperationExpiredError,
     OperationInProgressError,
     OperationMismatchError,
+    OperationParkedError,
     RetriesExhaustedError,
 )
 from ._journal import Journal, Operation
@@ -42,6 +43,7 @@ __all__ = [
     "OperationExpiredError",
     "OperationInProgressError",
     "OperationMismatchError",
+    "OperationParkedError",
     "ResumeResult",
     "RetriesExhaustedError",
     "RetryPolicy",

@@ -40,6 +40,7 @@ examples:
   idemclient show charge-inv-042
   idemclient resume --base-url https://api.example --header-from-env 'Authorization=API_AUTH'
   idemclient abandon charge-inv-042
+  idemclient unpark charge-inv-042
   idemclient purge --older-than 30d
 """
 
@@ -82,6 +83,8 @@ def _as_json(op: Operation) -> dict[str, Any]:
         "updated_at": op.updated_at.isoformat(),
         "response_status": op.response_status,
         "last_error": op.last_error,
+        "recoveries": op.recoveries,
+        "previous_key": op.previous_key,
     }
 
 
@@ -178,8 +181,8 @@ def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.json:
         print(json.dumps(data, indent=2), file=out)
         return EXIT_OK
-    for field in ("name", "key", "state", "method", "url", "attempts", "created_at",
-                  "updated_at", "last_error"):  # fmt: skip
+    for field in ("name", "key", "state", "method", "url", "attempts", "recoveries",
+                  "previous_key", "created_at", "updated_at", "last_error"):  # fmt: skip
         print(f"{field + ':':<14}{data[field] if data[field] is not None else '-'}", file=out)
     if stored is not None:
         kept = "" if stored.body_kept else " (too large: not kept, a replay has an empty body)"
@@ -271,21 +274,31 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if all(r.outcome == "completed" for r in results) else EXIT_INCOMPLETE
 
 
-def cmd_abandon(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+_DECISIONS = {
+    "abandon": "abandoned {label} (key {key}): it will never be sent again",
+    "unpark": "unparked {label}: the next run or resume sends it again with key {key}",
+    "reissue": "reissued {label} with the new key {key} (old key {previous}): the next run or "
+    "resume sends it",
+}
+
+
+def cmd_decide(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """abandon, unpark, reissue: a person's decision about one operation."""
     journal = _open(args, create=False)
     if journal is None:
         _missing(args, err)
         return EXIT_INCOMPLETE
     with journal:
         try:
-            op = journal.abandon(args.operation)
+            op = getattr(journal, args.command)(args.operation)
         except KeyError:
             print(f"idemclient: no operation named or keyed {args.operation!r}", file=err)
             return EXIT_INCOMPLETE
         except ValueError as exc:
             print(f"idemclient: {exc}", file=err)
             return EXIT_INCOMPLETE
-    print(f"abandoned {op.name or op.key} (key {op.key}); it will never be sent again", file=out)
+    message = _DECISIONS[args.command]
+    print(message.format(label=op.name or op.key, key=op.key, previous=op.previous_key), file=out)
     return EXIT_OK
 
 
@@ -354,9 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dry-run", action="store_true", help="say what would be sent; send nothing")
     sub.set_defaults(run=cmd_resume)
 
-    sub = command("abandon", "mark a pending or expired operation abandoned: never sent again")
-    sub.add_argument("operation", metavar="NAME_OR_KEY")
-    sub.set_defaults(run=cmd_abandon)
+    for name, text in [
+        ("abandon", "mark a pending, expired or parked operation abandoned: never sent again"),
+        ("unpark", "make a parked operation pending again, with its key"),
+        ("reissue", "give an expired operation a new key (only once you know the server did "
+         "not perform it: the new key cannot protect against a duplicate)"),
+    ]:  # fmt: skip
+        sub = command(name, text)
+        sub.add_argument("operation", metavar="NAME_OR_KEY")
+        sub.set_defaults(run=cmd_decide)
 
     sub = command("purge", "delete finished operations (never pending or expired ones)")
     sub.add_argument("--older-than", type=parse_duration, default=timedelta(days=30),

@@ -15,6 +15,7 @@ from ._errors import (
     OperationAbandonedError,
     OperationExpiredError,
     OperationInProgressError,
+    OperationParkedError,
     RetriesExhaustedError,
 )
 from ._journal import Journal, Operation
@@ -29,6 +30,7 @@ from ._transport import (
 
 __all__ = ["AsyncClient", "Client", "ResumeResult", "aresume_pending", "resume_pending", "wrap"]
 
+Outcome = Literal["completed", "conflict", "expired", "in_progress", "parked", "failed"]
 AnyClient = TypeVar("AnyClient", httpx.Client, httpx.AsyncClient)
 _Idempotent = IdempotentTransport | AsyncIdempotentTransport
 
@@ -182,12 +184,13 @@ class ResumeResult:
 
     `outcome` is `completed` (the server answered; `response` holds it), `conflict` (422),
     `expired` (sent once and past the retention: not resent, a person decides),
-    `in_progress` (another live process holds it), or `failed` (retries ran out or a
-    transport error; it stays pending). `operation` is the journal's record after the attempt.
+    `in_progress` (another live process holds it), `parked` (its sends kept ending with the
+    process gone: a person decides), or `failed` (retries ran out or a transport error; it
+    stays pending). `operation` is the journal's record after the attempt.
     """
 
     operation: Operation
-    outcome: Literal["completed", "conflict", "expired", "in_progress", "failed"]
+    outcome: Outcome
     response: httpx.Response | None = None
     error: Exception | None = None
 
@@ -225,7 +228,7 @@ def _result(
     journal: Journal, op: Operation, response: httpx.Response | None, error: Exception | None
 ) -> ResumeResult:
     now = journal.get(op.key) or op
-    outcome: Literal["completed", "conflict", "expired", "in_progress", "failed"]
+    outcome: Outcome
     if error is None:
         outcome = "completed"
     elif isinstance(error, ConflictError):
@@ -234,6 +237,8 @@ def _result(
         outcome = "expired"
     elif isinstance(error, OperationInProgressError):
         outcome = "in_progress"
+    elif isinstance(error, OperationParkedError):
+        outcome = "parked"
     else:
         outcome = "failed"
     return ResumeResult(now, outcome, response, error)
@@ -244,6 +249,7 @@ _RESUMABLE_ERRORS = (
     OperationExpiredError,
     OperationAbandonedError,
     OperationInProgressError,
+    OperationParkedError,
     RetriesExhaustedError,
     httpx.TransportError,
 )

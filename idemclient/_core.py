@@ -30,6 +30,7 @@ from ._errors import (
     OperationExpiredError,
     OperationInProgressError,
     OperationMismatchError,
+    OperationParkedError,
     RetriesExhaustedError,
 )
 from ._journal import (
@@ -443,6 +444,10 @@ def _refuse(reg: Registration, request: httpx.Request) -> IdempotencyError:
             "the server may have forgotten its key, so it is not resent automatically "
             "(abandon it, or decide by hand)",
             operation=op,
+        )
+    if reg.decision is Decision.PARKED:
+        return OperationParkedError(
+            f"operation {label}: {reg.detail or op.last_error}; nothing was sent", operation=op
         )
     return OperationAbandonedError(
         f"operation {label} was abandoned; nothing was sent", operation=op

@@ -8,6 +8,7 @@ have acted. The tree::
     │   └── OperationMismatchError   a known name or key with another request: nothing sent
     ├── OperationInProgressError     another live process holds the operation: nothing sent
     ├── OperationExpiredError        sent once, older than the retention: nothing sent
+    ├── OperationParkedError         its sends kept killing the process: nothing sent
     ├── OperationAbandonedError      a person abandoned it: nothing sent
     ├── InvalidOperationError        bad name, key or body (also a ValueError): nothing sent
     ├── JournalError                 the journal could not be read or written: nothing sent
@@ -35,6 +36,7 @@ __all__ = [
     "OperationExpiredError",
     "OperationInProgressError",
     "OperationMismatchError",
+    "OperationParkedError",
     "RetriesExhaustedError",
 ]
 
@@ -94,6 +96,16 @@ class OperationExpiredError(IdempotencyError):
 
     The server may have forgotten the key, so a resend could perform it twice. Nothing was
     sent: a person decides (`Journal.abandon`, or a new operation under a new name).
+    """
+
+
+class OperationParkedError(IdempotencyError):
+    """The operation was parked: every recent attempt ended with its process gone.
+
+    An operation whose send keeps crashing the process (a body that makes the client run out
+    of memory, a hook that kills it) would otherwise crash every rerun. After the journal's
+    `max_recoveries` it is parked and nothing is sent; a person decides
+    (`Journal.unpark` to try again with the same key, or `Journal.abandon`).
     """
 
 

@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -36,8 +37,8 @@ __all__ = [
     "default_journal_path",
 ]
 
-State = Literal["pending", "completed", "conflict", "expired", "abandoned"]
-STATES: tuple[State, ...] = ("pending", "completed", "conflict", "expired", "abandoned")
+State = Literal["pending", "completed", "conflict", "expired", "parked", "abandoned"]
+STATES: tuple[State, ...] = ("pending", "completed", "conflict", "expired", "parked", "abandoned")
 _FINISHED: tuple[State, ...] = ("completed", "conflict", "abandoned")
 
 #: Bumped by every schema change; migrations go forward only.
@@ -67,7 +68,9 @@ CREATE TABLE operations (
     response_headers TEXT,
     response_body   BLOB,
     response_body_kept INTEGER,
-    last_error      TEXT
+    last_error      TEXT,
+    recoveries      INTEGER NOT NULL DEFAULT 0,  -- claims that found the last holder gone
+    previous_key    TEXT                    -- the key this one replaced (reissue)
 );
 -- Resume and expiry scan only pending rows: that stays cheap however large the journal grows.
 CREATE INDEX operations_pending ON operations (created_at) WHERE state = 'pending';
@@ -139,7 +142,9 @@ class Operation:
 
     `name` is `None` for an unnamed operation. `state` is one of `pending` (resumable),
     `completed`, `conflict` (422), `expired` (sent once and older than the retention: never
-    resent automatically) and `abandoned`. `attempts` counts the sends claimed so far.
+    resent automatically), `parked` (its sends kept ending with the process gone: a person
+    decides) and `abandoned`. `attempts` counts the sends claimed so far; `recoveries` the
+    times a holder vanished mid-operation; `previous_key` the key a `reissue` replaced.
 
     Example:
         >>> op = journal.get("charge-42")
@@ -157,6 +162,8 @@ class Operation:
     updated_at: datetime
     response_status: int | None
     last_error: str | None
+    recoveries: int = 0
+    previous_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +204,7 @@ class Decision(Enum):
     MISMATCH = "mismatch"
     IN_PROGRESS = "in_progress"
     EXPIRED = "expired"
+    PARKED = "parked"
     ABANDONED = "abandoned"
 
 
@@ -212,7 +220,7 @@ class Registration:
 _COLUMNS = (
     "name, key, state, method, url, attempts, created_at, updated_at, response_status, "
     "last_error, fingerprint, first_sent_at, lease_owner, lease_expires, lease_version, "
-    "response_headers, response_body, response_body_kept"
+    "response_headers, response_body, response_body_kept, recoveries, previous_key"
 )
 
 
@@ -228,6 +236,8 @@ def _operation(row: tuple[Any, ...]) -> Operation:
         updated_at=_dt(row[7]),
         response_status=row[8],
         last_error=row[9],
+        recoveries=row[18],
+        previous_key=row[19],
     )
 
 
@@ -252,6 +262,9 @@ class Journal:
             same key and the server replays its answer.
         busy_timeout: seconds to wait for another process's write lock before `JournalError`.
         max_response_body: bytes of a final response body kept for replays.
+        max_recoveries: how many times an operation is taken over from a holder that vanished
+            mid-operation (a crash, a kill) before it is `parked` for a person: an operation
+            whose send keeps killing the process must not crash every rerun.
 
     Raises:
         JournalError: the file cannot be created or opened, is not an SQLite database, is
@@ -271,6 +284,7 @@ class Journal:
         durability: Literal["full", "normal"] = "full",
         busy_timeout: float = 10.0,
         max_response_body: int = 1024 * 1024,
+        max_recoveries: int = 3,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if durability not in ("full", "normal"):
@@ -282,6 +296,7 @@ class Journal:
         self.durability = durability
         self.busy_timeout = busy_timeout
         self.max_response_body = max_response_body
+        self.max_recoveries = max_recoveries
         self._clock = clock
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -492,14 +507,8 @@ class Journal:
                     op,
                     detail=f"it was registered with another request ({op.method} {op.url})",
                 )
-            if op.state == "completed":
-                return Registration(Decision.COMPLETED, op, response=_stored_response(row))
-            if op.state == "conflict":
-                return Registration(Decision.CONFLICT, op, response=_stored_response(row))
-            if op.state == "abandoned":
-                return Registration(Decision.ABANDONED, op)
-            if op.state == "expired":
-                return Registration(Decision.EXPIRED, op)
+            if op.state != "pending":
+                return Registration(Decision(op.state), op, response=_stored_response(row))
             first_sent = row[11]
             if first_sent is not None and first_sent < now - self.retention.total_seconds():
                 db.execute(
@@ -512,12 +521,27 @@ class Journal:
                 return Registration(
                     Decision.IN_PROGRESS, op, detail=f"held by {row[12]} until {_dt(row[13])}"
                 )
+            # A lease that was never given back: its holder died (or stalled) mid-operation.
+            recoveries = row[18] + (1 if row[12] is not None else 0)
+            if recoveries > self.max_recoveries:
+                reason = (
+                    f"parked after {recoveries} recoveries: each time, the process sending it "
+                    f"was gone before it finished (last holder {row[12]}); unpark or abandon it"
+                )
+                db.execute(
+                    "UPDATE operations SET state = 'parked', recoveries = ?, updated_at = ?, "
+                    "lease_owner = NULL, lease_expires = NULL, last_error = ? WHERE key = ?",
+                    (recoveries, now, reason, op.key),
+                )
+                parked = self._find(db, "key", op.key)
+                assert parked is not None
+                return Registration(Decision.PARKED, _operation(parked), detail=reason)
             version = row[14] + 1
             db.execute(
                 "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
-                "lease_owner = ?, lease_expires = ?, updated_at = ?, "
+                "lease_owner = ?, lease_expires = ?, updated_at = ?, recoveries = ?, "
                 "first_sent_at = COALESCE(first_sent_at, ?) WHERE key = ?",
-                (version, owner, now + lease_seconds, now, now, op.key),
+                (version, owner, now + lease_seconds, now, recoveries, now, op.key),
             )
             claimed = self._find(db, "key", op.key)
             assert claimed is not None
@@ -667,27 +691,71 @@ class Journal:
         return [_operation(r) for r in rows if r is not None]
 
     def abandon(self, name_or_key: str) -> Operation:
-        """Mark a pending or expired operation `abandoned`: it is never sent again.
+        """Mark a pending, expired or parked operation `abandoned`: it is never sent again.
 
         Raises:
             KeyError: no operation has this name or key.
             ValueError: the operation is already finished (completed, conflict, abandoned).
         """
-        now = self._clock()
-        with self._write("abandon the operation") as db:
+        return self._change_state(
+            name_or_key, "abandon", ("pending", "expired", "parked"),
+            "UPDATE operations SET state = 'abandoned', updated_at = ?, lease_owner = NULL, "
+            "lease_expires = NULL WHERE key = ?",
+            self._clock(),
+        )  # fmt: skip
+
+    def _change_state(
+        self, name_or_key: str, verb: str, allowed: tuple[State, ...], sql: str, *params: Any
+    ) -> Operation:
+        """Run `sql` (`?` params, then the key) on an operation in one of `allowed` states."""
+        with self._write(f"{verb} the operation") as db:
             row = self._find(db, "name", name_or_key) or self._find(db, "key", name_or_key)
             if row is None:
                 raise KeyError(name_or_key)
-            if row[2] in _FINISHED:
-                raise ValueError(f"operation {name_or_key!r} is already {row[2]}")
-            db.execute(
-                "UPDATE operations SET state = 'abandoned', updated_at = ?, lease_owner = NULL,"
-                " lease_expires = NULL WHERE key = ?",
-                (now, row[1]),
-            )
-            updated = self._find(db, "key", row[1])
+            if row[2] not in allowed:
+                raise ValueError(
+                    f"operation {name_or_key!r} is {row[2]}: only {', '.join(allowed)} "
+                    f"operations can be given to {verb}"
+                )
+            db.execute(sql, (*params, row[1]))
+            updated = self._find(db, "name", row[0]) if row[0] else None
+            updated = updated or self._find(db, "key", row[1])
         assert updated is not None
         return _operation(updated)
+
+    def unpark(self, name_or_key: str) -> Operation:
+        """Make a parked operation pending again, with its key: the next run or resume sends it.
+
+        Raises:
+            KeyError: no operation has this name or key.
+            ValueError: the operation is not parked.
+        """
+        return self._change_state(
+            name_or_key, "unpark", ("parked",),
+            "UPDATE operations SET state = 'pending', recoveries = 0, updated_at = ?, "
+            "last_error = 'unparked by a person' WHERE key = ?",
+            self._clock(),
+        )  # fmt: skip
+
+    def reissue(self, name_or_key: str) -> Operation:
+        """Give an expired operation a new key, so that it can be sent again.
+
+        Only for a person who has checked that the server did not perform it: the server
+        may have forgotten the old key, so the new key does not protect against a duplicate
+        of the first send. The old key is kept as `previous_key`; the name stays.
+
+        Raises:
+            KeyError: no operation has this name or key.
+            ValueError: the operation is not expired.
+        """
+        return self._change_state(
+            name_or_key, "reissue", ("expired",),
+            "UPDATE operations SET state = 'pending', previous_key = key, key = ?, "
+            "attempts = 0, first_sent_at = NULL, recoveries = 0, lease_owner = NULL, "
+            "lease_expires = NULL, updated_at = ?, last_error = 'reissued with a new key by "
+            "a person' WHERE key = ?",
+            str(uuid.uuid4()), self._clock(),
+        )  # fmt: skip
 
     def purge(
         self,

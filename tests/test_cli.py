@@ -160,7 +160,7 @@ def test_abandon(populated: Path) -> None:
     assert "never be sent again" in out
     code, _, err = cli("--journal", str(populated), "abandon", "charge-pending")
     assert code == EXIT_INCOMPLETE
-    assert "already abandoned" in err
+    assert "is abandoned" in err
     assert cli("--journal", str(populated), "abandon", "nope")[0] == EXIT_INCOMPLETE
 
 
@@ -208,3 +208,24 @@ def test_resume_with_a_bad_base_url(populated: Path) -> None:
     code, _, err = cli("--journal", str(populated), "resume", "--base-url", "http://[::1")
     assert code == EXIT_USAGE
     assert "error" in err
+
+
+def test_unpark_and_reissue(populated: Path) -> None:
+    code, _, err = cli("--journal", str(populated), "unpark", "charge-pending")
+    assert code == EXIT_INCOMPLETE
+    assert "only parked" in err
+    code, _, err = cli("--journal", str(populated), "reissue", "charge-pending")
+    assert code == EXIT_INCOMPLETE
+    assert "only expired" in err
+    with idemclient.Journal(populated) as journal:
+        journal._connection().execute(
+            "UPDATE operations SET state = 'expired' WHERE name = 'charge-pending'"
+        )
+        old = journal.get("charge-pending")
+    assert old is not None
+    code, out, _ = cli("--journal", str(populated), "reissue", "charge-pending")
+    assert code == EXIT_OK
+    assert f"(old key {old.key})" in out
+    data = json.loads(cli("--journal", str(populated), "show", "charge-pending", "--json")[1])
+    assert data["previous_key"] == old.key
+    assert data["state"] == "pending"

@@ -86,3 +86,33 @@ def test_kill_at_window(
             assert server.effect_count == acted  # replayed, not performed again
     run_child(server, journal_path, "none", mode)
     check_exactly_once(server, journal_path)
+
+
+def test_an_operation_that_keeps_killing_the_process_is_parked(
+    server: IdempotentServer, journal_path: Path
+) -> None:
+    # The send of op-2 kills the process every time (here: a hook; in life: say, a body
+    # that exhausts memory). Reruns must not crash forever.
+    for _ in range(4):  # the first crash, then max_recoveries (3) recoveries that crash again
+        assert run_child(server, journal_path, "sending", "sync") == -signal.SIGKILL
+    result = subprocess.run(
+        [sys.executable, str(CHILD), server.url, str(journal_path), str(COUNT), "sending",
+         str(VICTIM), "sync"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "OperationParkedError" in result.stderr
+    with idemclient.Journal(journal_path) as journal:
+        op = journal.get(f"op-{VICTIM}")
+        assert op is not None
+        assert (op.state, op.recoveries) == ("parked", 4)
+        assert op.last_error is not None
+        assert "parked after 4 recoveries" in op.last_error
+    with idemclient.Client(base_url=server.url, journal=journal_path) as client:
+        assert client.resume_pending() == []  # parked operations are not resumed
+    assert server.effect_count == VICTIM  # op-0 and op-1 only
+    # a person looks, fixes the cause, and unparks it: the same key goes out
+    with idemclient.Journal(journal_path) as journal:
+        journal.unpark(f"op-{VICTIM}")
+    run_child(server, journal_path, "none", "sync")
+    check_exactly_once(server, journal_path)

@@ -212,7 +212,7 @@ def test_abandon(journal: Journal) -> None:
     journal.register(record(), current_owner(), LEASE)
     assert journal.abandon("op-1").state == "abandoned"
     assert journal.register(record(), current_owner(), LEASE).decision is Decision.ABANDONED
-    with pytest.raises(ValueError, match="already abandoned"):
+    with pytest.raises(ValueError, match="is abandoned"):
         journal.abandon("key-1")
     with pytest.raises(KeyError):
         journal.abandon("nope")
@@ -384,3 +384,55 @@ def test_a_forked_child_opens_its_own_connection(journal: Journal) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     assert journal.get("child") is not None
+
+
+def test_repeated_recoveries_park_the_operation(journal_path: Path) -> None:
+    journal = Journal(journal_path, max_recoveries=2)
+    journal.register(record(), dead_owner(), LEASE)
+    gone = dead_owner()
+    for expected in (1, 2):
+        reg = journal.register(record(), current_owner(), LEASE)
+        assert reg.decision is Decision.SEND
+        assert reg.operation.recoveries == expected
+        with sqlite3.connect(journal.path) as db:  # this holder dies too
+            db.execute("UPDATE operations SET lease_owner = ?", (gone,))
+    reg = journal.register(record(), current_owner(), LEASE)
+    assert reg.decision is Decision.PARKED
+    assert "parked after 3 recoveries" in reg.detail
+    op = journal.get("op-1")
+    assert op is not None
+    assert (op.state, op.recoveries) == ("parked", 3)
+    assert journal.pending() == []
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.PARKED
+    # a person unparks it: sent again with the same key
+    assert journal.unpark("op-1").state == "pending"
+    reg = journal.register(record(), current_owner(), LEASE)
+    assert reg.decision is Decision.SEND
+    assert reg.operation.key == "key-1"
+    with pytest.raises(ValueError, match="only parked"):
+        journal.unpark("op-1")
+
+
+def test_a_clean_release_is_not_a_recovery(journal: Journal) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.release("key-1", reg.lease_version, "HTTP 503")
+    again = journal.register(record(), current_owner(), LEASE)
+    assert again.operation.recoveries == 0
+
+
+def test_reissue_gives_an_expired_operation_a_new_key(journal_path: Path, clock: Clock) -> None:
+    journal = Journal(journal_path, clock=clock, retention=timedelta(hours=1))
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.release("key-1", reg.lease_version, None)
+    with pytest.raises(ValueError, match="only expired"):
+        journal.reissue("op-1")
+    clock.now += 7200
+    journal.expire_stale()
+    op = journal.reissue("op-1")
+    assert (op.state, op.attempts, op.previous_key) == ("pending", 0, "key-1")
+    assert op.key != "key-1"
+    reg = journal.register(record(), current_owner(), LEASE)
+    assert reg.decision is Decision.SEND
+    assert reg.operation.key == op.key
+    with pytest.raises(KeyError):
+        journal.reissue("nope")
