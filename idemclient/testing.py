@@ -27,9 +27,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import random
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -44,7 +47,20 @@ from ._config import TestingMode, set_testing_mode
 
 __all__ = ["Effect", "IdempotentApp", "IdempotentServer", "set_testing"]
 
-FaultKind = Literal["status", "drop_after_acting", "slow_after_acting", "slow_before_acting"]
+FaultKind = Literal[
+    "status", "reset_before_acting", "drop_after_acting", "slow_after_acting",
+    "slow_before_acting",
+]  # fmt: skip
+#: Faults `set_chaos` draws from: (kind, status, Retry-After).
+_CHAOS: tuple[tuple[FaultKind, int, str | None], ...] = (
+    ("reset_before_acting", 0, None),
+    ("drop_after_acting", 0, None),
+    ("slow_before_acting", 0, None),
+    ("status", 500, None),
+    ("status", 503, None),
+    ("status", 429, "0"),
+)
+_RESET = object()  # the connection is closed before the server acts
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +159,9 @@ class IdempotentApp:
         self._effects: list[Effect] = []
         self._requests: Counter[str] = Counter()
         self._faults: list[_Fault] = []
+        self._chaos: tuple[float, random.Random, float] | None = None
+        #: How many of each fault were applied, by name (`status-503`, `drop_after_acting`...).
+        self.faults_applied: Counter[str] = Counter()
 
     # -- what tests look at ---------------------------------------------------------------
 
@@ -188,25 +207,48 @@ class IdempotentApp:
         Kinds: `status` answers `status` (with `retry_after`) without acting;
         `drop_after_acting` acts, then closes the connection with no answer;
         `slow_after_acting` acts, then waits `seconds` before answering;
-        `slow_before_acting` waits `seconds` (the key is in flight: 409 to others), then acts.
+        `slow_before_acting` waits `seconds` (the key is in flight: 409 to others), then acts;
+        `reset_before_acting` closes the connection without acting.
         """
         with self._lock:
             self._faults.append(_Fault(kind, times, status, retry_after, seconds, path))
+
+    def set_chaos(
+        self, probability: float, *, seed: int | None = None, seconds: float = 0.2
+    ) -> None:
+        """Give each POST/PATCH (with no injected fault pending) a random fault.
+
+        With `probability`, one of: reset before acting, drop the answer after acting, act
+        only after `seconds` (a client with a shorter timeout retries into a 409), 500, 503,
+        or 429 with `Retry-After: 0`. `faults_applied` counts what was drawn. 0 turns it off.
+        """
+        with self._lock:
+            self._chaos = (probability, random.Random(seed), seconds) if probability else None
 
     # -- the semantics, in two steps around the waits -------------------------------------
 
     def _take_fault(self, path: str) -> _Fault | None:
         with self._lock:
-            for fault in self._faults:
-                if fault.times > 0 and fault.path in (None, path):
-                    fault.times -= 1
-                    return fault
-        return None
+            fault = None
+            for queued in self._faults:
+                if queued.times > 0 and queued.path in (None, path):
+                    queued.times -= 1
+                    fault = queued
+                    break
+            if fault is None and self._chaos is not None:
+                probability, rng, seconds = self._chaos
+                if rng.random() < probability:
+                    kind, status, retry_after = rng.choice(_CHAOS)
+                    fault = _Fault(kind, 1, status, retry_after, seconds)
+            if fault is not None:
+                name = f"status-{fault.status}" if fault.kind == "status" else fault.kind
+                self.faults_applied[name] += 1
+            return fault
 
     def _admit(
         self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> _Answer | _Work:
-        """Answer at once (GET, fault, refusal, replay), or say what to act on."""
+    ) -> _Answer | _Work | object:
+        """Answer at once (GET, fault, refusal, replay), `_RESET`, or say what to act on."""
         if method not in ("POST", "PATCH"):
             if path == "/_idem/effects":
                 effects = [
@@ -220,6 +262,8 @@ class IdempotentApp:
         with self._lock:
             self._requests[key or ""] += 1
         fault = self._take_fault(path)
+        if fault is not None and fault.kind == "reset_before_acting":
+            return _RESET
         if fault is not None and fault.kind == "status":
             extra = {"Retry-After": fault.retry_after} if fault.retry_after else None
             return _json(fault.status, {"error": "injected fault"}, extra)
@@ -282,6 +326,8 @@ class IdempotentApp:
         admitted = self._admit(method, path, headers, request.read())
         if isinstance(admitted, _Answer):
             return self._response(admitted)
+        if not isinstance(admitted, _Work):
+            raise httpx.ReadError("connection reset before the server acted", request=request)
         time.sleep(admitted.before)
         answer = self._perform(admitted)
         if admitted.drop:
@@ -295,6 +341,8 @@ class IdempotentApp:
         admitted = self._admit(method, path, headers, await request.aread())
         if isinstance(admitted, _Answer):
             return self._response(admitted)
+        if not isinstance(admitted, _Work):
+            raise httpx.ReadError("connection reset before the server acted", request=request)
         await anyio.sleep(admitted.before)
         answer = self._perform(admitted)
         if admitted.drop:
@@ -319,6 +367,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(answer.body)
 
+    def _hang_up(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def _handle(self) -> None:
         app = self.server.app
         length = int(self.headers.get("Content-Length") or 0)
@@ -328,11 +381,13 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(admitted, _Answer):
             self._send(admitted)
             return
+        if not isinstance(admitted, _Work):  # reset before acting
+            self._hang_up()
+            return
         time.sleep(admitted.before)
         answer = app._perform(admitted)
         if admitted.drop:  # the answer is lost: close the connection without a word
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+            self._hang_up()
             return
         time.sleep(admitted.after)
         self._send(answer)
@@ -348,6 +403,12 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], app: IdempotentApp) -> None:
         super().__init__(address, _Handler)
         self.app = app
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up (timeout, crash) closes its end: that is what tests do.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class IdempotentServer(IdempotentApp):

@@ -11,52 +11,21 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 import idemclient
 from idemclient.testing import IdempotentServer
+from tests.crashkit import WINDOWS, child_command, run_child
+from tests.crashkit import check_exactly_once as _check
 
-CHILD = Path(__file__).with_name("crash_child.py")
 COUNT = 4
 VICTIM = 2
-# window -> what the killed operation looks like in the journal just after the crash
-WINDOWS = {
-    "registered": "pending",  # journaled and claimed, nothing sent
-    "sending": "pending",  # claimed, about to send
-    "answered": "pending",  # the server acted and answered; nothing recorded
-    "retrying": "pending",  # sleeping between attempts
-    "recording": "pending",  # about to write the completion
-    "completed": "completed",  # recorded: a rerun must not send at all
-}
-
-
-def run_child(server: IdempotentServer, journal: Path, kill: str, mode: str) -> int:
-    result = subprocess.run(
-        [sys.executable, str(CHILD), server.url, str(journal), str(COUNT), kill, str(VICTIM),
-         mode],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    if kill == "none":
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == "done"
-    return result.returncode
 
 
 def check_exactly_once(server: IdempotentServer, journal_path: Path) -> None:
-    per_path = Counter(e.path for e in server.effects)
-    assert per_path == Counter({f"/ops/{i}": 1 for i in range(COUNT)}), per_path
-    with idemclient.Journal(journal_path) as journal:
-        ops = {op.name or op.key: op for op in journal.operations()}
-    assert sorted(ops) == [f"op-{i}" for i in range(COUNT)]
-    assert {op.state for op in ops.values()} == {"completed"}
-    # the journal and the server agree on the key that performed each operation
-    key_of_path = {e.path: e.key for e in server.effects}
-    for i in range(COUNT):
-        assert ops[f"op-{i}"].key == key_of_path[f"/ops/{i}"]
+    _check(server, journal_path, COUNT)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -67,7 +36,7 @@ def test_kill_at_window(
 ) -> None:
     if window == "retrying":
         server.inject("status", status=503, path=f"/ops/{VICTIM}")
-    code = run_child(server, journal_path, window, mode)
+    code = run_child(server, journal_path, COUNT, window, VICTIM, mode).returncode
     assert code == -signal.SIGKILL
     with idemclient.Journal(journal_path) as journal:
         victim = journal.get(f"op-{VICTIM}")
@@ -84,7 +53,7 @@ def test_kill_at_window(
             assert results[0].response is not None
             assert results[0].response.extensions["idempotency"]["replayed"] is True
             assert server.effect_count == acted  # replayed, not performed again
-    run_child(server, journal_path, "none", mode)
+    run_child(server, journal_path, COUNT, "none", VICTIM, mode)
     check_exactly_once(server, journal_path)
 
 
@@ -94,10 +63,10 @@ def test_an_operation_that_keeps_killing_the_process_is_parked(
     # The send of op-2 kills the process every time (here: a hook; in life: say, a body
     # that exhausts memory). Reruns must not crash forever.
     for _ in range(4):  # the first crash, then max_recoveries (3) recoveries that crash again
-        assert run_child(server, journal_path, "sending", "sync") == -signal.SIGKILL
+        result = run_child(server, journal_path, COUNT, "sending", VICTIM, "sync")
+        assert result.returncode == -signal.SIGKILL
     result = subprocess.run(
-        [sys.executable, str(CHILD), server.url, str(journal_path), str(COUNT), "sending",
-         str(VICTIM), "sync"],
+        child_command(server, journal_path, COUNT, "sending", VICTIM, "sync"),
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1
@@ -114,5 +83,5 @@ def test_an_operation_that_keeps_killing_the_process_is_parked(
     # a person looks, fixes the cause, and unparks it: the same key goes out
     with idemclient.Journal(journal_path) as journal:
         journal.unpark(f"op-{VICTIM}")
-    run_child(server, journal_path, "none", "sync")
+    run_child(server, journal_path, COUNT, "none", VICTIM, "sync")
     check_exactly_once(server, journal_path)
