@@ -112,3 +112,50 @@ def test_a_paused_holder_taken_over_cannot_overwrite(
     assert (op.state, op.attempts) == ("completed", 2)
     # the recorded answer is the taker's (a replay), not the paused holder's late one
     assert {k.lower(): v for k, v in stored.headers}["idempotent-replayed"] == "true"
+
+
+def test_several_resumes_at_once_perform_each_operation_once(
+    server: IdempotentServer, journal_path: Path
+) -> None:
+    """Operators (or cron) run `idemclient resume` three times at once on one journal."""
+    down = IdempotentServer()
+    down_url = down.url
+    down.stop()
+    count = 12
+    with idemclient.Client(
+        base_url=down_url, journal=journal_path, retry=idemclient.RetryPolicy(max_attempts=1)
+    ) as client:
+        for i in range(count):
+            try:
+                with idemclient.operation(f"op-{i}"):
+                    client.post(f"/ops/{i}", json={"op": i})
+            except idemclient.RetriesExhaustedError:
+                pass
+    server.inject("slow_after_acting", seconds=0.05, times=count)  # resumes overlap
+    resumes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "idemclient",
+                "--journal",
+                str(journal_path),
+                "resume",
+                "--base-url",
+                server.url,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for process in resumes:
+        _, err = process.communicate(timeout=120)
+        assert "database is locked" not in err
+        assert process.returncode in (0, 1), err  # 1: some were held by another resume
+    assert Counter(e.path for e in server.effects) == Counter(
+        {f"/ops/{i}": 1 for i in range(count)}
+    )
+    with idemclient.Journal(journal_path) as journal:
+        assert {op.state for op in journal.operations()} == {"completed"}
