@@ -237,17 +237,9 @@ class Plan:
 
     def request_with_key(self, key: str) -> httpx.Request:
         """The request to send under the journal's key (a rerun reuses the first key)."""
-        if key == self.record.key:
-            return self.request
-        headers = self.request.headers.copy()
-        headers[self.key_header] = _key_value(key, self.key_style)
-        return httpx.Request(
-            self.request.method,
-            self.request.url,
-            headers=headers,
-            stream=httpx.ByteStream(self.record.body),
-            extensions=self.request.extensions,
-        )
+        if key != self.record.key:
+            self.request.headers[self.key_header] = _key_value(key, self.key_style)
+        return self.request
 
 
 def _key_value(key: str, style: Literal["bare", "structured"]) -> str:
@@ -278,18 +270,15 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         fingerprint=fingerprint(request.method, url, body),
         resume=bool(request.extensions.get(RESUME_EXTENSION)),
     )
-    headers = request.headers.copy()
-    headers.pop("transfer-encoding", None)
+    # The request itself is what is sent, as auth flows do it: its body becomes the journaled
+    # bytes (sendable again), and it carries the key, so `response.request` shows the key.
+    headers = request.headers
+    if "transfer-encoding" in headers:
+        del headers["transfer-encoding"]
     headers["content-length"] = str(len(body))
     headers[settings.key_header] = _key_value(key, settings.key_style)
-    to_send = httpx.Request(
-        request.method,
-        request.url,
-        headers=headers,
-        stream=httpx.ByteStream(body),
-        extensions=request.extensions,
-    )
-    return Plan(record, to_send, lease_seconds(request), settings.key_header, settings.key_style)
+    request.stream = httpx.ByteStream(body)
+    return Plan(record, request, lease_seconds(request), settings.key_header, settings.key_style)
 
 
 # -- steps ----------------------------------------------------------------------------------
@@ -460,21 +449,28 @@ def _stored(response: httpx.Response, raw: bytes) -> StoredResponse:
 
 
 def _retry_loop(
-    controller: tenacity.Retrying,
+    policy: RetryPolicy,
+    clock: Callable[[], float],
+    rng: random.Random | None,
     attempt: Callable[[], Generator[Step, Any, Outcome]],
     on_sleep: Callable[[Outcome, float], Generator[Step, Any, None]],
 ) -> Generator[Step, Any, Outcome | Exhausted]:
-    """Drive the tenacity controller: attempt, sleep, attempt, ... until it hands back a value."""
+    """Attempt; if that asks for a retry, drive a tenacity controller until it hands back a
+    value. Most operations succeed at once, and build no controller at all."""
+    start = clock()
+    last: Outcome = yield from attempt()
+    if last.verdict is not Verdict.RETRY:
+        return last
+    controller = policy.controller(clock, rng, start=start)
     controller.begin()
     state = tenacity.RetryCallState(controller, fn=None, args=(), kwargs={})
-    last: Outcome | None = None
+    state.set_result(last)
     while True:
         do = controller.iter(state)
         if isinstance(do, tenacity.DoAttempt):
             last = yield from attempt()
             state.set_result(last)
         elif isinstance(do, tenacity.DoSleep):
-            assert last is not None
             yield from on_sleep(last, float(do))
             state.prepare_for_next_attempt()
             yield Sleep(float(do))
@@ -495,8 +491,14 @@ def keyed_flow(
     clock: Callable[[], float],
     wall_clock: Callable[[], float],
     rng: random.Random | None = None,
+    *,
+    observed: bool = True,
 ) -> Generator[Step, Any, httpx.Response]:
-    """A journaled operation: register and claim, send, retry with the same key, record."""
+    """A journaled operation: register and claim, send, retry with the same key, record.
+
+    With `observed`, an `Emit` step hands an `Event` to the hooks at each moment that
+    matters; without hooks there is nobody to tell, and no event is made.
+    """
     record, request = the_plan.record, the_plan.request
     me = owner()
     reg: Registration = yield Call(journal.register, (record, me, the_plan.lease_seconds))
@@ -504,17 +506,18 @@ def keyed_flow(
     label = op.name or op.key
     version, attempts = reg.lease_version, op.attempts
 
-    def event(kind: EventKind, **details: Any) -> Emit:
-        return Emit(Event(kind, op.name, op.key, record.method, record.url, attempts, **details))
+    def event(kind: EventKind, **details: Any) -> Generator[Step, Any, None]:
+        if observed:
+            yield Emit(Event(kind, op.name, op.key, record.method, record.url, attempts, **details))
 
     if reg.decision is Decision.COMPLETED:
         logger.info("operation %s (key %s) already completed: replaying", label, op.key)
-        yield event("replayed", status=reg.response.status if reg.response else None)
+        yield from event("replayed", status=reg.response.status if reg.response else None)
         return replay_response(reg, request)
     if reg.decision is not Decision.SEND:
         raise _refuse(reg, request)
     request = the_plan.request_with_key(op.key)
-    yield event("registered")
+    yield from event("registered")
 
     first = True
     last_raw = b""
@@ -533,7 +536,7 @@ def keyed_flow(
                 )
             version, attempts = claimed
         first = False
-        yield event("sending")
+        yield from event("sending")
         try:
             received: Received = yield Send(request, read=True)
         except httpx.TransportError as exc:
@@ -550,7 +553,7 @@ def keyed_flow(
             outcome.verdict.value,
         )  # fmt: skip
         status = outcome.response.status_code if outcome.response is not None else None
-        yield event("answered", status=status, error=outcome.error)
+        yield from event("answered", status=status, error=outcome.error)
         return outcome
 
     def on_sleep(outcome: Outcome, seconds: float) -> Generator[Step, Any, None]:
@@ -561,11 +564,11 @@ def keyed_flow(
             "operation %s (key %s): %s, retrying in %.2fs with the same key",
             label, op.key, outcome.reason, seconds,
         )  # fmt: skip
-        yield event("retrying", delay=seconds, error=outcome.error)
+        yield from event("retrying", delay=seconds, error=outcome.error)
 
     settled = False
     try:
-        result = yield from _retry_loop(policy.controller(clock, rng), attempt, on_sleep)
+        result = yield from _retry_loop(policy, clock, rng, attempt, on_sleep)
         if isinstance(result, Exhausted):
             last = result.last
             if last.response is not None:
@@ -574,7 +577,7 @@ def keyed_flow(
             yield Call(journal.release, (op.key, version, reason))
             settled = True
             logger.warning("operation %s (key %s): %s; it stays pending", label, op.key, reason)
-            yield event("gave_up", error=last.error)
+            yield from event("gave_up", error=last.error)
             raise RetriesExhaustedError(
                 f"operation {label} (key {op.key}) gave up: {result.reason}; last outcome: "
                 f"{last.reason}. It stays pending: resume it to finish with the same key",
@@ -592,7 +595,7 @@ def keyed_flow(
         state: Literal["completed", "conflict"] = (
             "conflict" if result.verdict is Verdict.CONFLICT else "completed"
         )
-        yield event("recording", status=response.status_code)
+        yield from event("recording", status=response.status_code)
         kept = yield Call(journal.finish, (op.key, version, state, _stored(response, last_raw)))
         settled = True
         if not kept:
@@ -615,7 +618,7 @@ def keyed_flow(
 
     ext = _extension(op, attempts, server_replayed(response))
     response.extensions = {**response.extensions, RESPONSE_EXTENSION: ext}
-    yield event(state, status=response.status_code)
+    yield from event(state, status=response.status_code)
     if state == "conflict":
         response.read()  # in memory: the caller can read the server's reason
         logger.warning("operation %s (key %s): %s, not retried", label, op.key, result.reason)
@@ -663,7 +666,7 @@ def plain_flow(
         logger.info("%s %s: %s, retrying in %.2fs", request.method, url, outcome.reason, seconds)
         yield from ()
 
-    result = yield from _retry_loop(policy.controller(clock, rng), attempt, on_sleep)
+    result = yield from _retry_loop(policy, clock, rng, attempt, on_sleep)
     last = result.last if isinstance(result, Exhausted) else result
     if last.response is not None:
         return last.response

@@ -78,6 +78,13 @@ CREATE INDEX operations_finished ON operations (updated_at) WHERE state != 'pend
 """
 
 
+_INSERT_OR_IGNORE = (
+    "INSERT OR IGNORE INTO operations (name, key, state, method, url, headers, body, "
+    "fingerprint, attempts, created_at, updated_at, first_sent_at, lease_owner, lease_expires, "
+    "lease_version) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, 1)"
+)
+
+
 def default_journal_path() -> Path:
     """`$IDEMCLIENT_JOURNAL` if set, else `journal.sqlite3` in the user state directory."""
     env = os.environ.get("IDEMCLIENT_JOURNAL")
@@ -300,7 +307,8 @@ class Journal:
         self._clock = clock
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[tuple[int, sqlite3.Connection]] = []
+        self._write_lock = threading.Lock()
         self._closed = False
         self._open()
 
@@ -375,15 +383,23 @@ class Journal:
             db.execute("ROLLBACK")
             raise
 
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection. Never carried across fork(): a child opens its own."""
+    def _connection(self, relaxed: bool = False) -> sqlite3.Connection:
+        """This thread's connection. Never carried across fork(): a child opens its own.
+
+        `relaxed` is a second connection for writes that need no fsync (a completion, a
+        released lease: if lost, a resume resends the same key and the server replays). Under
+        `durability="normal"` it is the same connection.
+        """
         if self._closed:
             raise JournalError(f"journal {self.path} is closed", path=str(self.path))
+        relaxed = relaxed and self.durability == "full"
+        slot = "relaxed" if relaxed else "conn"
         pid = os.getpid()
-        cached: tuple[int, sqlite3.Connection] | None = getattr(self._local, "conn", None)
+        cached: tuple[int, sqlite3.Connection] | None = getattr(self._local, slot, None)
         if cached is not None and cached[0] == pid:
             return cached[1]
-        # isolation_level=None: no implicit transactions; we say BEGIN IMMEDIATE ourselves.
+        # isolation_level=None: no implicit transactions; we say BEGIN IMMEDIATE ourselves,
+        # and a lone INSERT or UPDATE commits by itself (one statement, one transaction).
         # check_same_thread=False only so that close() may close every thread's connection.
         db = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
@@ -392,19 +408,27 @@ class Journal:
         db.execute("PRAGMA journal_mode = WAL")
         # FULL fsyncs the WAL on every commit: the intent survives a power loss.
         # NORMAL fsyncs only at checkpoints: it survives a crash of the process.
-        db.execute(f"PRAGMA synchronous = {'FULL' if self.durability == 'full' else 'NORMAL'}")
-        # The WAL file stays bounded; the default is fine, said here so nobody wonders.
-        db.execute("PRAGMA wal_autocheckpoint = 1000")
-        self._local.conn = (pid, db)
-        if cached is None:
-            with self._lock:
-                self._connections.append(db)
+        # OFF (relaxed writes only): the next FULL commit's fsync makes them durable too,
+        # since the WAL is one file written in order.
+        sync = "OFF" if relaxed else "FULL" if self.durability == "full" else "NORMAL"
+        db.execute(f"PRAGMA synchronous = {sync}")
+        # The WAL file stays bounded by checkpoints every 1000 pages, run only by connections
+        # that fsync: a checkpoint without fsync could let the WAL be reused before the
+        # database file holds what it copied, and lose durable intents on a power loss.
+        db.execute(f"PRAGMA wal_autocheckpoint = {0 if relaxed else 1000}")
+        setattr(self._local, slot, (pid, db))
+        with self._lock:
+            self._connections.append((pid, db))
         return db
 
     @contextlib.contextmanager
     def _write(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One `BEGIN IMMEDIATE` transaction; its COMMIT is durable per `durability`."""
-        with self._errors_as_journal_error(action):
+        """One `BEGIN IMMEDIATE` transaction; its COMMIT is durable per `durability`.
+
+        Threads of this process queue on a lock first: SQLite's own busy handler sleeps for
+        milliseconds between tries, far longer than a commit takes.
+        """
+        with self._errors_as_journal_error(action), self._write_lock:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -415,6 +439,13 @@ class Journal:
                 raise
             db.execute("COMMIT")
 
+    def _write_one(
+        self, action: str, sql: str, params: tuple[Any, ...], *, relaxed: bool = False
+    ) -> int:
+        """One statement, its own transaction: the number of rows it changed."""
+        with self._errors_as_journal_error(action), self._write_lock:
+            return self._connection(relaxed).execute(sql, params).rowcount
+
     def _read(self, action: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._errors_as_journal_error(action):
             return cast("list[tuple[Any, ...]]", self._connection().execute(sql, params).fetchall())
@@ -424,9 +455,11 @@ class Journal:
         with self._lock:
             self._closed = True
             connections, self._connections = self._connections, []
-        for db in connections:
-            with contextlib.suppress(sqlite3.Error):
-                db.close()
+        pid = os.getpid()
+        for owner_pid, db in connections:
+            if owner_pid == pid:  # a connection inherited across fork() is not ours to close
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
 
     def __enter__(self) -> Journal:
         return self
@@ -456,6 +489,19 @@ class Journal:
         is answered from the journal; a pending one is claimed if its lease is free.
         """
         now = self._clock()
+        if not record.resume:
+            # The common case, a new operation: one INSERT, one (durable) commit. It changes
+            # nothing if the name or key is known; the transaction below sorts that out.
+            values = (
+                record.name, record.key, record.method, record.url, json.dumps(record.headers),
+                record.body, record.fingerprint, now, now, now, owner, now + lease_seconds,
+            )  # fmt: skip
+            if self._write_one("register the operation", _INSERT_OR_IGNORE, values) == 1:
+                op = Operation(
+                    record.name, record.key, "pending", record.method, record.url, 1,
+                    _dt(now), _dt(now), None, None,
+                )  # fmt: skip
+                return Registration(Decision.SEND, op, lease_version=1)
         with self._write("register the operation") as db:
             row = None
             if record.name is not None:
@@ -472,25 +518,13 @@ class Journal:
                 row = self._find(db, "key", record.key)
             if row is None:
                 db.execute(
-                    "INSERT INTO operations (name, key, state, method, url, headers, body, "
-                    "fingerprint, attempts, created_at, updated_at, first_sent_at, lease_owner, "
-                    "lease_expires, lease_version) "
-                    "VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, 1)",
+                    _INSERT_OR_IGNORE.replace(" OR IGNORE", ""),
                     (
-                        record.name,
-                        record.key,
-                        record.method,
-                        record.url,
-                        json.dumps(record.headers),
-                        record.body,
-                        record.fingerprint,
-                        now,
-                        now,
-                        now,
-                        owner,
-                        now + lease_seconds,
+                        record.name, record.key, record.method, record.url,
+                        json.dumps(record.headers), record.body, record.fingerprint, now, now,
+                        now, owner, now + lease_seconds,
                     ),
-                )
+                )  # fmt: skip
                 op = Operation(
                     record.name, record.key, "pending", record.method, record.url, 1,
                     _dt(now), _dt(now), None, None,
@@ -581,35 +615,28 @@ class Journal:
         body, kept = response.body, response.body_kept
         if len(body) > self.max_response_body:
             body, kept = b"", False
-        with self._write("record the response") as db:
-            cursor = db.execute(
-                "UPDATE operations SET state = ?, updated_at = ?, response_status = ?, "
-                "response_headers = ?, response_body = ?, response_body_kept = ?, "
-                "lease_owner = NULL, lease_expires = NULL, last_error = NULL "
-                "WHERE key = ? AND lease_version = ? AND state = 'pending'",
-                (
-                    state,
-                    now,
-                    response.status,
-                    json.dumps(response.headers),
-                    body,
-                    int(kept),
-                    key,
-                    version,
-                ),
-            )
-            return cursor.rowcount == 1
+        changed = self._write_one(
+            "record the response",
+            "UPDATE operations SET state = ?, updated_at = ?, response_status = ?, "
+            "response_headers = ?, response_body = ?, response_body_kept = ?, "
+            "lease_owner = NULL, lease_expires = NULL, last_error = NULL "
+            "WHERE key = ? AND lease_version = ? AND state = 'pending'",
+            (state, now, response.status, json.dumps(response.headers), body, int(kept), key,
+             version),
+            relaxed=True,
+        )  # fmt: skip
+        return changed == 1
 
     def release(self, key: str, version: int, last_error: str | None) -> bool:
         """Give the lease back, leaving the operation pending with its last error."""
-        now = self._clock()
-        with self._write("release the operation") as db:
-            cursor = db.execute(
-                "UPDATE operations SET lease_owner = NULL, lease_expires = NULL, "
-                "updated_at = ?, last_error = ? WHERE key = ? AND lease_version = ?",
-                (now, last_error, key, version),
-            )
-            return cursor.rowcount == 1
+        changed = self._write_one(
+            "release the operation",
+            "UPDATE operations SET lease_owner = NULL, lease_expires = NULL, "
+            "updated_at = ?, last_error = ? WHERE key = ? AND lease_version = ?",
+            (self._clock(), last_error, key, version),
+            relaxed=True,
+        )
+        return changed == 1
 
     def request_of(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes]:
         """The stored request of an operation: method, URL, headers (no secrets), body."""

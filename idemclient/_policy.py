@@ -260,15 +260,21 @@ class RetryPolicy:
         return None
 
     def controller(
-        self, clock: Callable[[], float], rng: random.Random | None = None
+        self,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+        *,
+        start: float | None = None,
     ) -> tenacity.Retrying:
         """A tenacity controller deciding on `Outcome` results; the caller drives `iter()`.
 
         The controller never sleeps and never calls a function: the core sets each attempt's
         `Outcome` as the result and acts on `DoAttempt` / `DoSleep` / the final value (an
-        `Outcome`, or `Exhausted` when the policy stops). `clock` measures the deadline.
+        `Outcome`, or `Exhausted` when the policy stops). `clock` measures the deadline from
+        `start` (default: now).
         """
-        start = clock()
+        if start is None:
+            start = clock()
 
         def outcome_of(state: tenacity.RetryCallState) -> Outcome:
             assert state.outcome is not None

@@ -96,35 +96,36 @@ async def aread_body(request: httpx.Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_raw(response: httpx.Response) -> bytes:
-    """The body as the wire carried it (still content-encoded): that is what is journaled.
+def _read_whole(response: httpx.Response) -> Received:
+    """Read the body as the wire carried it (still content-encoded): that is what is journaled.
 
-    Reads the transport's stream itself, as `iter_raw()` would, but also when a transport
-    (such as `httpx.MockTransport`) hands back a response it had already read in memory.
+    Reads the transport's stream itself, as `iter_raw()` would (also when a transport, such
+    as `httpx.MockTransport`, hands back a response already read in memory), gives the
+    connection back, and lets the response stream those bytes to the client.
     """
     stream = response.stream
     if not isinstance(stream, Iterable):
         raise TypeError("a sync transport returned an async response stream")
-    return b"".join(stream)
+    try:
+        raw = b"".join(stream)
+    finally:
+        if isinstance(stream, httpx.SyncByteStream):
+            stream.close()
+    response.stream = httpx.ByteStream(raw)
+    return Received(response, raw)
 
 
-async def _aread_raw(response: httpx.Response) -> bytes:
+async def _aread_whole(response: httpx.Response) -> Received:
     stream = response.stream
-    if isinstance(stream, AsyncIterable):
-        return b"".join([chunk async for chunk in stream])
-    return _read_raw(response)
-
-
-def _in_memory(response: httpx.Response, raw: bytes, request: httpx.Request) -> Received:
-    """A response whose raw body was read whole: it streams those bytes to the client."""
-    copy = httpx.Response(
-        response.status_code,
-        headers=response.headers,
-        stream=httpx.ByteStream(raw),
-        extensions=response.extensions,
-        request=request,
-    )
-    return Received(copy, raw)
+    if not isinstance(stream, AsyncIterable):
+        return _read_whole(response)
+    try:
+        raw = b"".join([chunk async for chunk in stream])
+    finally:
+        if isinstance(stream, httpx.AsyncByteStream):
+            await stream.aclose()
+    response.stream = httpx.ByteStream(raw)
+    return Received(response, raw)
 
 
 def _open_journal(journal: JournalLike) -> tuple[Journal, bool]:
@@ -193,6 +194,7 @@ class _Base:
             self._clock,
             self._wall_clock,
             self._rng,
+            observed=bool(self._hooks),
         )
 
     def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
@@ -277,11 +279,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             response = self._transport.handle_request(step.request)
             if not step.read:
                 return Received(response, None)
-            try:
-                raw = _read_raw(response)
-            finally:
-                response.close()
-            return _in_memory(response, raw, step.request)
+            return _read_whole(response)
         if not testing_mode().on:
             self._sleep(step.seconds)
         return None
@@ -368,11 +366,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             response = await self._transport.handle_async_request(step.request)
             if not step.read:
                 return Received(response, None)
-            try:
-                raw = await _aread_raw(response)
-            finally:
-                await response.aclose()
-            return _in_memory(response, raw, step.request)
+            return await _aread_whole(response)
         if not testing_mode().on:
             await self._sleep(step.seconds)
         return None
