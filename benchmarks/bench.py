@@ -1,0 +1,442 @@
+"""Side-by-side benchmark: bare httpx, httpx-retries and idemclient, in one run.
+
+Every variant sends the same POSTs to the same local server (`benchmarks/server.py`, its own
+process on 127.0.0.1). Variants alternate within each repetition, so that a slow moment of
+the machine hits all of them; the table shows medians over the repetitions.
+
+    .venv/bin/python -m benchmarks.bench            # what `make bench` runs
+    .venv/bin/python -m benchmarks.bench --quick    # a smoke run (the test suite runs it)
+
+Sections: throughput and latency (sequential, 32 threads, 32 asyncio tasks), fsyncs per
+operation (counted with strace where it is installed), and with --scale the cost per
+operation at 1,000,000 journal rows, `pending()` and `purge()` at that size, and resident
+memory across 100,000 operations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import platform
+import re
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import idemclient
+
+HERE = Path(__file__).parent
+BODY = {"amount": 500, "currency": "eur", "customer": "cus_123"}
+
+
+def _optional(module: str) -> Any:
+    """A module installed only for benchmarks (`make bench`), or `None`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+httpx_retries = _optional("httpx_retries")
+
+
+# -- the server -------------------------------------------------------------------------
+
+
+@contextmanager
+def local_server() -> Iterator[str]:
+    """The fast server in its own process; stopped by its PID on exit."""
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "server.py")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+# -- variants ---------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    name: str
+    sync: Callable[[str, Path], httpx.Client]
+    async_: Callable[[str, Path], httpx.AsyncClient]
+
+
+def _limits() -> httpx.Limits:
+    return httpx.Limits(max_connections=64, max_keepalive_connections=64)
+
+
+def variants() -> list[Variant]:
+    found = [
+        Variant(
+            "httpx",
+            lambda url, _: httpx.Client(base_url=url, limits=_limits()),
+            lambda url, _: httpx.AsyncClient(base_url=url, limits=_limits()),
+        )
+    ]
+    if httpx_retries is not None:
+        retries = httpx_retries
+
+        def retry() -> Any:
+            return retries.Retry(
+                total=4, backoff_factor=0.5, allowed_methods=["POST", "PATCH", "GET"]
+            )
+
+        found.append(
+            Variant(
+                "httpx-retries",
+                lambda url, _: httpx.Client(
+                    base_url=url,
+                    transport=retries.RetryTransport(
+                        httpx.HTTPTransport(limits=_limits()), retry=retry()
+                    ),
+                ),
+                lambda url, _: httpx.AsyncClient(
+                    base_url=url,
+                    transport=retries.RetryTransport(
+                        httpx.AsyncHTTPTransport(limits=_limits()), retry=retry()
+                    ),
+                ),
+            )
+        )
+    for durability in ("normal", "full"):
+
+        def journal(path: Path, durability: str = durability) -> idemclient.Journal:
+            return idemclient.Journal(path / f"{durability}.sqlite3", durability=durability)  # type: ignore[arg-type]
+
+        found.append(
+            Variant(
+                f"idemclient {durability}",
+                lambda url, path, journal=journal: idemclient.Client(  # type: ignore[misc]
+                    base_url=url, journal=journal(path), limits=_limits()
+                ),
+                lambda url, path, journal=journal: idemclient.AsyncClient(  # type: ignore[misc]
+                    base_url=url, journal=journal(path), limits=_limits()
+                ),
+            )
+        )
+    return found
+
+
+# -- one measurement --------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    ops_per_second: float
+    latencies: list[float] = field(repr=False)
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_sequential(client: httpx.Client, ops: int) -> Sample:
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(ops):
+        t = time.perf_counter()
+        client.post("/charges", json=BODY).raise_for_status()
+        latencies.append(time.perf_counter() - t)
+    return Sample(ops / (time.perf_counter() - started), latencies)
+
+
+def run_threads(client: httpx.Client, ops: int, workers: int) -> Sample:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    share = max(1, ops // workers)
+
+    def work() -> None:
+        mine = []
+        for _ in range(share):
+            t = time.perf_counter()
+            client.post("/charges", json=BODY).raise_for_status()
+            mine.append(time.perf_counter() - t)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return Sample(len(latencies) / (time.perf_counter() - started), latencies)
+
+
+def run_tasks(make: Callable[[], httpx.AsyncClient], ops: int, workers: int) -> Sample:
+    async def main() -> Sample:
+        latencies: list[float] = []
+        share = max(1, ops // workers)
+        async with make() as client:
+            for _ in range(20):  # warm the pool
+                await client.post("/charges", json=BODY)
+
+            async def work() -> None:
+                for _ in range(share):
+                    t = time.perf_counter()
+                    (await client.post("/charges", json=BODY)).raise_for_status()
+                    latencies.append(time.perf_counter() - t)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(work() for _ in range(workers)))
+            return Sample(len(latencies) / (time.perf_counter() - started), latencies)
+
+    return asyncio.run(main())
+
+
+def measure(variant: Variant, scenario: str, url: str, ops: int, workers: int) -> Sample:
+    with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
+        path = Path(tmp)
+        if scenario == "tasks":
+            return run_tasks(lambda: variant.async_(url, path), ops, workers)
+        with variant.sync(url, path) as client:
+            for _ in range(20):  # warm the connection(s) and the journal
+                client.post("/charges", json=BODY)
+            if scenario == "sequential":
+                return run_sequential(client, ops)
+            return run_threads(client, ops, workers)
+
+
+# -- the disk ---------------------------------------------------------------------------
+
+
+def fsync_seconds(directory: Path, rounds: int = 200) -> float:
+    """Median time of one 4 KiB write + fdatasync in `directory` (the journal's disk)."""
+    fd, name = tempfile.mkstemp(dir=directory)
+    times = []
+    try:
+        for i in range(rounds):
+            t = time.perf_counter()
+            os.pwrite(fd, b"x" * 4096, (i % 16) * 4096)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return statistics.median(times)
+
+
+FSYNC_CHILD = """
+import sys, httpx, idemclient
+url, path, durability, ops = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+journal = idemclient.Journal(path, durability=durability)
+with idemclient.Client(base_url=url, journal=journal) as c:
+    for _ in range(ops):
+        c.post("/charges", json={"amount": 500})
+"""
+
+
+def fsyncs_per_operation(url: str, durability: str, ops: int) -> float | None:
+    """Count fsync/fdatasync calls of `ops` operations with strace; `None` without strace."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return None
+    counts = []
+    for n in (0, ops):  # subtract the cost of starting up and opening the journal
+        with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
+            result = subprocess.run(
+                [strace, "-f", "-c", "-e", "trace=fsync,fdatasync", sys.executable, "-c",
+                 FSYNC_CHILD, url, str(Path(tmp) / "j.sqlite3"), durability, str(n)],
+                capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+        total = 0
+        for line in result.stderr.splitlines():
+            match = re.match(
+                r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(fsync|fdatasync)$", line
+            )
+            if match:
+                total += int(match.group(1))
+        counts.append(total)
+    return (counts[1] - counts[0]) / ops if ops else None
+
+
+# -- scale ------------------------------------------------------------------------------
+
+
+def prefill(path: Path, rows: int, pending: int) -> None:
+    """A journal with `rows` finished operations and `pending` pending ones, written fast."""
+    idemclient.Journal(path).close()
+    now = time.time() - 3600
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA synchronous = OFF")
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO operations (name, key, state, method, url, headers, body, fingerprint, "
+        "attempts, created_at, updated_at, first_sent_at, lease_version, response_status, "
+        "response_headers, response_body, response_body_kept) "
+        "VALUES (?, ?, ?, 'POST', 'http://x/charges', '[]', ?, 'fp', 1, ?, ?, ?, 1, 201, '[]', "
+        "?, 1)",
+        (
+            (f"op-{i}", f"key-{i}", "pending" if i < pending else "completed",
+             b'{"amount":500}', now - (rows - i) * 5, now - (rows - i) * 5, now, b'{"id":1}')
+            for i in range(rows)
+        ),
+    )  # fmt: skip
+    db.execute("COMMIT")
+    db.close()
+
+
+def scale(url: str, rows: int, ops: int) -> list[tuple[str, str]]:
+    out = []
+    with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
+        empty, full = Path(tmp) / "empty.sqlite3", Path(tmp) / "big.sqlite3"
+        started = time.perf_counter()
+        prefill(full, rows, pending=1000)
+        out.append((f"prefill {rows:,} rows", f"{time.perf_counter() - started:.1f} s"))
+        per_op = {}
+        for label, path in (("empty", empty), (f"{rows:,} rows", full)):
+            samples = []
+            for _ in range(3):
+                with idemclient.Client(
+                    base_url=url, journal=idemclient.Journal(path, durability="normal")
+                ) as client:
+                    samples.append(run_sequential(client, ops))
+            per_op[label] = 1000 / statistics.median(s.ops_per_second for s in samples)
+            out.append((f"ms per operation, journal {label}", f"{per_op[label]:.3f}"))
+        first, second = per_op.values()
+        out.append(("cost at size / cost empty", f"{second / first:.2f}x"))
+        with idemclient.Journal(full) as journal:
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                found = journal.pending()
+                times.append(time.perf_counter() - t)
+            out.append((f"pending() ({len(found)} of {rows:,})",
+                        f"{statistics.median(times) * 1000:.1f} ms"))  # fmt: skip
+            t = time.perf_counter()
+            purged = journal.purge(older_than=timedelta(days=30))
+            out.append((f"purge() (older than 30 d: {purged})",
+                        f"{(time.perf_counter() - t) * 1000:.1f} ms"))  # fmt: skip
+    return out
+
+
+def rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the peak is the best we have
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory(url: str, ops: int) -> list[tuple[str, str]]:
+    out = []
+    with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp, idemclient.Client(
+        base_url=url, journal=Path(tmp) / "mem.sqlite3"
+    ) as client:  # fmt: skip
+        marks = sorted({ops // 10, ops // 2, ops})
+        done = 0
+        for mark in marks:
+            while done < mark:
+                client.post("/charges", json=BODY)
+                done += 1
+            out.append((f"resident memory after {mark:,} operations", f"{rss_mib():.1f} MiB"))
+    return out
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="idemclient side-by-side benchmark")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny and fast")
+    parser.add_argument("--ops", type=int, default=2000, help="operations per measurement")
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=32)
+    parser.add_argument("--scale", action="store_true", help="also the 1M-row and memory runs")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--memory-ops", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.ops, args.repetitions, args.workers = 64, 1, 4
+        args.rows, args.memory_ops = 2000, 200
+    fsync = fsync_seconds(HERE.parent)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, httpx {httpx.__version__}, idemclient "
+          f"{idemclient.__version__}")  # fmt: skip
+    print(f"disk: one 4 KiB write + fdatasync takes {fsync * 1000:.3f} ms")
+    kinds = {"sequential": "sequential", f"{args.workers} threads": "threads",
+             f"{args.workers} tasks": "tasks"}  # fmt: skip
+    scenarios = list(kinds)
+    found = variants()
+    results: dict[tuple[str, str], list[Sample]] = {}
+    with local_server() as url:
+        for rep in range(args.repetitions):
+            for scenario in scenarios:
+                order = found if rep % 2 == 0 else list(reversed(found))
+                for variant in order:
+                    sample = measure(variant, kinds[scenario], url, args.ops, args.workers)
+                    results.setdefault((scenario, variant.name), []).append(sample)
+        rows = [["scenario", "variant", "ops/s", "p50 ms", "p99 ms", "vs httpx"]]
+        for scenario in scenarios:
+            base = statistics.median(s.ops_per_second for s in results[(scenario, "httpx")])
+            for variant in found:
+                samples = results[(scenario, variant.name)]
+                ops = statistics.median(s.ops_per_second for s in samples)
+                p50 = statistics.median(s.percentile(0.50) for s in samples) * 1000
+                p99 = statistics.median(s.percentile(0.99) for s in samples) * 1000
+                rows.append([scenario, variant.name, f"{ops:,.0f}", f"{p50:.3f}", f"{p99:.3f}",
+                             f"{ops / base:.2f}x"])  # fmt: skip
+        print()
+        print(f"{args.ops} POSTs per measurement, medians of {args.repetitions} repetitions")
+        print(table(rows))
+        rtt = statistics.median(s.percentile(0.5) for s in results[("sequential", "httpx")])
+        ideal = 1 / (rtt + fsync)
+        full = statistics.median(
+            s.ops_per_second for s in results[("sequential", "idemclient full")]
+        )
+        print(f"\nsequential 'full' against 1 / (round trip + one fsync) = {ideal:,.0f} ops/s: "
+              f"{full / ideal:.2f}x")  # fmt: skip
+        print()
+        fsync_rows = [["durability", "fsyncs per operation"]]
+        for durability in ("normal", "full"):
+            count = fsyncs_per_operation(url, durability, 50 if args.quick else 500)
+            fsync_rows.append([durability, "n/a (no strace)" if count is None else f"{count:.2f}"])
+        print(table(fsync_rows))
+        if args.scale or args.quick:
+            print()
+            extra = scale(url, args.rows, args.ops) + memory(url, args.memory_ops)
+            print(table([["at scale", "value"], *[[a, b] for a, b in extra]]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
