@@ -90,6 +90,15 @@ def _limits() -> httpx.Limits:
     return httpx.Limits(max_connections=64, max_keepalive_connections=64)
 
 
+_opened: list[idemclient.Journal] = []
+
+
+def _journal(path: Path, durability: str) -> idemclient.Journal:
+    journal = idemclient.Journal(path / "journal.sqlite3", durability=durability)  # type: ignore[arg-type]
+    _opened.append(journal)  # closed by `measure` once the run is over
+    return journal
+
+
 def variants() -> list[Variant]:
     found = [
         Variant(
@@ -125,20 +134,15 @@ def variants() -> list[Variant]:
         )
     for durability in ("normal", "full"):
 
-        def journal(path: Path, durability: str = durability) -> idemclient.Journal:
-            return idemclient.Journal(path / f"{durability}.sqlite3", durability=durability)  # type: ignore[arg-type]
+        def sync(url: str, path: Path, durability: str = durability) -> httpx.Client:
+            client = httpx.Client(base_url=url, limits=_limits())
+            return idemclient.wrap(client, journal=_journal(path, durability))
 
-        found.append(
-            Variant(
-                f"idemclient {durability}",
-                lambda url, path, journal=journal: idemclient.Client(  # type: ignore[misc]
-                    base_url=url, journal=journal(path), limits=_limits()
-                ),
-                lambda url, path, journal=journal: idemclient.AsyncClient(  # type: ignore[misc]
-                    base_url=url, journal=journal(path), limits=_limits()
-                ),
-            )
-        )
+        def async_(url: str, path: Path, durability: str = durability) -> httpx.AsyncClient:
+            client = httpx.AsyncClient(base_url=url, limits=_limits())
+            return idemclient.wrap(client, journal=_journal(path, durability))
+
+        found.append(Variant(f"idemclient {durability}", sync, async_))
     return found
 
 
@@ -212,14 +216,18 @@ def run_tasks(make: Callable[[], httpx.AsyncClient], ops: int, workers: int) -> 
 def measure(variant: Variant, scenario: str, url: str, ops: int, workers: int) -> Sample:
     with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
         path = Path(tmp)
-        if scenario == "tasks":
-            return run_tasks(lambda: variant.async_(url, path), ops, workers)
-        with variant.sync(url, path) as client:
-            for _ in range(20):  # warm the connection(s) and the journal
-                client.post("/charges", json=BODY)
-            if scenario == "sequential":
-                return run_sequential(client, ops)
-            return run_threads(client, ops, workers)
+        try:
+            if scenario == "tasks":
+                return run_tasks(lambda: variant.async_(url, path), ops, workers)
+            with variant.sync(url, path) as client:
+                for _ in range(20):  # warm the connection(s) and the journal
+                    client.post("/charges", json=BODY)
+                if scenario == "sequential":
+                    return run_sequential(client, ops)
+                return run_threads(client, ops, workers)
+        finally:
+            while _opened:
+                _opened.pop().close()
 
 
 # -- the disk ---------------------------------------------------------------------------

@@ -330,7 +330,8 @@ class Event:
     * `answered`: the attempt got a response (`status`) or a transport error (`error`).
     * `retrying`: a retry will be sent with the same key after `delay` seconds.
     * `recording`: the final response (`status`) is about to be written to the journal.
-    * `completed` / `conflict`: the final response is recorded (`conflict`: a 422-like refusal).
+    * `completed` / `conflict`: the final response is recorded (`conflict`: a 422-like
+      refusal); the write joins the journal's next commit (see `Journal.finish`).
     * `gave_up`: the attempts ran out; the operation stays pending.
     * `replayed`: the operation had completed before: answered from the journal, not sent.
 

@@ -8,14 +8,17 @@ in one place: `_errors_as_journal_error`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import logging
 import os
 import socket
 import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -83,6 +86,34 @@ _INSERT_OR_IGNORE = (
     "fingerprint, attempts, created_at, updated_at, first_sent_at, lease_owner, lease_expires, "
     "lease_version) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, 1)"
 )
+
+
+_FINISH = (
+    "UPDATE operations SET state = ?, updated_at = ?, response_status = ?, "
+    "response_headers = ?, response_body = ?, response_body_kept = ?, "
+    "lease_owner = NULL, lease_expires = NULL, last_error = NULL "
+    "WHERE key = ? AND lease_version = ? AND state = 'pending'"
+)
+logger = logging.getLogger("idemclient")
+_open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for journal in list(_open_journals):
+        with contextlib.suppress(Exception):
+            journal.flush()
+
+
+@dataclass
+class _Ticket:
+    """One registration waiting for a group commit."""
+
+    record: RequestRecord
+    owner: str
+    lease_seconds: float
+    result: Registration | None = None
+    error: JournalError | None = None
 
 
 def default_journal_path() -> Path:
@@ -269,6 +300,8 @@ class Journal:
             same key and the server replays its answer.
         busy_timeout: seconds to wait for another process's write lock before `JournalError`.
         max_response_body: bytes of a final response body kept for replays.
+        flush_delay: seconds a completion may wait in memory for a commit to join (see
+            `finish`); if the process dies meanwhile, a resume gets the server's replay.
         max_recoveries: how many times an operation is taken over from a holder that vanished
             mid-operation (a crash, a kill) before it is `parked` for a person: an operation
             whose send keeps killing the process must not crash every rerun.
@@ -292,6 +325,7 @@ class Journal:
         busy_timeout: float = 10.0,
         max_response_body: int = 1024 * 1024,
         max_recoveries: int = 3,
+        flush_delay: float = 0.05,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if durability not in ("full", "normal"):
@@ -309,8 +343,16 @@ class Journal:
         self._lock = threading.Lock()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Ticket] = []
+        self._deferred: list[tuple[Any, ...]] = []
+        self._deferred_lock = threading.Lock()
+        self._deferred_ready = threading.Condition(self._deferred_lock)
+        self._flusher_pid = 0
+        self.flush_delay = flush_delay
         self._closed = False
         self._open()
+        _open_journals.add(self)
 
     def __repr__(self) -> str:
         return f"<Journal {str(self.path)!r} durability={self.durability!r}>"
@@ -422,16 +464,18 @@ class Journal:
         return db
 
     @contextlib.contextmanager
-    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One `BEGIN IMMEDIATE` transaction; its COMMIT is durable per `durability`.
+    def _write(self, action: str, *, relaxed: bool = False) -> Iterator[sqlite3.Connection]:
+        """One `BEGIN IMMEDIATE` transaction; its COMMIT is durable per `durability` (not
+        fsynced if `relaxed`). Held completions are written in it too.
 
         Threads of this process queue on a lock first: SQLite's own busy handler sleeps for
         milliseconds between tries, far longer than a commit takes.
         """
         with self._errors_as_journal_error(action), self._write_lock:
-            db = self._connection()
+            db = self._connection(relaxed)
             db.execute("BEGIN IMMEDIATE")
             try:
+                self._flush_in(db)
                 yield db
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -447,13 +491,24 @@ class Journal:
             return self._connection(relaxed).execute(sql, params).rowcount
 
     def _read(self, action: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        self.flush()  # this process sees its own answers
         with self._errors_as_journal_error(action):
             return cast("list[tuple[Any, ...]]", self._connection().execute(sql, params).fetchall())
 
     def close(self) -> None:
-        """Close every connection this journal opened. Later use raises `JournalError`."""
-        with self._lock:
+        """Write held completions, close every connection this journal opened. Later use
+        raises `JournalError`."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        except JournalError:
+            logger.warning("journal %s: could not write responses", self.path, exc_info=True)
+        _open_journals.discard(self)
+        with self._deferred_lock:
             self._closed = True
+            self._deferred_ready.notify_all()
+        with self._lock:
             connections, self._connections = self._connections, []
         pid = os.getpid()
         for owner_pid, db in connections:
@@ -487,99 +542,149 @@ class Journal:
 
         Unknown: insert it, claimed. Known: a different request is a mismatch; a finished one
         is answered from the journal; a pending one is claimed if its lease is free.
+
+        Threads of this process that register at the same time share one commit (and one
+        fsync): whoever takes the write lock commits every registration queued by then.
         """
+        ticket = _Ticket(record, owner, lease_seconds)
+        with self._queue_lock:
+            self._queue.append(ticket)
+        with self._write_lock:
+            if ticket.result is None and ticket.error is None:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                try:
+                    with self._errors_as_journal_error("register the operation"):
+                        self._commit_batch(batch)
+                except JournalError as exc:
+                    for queued in batch:
+                        queued.error = exc
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.result is not None
+        return ticket.result
+
+    def _commit_batch(self, batch: list[_Ticket]) -> None:
+        db = self._connection()
         now = self._clock()
-        if not record.resume:
-            # The common case, a new operation: one INSERT, one (durable) commit. It changes
-            # nothing if the name or key is known; the transaction below sorts that out.
-            values = (
-                record.name, record.key, record.method, record.url, json.dumps(record.headers),
-                record.body, record.fingerprint, now, now, now, owner, now + lease_seconds,
-            )  # fmt: skip
-            if self._write_one("register the operation", _INSERT_OR_IGNORE, values) == 1:
-                op = Operation(
-                    record.name, record.key, "pending", record.method, record.url, 1,
-                    _dt(now), _dt(now), None, None,
-                )  # fmt: skip
-                return Registration(Decision.SEND, op, lease_version=1)
-        with self._write("register the operation") as db:
-            row = None
-            if record.name is not None:
-                row = self._find(db, "name", record.name)
-                if record.key_given:
-                    by_key = self._find(db, "key", record.key)
-                    if by_key is not None and (row is None or by_key[1] != row[1]):
-                        return Registration(
-                            Decision.MISMATCH,
-                            _operation(by_key),
-                            detail=f"key {record.key!r} already belongs to another operation",
-                        )
-            elif record.key_given or record.resume:
-                row = self._find(db, "key", record.key)
-            if row is None:
-                db.execute(
-                    _INSERT_OR_IGNORE.replace(" OR IGNORE", ""),
-                    (
-                        record.name, record.key, record.method, record.url,
-                        json.dumps(record.headers), record.body, record.fingerprint, now, now,
-                        now, owner, now + lease_seconds,
-                    ),
-                )  # fmt: skip
-                op = Operation(
-                    record.name, record.key, "pending", record.method, record.url, 1,
-                    _dt(now), _dt(now), None, None,
-                )  # fmt: skip
-                return Registration(Decision.SEND, op, lease_version=1)
-            op = _operation(row)
-            if record.key_given and row[1] != record.key:
-                return Registration(
-                    Decision.MISMATCH, op, detail=f"it has another key ({op.key!r})"
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._flush_in(db)
+            for ticket in batch:
+                ticket.result = self._register_in(
+                    db, ticket.record, ticket.owner, ticket.lease_seconds, now
                 )
-            if not record.resume and row[10] != record.fingerprint:
-                return Registration(
-                    Decision.MISMATCH,
-                    op,
-                    detail=f"it was registered with another request ({op.method} {op.url})",
+            db.execute("COMMIT")
+        except BaseException:
+            for ticket in batch:
+                ticket.result = None
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _insert(
+        db: sqlite3.Connection,
+        record: RequestRecord,
+        owner: str,
+        lease_seconds: float,
+        now: float,
+    ) -> Registration | None:
+        """Insert a new operation, claimed; `None` if its name or key is taken."""
+        values = (
+            record.name, record.key, record.method, record.url, json.dumps(record.headers),
+            record.body, record.fingerprint, now, now, now, owner, now + lease_seconds,
+        )  # fmt: skip
+        if db.execute(_INSERT_OR_IGNORE, values).rowcount != 1:
+            return None
+        op = Operation(
+            record.name, record.key, "pending", record.method, record.url, 1, _dt(now),
+            _dt(now), None, None,
+        )  # fmt: skip
+        return Registration(Decision.SEND, op, lease_version=1)
+
+    def _register_in(
+        self,
+        db: sqlite3.Connection,
+        record: RequestRecord,
+        owner: str,
+        lease_seconds: float,
+        now: float,
+    ) -> Registration:
+        """`register`'s decision, inside the caller's transaction."""
+        # The common case, a new operation: one INSERT. It changes nothing if the name or key
+        # is known already; the lookups below sort that out.
+        if not record.resume and (inserted := self._insert(db, record, owner, lease_seconds, now)):
+            return inserted
+        row = None
+        if record.name is not None:
+            row = self._find(db, "name", record.name)
+            if record.key_given:
+                by_key = self._find(db, "key", record.key)
+                if by_key is not None and (row is None or by_key[1] != row[1]):
+                    return Registration(
+                        Decision.MISMATCH,
+                        _operation(by_key),
+                        detail=f"key {record.key!r} already belongs to another operation",
+                    )
+        elif record.key_given or record.resume:
+            row = self._find(db, "key", record.key)
+        if row is None:
+            inserted = self._insert(db, record, owner, lease_seconds, now)
+            if inserted is None:
+                raise JournalError(
+                    f"journal {self.path}: operation key {record.key!r} collides with another",
+                    path=str(self.path),
                 )
-            if op.state != "pending":
-                return Registration(Decision(op.state), op, response=_stored_response(row))
-            first_sent = row[11]
-            if first_sent is not None and first_sent < now - self.retention.total_seconds():
-                db.execute(
-                    "UPDATE operations SET state = 'expired', updated_at = ?, lease_owner = NULL,"
-                    " lease_expires = NULL WHERE key = ?",
-                    (now, op.key),
-                )
-                return Registration(Decision.EXPIRED, _operation(self._find(db, "key", op.key)))  # type: ignore[arg-type]
-            if not self._lease_free(row, now):
-                return Registration(
-                    Decision.IN_PROGRESS, op, detail=f"held by {row[12]} until {_dt(row[13])}"
-                )
-            # A lease that was never given back: its holder died (or stalled) mid-operation.
-            recoveries = row[18] + (1 if row[12] is not None else 0)
-            if recoveries > self.max_recoveries:
-                reason = (
-                    f"parked after {recoveries} recoveries: each time, the process sending it "
-                    f"was gone before it finished (last holder {row[12]}); unpark or abandon it"
-                )
-                db.execute(
-                    "UPDATE operations SET state = 'parked', recoveries = ?, updated_at = ?, "
-                    "lease_owner = NULL, lease_expires = NULL, last_error = ? WHERE key = ?",
-                    (recoveries, now, reason, op.key),
-                )
-                parked = self._find(db, "key", op.key)
-                assert parked is not None
-                return Registration(Decision.PARKED, _operation(parked), detail=reason)
-            version = row[14] + 1
-            db.execute(
-                "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
-                "lease_owner = ?, lease_expires = ?, updated_at = ?, recoveries = ?, "
-                "first_sent_at = COALESCE(first_sent_at, ?) WHERE key = ?",
-                (version, owner, now + lease_seconds, now, recoveries, now, op.key),
+            return inserted
+        op = _operation(row)
+        if record.key_given and row[1] != record.key:
+            return Registration(Decision.MISMATCH, op, detail=f"it has another key ({op.key!r})")
+        if not record.resume and row[10] != record.fingerprint:
+            return Registration(
+                Decision.MISMATCH,
+                op,
+                detail=f"it was registered with another request ({op.method} {op.url})",
             )
-            claimed = self._find(db, "key", op.key)
-            assert claimed is not None
-            return Registration(Decision.SEND, _operation(claimed), lease_version=version)
+        if op.state != "pending":
+            return Registration(Decision(op.state), op, response=_stored_response(row))
+        first_sent = row[11]
+        if first_sent is not None and first_sent < now - self.retention.total_seconds():
+            db.execute(
+                "UPDATE operations SET state = 'expired', updated_at = ?, lease_owner = NULL,"
+                " lease_expires = NULL WHERE key = ?",
+                (now, op.key),
+            )
+            return Registration(Decision.EXPIRED, _operation(self._find(db, "key", op.key)))  # type: ignore[arg-type]
+        if not self._lease_free(row, now):
+            return Registration(
+                Decision.IN_PROGRESS, op, detail=f"held by {row[12]} until {_dt(row[13])}"
+            )
+        # A lease that was never given back: its holder died (or stalled) mid-operation.
+        recoveries = row[18] + (1 if row[12] is not None else 0)
+        if recoveries > self.max_recoveries:
+            reason = (
+                f"parked after {recoveries} recoveries: each time, the process sending it "
+                f"was gone before it finished (last holder {row[12]}); unpark or abandon it"
+            )
+            db.execute(
+                "UPDATE operations SET state = 'parked', recoveries = ?, updated_at = ?, "
+                "lease_owner = NULL, lease_expires = NULL, last_error = ? WHERE key = ?",
+                (recoveries, now, reason, op.key),
+            )
+            parked = self._find(db, "key", op.key)
+            assert parked is not None
+            return Registration(Decision.PARKED, _operation(parked), detail=reason)
+        version = row[14] + 1
+        db.execute(
+            "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
+            "lease_owner = ?, lease_expires = ?, updated_at = ?, recoveries = ?, "
+            "first_sent_at = COALESCE(first_sent_at, ?) WHERE key = ?",
+            (version, owner, now + lease_seconds, now, recoveries, now, op.key),
+        )
+        claimed = self._find(db, "key", op.key)
+        assert claimed is not None
+        return Registration(Decision.SEND, _operation(claimed), lease_version=version)
 
     def claim(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
@@ -610,22 +715,80 @@ class Journal:
         state: Literal["completed", "conflict"],
         response: StoredResponse,
     ) -> bool:
-        """Record the final response. `False`: fenced out, another holder owns it now."""
-        now = self._clock()
+        """Record the final response, soon: the write joins the next commit of this journal.
+
+        A completion needs no commit of its own: until it is written the operation merely
+        looks pending, and if the process dies first, a resume resends the same key and the
+        server replays. It is written with the next registration or claim (one commit for
+        both), before any read of this journal, by `flush()` and `close()`, at exit, and by a
+        background thread within `flush_delay` seconds otherwise. A write fenced out (another
+        holder took the operation over) changes nothing and is logged.
+        """
         body, kept = response.body, response.body_kept
         if len(body) > self.max_response_body:
             body, kept = b"", False
-        changed = self._write_one(
-            "record the response",
-            "UPDATE operations SET state = ?, updated_at = ?, response_status = ?, "
-            "response_headers = ?, response_body = ?, response_body_kept = ?, "
-            "lease_owner = NULL, lease_expires = NULL, last_error = NULL "
-            "WHERE key = ? AND lease_version = ? AND state = 'pending'",
-            (state, now, response.status, json.dumps(response.headers), body, int(kept), key,
-             version),
-            relaxed=True,
-        )  # fmt: skip
-        return changed == 1
+        params = (state, self._clock(), response.status, json.dumps(response.headers), body,
+                  int(kept), key, version)  # fmt: skip
+        with self._deferred_lock:
+            self._deferred.append(params)
+            self._deferred_ready.notify()
+        self._ensure_flusher()
+        return True
+
+    def flush(self) -> None:
+        """Write the completions still held in memory (see `finish`)."""
+        if self._deferred:
+            with self._write("record responses", relaxed=True):
+                pass
+
+    def _flush_in(self, db: sqlite3.Connection) -> None:
+        """Write the held completions inside the caller's open transaction."""
+        with self._deferred_lock:
+            items, self._deferred = self._deferred, []
+        try:
+            for params in items:
+                if db.execute(_FINISH, params).rowcount != 1:
+                    logger.warning(
+                        "journal %s: the response for key %s was not recorded: the operation "
+                        "was taken over (or finished) by another holder",
+                        self.path, params[6],
+                    )  # fmt: skip
+        except BaseException:
+            with self._deferred_lock:  # not written: keep them for the next commit
+                self._deferred[:0] = items
+            raise
+
+    def _ensure_flusher(self) -> None:
+        pid = os.getpid()
+        if self._flusher_pid == pid:
+            return
+        with self._lock:
+            if self._flusher_pid == pid:
+                return
+            self._flusher_pid = pid
+            thread = threading.Thread(
+                target=self._flush_loop, name=f"idemclient-journal-flush {self.path.name}",
+                daemon=True,
+            )  # fmt: skip
+            thread.start()
+
+    def _flush_loop(self) -> None:
+        delay = self.flush_delay
+        while not self._closed:
+            with self._deferred_lock:
+                while not self._deferred and not self._closed:
+                    self._deferred_ready.wait()
+            time.sleep(delay)  # let more completions gather
+            try:
+                self.flush()
+            except JournalError as exc:
+                if self._closed:
+                    return
+                if delay == self.flush_delay:  # say it once, then try again less often
+                    logger.warning("journal %s: could not write responses: %s", self.path, exc)
+                delay = min(delay * 2 or 0.05, 5.0)
+            else:
+                delay = self.flush_delay
 
     def release(self, key: str, version: int, last_error: str | None) -> bool:
         """Give the lease back, leaving the operation pending with its last error."""

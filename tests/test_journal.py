@@ -158,12 +158,14 @@ def test_writes_are_fenced_by_the_lease_version(journal: Journal, clock: Clock) 
     second = journal.register(record(), current_owner(), LEASE)
     assert second.lease_version == first.lease_version + 1
     # the paused first holder wakes up: its writes change nothing
-    assert not journal.finish(
-        "key-1", first.lease_version, "completed", StoredResponse(201, [], b"a")
-    )
+    journal.finish("key-1", first.lease_version, "completed", StoredResponse(201, [], b"a"))
+    journal.flush()
+    op = journal.get("key-1")
+    assert op is not None
+    assert op.state == "pending"
     assert journal.claim("key-1", first.lease_version, "x", LEASE, None) is None
     assert not journal.release("key-1", first.lease_version, "late")
-    assert journal.finish("key-1", second.lease_version, "completed", StoredResponse(201, [], b"b"))
+    journal.finish("key-1", second.lease_version, "completed", StoredResponse(201, [], b"b"))
     reg = journal.register(record(), current_owner(), LEASE)
     assert reg.response is not None
     assert reg.response.body == b"b"
@@ -436,3 +438,65 @@ def test_reissue_gives_an_expired_operation_a_new_key(journal_path: Path, clock:
     assert reg.operation.key == op.key
     with pytest.raises(KeyError):
         journal.reissue("nope")
+
+
+def test_completions_join_the_next_commit_and_are_flushed(journal: Journal) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.finish("key-1", reg.lease_version, "completed", StoredResponse(201, [], b"ok"))
+    # another process (a plain connection) may not see it yet; this journal always does
+    op = journal.get("op-1")
+    assert op is not None
+    assert op.state == "completed"
+    with sqlite3.connect(journal.path) as db:
+        assert db.execute("SELECT state FROM operations").fetchone() == ("completed",)
+
+
+def test_the_flusher_writes_held_completions_by_itself(journal_path: Path) -> None:
+    import time
+
+    journal = Journal(journal_path, flush_delay=0.01)
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.finish("key-1", reg.lease_version, "completed", StoredResponse(201, [], b"ok"))
+    deadline = time.monotonic() + 10
+    state = None
+    while time.monotonic() < deadline:
+        with sqlite3.connect(journal.path) as db:
+            state = db.execute("SELECT state FROM operations").fetchone()[0]
+        if state == "completed":
+            break
+        time.sleep(0.01)
+    assert state == "completed"
+    journal.close()
+
+
+def test_close_writes_held_completions(journal_path: Path) -> None:
+    journal = Journal(journal_path, flush_delay=60)
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.finish("key-1", reg.lease_version, "completed", StoredResponse(201, [], b"ok"))
+    journal.close()
+    with sqlite3.connect(journal_path) as db:
+        assert db.execute("SELECT state FROM operations").fetchone() == ("completed",)
+
+
+def test_threads_registering_together_share_commits(journal_path: Path) -> None:
+    import threading
+
+    journal = Journal(journal_path)
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(20):
+                r = journal.register(record(name=f"t{n}-{i}", key=f"k{n}-{i}"), "o", LEASE)
+                assert r.decision is Decision.SEND
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert len(journal.operations()) == 160
+    journal.close()
