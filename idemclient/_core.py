@@ -286,10 +286,12 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """Run a journal method (in a worker thread, for the async shell)."""
+    """Run a journal method: in a worker thread, for the async shell, if it `blocks` (disk
+    I/O); a call that only hands data to the journal in memory runs on the event loop."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
+    blocks: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,7 +599,10 @@ def keyed_flow(
             "conflict" if result.verdict is Verdict.CONFLICT else "completed"
         )
         yield from event("recording", status=response.status_code)
-        kept = yield Call(journal.finish, (op.key, version, state, _stored(response, last_raw)))
+        # `finish` holds the completion in memory until the journal's next commit: no I/O.
+        kept = yield Call(
+            journal.finish, (op.key, version, state, _stored(response, last_raw)), blocks=False
+        )
         settled = True
         if not kept:
             logger.warning(

@@ -359,6 +359,8 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         if isinstance(step, Emit):
             return self._emit(step.event)
         if isinstance(step, Call):
+            if not step.blocks:
+                return step.fn(*step.args)
             with anyio.CancelScope(shield=True):
                 result = await anyio.to_thread.run_sync(functools.partial(step.fn, *step.args))
             return result
