@@ -113,6 +113,7 @@ def test_retries_reuse_one_key_and_the_same_body_bytes(
         "attempts": 3,
         "replayed": False,
     }
+    assert response.request.headers["Idempotency-Key"] == key  # the request as sent
     op = journal_of(client).get(key)
     assert op is not None
     assert (op.state, op.attempts, op.response_status) == ("completed", 3, 201)
