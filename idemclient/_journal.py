@@ -559,6 +559,10 @@ class Journal:
                 except JournalError as exc:
                     for queued in batch:
                         queued.error = exc
+                except BaseException:  # interrupted: the others go back in line
+                    with self._queue_lock:
+                        self._queue[:0] = [queued for queued in batch if queued is not ticket]
+                    raise
         if ticket.error is not None:
             raise ticket.error
         assert ticket.result is not None
