@@ -387,18 +387,15 @@ def _extension(op: Operation, attempts: int, replayed: bool) -> dict[str, Any]:
     return {"key": op.key, "operation": op.name, "attempts": attempts, "replayed": replayed}
 
 
-def replay_response(
-    reg: Registration, request: httpx.Request, *, replayed: bool = True
-) -> httpx.Response:
+def replay_response(reg: Registration, request: httpx.Request) -> httpx.Response:
     """The journaled final response of a finished operation, as a fresh httpx.Response."""
     stored = reg.response
     assert stored is not None
     headers = list(stored.headers)
-    if not stored.body_kept:
+    ext = _extension(reg.operation, reg.operation.attempts, replayed=True)
+    if not stored.body_kept:  # the body was too large to keep: say so, and send none
         drop = {"content-length", "content-encoding", "transfer-encoding"}
         headers = [(k, v) for k, v in headers if k.lower() not in drop]
-    ext = _extension(reg.operation, reg.operation.attempts, replayed)
-    if not stored.body_kept:
         ext["body_kept"] = False
     return httpx.Response(
         stored.status,

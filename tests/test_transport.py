@@ -674,3 +674,19 @@ async def test_operation_names_are_per_task(journal_path: Path, sleeps: list[flo
                 group.start_soon(task, n)
         names = sorted(op.name or "" for op in client._transport.journal.operations())  # type: ignore[attr-defined]
     assert names == ["task-0", "task-1", "task-2", "task-3"]
+
+
+def test_replay_of_a_body_too_large_to_keep(journal_path: Path, sleeps: list[float]) -> None:
+    journal = Journal(journal_path, max_response_body=5)
+    script = Script(httpx.Response(201, content=b"0123456789", headers={"X-Id": "7"}))
+    client = client_for(script, journal, sleeps)
+    with idemclient.operation("big"):
+        assert client.post("/x", json={}).content == b"0123456789"  # the caller gets it all
+    with idemclient.operation("big"):
+        replay = client.post("/x", json={})
+    assert len(script.requests) == 1
+    assert replay.status_code == 201
+    assert replay.headers["X-Id"] == "7"
+    assert replay.content == b""
+    assert replay.extensions["idempotency"]["body_kept"] is False
+    assert replay.extensions["idempotency"]["replayed"] is True
