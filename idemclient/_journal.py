@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import Enum
@@ -546,11 +546,24 @@ class Journal:
         Threads of this process that register at the same time share one commit (and one
         fsync): whoever takes the write lock commits every registration queued by then.
         """
-        ticket = _Ticket(record, owner, lease_seconds)
+        (result,) = self.register_many([(record, owner, lease_seconds)])
+        if isinstance(result, JournalError):
+            raise result
+        return result
+
+    def register_many(
+        self, requests: Sequence[tuple[RequestRecord, str, float]]
+    ) -> list[Registration | JournalError]:
+        """`register` for several operations at once, in one commit where possible.
+
+        Each result is the `Registration`, or the `JournalError` that stopped it. Used by the
+        async transport to register the operations of concurrent tasks together.
+        """
+        tickets = [_Ticket(record, owner, lease) for record, owner, lease in requests]
         with self._queue_lock:
-            self._queue.append(ticket)
+            self._queue.extend(tickets)
         with self._write_lock:
-            if ticket.result is None and ticket.error is None:
+            if any(t.result is None and t.error is None for t in tickets):
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
                 try:
@@ -561,12 +574,16 @@ class Journal:
                         queued.error = exc
                 except BaseException:  # interrupted: the others go back in line
                     with self._queue_lock:
-                        self._queue[:0] = [queued for queued in batch if queued is not ticket]
+                        self._queue[:0] = [queued for queued in batch if queued not in tickets]
                     raise
-        if ticket.error is not None:
-            raise ticket.error
-        assert ticket.result is not None
-        return ticket.result
+        results: list[Registration | JournalError] = []
+        for ticket in tickets:
+            if ticket.error is not None:
+                results.append(ticket.error)
+            else:
+                assert ticket.result is not None
+                results.append(ticket.result)
+        return results
 
     def _commit_batch(self, batch: list[_Ticket]) -> None:
         db = self._connection()

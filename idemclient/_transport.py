@@ -32,8 +32,8 @@ from ._core import (
     plain_flow,
     plan,
 )
-from ._errors import InvalidOperationError
-from ._journal import Journal
+from ._errors import InvalidOperationError, JournalError
+from ._journal import Journal, Registration
 from ._policy import RetryPolicy
 
 __all__ = ["AsyncIdempotentTransport", "IdempotentTransport"]
@@ -202,6 +202,59 @@ class _Base:
         return plain_flow(request, policy, self._clock, self._wall_clock, self._rng)
 
 
+class _Slot:
+    """Where a waiting task finds its registration."""
+
+    __slots__ = ("done", "value")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.value: Registration | BaseException | None = None
+
+
+class _AsyncRegistrar:
+    """Registrations of concurrent tasks go to the journal together: one trip to a worker
+    thread and one commit for all that are waiting, instead of one each."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._waiting: list[tuple[tuple[Any, ...], _Slot]] = []
+        self._busy = False
+
+    async def register(self, args: tuple[Any, ...]) -> Registration:
+        slot = _Slot()
+        self._waiting.append((args, slot))
+        if not self._busy:
+            self._busy = True
+            try:
+                while self._waiting:
+                    batch, self._waiting = self._waiting, []
+                    try:
+                        with anyio.CancelScope(shield=True):
+                            results: list[
+                                Registration | JournalError
+                            ] = await anyio.to_thread.run_sync(
+                                self._journal.register_many, [a for a, _ in batch]
+                            )
+                    except BaseException as exc:
+                        for _, waiting in batch:
+                            waiting.value = exc
+                            waiting.done.set()
+                        raise
+                    for (_, waiting), result in zip(batch, results, strict=True):
+                        waiting.value = result
+                        waiting.done.set()
+            finally:
+                self._busy = False
+        # Shielded like every journal call: a registration, once made, is seen through.
+        with anyio.CancelScope(shield=True):
+            await slot.done.wait()
+        if isinstance(slot.value, BaseException):
+            raise slot.value
+        assert slot.value is not None
+        return slot.value
+
+
 class IdempotentTransport(_Base, httpx.BaseTransport):
     """An httpx transport that makes POST and PATCH safe to retry, across crashes.
 
@@ -348,6 +401,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         )
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
         self._sleep = sleep or anyio.sleep
+        self._registrar = _AsyncRegistrar(self._journal)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._keyed(request):
@@ -361,6 +415,8 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         if isinstance(step, Call):
             if not step.blocks:
                 return step.fn(*step.args)
+            if step.fn == self._journal.register:
+                return await self._registrar.register(step.args)
             with anyio.CancelScope(shield=True):
                 result = await anyio.to_thread.run_sync(functools.partial(step.fn, *step.args))
             return result

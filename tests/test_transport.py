@@ -535,9 +535,9 @@ class ThreadRecordingJournal(Journal):
 
     threads: list[int]
 
-    def register(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+    def register_many(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
         self.threads.append(threading.get_ident())
-        return super().register(*args, **kwargs)  # type: ignore[arg-type]
+        return super().register_many(*args, **kwargs)  # type: ignore[arg-type]
 
 
 def async_client(
@@ -690,3 +690,54 @@ def test_replay_of_a_body_too_large_to_keep(journal_path: Path, sleeps: list[flo
     assert replay.content == b""
     assert replay.extensions["idempotency"]["body_kept"] is False
     assert replay.extensions["idempotency"]["replayed"] is True
+
+
+@pytest.mark.anyio
+async def test_async_tasks_register_together(journal_path: Path, sleeps: list[float]) -> None:
+    import anyio
+
+    script = AsyncScript(ok())
+    async with async_client(script, journal_path, sleeps) as client:
+
+        async def place(n: int) -> None:
+            async with idemclient.operation(f"order-{n}"):
+                response = await client.post("/orders", json={"n": n})
+            assert response.status_code == 201
+
+        async with anyio.create_task_group() as group:
+            for n in range(16):
+                group.start_soon(place, n)
+        ops = client._transport.journal.operations()  # type: ignore[attr-defined]
+    assert len(ops) == 16
+    assert {op.state for op in ops} == {"completed"}
+    assert len({r.headers["Idempotency-Key"] for r in script.requests}) == 16
+
+
+@pytest.mark.anyio
+async def test_async_tasks_all_fail_closed_on_a_locked_journal(
+    journal_path: Path, sleeps: list[float]
+) -> None:
+    import anyio
+
+    script = AsyncScript(ok())
+    journal = Journal(journal_path, busy_timeout=0.05)
+    failures: list[BaseException] = []
+    holder = sqlite3.connect(journal_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        async with async_client(script, journal, sleeps) as client:
+
+            async def place(n: int) -> None:
+                try:
+                    await client.post("/orders", json={"n": n})
+                except JournalError as exc:
+                    failures.append(exc)
+
+            async with anyio.create_task_group() as group:
+                for n in range(4):
+                    group.start_soon(place, n)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert len(failures) == 4
+    assert script.requests == []
