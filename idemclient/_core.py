@@ -77,6 +77,8 @@ class Settings:
     key_style: Literal["bare", "structured"]
     secret_headers: frozenset[str]
     max_body_size: int
+    #: never journaled: secrets, headers httpx derives, and the key itself (lower case)
+    skip_headers: frozenset[str]
 
     @classmethod
     def build(
@@ -95,13 +97,15 @@ class Settings:
             raise ValueError("max_body_size must not be negative")
         if not key_header or any(c in key_header for c in " :\r\n"):
             raise ValueError(f"invalid key_header {key_header!r}")
+        secrets = SECRET_HEADERS | {h.lower() for h in secret_headers}
         return cls(
             policy=retry if retry is not None else RetryPolicy(),
             methods=frozenset(m.upper() for m in methods),
             key_header=key_header,
             key_style=key_style,
-            secret_headers=SECRET_HEADERS | {h.lower() for h in secret_headers},
+            secret_headers=secrets,
             max_body_size=max_body_size,
+            skip_headers=secrets | _DERIVED_HEADERS | {key_header.lower()},
         )
 
 
@@ -257,7 +261,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     given = request.headers.get(settings.key_header)
     key = parse_key(given) if given is not None else str(uuid.uuid4())
     url = _strip_userinfo(request.url)
-    skip = settings.secret_headers | _DERIVED_HEADERS | {settings.key_header.lower()}
+    skip = settings.skip_headers
     stored = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in skip]
     record = RequestRecord(
         name=name,

@@ -63,7 +63,7 @@ MAYBE_RECEIVED_ERRORS: tuple[type[httpx.TransportError], ...] = (
     httpx.RemoteProtocolError,
 )
 _HINT_HEADERS = ("x-should-retry", "stripe-should-retry")
-_REPLAY_HEADERS = ("idempotent-replayed", "idempotency-replayed")
+_REPLAY_HEADERS = (b"idempotent-replayed", b"idempotency-replayed")
 
 
 class Verdict(enum.Enum):
@@ -144,10 +144,13 @@ def classify_response(
 
     For a keyed (journaled) request, 422 and a 400 naming `idempotency_error` are conflicts.
     For an unkeyed request, 409 and 422 are ordinary answers (no key was involved).
-    A hint header (`x-should-retry`, `Stripe-Should-Retry`) overrides the status, except that
-    a conflict is never retried.
+    On an error status (or one the policy retries), a hint header (`x-should-retry`,
+    `Stripe-Should-Retry`) overrides the status, except that a conflict is never retried; a
+    success is final whatever its headers say.
     """
     status = response.status_code
+    if status < 400 and status not in policy.retry_statuses:
+        return Outcome(Verdict.FINAL, response=response, reason=f"HTTP {status}")
     if keyed and (
         status == 422 or (status == 400 and body is not None and b"idempotency_error" in body)
     ):
@@ -180,7 +183,10 @@ def classify_error(error: Exception) -> Outcome:
 
 def is_replayed(response: httpx.Response) -> bool:
     """Whether the server marked the response as a replay of an earlier answer."""
-    return any(_truthy(response.headers.get(h, "")) for h in _REPLAY_HEADERS)
+    for name, value in response.headers.raw:  # one pass: this runs for every response
+        if name.lower() in _REPLAY_HEADERS:
+            return _truthy(value.decode("latin-1")) is True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
