@@ -349,6 +349,7 @@ class Journal:
         self._deferred_lock = threading.Lock()
         self._deferred_ready = threading.Condition(self._deferred_lock)
         self._flusher_pid = 0
+        self._flusher_idle = 30.0
         self.flush_delay = flush_delay
         self._closed = False
         self._open()
@@ -798,7 +799,11 @@ class Journal:
         while not self._closed:
             with self._deferred_lock:
                 while not self._deferred and not self._closed:
-                    self._deferred_ready.wait()
+                    if not self._deferred_ready.wait(timeout=self._flusher_idle):
+                        # Idle (a completion would have notified): end this thread; the next
+                        # completion starts another. A journal nobody closes keeps no thread.
+                        self._flusher_pid = 0
+                        return
             time.sleep(delay)  # let more completions gather
             try:
                 self.flush()

@@ -500,3 +500,27 @@ def test_threads_registering_together_share_commits(journal_path: Path) -> None:
     assert errors == []
     assert len(journal.operations()) == 160
     journal.close()
+
+
+def test_an_idle_flusher_thread_ends_and_a_new_one_starts(journal_path: Path) -> None:
+    import threading
+    import time
+
+    journal = Journal(journal_path, flush_delay=0.01)
+    journal._flusher_idle = 0.05
+
+    def flushers() -> int:
+        return sum(t.name.startswith("idemclient-journal-flush") for t in threading.enumerate())
+
+    before = flushers()
+    for round_ in range(2):
+        reg = journal.register(record(name=f"op-{round_}", key=f"k-{round_}"), "o", LEASE)
+        journal.finish(f"k-{round_}", reg.lease_version, "completed", StoredResponse(201, [], b""))
+        deadline = time.monotonic() + 10
+        while flushers() > before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert flushers() == before  # it wrote the answer, then ended when idle
+        with sqlite3.connect(journal.path) as db:
+            state = db.execute("SELECT state FROM operations WHERE key = ?", (f"k-{round_}",))
+            assert state.fetchone() == ("completed",)
+    journal.close()
