@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import httpx
 
 from ._client import Client, ResumeResult
+from ._core import SECRET_HEADERS
 from ._errors import JournalError
 from ._journal import STATES, Journal, Operation, default_journal_path
 from ._policy import RetryPolicy
@@ -46,7 +47,6 @@ examples:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "x-api-key"}
 
 
 class UsageError(Exception):
@@ -200,7 +200,7 @@ def _headers(args: argparse.Namespace, err: TextIO) -> dict[str, str]:
         name, sep, value = item.partition(":")
         if not sep or not name.strip():
             raise UsageError(f"-H takes 'Name: value', not {item!r}")
-        if name.strip().lower() in _SECRET_HEADERS:
+        if name.strip().lower() in SECRET_HEADERS:
             print(
                 f"idemclient: warning: {name.strip()} on the command line is visible to other "
                 "users (ps, shell history); prefer --header-from-env",
