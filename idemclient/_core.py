@@ -299,6 +299,14 @@ class Call:
 
 
 @dataclass(frozen=True, slots=True)
+class Register:
+    """Register and claim an operation (`Journal.register`): the one durable commit before
+    the send. The async shell registers the operations of concurrent tasks together."""
+
+    args: tuple[RequestRecord, str, float]
+
+
+@dataclass(frozen=True, slots=True)
 class Send:
     """Send through the wrapped transport. With `read`, answer with the whole raw body read
     (a `Received` whose response streams those bytes); else the live response."""
@@ -370,7 +378,7 @@ class Emit:
     event: Event
 
 
-Step = Call | Send | Sleep | Emit
+Step = Register | Call | Send | Sleep | Emit
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,7 +513,7 @@ def keyed_flow(
     """
     record, request = the_plan.record, the_plan.request
     me = owner()
-    reg: Registration = yield Call(journal.register, (record, me, the_plan.lease_seconds))
+    reg: Registration = yield Register((record, me, the_plan.lease_seconds))
     op = reg.operation
     label = op.name or op.key
     version, attempts = reg.lease_version, op.attempts
@@ -601,16 +609,11 @@ def keyed_flow(
         )
         yield from event("recording", status=response.status_code)
         # `finish` holds the completion in memory until the journal's next commit: no I/O.
-        kept = yield Call(
+        # (If another holder took the operation over meanwhile, that write is fenced out.)
+        yield Call(
             journal.finish, (op.key, version, state, _stored(response, last_raw)), blocks=False
         )
         settled = True
-        if not kept:
-            logger.warning(
-                "operation %s (key %s) was taken over while in flight; its holder records "
-                "the result",
-                label, op.key,
-            )  # fmt: skip
     except GeneratorExit:
         raise
     except BaseException:

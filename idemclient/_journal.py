@@ -94,6 +94,10 @@ _FINISH = (
     "lease_owner = NULL, lease_expires = NULL, last_error = NULL "
     "WHERE key = ? AND lease_version = ? AND state = 'pending'"
 )
+_EXPIRE = (
+    "UPDATE operations SET state = 'expired', updated_at = ?, lease_owner = NULL, "
+    "lease_expires = NULL WHERE key = ?"
+)
 logger = logging.getLogger("idemclient")
 _open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
 
@@ -672,11 +676,7 @@ class Journal:
             return Registration(Decision(op.state), op, response=_stored_response(row))
         first_sent = row[11]
         if first_sent is not None and first_sent < now - self.retention.total_seconds():
-            db.execute(
-                "UPDATE operations SET state = 'expired', updated_at = ?, lease_owner = NULL,"
-                " lease_expires = NULL WHERE key = ?",
-                (now, op.key),
-            )
+            db.execute(_EXPIRE, (now, op.key))
             return Registration(Decision.EXPIRED, _operation(self._find(db, "key", op.key)))  # type: ignore[arg-type]
         if not self._lease_free(row, now):
             return Registration(
@@ -736,7 +736,7 @@ class Journal:
         version: int,
         state: Literal["completed", "conflict"],
         response: StoredResponse,
-    ) -> bool:
+    ) -> None:
         """Record the final response, soon: the write joins the next commit of this journal.
 
         A completion needs no commit of its own: until it is written the operation merely
@@ -755,7 +755,6 @@ class Journal:
             self._deferred.append(params)
             self._deferred_ready.notify()
         self._ensure_flusher()
-        return True
 
     def flush(self) -> None:
         """Write the completions still held in memory (see `finish`)."""
@@ -898,11 +897,7 @@ class Journal:
                 ).fetchall()
             ]
             for key in keys:
-                db.execute(
-                    "UPDATE operations SET state = 'expired', updated_at = ?, "
-                    "lease_owner = NULL, lease_expires = NULL WHERE key = ?",
-                    (now, key),
-                )
+                db.execute(_EXPIRE, (now, key))
             rows = [self._find(db, "key", key) for key in keys]
         return [_operation(r) for r in rows if r is not None]
 

@@ -24,6 +24,7 @@ from ._core import (
     Emit,
     Event,
     Received,
+    Register,
     Send,
     Settings,
     Step,
@@ -33,7 +34,7 @@ from ._core import (
     plan,
 )
 from ._errors import InvalidOperationError, JournalError
-from ._journal import Journal, Registration
+from ._journal import Journal, Registration, RequestRecord
 from ._policy import RetryPolicy
 
 __all__ = ["AsyncIdempotentTransport", "IdempotentTransport"]
@@ -57,25 +58,32 @@ def _consumed() -> InvalidOperationError:
     )
 
 
-def _collect(chunks: Iterable[bytes], limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    for chunk in chunks:
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        parts.append(chunk)
-    return b"".join(parts)
+class _Body:
+    """A request body gathered chunk by chunk, refused as soon as it passes the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise _too_large(self.limit)
+        self.parts.append(chunk)
 
 
 def read_body(request: httpx.Request, limit: int) -> bytes:
     """The whole request body, read once (a generator body can be read only once)."""
     if not isinstance(request.stream, Iterable):
         raise InvalidOperationError("an async request body cannot be sent by a sync transport")
+    body = _Body(limit)
     try:
-        return _collect(request.stream, limit)
+        for chunk in request.stream:
+            body.add(chunk)
     except (httpx.StreamConsumed, httpx.StreamClosed) as exc:
         raise _consumed() from exc
+    return b"".join(body.parts)
 
 
 async def aread_body(request: httpx.Request, limit: int) -> bytes:
@@ -83,17 +91,13 @@ async def aread_body(request: httpx.Request, limit: int) -> bytes:
     stream = request.stream
     if not isinstance(stream, AsyncIterable):
         return read_body(request, limit)
-    parts: list[bytes] = []
-    size = 0
+    body = _Body(limit)
     try:
         async for chunk in stream:
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            parts.append(chunk)
+            body.add(chunk)
     except (httpx.StreamConsumed, httpx.StreamClosed) as exc:
         raise _consumed() from exc
-    return b"".join(parts)
+    return b"".join(body.parts)
 
 
 def _read_whole(response: httpx.Response) -> Received:
@@ -218,10 +222,10 @@ class _AsyncRegistrar:
 
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
-        self._waiting: list[tuple[tuple[Any, ...], _Slot]] = []
+        self._waiting: list[tuple[tuple[RequestRecord, str, float], _Slot]] = []
         self._busy = False
 
-    async def register(self, args: tuple[Any, ...]) -> Registration:
+    async def register(self, args: tuple[RequestRecord, str, float]) -> Registration:
         slot = _Slot()
         self._waiting.append((args, slot))
         if not self._busy:
@@ -237,6 +241,8 @@ class _AsyncRegistrar:
                                 self._journal.register_many, [a for a, _ in batch]
                             )
                     except BaseException as exc:
+                        # Nobody else will take the lead now: answer every waiting task.
+                        batch, self._waiting = batch + self._waiting, []
                         for _, waiting in batch:
                             waiting.value = exc
                             waiting.done.set()
@@ -326,6 +332,8 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
     def _do(self, step: Step) -> Any:
         if isinstance(step, Emit):
             return self._emit(step.event)
+        if isinstance(step, Register):
+            return self._journal.register(*step.args)
         if isinstance(step, Call):
             return step.fn(*step.args)
         if isinstance(step, Send):
@@ -412,11 +420,11 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
     async def _do(self, step: Step) -> Any:
         if isinstance(step, Emit):
             return self._emit(step.event)
+        if isinstance(step, Register):
+            return await self._registrar.register(step.args)
         if isinstance(step, Call):
             if not step.blocks:
                 return step.fn(*step.args)
-            if step.fn == self._journal.register:
-                return await self._registrar.register(step.args)
             with anyio.CancelScope(shield=True):
                 result = await anyio.to_thread.run_sync(functools.partial(step.fn, *step.args))
             return result

@@ -14,6 +14,7 @@ from idemclient._core import (
     Call,
     Emit,
     Received,
+    Register,
     Send,
     Settings,
     Sleep,
@@ -113,7 +114,6 @@ def test_plan_keeps_secrets_out_of_the_record_but_sends_them() -> None:
 class FakeJournal:
     """Stands in for the journal: the flow only names its methods in `Call` steps."""
 
-    def register(self, *args: Any) -> Any: ...
     def claim(self, *args: Any) -> Any: ...
     def finish(self, *args: Any) -> Any: ...
     def release(self, *args: Any) -> Any: ...
@@ -126,8 +126,8 @@ def test_a_flow_is_a_sequence_of_steps_with_no_io() -> None:
     flow = keyed_flow(the_plan, journal, RetryPolicy(jitter=False), lambda: 0.0, lambda: 0.0,
                       random.Random(0))  # fmt: skip
     step = next(flow)
-    assert isinstance(step, Call)
-    assert step.fn == journal.register
+    assert isinstance(step, Register)
+    assert step.args[0] == the_plan.record
     now = datetime.now(timezone.utc)
     op = Operation(None, the_plan.record.key, "pending", "POST", "https://api.example/charges",
                    1, now, now, None, None)  # fmt: skip

@@ -83,7 +83,7 @@ def test_read_only_directory_sends_nothing(server: IdempotentServer, tmp_path: P
 class CompletionFails(Journal):
     """A journal whose completion write fails (the disk filled up while the request flew)."""
 
-    def finish(self, *args: Any, **kwargs: Any) -> bool:
+    def finish(self, *args: Any, **kwargs: Any) -> None:
         raise JournalError("could not record the response: disk full", path=str(self.path))
 
 

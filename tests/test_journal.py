@@ -97,7 +97,7 @@ def test_new_operation_is_registered_claimed_and_sent(journal: Journal) -> None:
 def test_completed_operation_is_answered_from_the_journal(journal: Journal) -> None:
     reg = journal.register(record(), current_owner(), LEASE)
     stored = StoredResponse(201, [("content-type", "application/json")], b'{"id": 1}')
-    assert journal.finish("key-1", reg.lease_version, "completed", stored)
+    journal.finish("key-1", reg.lease_version, "completed", stored)
     again = journal.register(record(), current_owner(), LEASE)
     assert again.decision is Decision.COMPLETED
     assert again.response == stored

@@ -741,3 +741,37 @@ async def test_async_tasks_all_fail_closed_on_a_locked_journal(
         holder.close()
     assert len(failures) == 4
     assert script.requests == []
+
+
+class BrokenRegistration(Journal):
+    """A journal whose registration itself breaks (not a JournalError: a bug, say)."""
+
+    def register_many(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        import time
+
+        time.sleep(0.05)  # let other tasks queue up behind the first
+        raise RuntimeError("broken journal")
+
+
+@pytest.mark.anyio
+async def test_async_waiting_tasks_get_the_error_of_a_broken_registration(
+    journal_path: Path, sleeps: list[float]
+) -> None:
+    import anyio
+
+    script = AsyncScript(ok())
+    errors: list[BaseException] = []
+    async with async_client(script, BrokenRegistration(journal_path), sleeps) as client:
+
+        async def place(n: int) -> None:
+            try:
+                await client.post("/orders", json={"n": n})
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(10):  # (a task left waiting would hang: its wait is shielded)
+            async with anyio.create_task_group() as group:
+                for n in range(4):
+                    group.start_soon(place, n)
+    assert len(errors) == 4
+    assert script.requests == []
