@@ -345,7 +345,8 @@ class Event:
     * `retrying`: a retry will be sent with the same key after `delay` seconds.
     * `recording`: the final response (`status`) is about to be written to the journal.
     * `completed` / `conflict`: the final response is recorded (`conflict`: a 422-like
-      refusal); the write joins the journal's next commit (see `Journal.finish`).
+      refusal); the write is batched, within the journal's `flush_delay` (see
+      `Journal.finish`).
     * `gave_up`: the attempts ran out; the operation stays pending.
     * `replayed`: the operation had completed before: answered from the journal, not sent.
 
@@ -608,7 +609,7 @@ def keyed_flow(
             "conflict" if result.verdict is Verdict.CONFLICT else "completed"
         )
         yield from event("recording", status=response.status_code)
-        # `finish` holds the completion in memory until the journal's next commit: no I/O.
+        # `finish` holds the completion in memory for the next batched write: no I/O here.
         # (If another holder took the operation over meanwhile, that write is fenced out.)
         yield Call(
             journal.finish, (op.key, version, state, _stored(response, last_raw)), blocks=False

@@ -44,15 +44,15 @@ State = Literal["pending", "completed", "conflict", "expired", "parked", "abando
 STATES: tuple[State, ...] = ("pending", "completed", "conflict", "expired", "parked", "abandoned")
 _FINISHED: tuple[State, ...] = ("completed", "conflict", "abandoned")
 
-#: Bumped by every schema change; migrations go forward only.
-SCHEMA_VERSION = 1
+#: Bumped by every schema change; migrations go forward only (`_MIGRATIONS`).
+SCHEMA_VERSION = 2
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _DEFAULT_PURGE_HORIZON = timedelta(days=30)
 
-_SCHEMA = """
+_TABLE = """
 CREATE TABLE operations (
     id              INTEGER PRIMARY KEY,
-    name            TEXT UNIQUE,            -- NULL for an unnamed operation
+    name            TEXT,                   -- NULL for an unnamed operation
     key             TEXT NOT NULL UNIQUE,
     state           TEXT NOT NULL,
     method          TEXT NOT NULL,
@@ -74,11 +74,36 @@ CREATE TABLE operations (
     last_error      TEXT,
     recoveries      INTEGER NOT NULL DEFAULT 0,  -- claims that found the last holder gone
     previous_key    TEXT                    -- the key this one replaced (reissue)
-);
--- Resume and expiry scan only pending rows: that stays cheap however large the journal grows.
-CREATE INDEX operations_pending ON operations (created_at) WHERE state = 'pending';
-CREATE INDEX operations_finished ON operations (updated_at) WHERE state != 'pending';
-"""
+)"""
+# Names are unique among named operations; unnamed ones (most, in bulk use) stay out of the
+# index, which spares each of their inserts an index write. Resume and expiry scan only
+# pending rows, and purge only finished ones: that stays cheap however large the journal grows.
+_INDEXES = (
+    "CREATE UNIQUE INDEX operations_name ON operations (name) WHERE name IS NOT NULL",
+    "CREATE INDEX operations_pending ON operations (created_at) WHERE state = 'pending'",
+    "CREATE INDEX operations_finished ON operations (updated_at) WHERE state != 'pending'",
+)
+
+
+def _create(db: sqlite3.Connection) -> None:
+    db.execute(_TABLE)
+    for index in _INDEXES:
+        db.execute(index)
+
+
+def _v1_to_v2(db: sqlite3.Connection) -> None:
+    """Version 1 indexed every name, NULLs included (a column UNIQUE constraint, which only a
+    rebuild removes): copy the rows into the version 2 table."""
+    db.execute("ALTER TABLE operations RENAME TO operations_v1")
+    db.execute("DROP INDEX IF EXISTS operations_pending")
+    db.execute("DROP INDEX IF EXISTS operations_finished")
+    _create(db)
+    db.execute("INSERT INTO operations SELECT * FROM operations_v1")
+    db.execute("DROP TABLE operations_v1")
+
+
+#: from version N to N + 1, in the caller's transaction
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
 
 
 _INSERT_OR_IGNORE = (
@@ -304,8 +329,9 @@ class Journal:
             same key and the server replays its answer.
         busy_timeout: seconds to wait for another process's write lock before `JournalError`.
         max_response_body: bytes of a final response body kept for replays.
-        flush_delay: seconds a completion may wait in memory for a commit to join (see
-            `finish`); if the process dies meanwhile, a resume gets the server's replay.
+        flush_delay: seconds a completion may wait in memory, gathering others to share one
+            commit (see `finish`); if the process dies meanwhile, a resume gets the server's
+            replay.
         max_recoveries: how many times an operation is taken over from a holder that vanished
             mid-operation (a crash, a kill) before it is `parked` for a person: an operation
             whose send keeps killing the process must not crash every rerun.
@@ -421,10 +447,12 @@ class Journal:
                         f"(it has tables {sorted(t[0] for t in tables)}); it was left untouched",
                         path=str(self.path),
                     )
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                _create(db)
+            else:
+                for version in range(current, SCHEMA_VERSION):
+                    logger.info("journal %s: upgrading from schema version %d", self.path, version)
+                    _MIGRATIONS[version](db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -593,8 +621,17 @@ class Journal:
     def _commit_batch(self, batch: list[_Ticket]) -> None:
         db = self._connection()
         now = self._clock()
+        # The common case, one new operation: its INSERT is a transaction by itself.
+        lone = batch[0] if len(batch) == 1 and not batch[0].record.resume else None
+        if lone and (
+            inserted := self._insert(db, lone.record, lone.owner, lone.lease_seconds, now)
+        ):
+            lone.result = inserted
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
+            # A known operation may have finished in this process moments ago: write the held
+            # completions first, so that the lookups below see them.
             self._flush_in(db)
             for ticket in batch:
                 ticket.result = self._register_in(
@@ -737,14 +774,16 @@ class Journal:
         state: Literal["completed", "conflict"],
         response: StoredResponse,
     ) -> None:
-        """Record the final response, soon: the write joins the next commit of this journal.
+        """Record the final response, soon: the write is held in memory and batched.
 
         A completion needs no commit of its own: until it is written the operation merely
         looks pending, and if the process dies first, a resume resends the same key and the
-        server replays. It is written with the next registration or claim (one commit for
-        both), before any read of this journal, by `flush()` and `close()`, at exit, and by a
-        background thread within `flush_delay` seconds otherwise. A write fenced out (another
-        holder took the operation over) changes nothing and is logged.
+        server replays. A background thread writes the held completions together, one commit
+        for all of them, within `flush_delay` seconds; they are also written before any read
+        of this journal, by a claim or a registration of a known operation (in the same
+        commit), by `flush()` and `close()`, and at exit. A new operation's registration does
+        not wait for them. A write fenced out (another holder took the operation over)
+        changes nothing and is logged.
         """
         body, kept = response.body, response.body_kept
         if len(body) > self.max_response_body:

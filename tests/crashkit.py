@@ -19,9 +19,9 @@ WINDOWS = {
     "answered": {"pending"},  # the server acted and answered; nothing recorded
     "retrying": {"pending"},  # sleeping between attempts
     "recording": {"pending"},  # about to record the completion
-    # Recorded, but the completion write waits to join the next commit: the crash may beat
-    # it (then a rerun resends and the server replays). Once written, as the next
-    # operation's "registered" window shows, a rerun sends nothing for it.
+    # Recorded, but completion writes are batched (within the journal's flush_delay): the
+    # crash may beat it (then a rerun resends and the server replays). Once written, a rerun
+    # sends nothing for it.
     "completed": {"pending", "completed"},
 }
 

@@ -309,6 +309,64 @@ def test_truncated_journal_is_reported(journal_path: Path) -> None:
         Journal(journal_path)
 
 
+#: The version 1 schema, as idemclient 0.1.0.dev0 journals were written before version 2.
+V1_SCHEMA = """
+CREATE TABLE operations (
+    id INTEGER PRIMARY KEY, name TEXT UNIQUE, key TEXT NOT NULL UNIQUE, state TEXT NOT NULL,
+    method TEXT NOT NULL, url TEXT NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL,
+    fingerprint TEXT NOT NULL, attempts INTEGER NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, first_sent_at REAL, lease_owner TEXT, lease_expires REAL,
+    lease_version INTEGER NOT NULL, response_status INTEGER, response_headers TEXT,
+    response_body BLOB, response_body_kept INTEGER, last_error TEXT,
+    recoveries INTEGER NOT NULL DEFAULT 0, previous_key TEXT
+);
+CREATE INDEX operations_pending ON operations (created_at) WHERE state = 'pending';
+CREATE INDEX operations_finished ON operations (updated_at) WHERE state != 'pending';
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_journal_is_upgraded_with_its_operations(journal_path: Path) -> None:
+    journal_path.parent.mkdir(mode=0o700)
+    with sqlite3.connect(journal_path) as db:
+        db.executescript(V1_SCHEMA)
+        db.execute(
+            "INSERT INTO operations (name, key, state, method, url, headers, body, fingerprint, "
+            "attempts, created_at, updated_at, first_sent_at, lease_version, response_status, "
+            "response_headers, response_body, response_body_kept) VALUES ('charge-1', 'k-1', "
+            "'completed', 'POST', 'https://api.example/charges', '[]', x'7b7d', 'fp', 2, 1.0, "
+            "2.0, 1.0, 2, 201, '[[\"content-type\", \"application/json\"]]', x'6f6b', 1)"
+        )
+        db.execute(
+            "INSERT INTO operations (name, key, state, method, url, headers, body, fingerprint, "
+            "attempts, created_at, updated_at, lease_version) VALUES (NULL, 'k-2', 'pending', "
+            "'POST', 'https://api.example/orders', '[]', x'', 'fp2', 1, 3.0, 3.0, 1)"
+        )
+    with Journal(journal_path) as journal:
+        done = journal.get("charge-1")
+        assert done is not None
+        assert (done.key, done.state, done.attempts, done.response_status) == (
+            "k-1", "completed", 2, 201,
+        )  # fmt: skip
+        assert journal.stored_response("k-1") == StoredResponse(
+            201, [("content-type", "application/json")], b"ok", True
+        )
+        assert [op.key for op in journal.pending()] == ["k-2"]
+        # version 2: unnamed operations are not in the name index; names stay unique
+        journal.register(record(name=None, key="k-3"), "o", LEASE)
+        again = journal.register(record(name="charge-1", key="k-4", key_given=True), "o", LEASE)
+        assert again.decision is Decision.MISMATCH
+    with sqlite3.connect(journal_path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        indexes = {
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        assert {"operations_name", "operations_pending", "operations_finished"} <= indexes
+        assert db.execute(
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE '%v1%'"
+        ).fetchone() == (0,)
+
+
 def test_newer_schema_is_refused(journal_path: Path) -> None:
     Journal(journal_path).close()
     with sqlite3.connect(journal_path) as db:
