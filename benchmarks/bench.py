@@ -60,10 +60,12 @@ httpx_retries = _optional("httpx_retries")
 
 
 @contextmanager
-def local_server() -> Iterator[str]:
-    """The fast server in its own process; stopped by its PID on exit."""
+def local_server(delay_ms: float = 0.0) -> Iterator[str]:
+    """The fast server in its own process, answering after `delay_ms`; stopped by its PID."""
     process = subprocess.Popen(
-        [sys.executable, str(HERE / "server.py")], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(HERE / "server.py"), "0", str(delay_ms)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert process.stdout is not None
@@ -396,7 +398,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", action="store_true", help="also the 1M-row and memory runs")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--memory-ops", type=int, default=100_000)
+    parser.add_argument(
+        "--server-delay", type=float, default=0.0, metavar="MS",
+        help="the server answers MS milliseconds late, as a remote API would (default 0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scenarios", default="sequential,threads,tasks",
+        help="comma-separated: sequential, threads, tasks (default: all)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if not chosen or set(chosen) - {"sequential", "threads", "tasks"}:
+        parser.error("--scenarios takes sequential, threads and tasks")
     if args.quick:
         args.ops, args.repetitions, args.workers = 64, 1, 4
         args.rows, args.memory_ops = 2000, 200
@@ -405,12 +418,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.python_version()}, httpx {httpx.__version__}, idemclient "
           f"{idemclient.__version__}")  # fmt: skip
     print(f"disk: one 4 KiB write + fdatasync takes {fsync * 1000:.3f} ms")
+    if args.server_delay:
+        print(f"server: answers {args.server_delay:g} ms after each request")
     kinds = {"sequential": "sequential", f"{args.workers} threads": "threads",
              f"{args.workers} tasks": "tasks"}  # fmt: skip
-    scenarios = list(kinds)
+    scenarios = [label for label, kind in kinds.items() if kind in chosen]
     found = variants()
     results: dict[tuple[str, str], list[Sample]] = {}
-    with local_server() as url:
+    with local_server(args.server_delay) as url:
         for rep in range(args.repetitions):
             for scenario in scenarios:
                 order = found if rep % 2 == 0 else list(reversed(found))
@@ -430,13 +445,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"{args.ops} POSTs per measurement, medians of {args.repetitions} repetitions")
         print(table(rows))
-        rtt = statistics.median(s.percentile(0.5) for s in results[("sequential", "httpx")])
-        ideal = 1 / (rtt + fsync)
-        full = statistics.median(
-            s.ops_per_second for s in results[("sequential", "idemclient full")]
-        )
-        print(f"\nsequential 'full' against 1 / (round trip + one fsync) = {ideal:,.0f} ops/s: "
-              f"{full / ideal:.2f}x")  # fmt: skip
+        if "sequential" in chosen:
+            rtt = statistics.median(s.percentile(0.5) for s in results[("sequential", "httpx")])
+            ideal = 1 / (rtt + fsync)
+            full = statistics.median(
+                s.ops_per_second for s in results[("sequential", "idemclient full")]
+            )
+            print(f"\nsequential 'full' against 1 / (round trip + one fsync) = "
+                  f"{ideal:,.0f} ops/s: {full / ideal:.2f}x")  # fmt: skip
         print()
         fsync_rows = [["durability", "fsyncs per operation"]]
         for durability in ("normal", "full"):

@@ -5,7 +5,10 @@ and is not the bottleneck: it answers tens of thousands of requests per second, 
 Python client can send. It replays a stored answer for a key it has seen (with
 `Idempotent-Replayed: true`), so retries behave as against a real idempotent API.
 
-Run: python benchmarks/server.py [PORT]   (prints the port it listens on)
+Run: python benchmarks/server.py [PORT] [DELAY_MS]   (prints the port it listens on)
+
+With DELAY_MS, each answer is written that many milliseconds after its request arrived, as a
+remote API's network and processing time would delay it (requests wait concurrently).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ REPLAY = RESPONSE.replace(b"\r\n\r\n", b"\r\nidempotent-replayed: true\r\n\r\n",
 
 
 SEEN: set[bytes] = set()  # keys answered once: their next request is a replay
+DELAY = 0.0  # seconds before each answer
 
 
 class Protocol(asyncio.Protocol):
@@ -53,11 +57,19 @@ class Protocol(asyncio.Protocol):
                 return
             self.buffer = self.buffer[total:]
             if key and key in SEEN:
-                self.transport.write(REPLAY)
+                answer = REPLAY
             else:
                 if key:
                     SEEN.add(key)
-                self.transport.write(RESPONSE)
+                answer = RESPONSE
+            if DELAY:
+                asyncio.get_running_loop().call_later(DELAY, self.answer, answer)
+            else:
+                self.transport.write(answer)
+
+    def answer(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
 
 
 async def serve(port: int) -> None:
@@ -70,5 +82,7 @@ async def serve(port: int) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2:
+        DELAY = float(sys.argv[2]) / 1000
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0))

@@ -79,6 +79,7 @@ class Settings:
     max_body_size: int
     #: never journaled: secrets, headers httpx derives, and the key itself (lower case)
     skip_headers: frozenset[str]
+    key_lower: str
 
     @classmethod
     def build(
@@ -106,6 +107,7 @@ class Settings:
             secret_headers=secrets,
             max_body_size=max_body_size,
             skip_headers=secrets | _DERIVED_HEADERS | {key_header.lower()},
+            key_lower=key_header.lower(),
         )
 
 
@@ -258,11 +260,25 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     else:
         scope = _scope.get()
         name = scope.next_name() if scope is not None else None
-    given = request.headers.get(settings.key_header)
+    # One pass over the headers: what is journaled, the caller's key, and what the sent
+    # request's framing headers say now.
+    skip, key_name = settings.skip_headers, settings.key_lower
+    stored: list[tuple[str, str]] = []
+    given_values: list[str] = []
+    length: str | None = None
+    chunked = False
+    for k, v in request.headers.multi_items():
+        if (lower := k.lower()) not in skip:
+            stored.append((k, v))
+        elif lower == key_name:
+            given_values.append(v)
+        elif lower == "content-length":
+            length = v
+        elif lower == "transfer-encoding":
+            chunked = True
+    given = ", ".join(given_values) if given_values else None
     key = parse_key(given) if given is not None else str(uuid.uuid4())
     url = _strip_userinfo(request.url)
-    skip = settings.skip_headers
-    stored = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in skip]
     record = RequestRecord(
         name=name,
         key=key,
@@ -277,10 +293,13 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     # The request itself is what is sent, as auth flows do it: its body becomes the journaled
     # bytes (sendable again), and it carries the key, so `response.request` shows the key.
     headers = request.headers
-    if "transfer-encoding" in headers:
+    if chunked:
         del headers["transfer-encoding"]
-    headers["content-length"] = str(len(body))
-    headers[settings.key_header] = _key_value(key, settings.key_style)
+    if length != (size := str(len(body))):
+        headers["content-length"] = size
+    value = _key_value(key, settings.key_style)
+    if given != value:
+        headers[settings.key_header] = value
     request.stream = httpx.ByteStream(body)
     return Plan(record, request, lease_seconds(request), settings.key_header, settings.key_style)
 
@@ -520,17 +539,18 @@ def keyed_flow(
     version, attempts = reg.lease_version, op.attempts
 
     def event(kind: EventKind, **details: Any) -> Generator[Step, Any, None]:
-        if observed:
-            yield Emit(Event(kind, op.name, op.key, record.method, record.url, attempts, **details))
+        yield Emit(Event(kind, op.name, op.key, record.method, record.url, attempts, **details))
 
     if reg.decision is Decision.COMPLETED:
         logger.info("operation %s (key %s) already completed: replaying", label, op.key)
-        yield from event("replayed", status=reg.response.status if reg.response else None)
+        if observed:
+            yield from event("replayed", status=reg.response.status if reg.response else None)
         return replay_response(reg, request)
     if reg.decision is not Decision.SEND:
         raise _refuse(reg, request)
     request = the_plan.request_with_key(op.key)
-    yield from event("registered")
+    if observed:
+        yield from event("registered")
 
     first = True
     last_raw = b""
@@ -549,7 +569,8 @@ def keyed_flow(
                 )
             version, attempts = claimed
         first = False
-        yield from event("sending")
+        if observed:
+            yield from event("sending")
         try:
             received: Received = yield Send(request, read=True)
         except httpx.TransportError as exc:
@@ -566,7 +587,8 @@ def keyed_flow(
             outcome.verdict.value,
         )  # fmt: skip
         status = outcome.response.status_code if outcome.response is not None else None
-        yield from event("answered", status=status, error=outcome.error)
+        if observed:
+            yield from event("answered", status=status, error=outcome.error)
         return outcome
 
     def on_sleep(outcome: Outcome, seconds: float) -> Generator[Step, Any, None]:
@@ -577,7 +599,8 @@ def keyed_flow(
             "operation %s (key %s): %s, retrying in %.2fs with the same key",
             label, op.key, outcome.reason, seconds,
         )  # fmt: skip
-        yield from event("retrying", delay=seconds, error=outcome.error)
+        if observed:
+            yield from event("retrying", delay=seconds, error=outcome.error)
 
     settled = False
     try:
@@ -590,7 +613,8 @@ def keyed_flow(
             yield Call(journal.release, (op.key, version, reason))
             settled = True
             logger.warning("operation %s (key %s): %s; it stays pending", label, op.key, reason)
-            yield from event("gave_up", error=last.error)
+            if observed:
+                yield from event("gave_up", error=last.error)
             raise RetriesExhaustedError(
                 f"operation {label} (key {op.key}) gave up: {result.reason}; last outcome: "
                 f"{last.reason}. It stays pending: resume it to finish with the same key",
@@ -608,7 +632,8 @@ def keyed_flow(
         state: Literal["completed", "conflict"] = (
             "conflict" if result.verdict is Verdict.CONFLICT else "completed"
         )
-        yield from event("recording", status=response.status_code)
+        if observed:
+            yield from event("recording", status=response.status_code)
         # `finish` holds the completion in memory for the next batched write: no I/O here.
         # (If another holder took the operation over meanwhile, that write is fenced out.)
         yield Call(
@@ -629,7 +654,8 @@ def keyed_flow(
 
     ext = _extension(op, attempts, server_replayed(response))
     response.extensions = {**response.extensions, RESPONSE_EXTENSION: ext}
-    yield from event(state, status=response.status_code)
+    if observed:
+        yield from event(state, status=response.status_code)
     if state == "conflict":
         response.read()  # in memory: the caller can read the server's reason
         logger.warning("operation %s (key %s): %s, not retried", label, op.key, result.reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -106,10 +107,11 @@ def _v1_to_v2(db: sqlite3.Connection) -> None:
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
 
 
+_INSERT_VALUES = "(?, ?, 'pending', ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, 1)"
 _INSERT_OR_IGNORE = (
     "INSERT OR IGNORE INTO operations (name, key, state, method, url, headers, body, "
     "fingerprint, attempts, created_at, updated_at, first_sent_at, lease_owner, lease_expires, "
-    "lease_version) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, 1)"
+    f"lease_version) VALUES {_INSERT_VALUES}"
 )
 
 
@@ -119,6 +121,40 @@ _FINISH = (
     "lease_owner = NULL, lease_expires = NULL, last_error = NULL "
     "WHERE key = ? AND lease_version = ? AND state = 'pending'"
 )
+
+# Batches are written with one statement each: the sqlite3 module lets go of the GIL for every
+# statement, and a thread that holds the write lock while it waits to get the GIL back (other
+# threads are busy with HTTP) keeps every other registration waiting. Rows per statement stay
+# under SQLite's oldest limit of 999 parameters.
+_ROWS_PER_STATEMENT = 64
+# UPDATE ... FROM: SQLite 3.33 (2020) and newer; older libraries write completions one by one.
+_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
+def _insert_rows(rows: int) -> str:
+    """A plain INSERT of `rows` new operations: all or none (a known name or key aborts it)."""
+    head = _INSERT_OR_IGNORE.replace("INSERT OR IGNORE", "INSERT", 1).split(" VALUES ")[0]
+    return head + " VALUES " + ", ".join([_INSERT_VALUES] * rows)
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
+def _finish_rows(rows: int) -> str:
+    """`_FINISH` for `rows` completions at once (the same parameters, row after row)."""
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return (
+        "UPDATE operations SET state = v.column1, updated_at = v.column2, "
+        "response_status = v.column3, response_headers = v.column4, response_body = v.column5, "
+        "response_body_kept = v.column6, lease_owner = NULL, lease_expires = NULL, "
+        f"last_error = NULL FROM (VALUES {values}) AS v WHERE operations.key = v.column7 "
+        "AND operations.lease_version = v.column8 AND operations.state = 'pending'"
+    )
+
+
+def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+    return [items[i : i + _ROWS_PER_STATEMENT] for i in range(0, len(items), _ROWS_PER_STATEMENT)]
+
+
 _EXPIRE = (
     "UPDATE operations SET state = 'expired', updated_at = ?, lease_owner = NULL, "
     "lease_expires = NULL WHERE key = ?"
@@ -538,16 +574,20 @@ class Journal:
         except JournalError:
             logger.warning("journal %s: could not write responses", self.path, exc_info=True)
         _open_journals.discard(self)
-        with self._deferred_lock:
-            self._closed = True
-            self._deferred_ready.notify_all()
-        with self._lock:
-            connections, self._connections = self._connections, []
-        pid = os.getpid()
-        for owner_pid, db in connections:
-            if owner_pid == pid:  # a connection inherited across fork() is not ours to close
-                with contextlib.suppress(sqlite3.Error):
-                    db.close()
+        # Every write, the flusher thread's included, runs under the write lock: holding it,
+        # no connection is in use by a writer when it is closed (closing a connection that
+        # another thread is executing on can crash the sqlite3 module).
+        with self._write_lock:
+            with self._deferred_lock:
+                self._closed = True
+                self._deferred_ready.notify_all()
+            with self._lock:
+                connections, self._connections = self._connections, []
+            pid = os.getpid()
+            for owner_pid, db in connections:
+                if owner_pid == pid:  # a connection inherited across fork() is not ours
+                    with contextlib.suppress(sqlite3.Error):
+                        db.close()
 
     def __enter__(self) -> Journal:
         return self
@@ -621,12 +661,7 @@ class Journal:
     def _commit_batch(self, batch: list[_Ticket]) -> None:
         db = self._connection()
         now = self._clock()
-        # The common case, one new operation: its INSERT is a transaction by itself.
-        lone = batch[0] if len(batch) == 1 and not batch[0].record.resume else None
-        if lone and (
-            inserted := self._insert(db, lone.record, lone.owner, lone.lease_seconds, now)
-        ):
-            lone.result = inserted
+        if self._insert_new(db, batch, now):
             return
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -644,6 +679,41 @@ class Journal:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _insert_new(db: sqlite3.Connection, batch: list[_Ticket], now: float) -> bool:
+        """The common case, operations the journal does not know yet: one INSERT for all of
+        them, a transaction by itself. `False`, with nothing written, if any name or key is
+        known or any is a resume: then each is decided on its own."""
+        if any(ticket.record.resume for ticket in batch):
+            return False
+        rows = [
+            (r.name, r.key, r.method, r.url, json.dumps(r.headers), r.body, r.fingerprint, now,
+             now, now, t.owner, now + t.lease_seconds)
+            for t in batch
+            for r in (t.record,)
+        ]  # fmt: skip
+        chunks = _chunks(rows)
+        try:
+            if len(chunks) > 1:
+                db.execute("BEGIN IMMEDIATE")
+            for chunk in chunks:
+                db.execute(_insert_rows(len(chunk)), [v for row in chunk for v in row])
+            if len(chunks) > 1:
+                db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.IntegrityError):  # a known name or key: nothing changed
+                return False
+            raise
+        when = _dt(now)
+        for ticket in batch:
+            r = ticket.record
+            op = Operation(r.name, r.key, "pending", r.method, r.url, 1, when, when, None, None)
+            ticket.result = Registration(Decision.SEND, op, lease_version=1)
+        return True
 
     @staticmethod
     def _insert(
@@ -796,27 +866,61 @@ class Journal:
         self._ensure_flusher()
 
     def flush(self) -> None:
-        """Write the completions still held in memory (see `finish`)."""
-        if self._deferred:
-            with self._write("record responses", relaxed=True):
-                pass
+        """Write the completions still held in memory (see `finish`): one statement, a
+        transaction by itself, for up to 64 of them."""
+        if not self._deferred:
+            return
+        with self._errors_as_journal_error("record responses"), self._write_lock:
+            db = self._connection(relaxed=True)
+            if len(self._deferred) <= _ROWS_PER_STATEMENT:
+                self._flush_in(db)
+                return
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._flush_in(db)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def _flush_in(self, db: sqlite3.Connection) -> None:
-        """Write the held completions inside the caller's open transaction."""
+        """Write the held completions (inside the caller's transaction, if one is open)."""
         with self._deferred_lock:
             items, self._deferred = self._deferred, []
+        if not items:
+            return
         try:
-            for params in items:
-                if db.execute(_FINISH, params).rowcount != 1:
-                    logger.warning(
-                        "journal %s: the response for key %s was not recorded: the operation "
-                        "was taken over (or finished) by another holder",
-                        self.path, params[6],
-                    )  # fmt: skip
+            if _UPDATE_FROM and len(items) > 1:
+                written = 0
+                for chunk in _chunks(items):
+                    flat = [v for params in chunk for v in params]
+                    written += db.execute(_finish_rows(len(chunk)), flat).rowcount
+                if written != len(items):
+                    self._warn_fenced(db, items)
+            else:
+                for params in items:
+                    if db.execute(_FINISH, params).rowcount != 1:
+                        self._warn_fenced(db, [params])
         except BaseException:
             with self._deferred_lock:  # not written: keep them for the next commit
                 self._deferred[:0] = items
             raise
+
+    def _warn_fenced(self, db: sqlite3.Connection, items: Sequence[tuple[Any, ...]]) -> None:
+        """Name the completions that were not written: after the write, an operation that
+        does not hold its response is one another holder took over (or finished)."""
+        for params in items:
+            state, updated_at, key, version = params[0], params[1], params[6], params[7]
+            row = db.execute(
+                "SELECT state, updated_at, lease_version FROM operations WHERE key = ?", (key,)
+            ).fetchone()
+            if row is None or tuple(row) != (state, updated_at, version):
+                logger.warning(
+                    "journal %s: the response for key %s was not recorded: the operation "
+                    "was taken over (or finished) by another holder",
+                    self.path, key,
+                )  # fmt: skip
 
     def _ensure_flusher(self) -> None:
         pid = os.getpid()

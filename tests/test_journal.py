@@ -14,6 +14,7 @@ from idemclient import Journal, JournalError
 from idemclient._journal import (
     SCHEMA_VERSION,
     Decision,
+    Registration,
     RequestRecord,
     StoredResponse,
     current_owner,
@@ -498,7 +499,7 @@ def test_reissue_gives_an_expired_operation_a_new_key(journal_path: Path, clock:
         journal.reissue("nope")
 
 
-def test_completions_join_the_next_commit_and_are_flushed(journal: Journal) -> None:
+def test_held_completions_are_written_before_a_read(journal: Journal) -> None:
     reg = journal.register(record(), current_owner(), LEASE)
     journal.finish("key-1", reg.lease_version, "completed", StoredResponse(201, [], b"ok"))
     # another process (a plain connection) may not see it yet; this journal always does
@@ -507,6 +508,57 @@ def test_completions_join_the_next_commit_and_are_flushed(journal: Journal) -> N
     assert op.state == "completed"
     with sqlite3.connect(journal.path) as db:
         assert db.execute("SELECT state FROM operations").fetchone() == ("completed",)
+
+
+def test_new_operations_registered_together_are_one_insert(journal: Journal) -> None:
+    statements: list[str] = []
+    journal._connection().set_trace_callback(statements.append)
+    batch = [(record(name=f"op-{i}", key=f"k-{i}"), "o", LEASE) for i in range(3)]
+    results = journal.register_many(batch)
+    assert [r.decision for r in results if isinstance(r, Registration)] == [Decision.SEND] * 3
+    assert len(statements) == 1  # one statement: a transaction by itself
+    assert statements[0].startswith("INSERT INTO operations")
+    assert [op.name for op in journal.pending()] == ["op-0", "op-1", "op-2"]
+
+
+def test_a_known_operation_in_a_batch_is_decided_on_its_own(journal: Journal) -> None:
+    done = journal.register(record(name="done", key="k-done"), "o", LEASE)
+    journal.finish("k-done", done.lease_version, "completed", StoredResponse(201, [], b"ok"))
+    results = journal.register_many(
+        [
+            (record(name="new-1", key="k-new-1"), "o", LEASE),
+            (record(name="done", key="k-other"), "o", LEASE),  # a rerun of "done"
+            (record(name="new-2", key="k-new-2"), "o", LEASE),
+        ]
+    )
+    decisions = [r.decision if isinstance(r, Registration) else r for r in results]
+    assert decisions == [Decision.SEND, Decision.COMPLETED, Decision.SEND]
+    assert {op.name for op in journal.pending()} == {"new-1", "new-2"}
+
+
+@pytest.mark.parametrize("update_from", [True, False], ids=["one-statement", "row-by-row"])
+def test_many_held_completions_are_written_and_fenced_ones_named(
+    journal: Journal,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    update_from: bool,
+) -> None:
+    monkeypatch.setattr("idemclient._journal._UPDATE_FROM", update_from)
+    for i in range(70):  # more than one statement holds
+        journal.register(record(name=f"op-{i}", key=f"k-{i}"), "elsewhere.example:1:1", LEASE)
+    clock.now += LEASE + 1
+    taken = journal.register(record(name="op-7", key="k-7"), current_owner(), LEASE)
+    assert taken.lease_version == 2
+    for i in range(70):  # the first holder finishes all of them, op-7 too late
+        journal.finish(f"k-{i}", 1, "completed", StoredResponse(201, [], f"{i}".encode()))
+    with caplog.at_level("WARNING", logger="idemclient"):
+        journal.flush()
+    assert [op.name for op in journal.pending()] == ["op-7"]
+    assert journal.stored_response("op-69") == StoredResponse(201, [], b"69", True)
+    fenced = [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()]
+    assert len(fenced) == 1
+    assert "k-7" in fenced[0]
 
 
 def test_the_flusher_writes_held_completions_by_itself(journal_path: Path) -> None:
@@ -582,3 +634,28 @@ def test_an_idle_flusher_thread_ends_and_a_new_one_starts(journal_path: Path) ->
             state = db.execute("SELECT state FROM operations WHERE key = ?", (f"k-{round_}",))
             assert state.fetchone() == ("completed",)
     journal.close()
+
+
+CLOSE_RACE = """
+import random, sys, time
+from idemclient._journal import Journal, RequestRecord, StoredResponse
+
+for round_ in range(100):
+    journal = Journal(f"{sys.argv[1]}/j{round_}.sqlite3", flush_delay=0.0)
+    for i in range(100):
+        rec = RequestRecord(None, f"k-{i}", False, "POST", "http://x/", [], b"{}", "fp")
+        journal.register(rec, "o", 60.0)
+    for i in range(100):
+        journal.finish(f"k-{i}", 1, "completed", StoredResponse(201, [], b"ok"))
+    time.sleep(random.uniform(0, 0.001))
+    journal.close()  # perhaps while the flusher thread is writing
+"""
+
+
+def test_close_while_the_flusher_writes_is_safe(tmp_path: Path) -> None:
+    # Closing a connection another thread executes on can crash the sqlite3 module: close()
+    # must wait for the flusher's write. A crash kills the process, so it runs in a child.
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_RACE, str(tmp_path)], capture_output=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
