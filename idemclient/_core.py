@@ -201,6 +201,13 @@ def _strip_userinfo(url: httpx.URL) -> str:
     return str(url.copy_with(userinfo=b"")) if url.userinfo else str(url)
 
 
+def _pairs(headers: httpx.Headers) -> list[tuple[str, str]]:
+    """Every header as a lower-case name and its value, repeated names kept: what
+    `Headers.multi_items()` gives, with the headers' encoding looked up once, not per header."""
+    encoding = headers.encoding
+    return [(k.lower().decode(encoding), v.decode(encoding)) for k, v in headers.raw]
+
+
 def fingerprint(method: str, url: str, body: bytes) -> str:
     """sha256 of method, URL and body: what makes two requests the same operation."""
     digest = hashlib.sha256()
@@ -267,14 +274,14 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     given_values: list[str] = []
     length: str | None = None
     chunked = False
-    for k, v in request.headers.multi_items():
-        if (lower := k.lower()) not in skip:
+    for k, v in _pairs(request.headers):
+        if k not in skip:
             stored.append((k, v))
-        elif lower == key_name:
+        elif k == key_name:
             given_values.append(v)
-        elif lower == "content-length":
+        elif k == "content-length":
             length = v
-        elif lower == "transfer-encoding":
+        elif k == "transfer-encoding":
             chunked = True
     given = ", ".join(given_values) if given_values else None
     key = parse_key(given) if given is not None else str(uuid.uuid4())
@@ -476,7 +483,7 @@ def _refuse(reg: Registration, request: httpx.Request) -> IdempotencyError:
 
 
 def _stored(response: httpx.Response, raw: bytes) -> StoredResponse:
-    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() != "set-cookie"]
+    headers = [(k, v) for k, v in _pairs(response.headers) if k != "set-cookie"]
     return StoredResponse(response.status_code, headers, raw)
 
 
