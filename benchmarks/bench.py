@@ -285,6 +285,57 @@ def fsyncs_per_operation(url: str, durability: str, ops: int) -> float | None:
     return (counts[1] - counts[0]) / ops if ops else None
 
 
+# -- where the time goes ------------------------------------------------------------------
+
+
+class _TimedJournal(idemclient.Journal):
+    """A journal that keeps how long each registration (the durable write) took."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_seconds: list[float] = []
+
+    def register(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return super().register(*args, **kwargs)
+        finally:
+            self.register_seconds.append(time.perf_counter() - started)
+
+
+def breakdown(url: str, ops: int, repetitions: int = 3) -> list[list[str]]:
+    """Sequential: the time idemclient adds per operation, and the durable write's share of it
+    (the registration, timed where it runs)."""
+    per_op: dict[str, list[float]] = {"httpx": [], "normal": [], "full": []}
+    register: dict[str, list[float]] = {"normal": [], "full": []}
+    with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
+        for rep in range(repetitions):
+            for kind in per_op:
+                client = httpx.Client(base_url=url)
+                journal = None
+                if kind != "httpx":
+                    path = Path(tmp) / f"{kind}-{rep}.sqlite3"
+                    journal = _TimedJournal(path, durability=kind)
+                    client = idemclient.wrap(client, journal=journal)
+                with client:
+                    for _ in range(20):
+                        client.post("/charges", json=BODY)
+                    if journal is not None:
+                        journal.register_seconds.clear()
+                    per_op[kind].append(1 / run_sequential(client, ops).ops_per_second)
+                if journal is not None:
+                    register[kind].append(statistics.median(journal.register_seconds))
+                    journal.close()
+    bare = statistics.median(per_op["httpx"])
+    rows = [["durability", "ms per op", "added", "durable write", "the rest"]]
+    for kind in ("normal", "full"):
+        total = statistics.median(per_op[kind])
+        write = statistics.median(register[kind])
+        rows.append([kind, f"{total * 1000:.3f}", f"{(total - bare) * 1000:.3f}",
+                     f"{write * 1000:.3f}", f"{(total - bare - write) * 1000:.3f}"])  # fmt: skip
+    return rows
+
+
 # -- scale ------------------------------------------------------------------------------
 
 
@@ -459,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
             count = fsyncs_per_operation(url, durability, 50 if args.quick else 500)
             fsync_rows.append([durability, "n/a (no strace)" if count is None else f"{count:.2f}"])
         print(table(fsync_rows))
+        if "sequential" in chosen:
+            print("\nwhere the time goes, sequential (bare httpx: the round trip), medians:")
+            print(table(breakdown(url, args.ops, 1 if args.quick else 3)))
         if args.scale or args.quick:
             print()
             extra = scale(url, args.rows, args.ops) + memory(url, args.memory_ops)

@@ -15,3 +15,22 @@ def test_quick_benchmark_prints_every_table(capsys: pytest.CaptureFixture[str]) 
     assert "fsyncs per operation" in out
     assert "pending()" in out
     assert "resident memory" in out
+    assert "where the time goes" in out
+    assert "durable write" in out
+
+
+def test_a_delayed_server_and_a_choice_of_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--quick", "--server-delay", "2", "--scenarios", "sequential"]) == 0
+    out = capsys.readouterr().out
+    assert "answers 2 ms after each request" in out
+    assert "sequential" in out
+    assert "32 threads" not in out and "4 threads" not in out
+    # the server kept its word: a bare round trip takes at least the delay
+    rows = [line.split() for line in out.splitlines() if line.startswith("sequential")]
+    bare = next(row for row in rows if row[1] == "httpx")
+    assert float(bare[3]) >= 2.0  # p50 ms
+
+
+def test_unknown_scenarios_are_refused() -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--scenarios", "sequential,fibers"])
