@@ -252,17 +252,26 @@ def fsync_seconds(directory: Path, rounds: int = 200) -> float:
 
 
 FSYNC_CHILD = """
-import sys, httpx, idemclient
-url, path, durability, ops = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+import sys, threading, httpx, idemclient
+url, path, durability = sys.argv[1], sys.argv[2], sys.argv[3]
+ops, workers = int(sys.argv[4]), int(sys.argv[5])
 journal = idemclient.Journal(path, durability=durability)
-with idemclient.Client(base_url=url, journal=journal) as c:
-    for _ in range(ops):
-        c.post("/charges", json={"amount": 500})
+limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+with idemclient.Client(base_url=url, journal=journal, limits=limits) as c:
+    def work():
+        for _ in range(ops // workers):
+            c.post("/charges", json={"amount": 500})
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 """
 
 
-def fsyncs_per_operation(url: str, durability: str, ops: int) -> float | None:
-    """Count fsync/fdatasync calls of `ops` operations with strace; `None` without strace."""
+def fsyncs_per_operation(url: str, durability: str, ops: int, workers: int = 1) -> float | None:
+    """Count fsync/fdatasync calls of `ops` operations sent by `workers` threads, with
+    strace; `None` without strace."""
     strace = shutil.which("strace")
     if strace is None:
         return None
@@ -271,7 +280,8 @@ def fsyncs_per_operation(url: str, durability: str, ops: int) -> float | None:
         with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
             result = subprocess.run(
                 [strace, "-f", "-c", "-e", "trace=fsync,fdatasync", sys.executable, "-c",
-                 FSYNC_CHILD, url, str(Path(tmp) / "j.sqlite3"), durability, str(n)],
+                 FSYNC_CHILD, url, str(Path(tmp) / "j.sqlite3"), durability, str(n),
+                 str(workers)],
                 capture_output=True, text=True, timeout=600,
             )  # fmt: skip
         total = 0
@@ -505,10 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nsequential 'full' against 1 / (round trip + one fsync) = "
                   f"{ideal:,.0f} ops/s: {full / ideal:.2f}x")  # fmt: skip
         print()
-        fsync_rows = [["durability", "fsyncs per operation"]]
+        fsync_rows = [["durability", "threads", "fsyncs per operation"]]
         for durability in ("normal", "full"):
-            count = fsyncs_per_operation(url, durability, 50 if args.quick else 500)
-            fsync_rows.append([durability, "n/a (no strace)" if count is None else f"{count:.2f}"])
+            for workers in (1, args.workers):
+                ops = (50 if args.quick else 500) // workers * workers
+                count = fsyncs_per_operation(url, durability, ops, workers)
+                shown = "n/a (no strace)" if count is None else f"{count:.2f}"
+                fsync_rows.append([durability, str(workers), shown])
         print(table(fsync_rows))
         if "sequential" in chosen:
             print("\nwhere the time goes, sequential (bare httpx: the round trip), medians:")
