@@ -170,6 +170,16 @@ def _flush_at_exit() -> None:
             journal.flush()
 
 
+class _ThreadConnection:
+    """A thread's connection, held in the journal's thread-local storage."""
+
+    __slots__ = ("__weakref__", "db", "pid")
+
+    def __init__(self, pid: int, db: sqlite3.Connection) -> None:
+        self.pid = pid
+        self.db = db
+
+
 @dataclass
 class _Ticket:
     """One registration waiting for a group commit."""
@@ -408,6 +418,8 @@ class Journal:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
+        # connections of threads that have ended, to close (appended by a finalizer: no lock)
+        self._retired: list[tuple[int, sqlite3.Connection]] = []
         self._write_lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list[_Ticket] = []
@@ -506,9 +518,10 @@ class Journal:
         relaxed = relaxed and self.durability == "full"
         slot = "relaxed" if relaxed else "conn"
         pid = os.getpid()
-        cached: tuple[int, sqlite3.Connection] | None = getattr(self._local, slot, None)
-        if cached is not None and cached[0] == pid:
-            return cached[1]
+        cached: _ThreadConnection | None = getattr(self._local, slot, None)
+        if cached is not None and cached.pid == pid:
+            return cached.db
+        self._close_retired()
         # isolation_level=None: no implicit transactions; we say BEGIN IMMEDIATE ourselves,
         # and a lone INSERT or UPDATE commits by itself (one statement, one transaction).
         # check_same_thread=False only so that close() may close every thread's connection.
@@ -527,10 +540,30 @@ class Journal:
         # that fsync: a checkpoint without fsync could let the WAL be reused before the
         # database file holds what it copied, and lose durable intents on a power loss.
         db.execute(f"PRAGMA wal_autocheckpoint = {0 if relaxed else 1000}")
-        setattr(self._local, slot, (pid, db))
+        holder = _ThreadConnection(pid, db)
+        # When this thread ends, its thread-local holder goes, and the connection is retired:
+        # closed by the next thread that opens one, or by close(). A program that starts a
+        # thread per request keeps only the connections of its live threads open.
+        weakref.finalize(holder, self._retired.append, (pid, db)).atexit = False
+        setattr(self._local, slot, holder)
         with self._lock:
             self._connections.append((pid, db))
         return db
+
+    def _close_retired(self) -> None:
+        """Close the connections of threads that have ended (nobody else uses them)."""
+        if not self._retired:
+            return
+        retired = []
+        while self._retired:
+            retired.append(self._retired.pop())
+        with self._lock:
+            self._connections = [c for c in self._connections if c not in retired]
+        pid = os.getpid()
+        for owner_pid, db in retired:
+            if owner_pid == pid:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
 
     @contextlib.contextmanager
     def _write(self, action: str, *, relaxed: bool = False) -> Iterator[sqlite3.Connection]:
@@ -588,6 +621,7 @@ class Journal:
                 if owner_pid == pid:  # a connection inherited across fork() is not ours
                     with contextlib.suppress(sqlite3.Error):
                         db.close()
+            self._retired.clear()
 
     def __enter__(self) -> Journal:
         return self

@@ -659,3 +659,34 @@ def test_close_while_the_flusher_writes_is_safe(tmp_path: Path) -> None:
         [sys.executable, "-c", CLOSE_RACE, str(tmp_path)], capture_output=True, timeout=120
     )
     assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+
+def test_connections_of_ended_threads_are_closed(journal_path: Path) -> None:
+    import threading
+
+    def open_files() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(
+            1 for fd in fds.iterdir() if str(journal_path) in os.path.realpath(fd)
+        ) if fds.exists() else 0  # fmt: skip
+
+    journal = Journal(journal_path)
+    journal.pending()  # this thread's connection
+    baseline = open_files()
+
+    def work(n: int) -> None:  # a thread per request, as some servers do
+        journal.register(record(name=f"op-{n}", key=f"k-{n}"), "o", LEASE)
+        assert journal.get(f"op-{n}") is not None
+
+    for n in range(60):
+        thread = threading.Thread(target=work, args=(n,))
+        thread.start()
+        thread.join(timeout=30)
+    last = threading.Thread(target=journal.pending)  # opening one closes the retired ones
+    last.start()
+    last.join(timeout=30)
+    assert len(journal.operations()) == 60
+    assert len(journal._connections) <= 3  # this thread's, and the flusher's
+    if baseline:
+        assert open_files() <= baseline + 6
+    journal.close()
