@@ -545,19 +545,19 @@ def keyed_flow(
     label = op.name or op.key
     version, attempts = reg.lease_version, op.attempts
 
-    def event(kind: EventKind, **details: Any) -> Generator[Step, Any, None]:
-        yield Emit(Event(kind, op.name, op.key, record.method, record.url, attempts, **details))
+    def event(kind: EventKind, **details: Any) -> tuple[Step, ...]:
+        if not observed:
+            return ()
+        return (Emit(Event(kind, op.name, op.key, record.method, record.url, attempts, **details)),)
 
     if reg.decision is Decision.COMPLETED:
         logger.info("operation %s (key %s) already completed: replaying", label, op.key)
-        if observed:
-            yield from event("replayed", status=reg.response.status if reg.response else None)
+        yield from event("replayed", status=reg.response.status if reg.response else None)
         return replay_response(reg, request)
     if reg.decision is not Decision.SEND:
         raise _refuse(reg, request)
     request = the_plan.request_with_key(op.key)
-    if observed:
-        yield from event("registered")
+    yield from event("registered")
 
     first = True
     last_raw = b""
@@ -576,8 +576,7 @@ def keyed_flow(
                 )
             version, attempts = claimed
         first = False
-        if observed:
-            yield from event("sending")
+        yield from event("sending")
         try:
             received: Received = yield Send(request, read=True)
         except httpx.TransportError as exc:
@@ -594,8 +593,7 @@ def keyed_flow(
             outcome.verdict.value,
         )  # fmt: skip
         status = outcome.response.status_code if outcome.response is not None else None
-        if observed:
-            yield from event("answered", status=status, error=outcome.error)
+        yield from event("answered", status=status, error=outcome.error)
         return outcome
 
     def on_sleep(outcome: Outcome, seconds: float) -> Generator[Step, Any, None]:
@@ -606,8 +604,7 @@ def keyed_flow(
             "operation %s (key %s): %s, retrying in %.2fs with the same key",
             label, op.key, outcome.reason, seconds,
         )  # fmt: skip
-        if observed:
-            yield from event("retrying", delay=seconds, error=outcome.error)
+        yield from event("retrying", delay=seconds, error=outcome.error)
 
     settled = False
     try:
@@ -620,8 +617,7 @@ def keyed_flow(
             yield Call(journal.release, (op.key, version, reason))
             settled = True
             logger.warning("operation %s (key %s): %s; it stays pending", label, op.key, reason)
-            if observed:
-                yield from event("gave_up", error=last.error)
+            yield from event("gave_up", error=last.error)
             raise RetriesExhaustedError(
                 f"operation {label} (key {op.key}) gave up: {result.reason}; last outcome: "
                 f"{last.reason}. It stays pending: resume it to finish with the same key",
@@ -639,8 +635,7 @@ def keyed_flow(
         state: Literal["completed", "conflict"] = (
             "conflict" if result.verdict is Verdict.CONFLICT else "completed"
         )
-        if observed:
-            yield from event("recording", status=response.status_code)
+        yield from event("recording", status=response.status_code)
         # `finish` holds the completion in memory for the next batched write: no I/O here.
         # (If another holder took the operation over meanwhile, that write is fenced out.)
         yield Call(
@@ -661,8 +656,7 @@ def keyed_flow(
 
     ext = _extension(op, attempts, server_replayed(response))
     response.extensions = {**response.extensions, RESPONSE_EXTENSION: ext}
-    if observed:
-        yield from event(state, status=response.status_code)
+    yield from event(state, status=response.status_code)
     if state == "conflict":
         response.read()  # in memory: the caller can read the server's reason
         logger.warning("operation %s (key %s): %s, not retried", label, op.key, result.reason)

@@ -107,12 +107,13 @@ def _v1_to_v2(db: sqlite3.Connection) -> None:
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
 
 
-_INSERT_VALUES = "(?, ?, 'pending', ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, 1)"
-_INSERT_OR_IGNORE = (
-    "INSERT OR IGNORE INTO operations (name, key, state, method, url, headers, body, "
-    "fingerprint, attempts, created_at, updated_at, first_sent_at, lease_owner, lease_expires, "
-    f"lease_version) VALUES {_INSERT_VALUES}"
+# A new operation, claimed: the parameters are `_new_row`'s.
+_INSERT_INTO = (
+    "INTO operations (name, key, state, method, url, headers, body, fingerprint, attempts, "
+    "created_at, updated_at, first_sent_at, lease_owner, lease_expires, lease_version)"
 )
+_INSERT_VALUES = "(?, ?, 'pending', ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, 1)"
+_INSERT_OR_IGNORE = f"INSERT OR IGNORE {_INSERT_INTO} VALUES {_INSERT_VALUES}"
 
 
 _FINISH = (
@@ -134,8 +135,7 @@ _UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
 @functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
 def _insert_rows(rows: int) -> str:
     """A plain INSERT of `rows` new operations: all or none (a known name or key aborts it)."""
-    head = _INSERT_OR_IGNORE.replace("INSERT OR IGNORE", "INSERT", 1).split(" VALUES ")[0]
-    return head + " VALUES " + ", ".join([_INSERT_VALUES] * rows)
+    return f"INSERT {_INSERT_INTO} VALUES " + ", ".join([_INSERT_VALUES] * rows)
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
@@ -149,6 +149,23 @@ def _finish_rows(rows: int) -> str:
         f"last_error = NULL FROM (VALUES {values}) AS v WHERE operations.key = v.column7 "
         "AND operations.lease_version = v.column8 AND operations.state = 'pending'"
     )
+
+
+def _new_row(
+    record: RequestRecord, owner: str, lease_seconds: float, now: float
+) -> tuple[Any, ...]:
+    return (
+        record.name, record.key, record.method, record.url, json.dumps(record.headers),
+        record.body, record.fingerprint, now, now, now, owner, now + lease_seconds,
+    )  # fmt: skip
+
+
+def _new_registration(record: RequestRecord, when: datetime) -> Registration:
+    """What registering a new operation decided: send it, first attempt, first lease."""
+    op = Operation(
+        record.name, record.key, "pending", record.method, record.url, 1, when, when, None, None
+    )
+    return Registration(Decision.SEND, op, lease_version=1)
 
 
 def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
@@ -721,12 +738,7 @@ class Journal:
         known or any is a resume: then each is decided on its own."""
         if any(ticket.record.resume for ticket in batch):
             return False
-        rows = [
-            (r.name, r.key, r.method, r.url, json.dumps(r.headers), r.body, r.fingerprint, now,
-             now, now, t.owner, now + t.lease_seconds)
-            for t in batch
-            for r in (t.record,)
-        ]  # fmt: skip
+        rows = [_new_row(t.record, t.owner, t.lease_seconds, now) for t in batch]
         chunks = _chunks(rows)
         try:
             if len(chunks) > 1:
@@ -744,9 +756,7 @@ class Journal:
             raise
         when = _dt(now)
         for ticket in batch:
-            r = ticket.record
-            op = Operation(r.name, r.key, "pending", r.method, r.url, 1, when, when, None, None)
-            ticket.result = Registration(Decision.SEND, op, lease_version=1)
+            ticket.result = _new_registration(ticket.record, when)
         return True
 
     @staticmethod
@@ -758,17 +768,10 @@ class Journal:
         now: float,
     ) -> Registration | None:
         """Insert a new operation, claimed; `None` if its name or key is taken."""
-        values = (
-            record.name, record.key, record.method, record.url, json.dumps(record.headers),
-            record.body, record.fingerprint, now, now, now, owner, now + lease_seconds,
-        )  # fmt: skip
+        values = _new_row(record, owner, lease_seconds, now)
         if db.execute(_INSERT_OR_IGNORE, values).rowcount != 1:
             return None
-        op = Operation(
-            record.name, record.key, "pending", record.method, record.url, 1, _dt(now),
-            _dt(now), None, None,
-        )  # fmt: skip
-        return Registration(Decision.SEND, op, lease_version=1)
+        return _new_registration(record, _dt(now))
 
     def _register_in(
         self,
