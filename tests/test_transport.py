@@ -714,6 +714,34 @@ async def test_async_tasks_register_together(journal_path: Path, sleeps: list[fl
 
 
 @pytest.mark.anyio
+async def test_async_tasks_rerunning_done_and_new_operations_together(
+    journal_path: Path, sleeps: list[float]
+) -> None:
+    # Registrations that wait together are one INSERT; a known name among them sends the
+    # batch down the one-by-one path: the done ones replay, the new ones are sent.
+    import anyio
+
+    script = AsyncScript(ok())
+    replayed: dict[int, bool] = {}
+    async with async_client(script, journal_path, sleeps) as client:
+
+        async def place(n: int) -> None:
+            async with idemclient.operation(f"order-{n}"):
+                response = await client.post("/orders", json={"n": n})
+            assert response.status_code == 201
+            replayed[n] = response.extensions["idempotency"]["replayed"]
+
+        for count in (8, 16):  # a first run stops after 8; the rerun does all 16
+            async with anyio.create_task_group() as group:
+                for n in range(count):
+                    group.start_soon(place, n)
+    assert replayed == {n: n < 8 for n in range(16)}
+    assert len(script.requests) == 16  # each order sent once
+    with Journal(journal_path) as journal:
+        assert {op.state for op in journal.operations()} == {"completed"}
+
+
+@pytest.mark.anyio
 async def test_async_tasks_all_fail_closed_on_a_locked_journal(
     journal_path: Path, sleeps: list[float]
 ) -> None:
