@@ -7,7 +7,15 @@ performs the operation once. See the README for the guarantees and the limits.
 
 from __future__ import annotations
 
-from ._client import AsyncClient, Client, ResumeResult, aresume_pending, resume_pending, wrap
+from ._client import (
+    AsyncClient,
+    Client,
+    ResumeReport,
+    ResumeResult,
+    aresume_pending,
+    resume_pending,
+    wrap,
+)
 from ._core import Event, operation
 from ._errors import (
     ConflictError,
@@ -44,6 +52,7 @@ __all__ = [
     "OperationInProgressError",
     "OperationMismatchError",
     "OperationParkedError",
+    "ResumeReport",
     "ResumeResult",
     "RetriesExhaustedError",
     "RetryPolicy",

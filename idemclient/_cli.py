@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from ._client import Client, ResumeResult
+from ._client import Client, ResumeResult, destination, parse_origin, rebase_map
 from ._core import SECRET_HEADERS
 from ._errors import JournalError
 from ._journal import STATES, Journal, Operation, default_journal_path
@@ -100,11 +100,14 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _open(args: argparse.Namespace, *, create: bool) -> Journal | None:
+def _open(args: argparse.Namespace, *, read_only: bool = False) -> Journal | None:
+    """The journal, or `None` if there is none yet (a command never creates one). Looking
+    (`list`, `show`, a dry run) opens it read-only: a user who may read it but not write it
+    can inspect it, and nothing is changed by looking."""
     path = Path(args.journal).expanduser() if args.journal else default_journal_path()
-    if not create and not path.exists():
+    if not path.exists():
         return None
-    return Journal(path)
+    return Journal(path, read_only=read_only)
 
 
 def _missing(args: argparse.Namespace, err: TextIO) -> None:
@@ -124,7 +127,7 @@ def cmd_where(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    journal = _open(args, create=False)
+    journal = _open(args, read_only=True)
     if journal is None:
         if args.json:
             print("[]", file=out)
@@ -160,7 +163,7 @@ def cmd_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    journal = _open(args, create=False)
+    journal = _open(args, read_only=True)
     if journal is None:
         _missing(args, err)
         return EXIT_INCOMPLETE
@@ -233,23 +236,37 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     headers = _headers(args, err)
     if args.attempts < 1:
         raise UsageError("--attempts must be at least 1")
-    journal = _open(args, create=False)
+    if args.base_url:
+        try:
+            parse_origin(args.base_url, "--base-url")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    rebase = _rebase(args.rebase)
+    journal = _open(args, read_only=args.dry_run)
     if journal is None:
         _missing(args, err)
         print("nothing to resume", file=out)
         return EXIT_OK
+    base_url, moves = httpx.URL(args.base_url or ""), rebase_map(rebase)
     if args.dry_run:
         with journal:
-            to_send = journal.pending()
-            sendable = {op.key for op in to_send}
+            pending = journal.pending()
+            sendable = {op.key for op in pending}
             to_expire = [op for op in journal.operations("pending") if op.key not in sendable]
-        for op in to_send:
-            print(f"would send: {op.name or op.key} {op.method} {op.url} (key {op.key})", file=out)
+        others = 0
+        for op in pending:
+            target = destination(op.url, base_url, moves)
+            if target is None:
+                others += 1
+            else:
+                label = op.name or op.key
+                print(f"would send: {label} {op.method} {target} (key {op.key})", file=out)
         for op in to_expire:
             print(f"would expire (past retention, not sent): {op.name or op.key}", file=out)
-        print(f"{len(to_send)} to send, {len(to_expire)} to expire", file=out)
+        untouched = f", {others} of other origins left untouched" if others else ""
+        print(f"{len(pending) - others} to send, {len(to_expire)} to expire{untouched}", file=out)
         return EXIT_OK
-    total = len(journal.pending())
+    total = sum(destination(op.url, base_url, moves) is not None for op in journal.pending())
     done = 0
 
     def progress(result: ResumeResult) -> None:
@@ -265,13 +282,52 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         retry=RetryPolicy(max_attempts=args.attempts),
     )
     with client, journal:
-        results = client.resume_pending(on_result=progress)
+        results = client.resume_pending(on_result=progress, rebase=rebase)
     counts: dict[str, int] = {}
     for result in results:
         counts[result.outcome] = counts.get(result.outcome, 0) + 1
     summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
     print(f"resumed {len(results)} operations" + (f": {summary}" if results else ""), file=out)
+    if results.skipped:
+        origins = sorted({str(httpx.URL(op.url).copy_with(path="/", query=None))
+                          for op in results.skipped})  # fmt: skip
+        print(
+            f"left {len(results.skipped)} pending operations of other origins untouched "
+            f"({', '.join(origins)}): resume them with --base-url of their own API, or move "
+            "them with --rebase OLD=NEW",
+            file=out,
+        )
     return EXIT_OK if all(r.outcome == "completed" for r in results) else EXIT_INCOMPLETE
+
+
+def _rebase(items: list[str]) -> dict[str, str]:
+    """`--rebase OLD=NEW` arguments as a mapping of origins (checked)."""
+    moves: dict[str, str] = {}
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep:
+            raise UsageError(f"--rebase takes OLD=NEW origins, not {item!r}")
+        moves[old.strip()] = new.strip()
+    try:
+        rebase_map(moves)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return moves
+
+
+def cmd_retention(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Show the journal's retention, or change it for every user of the file."""
+    journal = _open(args, read_only=args.set is None)
+    if journal is None:
+        _missing(args, err)
+        return EXIT_INCOMPLETE
+    with journal:
+        if args.set is not None:
+            journal.set_retention(args.set)
+            print(f"retention of {journal.path} is now {args.set}", file=out)
+        else:
+            print(journal.retention, file=out)
+    return EXIT_OK
 
 
 _DECISIONS = {
@@ -284,7 +340,7 @@ _DECISIONS = {
 
 def cmd_decide(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """abandon, unpark, reissue: a person's decision about one operation."""
-    journal = _open(args, create=False)
+    journal = _open(args)
     if journal is None:
         _missing(args, err)
         return EXIT_INCOMPLETE
@@ -303,7 +359,7 @@ def cmd_decide(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_purge(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    journal = _open(args, create=False)
+    journal = _open(args)
     if journal is None:
         _missing(args, err)
         print("purged 0 operations", file=out)
@@ -355,7 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
         "resend every pending operation with its own key (the server replays what it did)",
     )
     sub.add_argument("--base-url", metavar="URL",
-                     help="send to this scheme://host:port instead of the stored one")  # fmt: skip
+                     help="resume only the operations sent to this scheme://host[:port] "
+                     "(default: all, each to where it was sent)")  # fmt: skip
+    sub.add_argument("--rebase", action="append", default=[], metavar="OLD=NEW",
+                     help="send the operations of origin OLD to origin NEW instead, and record "
+                     "that they moved (repeatable)")  # fmt: skip
     sub.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'",
                      help="add a header (not for secrets: see --header-from-env)")  # fmt: skip
     sub.add_argument("--header-from-env", action="append", default=[], metavar="Name=ENVVAR",
@@ -376,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub = command(name, text)
         sub.add_argument("operation", metavar="NAME_OR_KEY")
         sub.set_defaults(run=cmd_decide)
+
+    sub = command(
+        "retention",
+        "show how long the server keeps keys (a property of the journal file), or change it",
+    )
+    sub.add_argument("--set", type=parse_duration, metavar="DURATION",
+                     help="the new retention for every user of the file, e.g. 1h, 24h")  # fmt: skip
+    sub.set_defaults(run=cmd_retention)
 
     sub = command("purge", "delete finished operations (never pending or expired ones)")
     sub.add_argument("--older-than", type=parse_duration, default=timedelta(days=30),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -28,7 +28,15 @@ from ._transport import (
     JournalLike,
 )
 
-__all__ = ["AsyncClient", "Client", "ResumeResult", "aresume_pending", "resume_pending", "wrap"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ResumeReport",
+    "ResumeResult",
+    "aresume_pending",
+    "resume_pending",
+    "wrap",
+]
 
 Outcome = Literal["completed", "conflict", "expired", "in_progress", "parked", "failed"]
 AnyClient = TypeVar("AnyClient", httpx.Client, httpx.AsyncClient)
@@ -121,10 +129,14 @@ class Client(httpx.Client):
         return _idempotent_transport(self).journal
 
     def resume_pending(
-        self, *, on_result: Callable[[ResumeResult], object] | None = None
-    ) -> list[ResumeResult]:
-        """Finish this journal's interrupted operations through this client."""
-        return resume_pending(self, on_result=on_result)
+        self,
+        *,
+        on_result: Callable[[ResumeResult], object] | None = None,
+        rebase: Mapping[str, str] | None = None,
+    ) -> ResumeReport:
+        """Finish the interrupted operations addressed to this client's API (see
+        `idemclient.resume_pending`)."""
+        return resume_pending(self, on_result=on_result, rebase=rebase)
 
 
 class AsyncClient(httpx.AsyncClient):
@@ -163,16 +175,23 @@ class AsyncClient(httpx.AsyncClient):
         return _idempotent_transport(self).journal
 
     async def aresume_pending(
-        self, *, on_result: Callable[[ResumeResult], object] | None = None
-    ) -> list[ResumeResult]:
-        """Finish this journal's interrupted operations through this client."""
-        return await aresume_pending(self, on_result=on_result)
+        self,
+        *,
+        on_result: Callable[[ResumeResult], object] | None = None,
+        rebase: Mapping[str, str] | None = None,
+    ) -> ResumeReport:
+        """Finish the interrupted operations addressed to this client's API (see
+        `idemclient.resume_pending`)."""
+        return await aresume_pending(self, on_result=on_result, rebase=rebase)
 
     async def resume_pending(
-        self, *, on_result: Callable[[ResumeResult], object] | None = None
-    ) -> list[ResumeResult]:
+        self,
+        *,
+        on_result: Callable[[ResumeResult], object] | None = None,
+        rebase: Mapping[str, str] | None = None,
+    ) -> ResumeReport:
         """The same as `aresume_pending()`, under the sync client's name."""
-        return await aresume_pending(self, on_result=on_result)
+        return await aresume_pending(self, on_result=on_result, rebase=rebase)
 
 
 # -- resume -----------------------------------------------------------------------------
@@ -195,33 +214,93 @@ class ResumeResult:
     error: Exception | None = None
 
 
-def _rebase(url: str, base_url: httpx.URL) -> httpx.URL:
-    """The stored URL on the client's base URL origin, if the client has one."""
-    stored = httpx.URL(url)
-    if not base_url.host:
-        return stored
-    return stored.copy_with(scheme=base_url.scheme, host=base_url.host, port=base_url.port)
+class ResumeReport(list[ResumeResult]):
+    """The results of `resume_pending`, one per operation it took up (a list), and `skipped`:
+    the pending operations addressed to other origins, left pending and untouched for the
+    client of their own API (or for `rebase=`)."""
+
+    def __init__(
+        self, results: Iterable[ResumeResult] = (), skipped: Sequence[Operation] = ()
+    ) -> None:
+        super().__init__(results)
+        self.skipped: tuple[Operation, ...] = tuple(skipped)
+
+
+_Origin = tuple[str, str, int | None]
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: httpx.URL) -> _Origin:
+    """scheme, host and port (the scheme's default port written out) of a URL."""
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def parse_origin(text: str | httpx.URL, what: str) -> httpx.URL:
+    url = httpx.URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{what} must be an origin such as https://api.example, not {text!r}")
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ValueError(f"{what} must be an origin (scheme://host[:port]) only, not {text!r}")
+    return url
+
+
+def rebase_map(rebase: Mapping[str, str] | None) -> dict[_Origin, httpx.URL]:
+    moves: dict[_Origin, httpx.URL] = {}
+    for old, new in (rebase or {}).items():
+        moves[_origin(parse_origin(old, "a rebase source"))] = parse_origin(new, "a rebase target")
+    return moves
+
+
+def destination(
+    url: str, base_url: httpx.URL, moves: Mapping[_Origin, httpx.URL]
+) -> httpx.URL | None:
+    """Where a resume through a client with `base_url` sends an operation stored at `url`,
+    after the moves of `rebase`; `None` if it is another origin's (not this client's)."""
+    target = httpx.URL(url)
+    move = moves.get(_origin(target))
+    if move is not None:
+        target = target.copy_with(scheme=move.scheme, host=move.host, port=move.port)
+    if base_url.host and _origin(target) != _origin(base_url):
+        return None
+    return target
 
 
 def _resume_requests(
-    client: httpx.Client | httpx.AsyncClient,
-) -> tuple[Journal, list[ResumeResult], list[tuple[Operation, httpx.Request]]]:
+    client: httpx.Client | httpx.AsyncClient, rebase: Mapping[str, str] | None
+) -> tuple[Journal, ResumeReport, list[tuple[Operation, httpx.Request]]]:
+    """The pending operations this client resumes, as requests to send; the expired ones.
+
+    An operation goes back where it was sent: only those whose stored origin is the client's
+    (its base URL's; any, for a client without a base URL) are taken, others are skipped.
+    `rebase` moves operations from one origin to another, explicitly.
+    """
     transport = _idempotent_transport(client)
+    moves = rebase_map(rebase)
     journal = transport.journal
-    expired = [ResumeResult(op, "expired") for op in journal.expire_stale()]
+    report = ResumeReport([ResumeResult(op, "expired") for op in journal.expire_stale()])
     requests = []
+    skipped = []
     for op in journal.pending():
         method, url, headers, body = journal.request_of(op.key)
-        extensions: dict[str, Any] = {RESUME_EXTENSION: True}
+        target = destination(url, client.base_url, moves)
+        if target is None:
+            skipped.append(op)
+            continue
+        # The key goes out as it first did: in the operation's own header and style.
+        key_header = op.key_header or transport.key_header
+        key_style = op.key_style or transport.settings.key_style
+        extensions: dict[str, Any] = {
+            RESUME_EXTENSION: {"key_header": key_header, "key_style": key_style}
+        }
         if op.name is not None:
             extensions[OPERATION_EXTENSION] = op.name
         request = client.build_request(
-            method, _rebase(url, client.base_url), headers=headers, content=body,
-            extensions=extensions,
-        )  # fmt: skip
-        request.headers[transport.key_header] = op.key
+            method, target, headers=headers, content=body, extensions=extensions
+        )
+        request.headers[key_header] = f'"{op.key}"' if key_style == "structured" else op.key
         requests.append((op, request))
-    return journal, expired, requests
+    report.skipped = tuple(skipped)
+    return journal, report, requests
 
 
 def _result(
@@ -256,22 +335,34 @@ _RESUMABLE_ERRORS = (
 
 
 def resume_pending(
-    client: httpx.Client, *, on_result: Callable[[ResumeResult], object] | None = None
-) -> list[ResumeResult]:
-    """Resend every pending operation of the client's journal, through the client.
+    client: httpx.Client,
+    *,
+    on_result: Callable[[ResumeResult], object] | None = None,
+    rebase: Mapping[str, str] | None = None,
+) -> ResumeReport:
+    """Resend the pending operations addressed to this client's API, through the client.
 
-    The client's auth, headers and base URL apply (a token refreshed since the crash works);
-    each operation goes out with its stored key and exact body bytes, so a server that acted
-    before the crash replays its answer instead of acting twice. Operations sent once and
-    older than the journal's retention become `expired` and are not sent.
+    An operation is resent to the URL it was sent to: the client takes those whose origin
+    (scheme, host, port) is its base URL's, or all of them if it has no base URL; the
+    others (another API's, in a shared journal) stay pending, untouched, listed in the
+    report's `skipped`. `rebase={"https://old.example": "https://new.example"}` moves the
+    operations of one origin to another, explicitly (and for good: the journal records the
+    new URL).
+
+    The client's auth and headers apply (a token refreshed since the crash works); each
+    operation goes out with its stored key, in the header and style it first went out with,
+    and its exact body bytes, so a server that acted before the crash replays its answer
+    instead of acting twice. Operations sent once and older than the journal's retention
+    become `expired` and are not sent.
 
     `on_result` is called with each `ResumeResult` as soon as it is known (for progress).
 
     Raises:
         JournalError: the journal cannot be read or written (stops at once).
         TypeError: the client has no idemclient transport.
+        ValueError: a `rebase` entry is not an origin (`scheme://host[:port]`).
     """
-    journal, results, requests = _resume_requests(client)
+    journal, results, requests = _resume_requests(client, rebase)
     _report(results, on_result)
     for op, request in requests:
         response: httpx.Response | None = None
@@ -287,7 +378,7 @@ def resume_pending(
 
 
 def _report(
-    results: list[ResumeResult], on_result: Callable[[ResumeResult], object] | None
+    results: Sequence[ResumeResult], on_result: Callable[[ResumeResult], object] | None
 ) -> None:
     if on_result is not None:
         for result in results:
@@ -295,10 +386,13 @@ def _report(
 
 
 async def aresume_pending(
-    client: httpx.AsyncClient, *, on_result: Callable[[ResumeResult], object] | None = None
-) -> list[ResumeResult]:
+    client: httpx.AsyncClient,
+    *,
+    on_result: Callable[[ResumeResult], object] | None = None,
+    rebase: Mapping[str, str] | None = None,
+) -> ResumeReport:
     """The async twin of `resume_pending`; journal reads run in a worker thread."""
-    journal, results, requests = await anyio.to_thread.run_sync(_resume_requests, client)
+    journal, results, requests = await anyio.to_thread.run_sync(_resume_requests, client, rebase)
     _report(results, on_result)
     for op, request in requests:
         response: httpx.Response | None = None

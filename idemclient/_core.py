@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import itertools
 import logging
 import os
 import random
-import threading
 import uuid
-from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
@@ -49,7 +49,8 @@ logger = logging.getLogger("idemclient")
 
 #: Request extension naming the operation (a stable name that survives reruns).
 OPERATION_EXTENSION = "idempotency_operation"
-#: Request extension set by `resume_pending`: the stored request, found by its key.
+#: Request extension set by `resume_pending`: the stored request, found by its key. Its value
+#: is a mapping with the operation's stored `key_header` and `key_style`.
 RESUME_EXTENSION = "idempotency_resume"
 #: Response extension describing the operation.
 RESPONSE_EXTENSION = "idempotency"
@@ -145,13 +146,12 @@ class _Scope:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._count = 0
-        self._lock = threading.Lock()
+        # next() on a count is atomic under the GIL, and holds no lock that a fork() could
+        # leave held in the child
+        self._counter = itertools.count(1)
 
     def next_name(self) -> str:
-        with self._lock:
-            self._count += 1
-            count = self._count
+        count = next(self._counter)
         return self.name if count == 1 else f"{self.name}#{count}"
 
 
@@ -248,10 +248,15 @@ class Plan:
     key_header: str
     key_style: Literal["bare", "structured"]
 
-    def request_with_key(self, key: str) -> httpx.Request:
-        """The request to send under the journal's key (a rerun reuses the first key)."""
-        if key != self.record.key:
-            self.request.headers[self.key_header] = _key_value(key, self.key_style)
+    def request_with_key(self, op: Operation) -> httpx.Request:
+        """The request to send under the journal's key, in the header and style stored with
+        the operation (a rerun reuses the first key, as it first went out)."""
+        header = op.key_header or self.key_header
+        style = op.key_style if op.key_style in ("bare", "structured") else self.key_style
+        if header.lower() != self.key_header.lower():
+            del self.request.headers[self.key_header]
+        if op.key != self.record.key or header != self.key_header or style != self.key_style:
+            self.request.headers[header] = _key_value(op.key, style)  # type: ignore[arg-type]
         return self.request
 
 
@@ -267,9 +272,17 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     else:
         scope = _scope.get()
         name = scope.next_name() if scope is not None else None
+    # A resume sends the key as the operation first did: in its stored header and style.
+    key_header, key_style = settings.key_header, settings.key_style
+    skip, key_name = settings.skip_headers, settings.key_lower
+    resume = request.extensions.get(RESUME_EXTENSION)
+    if isinstance(resume, Mapping):
+        key_header = str(resume.get("key_header") or key_header)
+        key_style = "structured" if resume.get("key_style") == "structured" else "bare"
+        key_name = key_header.lower()
+        skip = skip | {key_name}
     # One pass over the headers: what is journaled, the caller's key, and what the sent
     # request's framing headers say now.
-    skip, key_name = settings.skip_headers, settings.key_lower
     stored: list[tuple[str, str]] = []
     given_values: list[str] = []
     length: str | None = None
@@ -295,7 +308,9 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         headers=stored,
         body=body,
         fingerprint=fingerprint(request.method, url, body),
-        resume=bool(request.extensions.get(RESUME_EXTENSION)),
+        resume=bool(resume),
+        key_header=key_header,
+        key_style=key_style,
     )
     # The request itself is what is sent, as auth flows do it: its body becomes the journaled
     # bytes (sendable again), and it carries the key, so `response.request` shows the key.
@@ -304,11 +319,11 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         del headers["transfer-encoding"]
     if length != (size := str(len(body))):
         headers["content-length"] = size
-    value = _key_value(key, settings.key_style)
+    value = _key_value(key, key_style)
     if given != value:
-        headers[settings.key_header] = value
+        headers[key_header] = value
     request.stream = httpx.ByteStream(body)
-    return Plan(record, request, lease_seconds(request), settings.key_header, settings.key_style)
+    return Plan(record, request, lease_seconds(request), key_header, key_style)
 
 
 # -- steps ----------------------------------------------------------------------------------
@@ -317,10 +332,12 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
 @dataclass(frozen=True, slots=True)
 class Call:
     """Run a journal method: in a worker thread, for the async shell, if it `blocks` (disk
-    I/O); a call that only hands data to the journal in memory runs on the event loop."""
+    I/O); a call that only hands data to the journal in memory runs on the event loop. The
+    shells see a blocking call through to its end, whatever cancels the caller meanwhile."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
     blocks: bool = True
 
 
@@ -445,9 +462,18 @@ def replay_response(reg: Registration, request: httpx.Request) -> httpx.Response
     )
 
 
-def _refuse(reg: Registration, request: httpx.Request) -> IdempotencyError:
+def _refuse(
+    reg: Registration, request: httpx.Request, *, during_retry: bool = False
+) -> IdempotencyError:
+    """The error for a registration (or, `during_retry`, a claim) that sends nothing."""
     op = reg.operation
     label = repr(op.name) if op.name is not None else f"with key {op.key!r}"
+    if during_retry and reg.decision in (Decision.COMPLETED, Decision.IN_PROGRESS):
+        return OperationInProgressError(
+            f"operation {label} was taken over by another process ({reg.detail or op.state}) "
+            "while this one waited to retry; not resent",
+            operation=op,
+        )
     if reg.decision is Decision.CONFLICT:
         response = replay_response(reg, request) if reg.response is not None else None
         status = response.status_code if response is not None else "?"
@@ -467,9 +493,10 @@ def _refuse(reg: Registration, request: httpx.Request) -> IdempotencyError:
             operation=op,
         )
     if reg.decision is Decision.EXPIRED:
+        when = " while it waited to retry" if during_retry else ""
         return OperationExpiredError(
-            f"operation {label} was sent before and is older than the journal's retention: "
-            "the server may have forgotten its key, so it is not resent automatically "
+            f"operation {label} was sent before and became older than the journal's retention"
+            f"{when}: the server may have forgotten its key, so it is not resent automatically "
             "(abandon it, or decide by hand)",
             operation=op,
         )
@@ -477,8 +504,9 @@ def _refuse(reg: Registration, request: httpx.Request) -> IdempotencyError:
         return OperationParkedError(
             f"operation {label}: {reg.detail or op.last_error}; nothing was sent", operation=op
         )
+    when = " by a person while this process waited to retry it" if during_retry else ""
     return OperationAbandonedError(
-        f"operation {label} was abandoned; nothing was sent", operation=op
+        f"operation {label} was abandoned{when}; nothing was sent", operation=op
     )
 
 
@@ -523,6 +551,16 @@ def _close_response(outcome: Outcome) -> None:
         outcome.response.close()
 
 
+class Unsent(BaseException):
+    """Thrown into a flow by a shell in place of carrying out a `Send`: the request was not
+    sent (its task was cancelled while a journal call was seen through). The flow gives its
+    claim back (`Journal.unclaim`) and raises `reason`."""
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def keyed_flow(
     the_plan: Plan,
     journal: Journal,
@@ -544,6 +582,9 @@ def keyed_flow(
     op = reg.operation
     label = op.name or op.key
     version, attempts = reg.lease_version, op.attempts
+    # Whether the claim in force was made by the registration that inserted the operation:
+    # undoing it then removes the operation, as if it had never been registered.
+    fresh = reg.fresh
 
     def event(kind: EventKind, **details: Any) -> tuple[Step, ...]:
         if not observed:
@@ -556,7 +597,7 @@ def keyed_flow(
         return replay_response(reg, request)
     if reg.decision is not Decision.SEND:
         raise _refuse(reg, request)
-    request = the_plan.request_with_key(op.key)
+    request = the_plan.request_with_key(op)
     yield from event("registered")
 
     first = True
@@ -564,17 +605,16 @@ def keyed_flow(
     last_error: str | None = None
 
     def attempt() -> Generator[Step, Any, Outcome]:
-        nonlocal version, attempts, first, last_raw
+        nonlocal version, attempts, first, last_raw, fresh
         if not first:
-            claimed = yield Call(
+            claimed: Registration = yield Call(
                 journal.claim, (op.key, version, me, the_plan.lease_seconds, last_error)
             )
-            if claimed is None:
-                raise OperationInProgressError(
-                    f"operation {label} was taken over by another process; not resent",
-                    operation=op,
-                )
-            version, attempts = claimed
+            if claimed.decision is not Decision.SEND:
+                # Not this holder's to send any more: taken over, finished by another holder,
+                # abandoned by a person, or past the retention after a long sleep.
+                raise _refuse(claimed, request, during_retry=True)
+            version, attempts, fresh = claimed.lease_version, claimed.operation.attempts, False
         first = False
         yield from event("sending")
         try:
@@ -644,6 +684,15 @@ def keyed_flow(
         settled = True
     except GeneratorExit:
         raise
+    except Unsent as unsent:
+        # Cancelled before this attempt's first byte: give the claim back, so that a retry
+        # in this same process may send it at once (and a fresh operation leaves no trace).
+        if not settled:
+            try:
+                yield Call(journal.unclaim, (op.key, version), {"fresh": fresh})
+            except Exception:
+                logger.debug("could not give back operation %s", label, exc_info=True)
+        raise unsent.reason from None
     except BaseException:
         if not settled:
             # Cancelled, interrupted, or the journal failed mid-way: give the lease back so

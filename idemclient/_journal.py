@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -18,6 +19,7 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -46,12 +48,11 @@ STATES: tuple[State, ...] = ("pending", "completed", "conflict", "expired", "par
 _FINISHED: tuple[State, ...] = ("completed", "conflict", "abandoned")
 
 #: Bumped by every schema change; migrations go forward only (`_MIGRATIONS`).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _DEFAULT_PURGE_HORIZON = timedelta(days=30)
 
-_TABLE = """
-CREATE TABLE operations (
+_V2_COLUMNS = """
     id              INTEGER PRIMARY KEY,
     name            TEXT,                   -- NULL for an unnamed operation
     key             TEXT NOT NULL UNIQUE,
@@ -74,8 +75,17 @@ CREATE TABLE operations (
     response_body_kept INTEGER,
     last_error      TEXT,
     recoveries      INTEGER NOT NULL DEFAULT 0,  -- claims that found the last holder gone
-    previous_key    TEXT                    -- the key this one replaced (reissue)
+    -- previous_key: the key this one replaced (reissue)
+    previous_key    TEXT"""
+# Version 2's table: version 1 journals are first upgraded to it, then to the current one.
+_TABLE_V2 = f"CREATE TABLE operations ({_V2_COLUMNS}\n)"
+_TABLE = f"""CREATE TABLE operations ({_V2_COLUMNS},
+    key_header      TEXT,                   -- the header that carries the key, and its style
+    key_style       TEXT                    -- (NULL: written before version 3)
 )"""
+# Properties of the file that every client, resumer and the CLI must agree on (the retention).
+_SETTINGS_TABLE = "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+_DEFAULT_RETENTION = timedelta(hours=24)
 # Names are unique among named operations; unnamed ones (most, in bulk use) stay out of the
 # index, which spares each of their inserts an index write. Resume and expiry scan only
 # pending rows, and purge only finished ones: that stays cheap however large the journal grows.
@@ -86,10 +96,14 @@ _INDEXES = (
 )
 
 
-def _create(db: sqlite3.Connection) -> None:
-    db.execute(_TABLE)
+def _create(db: sqlite3.Connection, table: str = _TABLE) -> None:
+    db.execute(table)
     for index in _INDEXES:
         db.execute(index)
+
+
+def _create_settings(db: sqlite3.Connection) -> None:
+    db.execute(_SETTINGS_TABLE)
 
 
 def _v1_to_v2(db: sqlite3.Connection) -> None:
@@ -98,21 +112,30 @@ def _v1_to_v2(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE operations RENAME TO operations_v1")
     db.execute("DROP INDEX IF EXISTS operations_pending")
     db.execute("DROP INDEX IF EXISTS operations_finished")
-    _create(db)
+    _create(db, _TABLE_V2)
     db.execute("INSERT INTO operations SELECT * FROM operations_v1")
     db.execute("DROP TABLE operations_v1")
 
 
+def _v2_to_v3(db: sqlite3.Connection) -> None:
+    """Version 3 stores how each operation's key goes out (header, style) and the journal's
+    retention (the opener's, or the default, is stored: see `Journal`)."""
+    db.execute("ALTER TABLE operations ADD COLUMN key_header TEXT")
+    db.execute("ALTER TABLE operations ADD COLUMN key_style TEXT")
+    _create_settings(db)
+
+
 #: from version N to N + 1, in the caller's transaction
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 # A new operation, claimed: the parameters are `_new_row`'s.
 _INSERT_INTO = (
     "INTO operations (name, key, state, method, url, headers, body, fingerprint, attempts, "
-    "created_at, updated_at, first_sent_at, lease_owner, lease_expires, lease_version)"
+    "created_at, updated_at, first_sent_at, lease_owner, lease_expires, lease_version, "
+    "key_header, key_style)"
 )
-_INSERT_VALUES = "(?, ?, 'pending', ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, 1)"
+_INSERT_VALUES = "(?, ?, 'pending', ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, 1, ?, ?)"
 _INSERT_OR_IGNORE = f"INSERT OR IGNORE {_INSERT_INTO} VALUES {_INSERT_VALUES}"
 
 
@@ -157,15 +180,17 @@ def _new_row(
     return (
         record.name, record.key, record.method, record.url, json.dumps(record.headers),
         record.body, record.fingerprint, now, now, now, owner, now + lease_seconds,
+        record.key_header, record.key_style,
     )  # fmt: skip
 
 
 def _new_registration(record: RequestRecord, when: datetime) -> Registration:
     """What registering a new operation decided: send it, first attempt, first lease."""
     op = Operation(
-        record.name, record.key, "pending", record.method, record.url, 1, when, when, None, None
-    )
-    return Registration(Decision.SEND, op, lease_version=1)
+        record.name, record.key, "pending", record.method, record.url, 1, when, when, None, None,
+        key_header=record.key_header, key_style=record.key_style,
+    )  # fmt: skip
+    return Registration(Decision.SEND, op, lease_version=1, fresh=True)
 
 
 def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
@@ -177,6 +202,7 @@ _EXPIRE = (
     "lease_expires = NULL WHERE key = ?"
 )
 logger = logging.getLogger("idemclient")
+#: every Journal of this process that is not closed
 _open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
 
 
@@ -185,6 +211,67 @@ def _flush_at_exit() -> None:
     for journal in list(_open_journals):
         with contextlib.suppress(Exception):
             journal.flush()
+
+
+class _SharedFile:
+    """What every `Journal` of this process on one file shares: one per file and process.
+
+    Two journals on one file (a worker that makes a client per job, a caller's journal beside
+    a client's own) must see each other's answers at once: the completions held in memory
+    live here, so a read or registration through either journal writes them first. They also
+    take turns at writing under one lock, and one flusher thread writes for all of them.
+    """
+
+    def __init__(self, identity: tuple[int, int]) -> None:
+        self.identity = identity  # (device, inode) of the file
+        self.journals: weakref.WeakSet[Journal] = weakref.WeakSet()  # the open ones
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh locks and nothing held: at creation, and in a child after `fork()` (a lock
+        that a parent's thread held at the fork would never be released in the child, and
+        the parent's held completions are the parent's to write)."""
+        self.write_lock = threading.Lock()
+        self.deferred: list[tuple[Any, ...]] = []
+        self.deferred_lock = threading.Lock()
+        self.deferred_ready = threading.Condition(self.deferred_lock)
+        self.flusher_pid = 0
+        self.flusher_idle = 30.0
+
+    def any_open(self) -> Journal | None:
+        for journal in list(self.journals):
+            if not journal._closed:
+                return journal
+        return None
+
+
+#: connections a forked child inherited: never used, never closed (closing one could end
+#: what the parent's connection relies on)
+_inherited: list[sqlite3.Connection] = []
+_files_lock = threading.Lock()
+_files: weakref.WeakValueDictionary[tuple[int, int], _SharedFile] = weakref.WeakValueDictionary()
+
+
+def _shared_file(identity: tuple[int, int]) -> _SharedFile:
+    with _files_lock:
+        shared = _files.get(identity)
+        if shared is None:
+            shared = _files[identity] = _SharedFile(identity)
+        return shared
+
+
+def _after_fork_in_child() -> None:
+    """A child of `fork()` starts clean: its own locks, queues and threads, nothing of the
+    parent's (gunicorn --preload, multiprocessing's fork start method)."""
+    global _files_lock
+    _files_lock = threading.Lock()
+    for shared in list(_files.values()):
+        shared.reset()
+    for journal in list(_open_journals):
+        journal._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _ThreadConnection:
@@ -230,7 +317,9 @@ def _process_start_time(pid: int) -> str | None:
     return fields[19].decode() if len(fields) > 19 else None
 
 
-_HOST = socket.gethostname()
+#: the host part of lease owners; IDEMCLIENT_HOST overrides it (containers whose host names
+#: repeat; tests that play several hosts on one machine)
+_HOST = os.environ.get("IDEMCLIENT_HOST") or socket.gethostname()
 
 
 def current_owner() -> str:
@@ -294,6 +383,8 @@ class Operation:
     last_error: str | None
     recoveries: int = 0
     previous_key: str | None = None
+    key_header: str | None = None
+    key_style: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +414,8 @@ class RequestRecord:
     body: bytes
     fingerprint: str
     resume: bool = False  # sent by resume: the stored request, found by key
+    key_header: str = "Idempotency-Key"  # how the key goes out, stored with the operation
+    key_style: str = "bare"
 
 
 class Decision(Enum):
@@ -345,12 +438,14 @@ class Registration:
     lease_version: int = 0
     response: StoredResponse | None = None
     detail: str = ""
+    fresh: bool = False  # a new operation inserted by this registration (nothing sent before)
 
 
 _COLUMNS = (
     "name, key, state, method, url, attempts, created_at, updated_at, response_status, "
     "last_error, fingerprint, first_sent_at, lease_owner, lease_expires, lease_version, "
-    "response_headers, response_body, response_body_kept, recoveries, previous_key"
+    "response_headers, response_body, response_body_kept, recoveries, previous_key, "
+    "key_header, key_style"
 )
 
 
@@ -368,6 +463,8 @@ def _operation(row: tuple[Any, ...]) -> Operation:
         last_error=row[9],
         recoveries=row[18],
         previous_key=row[19],
+        key_header=row[20],
+        key_style=row[21],
     )
 
 
@@ -385,7 +482,11 @@ class Journal:
         path: the file; `None` means `$IDEMCLIENT_JOURNAL` or the user state directory.
             A missing parent directory is created with mode 0700, a new file with mode 0600.
         retention: how long the server keeps a key. A pending operation sent at least once
-            and older than this becomes `expired` and is never resent automatically.
+            and older than this becomes `expired` and is never resent automatically. It is a
+            property of the file, so that every client, resumer and the command line agree:
+            stored by whoever creates the journal (24 hours if not given), read from the file
+            when `None`, changed only by `set_retention()`. A value that differs from the
+            file's raises `ValueError`.
         durability: `"full"` fsyncs the register/claim commit before the request is sent (it
             survives a power loss); `"normal"` survives a crash of the process, not of the
             machine. Completion writes need no fsync: if one is lost, a resume resends the
@@ -398,6 +499,9 @@ class Journal:
         max_recoveries: how many times an operation is taken over from a holder that vanished
             mid-operation (a crash, a kill) before it is `parked` for a person: an operation
             whose send keeps killing the process must not crash every rerun.
+        read_only: open an existing journal for inspection only (`operations`, `get`,
+            `pending`, `stored_response`): nothing is created, upgraded or written, so a user
+            who may read the file but not write it can look into it.
 
     Raises:
         JournalError: the file cannot be created or opened, is not an SQLite database, is
@@ -413,45 +517,58 @@ class Journal:
         self,
         path: str | os.PathLike[str] | None = None,
         *,
-        retention: timedelta = timedelta(hours=24),
+        retention: timedelta | None = None,
         durability: Literal["full", "normal"] = "full",
         busy_timeout: float = 10.0,
         max_response_body: int = 1024 * 1024,
         max_recoveries: int = 3,
         flush_delay: float = 0.05,
         clock: Callable[[], float] = time.time,
+        read_only: bool = False,
     ) -> None:
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
-        if retention <= timedelta(0):
+        if retention is not None and retention <= timedelta(0):
             raise ValueError("retention must be positive")
         self.path = Path(path).expanduser() if path is not None else default_journal_path()
-        self.retention = retention
         self.durability = durability
         self.busy_timeout = busy_timeout
         self.max_response_body = max_response_body
         self.max_recoveries = max_recoveries
+        self.read_only = read_only
         self._clock = clock
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         # connections of threads that have ended, to close (appended by a finalizer: no lock)
         self._retired: list[tuple[int, sqlite3.Connection]] = []
-        self._write_lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list[_Ticket] = []
-        self._deferred: list[tuple[Any, ...]] = []
-        self._deferred_lock = threading.Lock()
-        self._deferred_ready = threading.Condition(self._deferred_lock)
-        self._flusher_pid = 0
-        self._flusher_idle = 30.0
         self.flush_delay = flush_delay
+        self._closing = False
         self._closed = False
-        self._open()
+        self._identity = self._open_file()
+        self._shared = _shared_file(self._identity)
+        try:
+            self.retention = self._open(retention)
+        except BaseException:
+            self._close_connections()
+            raise
+        if not read_only:  # the journals that may write what any of them holds
+            self._shared.journals.add(self)
         _open_journals.add(self)
 
     def __repr__(self) -> str:
         return f"<Journal {str(self.path)!r} durability={self.durability!r}>"
+
+    def _after_fork(self) -> None:
+        """In a child after `fork()`: fresh locks and queues; the parent's connections stay
+        untouched (SQLite connections must not be used, nor closed, across a fork)."""
+        self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue = []
+        self._local = threading.local()
+        self._retired = []
 
     # -- connections ----------------------------------------------------------------------
 
@@ -469,22 +586,51 @@ class Journal:
                 f"could not {action}: journal {self.path}: {exc}", path=str(self.path)
             ) from exc
 
-    def _open(self) -> None:
+    def _open_file(self) -> tuple[int, int]:
+        """Create the file if need be (not when read-only), check that it is SQLite's, and
+        return its identity (device, inode): a file deleted or replaced later is detected."""
         with self._errors_as_journal_error("open the journal"):
-            parent = self.path.parent
-            if not parent.exists():
-                parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            if self.read_only:
+                fd = os.open(self.path, os.O_RDONLY)
+            else:
+                parent = self.path.parent
+                if not parent.exists():
+                    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 head = os.read(fd, len(_SQLITE_MAGIC))
+                stat = os.fstat(fd)
             finally:
                 os.close(fd)
-            if head and head != _SQLITE_MAGIC[: len(head)]:
-                raise JournalError(
-                    f"journal {self.path} is not an SQLite database; it was left untouched "
-                    "(move it away or pass another path)",
-                    path=str(self.path),
-                )
+        if head and head != _SQLITE_MAGIC[: len(head)]:
+            raise JournalError(
+                f"journal {self.path} is not an SQLite database; it was left untouched "
+                "(move it away or pass another path)",
+                path=str(self.path),
+            )
+        return stat.st_dev, stat.st_ino
+
+    def _check_identity(self) -> None:
+        """Fail closed if the file was deleted or replaced while in use: writing on would
+        record intents where no later run looks (a rerun would then send again)."""
+        try:
+            stat = os.stat(self.path)
+        except OSError as exc:
+            raise JournalError(
+                f"journal {self.path} is gone ({exc.strerror}): it was deleted or moved while "
+                "in use; nothing was sent",
+                path=str(self.path),
+            ) from exc
+        if (stat.st_dev, stat.st_ino) != self._identity:
+            raise JournalError(
+                f"journal {self.path} was replaced by another file while in use; nothing was "
+                "sent (open the journal again to use the new file)",
+                path=str(self.path),
+            )
+
+    def _open(self, retention: timedelta | None) -> timedelta:
+        """Check the schema (create or upgrade it) and settle the retention."""
+        with self._errors_as_journal_error("open the journal"):
             db = self._connection()
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -494,11 +640,28 @@ class Journal:
                     path=str(self.path),
                 )
             if version < SCHEMA_VERSION:
-                self._migrate(db, version)
-            else:
-                db.execute("SELECT 1 FROM operations LIMIT 1").fetchall()
+                if self.read_only:
+                    raise JournalError(
+                        f"journal {self.path} has schema version {version} and must be "
+                        f"upgraded to {SCHEMA_VERSION} first: open it once with write access",
+                        path=str(self.path),
+                    )
+                self._migrate(db, retention)
+            db.execute("SELECT 1 FROM operations LIMIT 1").fetchall()
+            row = db.execute("SELECT value FROM settings WHERE name = 'retention'").fetchone()
+        if row is None:  # only a read-only look at a journal nobody has written to yet
+            return retention or _DEFAULT_RETENTION
+        stored = timedelta(seconds=float(row[0]))
+        if retention is not None and retention != stored:
+            raise ValueError(
+                f"journal {self.path} keeps keys for {stored} (a property of the file, set "
+                f"when it was created), not {retention}: pass retention=None to use it, or "
+                "change it for every user of the file with Journal.set_retention() or "
+                "`idemclient retention`"
+            )
+        return stored
 
-    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+    def _migrate(self, db: sqlite3.Connection, retention: timedelta | None) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
             current = db.execute("PRAGMA user_version").fetchone()[0]
@@ -513,15 +676,50 @@ class Journal:
                         path=str(self.path),
                     )
                 _create(db)
+                _create_settings(db)
             else:
                 for version in range(current, SCHEMA_VERSION):
                     logger.info("journal %s: upgrading from schema version %d", self.path, version)
                     _MIGRATIONS[version](db)
+            if current < SCHEMA_VERSION:  # not done by another process meanwhile
+                seconds = (retention or _DEFAULT_RETENTION).total_seconds()
+                db.execute(
+                    "INSERT OR IGNORE INTO settings (name, value) VALUES ('retention', ?)",
+                    (repr(seconds),),
+                )
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def set_retention(self, retention: timedelta) -> None:
+        """Change the file's retention, for every client, resumer and command that opens it
+        from now on (journals already open keep theirs until reopened).
+
+        Shortening it makes operations expire sooner (never resent automatically); lengthen
+        it only to match what the server really keeps, or a resend could act twice.
+        """
+        if retention <= timedelta(0):
+            raise ValueError("retention must be positive")
+        with self._write("change the retention") as db:
+            db.execute(
+                "INSERT OR REPLACE INTO settings (name, value) VALUES ('retention', ?)",
+                (repr(retention.total_seconds()),),
+            )
+        self.retention = retention
+
+    def _uri(self) -> str:
+        path = urllib.parse.quote(str(self.path.absolute()))
+        if not self.read_only:
+            return f"file:{path}?mode=rw"
+        # Reading a WAL database needs its -shm file, created on demand; a reader who may not
+        # write the directory cannot create it. With no -wal file, everything committed is in
+        # the database file itself, which such a reader then opens as immutable.
+        wal = Path(f"{self.path}-wal")
+        if not wal.exists() and not os.access(self.path.parent, os.W_OK):
+            return f"file:{path}?mode=ro&immutable=1"
+        return f"file:{path}?mode=ro"
 
     def _connection(self, relaxed: bool = False) -> sqlite3.Connection:
         """This thread's connection. Never carried across fork(): a child opens its own.
@@ -539,14 +737,50 @@ class Journal:
         if cached is not None and cached.pid == pid:
             return cached.db
         self._close_retired()
+        # mode=rw: never create the file here (it was created, checked and given its mode
+        # when the journal was opened; a file deleted since must not silently come back empty).
         # isolation_level=None: no implicit transactions; we say BEGIN IMMEDIATE ourselves,
         # and a lone INSERT or UPDATE commits by itself (one statement, one transaction).
         # check_same_thread=False only so that close() may close every thread's connection.
         db = sqlite3.connect(
-            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+            self._uri(),
+            uri=True,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
         )
+        try:
+            if not self.read_only:
+                self._configure(db, relaxed)
+        except BaseException:
+            db.close()
+            raise
+        holder = _ThreadConnection(pid, db)
+        # When this thread ends, its thread-local holder goes, and the connection is retired:
+        # closed by the next thread that opens one, or by close(). A program that starts a
+        # thread per request keeps only the connections of its live threads open.
+        weakref.finalize(holder, self._retired.append, (pid, db)).atexit = False
+        setattr(self._local, slot, holder)
+        with self._lock:
+            self._connections.append((pid, db))
+        return db
+
+    def _configure(self, db: sqlite3.Connection, relaxed: bool) -> None:
         # WAL: readers never block the writer, and a commit is one append (+ fsync if FULL).
-        db.execute("PRAGMA journal_mode = WAL")
+        # Turning a new file to WAL takes an exclusive lock and does not wait for a busy one
+        # (the busy timeout does not apply): when many processes create one journal at once,
+        # wait here for the one that is doing it.
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
         # FULL fsyncs the WAL on every commit: the intent survives a power loss.
         # NORMAL fsyncs only at checkpoints: it survives a crash of the process.
         # OFF (relaxed writes only): the next FULL commit's fsync makes them durable too,
@@ -557,15 +791,6 @@ class Journal:
         # that fsync: a checkpoint without fsync could let the WAL be reused before the
         # database file holds what it copied, and lose durable intents on a power loss.
         db.execute(f"PRAGMA wal_autocheckpoint = {0 if relaxed else 1000}")
-        holder = _ThreadConnection(pid, db)
-        # When this thread ends, its thread-local holder goes, and the connection is retired:
-        # closed by the next thread that opens one, or by close(). A program that starts a
-        # thread per request keeps only the connections of its live threads open.
-        weakref.finalize(holder, self._retired.append, (pid, db)).atexit = False
-        setattr(self._local, slot, holder)
-        with self._lock:
-            self._connections.append((pid, db))
-        return db
 
     def _close_retired(self) -> None:
         """Close the connections of threads that have ended (nobody else uses them)."""
@@ -582,6 +807,13 @@ class Journal:
                 with contextlib.suppress(sqlite3.Error):
                     db.close()
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise JournalError(
+                f"journal {self.path} was opened read-only: nothing can be written",
+                path=str(self.path),
+            )
+
     @contextlib.contextmanager
     def _write(self, action: str, *, relaxed: bool = False) -> Iterator[sqlite3.Connection]:
         """One `BEGIN IMMEDIATE` transaction; its COMMIT is durable per `durability` (not
@@ -590,7 +822,8 @@ class Journal:
         Threads of this process queue on a lock first: SQLite's own busy handler sleeps for
         milliseconds between tries, far longer than a commit takes.
         """
-        with self._errors_as_journal_error(action), self._write_lock:
+        self._writable()
+        with self._errors_as_journal_error(action), self._shared.write_lock:
             db = self._connection(relaxed)
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -606,11 +839,13 @@ class Journal:
         self, action: str, sql: str, params: tuple[Any, ...], *, relaxed: bool = False
     ) -> int:
         """One statement, its own transaction: the number of rows it changed."""
-        with self._errors_as_journal_error(action), self._write_lock:
+        self._writable()
+        with self._errors_as_journal_error(action), self._shared.write_lock:
             return self._connection(relaxed).execute(sql, params).rowcount
 
     def _read(self, action: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        self.flush()  # this process sees its own answers
+        if not self.read_only:
+            self.flush()  # this process sees its own answers, from every journal on the file
         with self._errors_as_journal_error(action):
             return cast("list[tuple[Any, ...]]", self._connection().execute(sql, params).fetchall())
 
@@ -619,26 +854,38 @@ class Journal:
         raises `JournalError`."""
         if self._closed:
             return
-        try:
-            self.flush()
-        except JournalError:
-            logger.warning("journal %s: could not write responses", self.path, exc_info=True)
+        shared = self._shared
+        with shared.deferred_lock:
+            # From here on the flusher no longer writes through this journal, and a late
+            # `finish` raises unless another journal of this process on the file is open.
+            self._closing = True
+            shared.journals.discard(self)
+        if not self.read_only:
+            try:
+                self.flush()
+            except JournalError:
+                logger.warning("journal %s: could not write responses", self.path, exc_info=True)
         _open_journals.discard(self)
         # Every write, the flusher thread's included, runs under the write lock: holding it,
         # no connection is in use by a writer when it is closed (closing a connection that
         # another thread is executing on can crash the sqlite3 module).
-        with self._write_lock:
-            with self._deferred_lock:
+        with shared.write_lock:
+            with shared.deferred_lock:
                 self._closed = True
-                self._deferred_ready.notify_all()
-            with self._lock:
-                connections, self._connections = self._connections, []
-            pid = os.getpid()
-            for owner_pid, db in connections:
-                if owner_pid == pid:  # a connection inherited across fork() is not ours
-                    with contextlib.suppress(sqlite3.Error):
-                        db.close()
-            self._retired.clear()
+                shared.deferred_ready.notify_all()
+            self._close_connections()
+
+    def _close_connections(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        pid = os.getpid()
+        for owner_pid, db in connections:
+            if owner_pid == pid:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            else:  # inherited across fork(): not ours to close, nor to let the GC close
+                _inherited.append(db)
+        self._retired.clear()
 
     def __enter__(self) -> Journal:
         return self
@@ -683,10 +930,11 @@ class Journal:
         Each result is the `Registration`, or the `JournalError` that stopped it. Used by the
         async transport to register the operations of concurrent tasks together.
         """
+        self._writable()
         tickets = [_Ticket(record, owner, lease) for record, owner, lease in requests]
         with self._queue_lock:
             self._queue.extend(tickets)
-        with self._write_lock:
+        with self._shared.write_lock:
             if any(t.result is None and t.error is None for t in tickets):
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
@@ -710,6 +958,7 @@ class Journal:
         return results
 
     def _commit_batch(self, batch: list[_Ticket]) -> None:
+        self._check_identity()
         db = self._connection()
         now = self._clock()
         if self._insert_new(db, batch, now):
@@ -842,11 +1091,14 @@ class Journal:
             assert parked is not None
             return Registration(Decision.PARKED, _operation(parked), detail=reason)
         version = row[14] + 1
+        # A resume sends to the URL in its record (the stored one, or where `rebase` moved
+        # it): that is where the operation now lives, for every later resume too.
+        url = record.url if record.resume else op.url
         db.execute(
             "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
             "lease_owner = ?, lease_expires = ?, updated_at = ?, recoveries = ?, "
-            "first_sent_at = COALESCE(first_sent_at, ?) WHERE key = ?",
-            (version, owner, now + lease_seconds, now, recoveries, now, op.key),
+            "first_sent_at = COALESCE(first_sent_at, ?), url = ? WHERE key = ?",
+            (version, owner, now + lease_seconds, now, recoveries, now, url, op.key),
         )
         claimed = self._find(db, "key", op.key)
         assert claimed is not None
@@ -854,25 +1106,73 @@ class Journal:
 
     def claim(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
-    ) -> tuple[int, int] | None:
-        """Claim one more attempt for a holder at `version`: `(new_version, attempts)`.
+    ) -> Registration:
+        """Claim one more attempt for the holder at `version`: one durable commit.
 
-        `None` means the lease was taken over (fenced out): the caller must not send.
+        `Decision.SEND` with the new `lease_version` (its `operation.attempts` counts this
+        attempt), or why the attempt must not be sent: `EXPIRED` (sent before and now older
+        than the retention, as after a machine that slept through a backoff: the server may
+        have forgotten the key), `ABANDONED` (a person abandoned it meanwhile), `COMPLETED` or
+        `CONFLICT` (another holder finished it: its answer is in `response`), `PARKED`, or
+        `IN_PROGRESS` (another holder took it over: this one is fenced out).
         """
         now = self._clock()
         with self._write("claim the next attempt") as db:
-            cursor = db.execute(
-                "UPDATE operations SET attempts = attempts + 1, lease_version = lease_version + 1,"
-                " lease_owner = ?, lease_expires = ?, updated_at = ?, last_error = ? "
-                "WHERE key = ? AND lease_version = ? AND state = 'pending'",
-                (owner, now + lease_seconds, now, last_error, key, version),
+            self._check_identity()
+            row = self._find(db, "key", key)
+            if row is None:
+                raise JournalError(
+                    f"journal {self.path}: operation with key {key!r} is no longer in the "
+                    "journal; not resent",
+                    path=str(self.path),
+                )
+            op = _operation(row)
+            if op.state != "pending":
+                return Registration(Decision(op.state), op, response=_stored_response(row))
+            if row[14] != version:
+                return Registration(
+                    Decision.IN_PROGRESS, op, detail=f"taken over by {row[12] or 'another holder'}"
+                )
+            first_sent = row[11]
+            if first_sent is not None and first_sent < now - self.retention.total_seconds():
+                db.execute(_EXPIRE, (now, key))
+                expired = self._find(db, "key", key)
+                assert expired is not None
+                return Registration(Decision.EXPIRED, _operation(expired))
+            db.execute(
+                "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
+                "lease_owner = ?, lease_expires = ?, updated_at = ?, last_error = ?, "
+                "first_sent_at = COALESCE(first_sent_at, ?) WHERE key = ?",
+                (version + 1, owner, now + lease_seconds, now, last_error, now, key),
             )
-            if cursor.rowcount != 1:
-                return None
-            attempts = db.execute(
-                "SELECT attempts FROM operations WHERE key = ?", (key,)
-            ).fetchone()[0]
-            return version + 1, int(attempts)
+            claimed = dataclasses.replace(
+                op, attempts=op.attempts + 1, updated_at=_dt(now), last_error=last_error
+            )
+            return Registration(Decision.SEND, claimed, lease_version=version + 1)
+
+    def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
+        """Undo a claim whose request was provably never sent (its task was cancelled, or the
+        caller interrupted, before the send began), so that a retry in this same process can
+        send it at once instead of waiting for the lease to end.
+
+        A `fresh` operation (inserted by that very registration) is deleted, as if it had
+        never been registered: nothing of it reached the server, and nothing is left for a
+        resume to send behind the caller's back. A known one gets its attempt back and its
+        lease freed (and, if that was its first attempt, counts as never sent again).
+        """
+        if fresh:
+            sql = "DELETE FROM operations WHERE key = ? AND lease_version = ? AND state = 'pending'"
+            params: tuple[Any, ...] = (key, version)
+        else:
+            sql = (
+                "UPDATE operations SET first_sent_at = CASE WHEN attempts <= 1 THEN NULL "
+                "ELSE first_sent_at END, attempts = MAX(attempts - 1, 0), lease_owner = NULL, "
+                "lease_expires = NULL, lease_version = lease_version + 1, updated_at = ?, "
+                "last_error = 'cancelled before it was sent' "
+                "WHERE key = ? AND lease_version = ? AND state = 'pending'"
+            )
+            params = (self._clock(), key, version)
+        self._write_one("give the unsent operation back", sql, params, relaxed=True)
 
     def finish(
         self,
@@ -887,29 +1187,43 @@ class Journal:
         looks pending, and if the process dies first, a resume resends the same key and the
         server replays. A background thread writes the held completions together, one commit
         for all of them, within `flush_delay` seconds; they are also written before any read
-        of this journal, by a claim or a registration of a known operation (in the same
-        commit), by `flush()` and `close()`, and at exit. A new operation's registration does
-        not wait for them. A write fenced out (another holder took the operation over)
-        changes nothing and is logged.
+        of this file by any journal of this process, by a claim or a registration of a known
+        operation (in the same commit), by `flush()` and `close()`, and at exit. A new
+        operation's registration does not wait for them. A write fenced out (another holder
+        took the operation over) changes nothing and is logged.
+
+        Raises:
+            JournalError: this journal is closed, and no other journal of this process is
+                open on the file to write the answer: the operation stays pending (a resume
+                resends the same key and the server replays its answer).
         """
         body, kept = response.body, response.body_kept
         if len(body) > self.max_response_body:
             body, kept = b"", False
         params = (state, self._clock(), response.status, json.dumps(response.headers), body,
                   int(kept), key, version)  # fmt: skip
-        with self._deferred_lock:
-            self._deferred.append(params)
-            self._deferred_ready.notify()
+        shared = self._shared
+        with shared.deferred_lock:
+            if self._closing and shared.any_open() is None:
+                raise JournalError(
+                    f"journal {self.path} is closed: the answer for key {key} was not "
+                    "recorded; the operation stays pending (a resume gets the server's replay)",
+                    path=str(self.path),
+                )
+            shared.deferred.append(params)
+            shared.deferred_ready.notify()
         self._ensure_flusher()
 
     def flush(self) -> None:
-        """Write the completions still held in memory (see `finish`): one statement, a
-        transaction by itself, for up to 64 of them."""
-        if not self._deferred:
+        """Write the completions still held in memory by any journal of this process on this
+        file (see `finish`): one statement, a transaction by itself, for up to 64 of them."""
+        shared = self._shared
+        if not shared.deferred:
             return
-        with self._errors_as_journal_error("record responses"), self._write_lock:
+        self._writable()
+        with self._errors_as_journal_error("record responses"), shared.write_lock:
             db = self._connection(relaxed=True)
-            if len(self._deferred) <= _ROWS_PER_STATEMENT:
+            if len(shared.deferred) <= _ROWS_PER_STATEMENT:
                 self._flush_in(db)
                 return
             db.execute("BEGIN IMMEDIATE")
@@ -923,8 +1237,9 @@ class Journal:
 
     def _flush_in(self, db: sqlite3.Connection) -> None:
         """Write the held completions (inside the caller's transaction, if one is open)."""
-        with self._deferred_lock:
-            items, self._deferred = self._deferred, []
+        shared = self._shared
+        with shared.deferred_lock:
+            items, shared.deferred = shared.deferred, []
         if not items:
             return
         try:
@@ -940,8 +1255,8 @@ class Journal:
                     if db.execute(_FINISH, params).rowcount != 1:
                         self._warn_fenced(db, [params])
         except BaseException:
-            with self._deferred_lock:  # not written: keep them for the next commit
-                self._deferred[:0] = items
+            with shared.deferred_lock:  # not written: keep them for the next commit
+                shared.deferred[:0] = items
             raise
 
     def _warn_fenced(self, db: sqlite3.Connection, items: Sequence[tuple[Any, ...]]) -> None:
@@ -960,40 +1275,19 @@ class Journal:
                 )  # fmt: skip
 
     def _ensure_flusher(self) -> None:
+        shared = self._shared
         pid = os.getpid()
-        if self._flusher_pid == pid:
+        if shared.flusher_pid == pid:
             return
-        with self._lock:
-            if self._flusher_pid == pid:
+        with shared.deferred_lock:
+            if shared.flusher_pid == pid:
                 return
-            self._flusher_pid = pid
+            shared.flusher_pid = pid
             thread = threading.Thread(
-                target=self._flush_loop, name=f"idemclient-journal-flush {self.path.name}",
-                daemon=True,
+                target=_flush_loop, args=(shared, self.flush_delay),
+                name=f"idemclient-journal-flush {self.path.name}", daemon=True,
             )  # fmt: skip
             thread.start()
-
-    def _flush_loop(self) -> None:
-        delay = self.flush_delay
-        while not self._closed:
-            with self._deferred_lock:
-                while not self._deferred and not self._closed:
-                    if not self._deferred_ready.wait(timeout=self._flusher_idle):
-                        # Idle (a completion would have notified): end this thread; the next
-                        # completion starts another. A journal nobody closes keeps no thread.
-                        self._flusher_pid = 0
-                        return
-            time.sleep(delay)  # let more completions gather
-            try:
-                self.flush()
-            except JournalError as exc:
-                if self._closed:
-                    return
-                if delay == self.flush_delay:  # say it once, then try again less often
-                    logger.warning("journal %s: could not write responses: %s", self.path, exc)
-                delay = min(delay * 2 or 0.05, 5.0)
-            else:
-                delay = self.flush_delay
 
     def release(self, key: str, version: int, last_error: str | None) -> bool:
         """Give the lease back, leaving the operation pending with its last error."""
@@ -1176,3 +1470,35 @@ class Journal:
                 (*states, cutoff),
             )
             return cursor.rowcount
+
+
+def _flush_loop(shared: _SharedFile, flush_delay: float) -> None:
+    """The flusher thread of one file: writes the completions that the journals of this
+    process hold, through whichever of them is open, gathering them for `flush_delay`."""
+    delay = flush_delay
+    while True:
+        with shared.deferred_lock:
+            while not shared.deferred:
+                # Idle (a completion would have notified), or every journal closed: end this
+                # thread; the next completion starts another. An unused journal keeps none.
+                if not shared.deferred_ready.wait(timeout=shared.flusher_idle) or (
+                    shared.any_open() is None
+                ):
+                    shared.flusher_pid = 0
+                    return
+        time.sleep(delay)  # let more completions gather
+        journal = shared.any_open()
+        if journal is None:  # the last close wrote what was held
+            with shared.deferred_lock:
+                shared.flusher_pid = 0
+            return
+        try:
+            journal.flush()
+        except JournalError as exc:
+            if journal._closed:
+                continue
+            if delay == flush_delay:  # say it once, then try again less often
+                logger.warning("journal %s: could not write responses: %s", journal.path, exc)
+            delay = min(delay * 2 or 0.05, 5.0)
+        else:
+            delay = flush_delay

@@ -7,12 +7,13 @@ thread (so an fsync never blocks the event loop) and awaits the rest.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import random
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -27,13 +28,15 @@ from ._core import (
     Register,
     Send,
     Settings,
+    Sleep,
     Step,
+    Unsent,
     keyed_flow,
     logger,
     plain_flow,
     plan,
 )
-from ._errors import InvalidOperationError, JournalError
+from ._errors import InvalidOperationError
 from ._journal import Journal, Registration, RequestRecord
 from ._policy import RetryPolicy
 
@@ -178,6 +181,14 @@ class _Base:
     def key_header(self) -> str:
         return self.settings.key_header
 
+    def _close_journal(self) -> None:
+        """A closed client leaves nothing unwritten, whoever owns the journal: its answers
+        are written now (a caller's journal stays open for the caller)."""
+        if self._owns_journal:
+            self._journal.close()
+        elif not self._journal._closing:
+            self._journal.flush()
+
     def _emit(self, event: Event) -> None:
         for hook in self._hooks:
             try:
@@ -206,59 +217,119 @@ class _Base:
         return plain_flow(request, policy, self._clock, self._wall_clock, self._rng)
 
 
+T = TypeVar("T")
+
+
+async def _see_through(fn: Callable[[], T]) -> tuple[T, BaseException | None]:
+    """Run a blocking journal call in a worker thread to its end, whatever cancels the caller
+    meanwhile: its result, and the cancellation that arrived (for the caller to raise once
+    the journal is in a known state). A journal write, once begun, is seen through.
+
+    anyio's shield stops anyio's and trio's cancel scopes, but not asyncio's own
+    `task.cancel()` (`asyncio.wait_for`, `asyncio.timeout`): under asyncio the call runs in
+    the loop's executor and is awaited through `asyncio.shield`, again after each
+    cancellation. Raises what `fn` raised.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (trio): anyio's shield is enough
+        with anyio.CancelScope(shield=True):
+            return await anyio.to_thread.run_sync(fn), None
+    future = loop.run_in_executor(None, fn)
+    cancelled: BaseException | None = None
+    with anyio.CancelScope(shield=True):
+        while True:
+            try:
+                result = await asyncio.shield(future)
+            except asyncio.CancelledError as exc:
+                if future.cancelled():  # the call itself was cancelled (executor shut down)
+                    raise
+                cancelled = cancelled or exc
+            else:
+                return result, cancelled
+    raise AssertionError("unreachable")  # for mypy: the loop above returns or raises
+
+
 class _Slot:
-    """Where a waiting task finds its registration."""
+    """A task's registration waiting for its batch: its arguments, then its result."""
 
-    __slots__ = ("done", "value")
+    __slots__ = ("args", "value", "wake")
 
-    def __init__(self) -> None:
-        self.done = anyio.Event()
+    def __init__(self, args: tuple[RequestRecord, str, float]) -> None:
+        self.args = args
         self.value: Registration | BaseException | None = None
+        self.wake = anyio.Event()
 
 
 class _AsyncRegistrar:
     """Registrations of concurrent tasks go to the journal together: one trip to a worker
-    thread and one commit for all that are waiting, instead of one each."""
+    thread and one commit for all that are waiting, instead of one each.
+
+    A task's cancellation affects that task only: the batch it leads is committed and
+    answered all the same, and the next waiting task takes the lead. A task cancelled while
+    its registration is being committed waits for it (milliseconds) and gets it, with the
+    cancellation, so that it can give the claim back before raising.
+    """
 
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
-        self._waiting: list[tuple[tuple[RequestRecord, str, float], _Slot]] = []
+        self._waiting: list[_Slot] = []
         self._busy = False
 
-    async def register(self, args: tuple[RequestRecord, str, float]) -> Registration:
-        slot = _Slot()
-        self._waiting.append((args, slot))
-        if not self._busy:
-            self._busy = True
+    async def register(
+        self, args: tuple[RequestRecord, str, float]
+    ) -> tuple[Registration, BaseException | None]:
+        """The registration, and the cancellation that arrived meanwhile (or `None`)."""
+        slot = _Slot(args)
+        self._waiting.append(slot)
+        cancelled: BaseException | None = None
+        while slot.value is None:
+            if not self._busy:
+                cancelled = await self._lead() or cancelled
+                continue
+            slot.wake = anyio.Event()
             try:
-                while self._waiting:
-                    batch, self._waiting = self._waiting, []
-                    try:
-                        with anyio.CancelScope(shield=True):
-                            results: list[
-                                Registration | JournalError
-                            ] = await anyio.to_thread.run_sync(
-                                self._journal.register_many, [a for a, _ in batch]
-                            )
-                    except BaseException as exc:
-                        # Nobody else will take the lead now: answer every waiting task.
-                        batch, self._waiting = batch + self._waiting, []
-                        for _, waiting in batch:
-                            waiting.value = exc
-                            waiting.done.set()
-                        raise
-                    for (_, waiting), result in zip(batch, results, strict=True):
-                        waiting.value = result
-                        waiting.done.set()
-            finally:
-                self._busy = False
-        # Shielded like every journal call: a registration, once made, is seen through.
-        with anyio.CancelScope(shield=True):
-            await slot.done.wait()
+                with anyio.CancelScope(shield=True):
+                    await slot.wake.wait()
+            except asyncio.CancelledError as exc:
+                if slot in self._waiting:  # not in a batch yet: nothing was registered
+                    self._waiting.remove(slot)
+                    self._hand_over()
+                    raise
+                cancelled = cancelled or exc  # being committed: see it through
         if isinstance(slot.value, BaseException):
             raise slot.value
-        assert slot.value is not None
-        return slot.value
+        return slot.value, cancelled
+
+    async def _lead(self) -> BaseException | None:
+        """Commit the waiting registrations, batch after batch, until none waits (or this task
+        is cancelled: then the next waiting task leads). The cancellation, if any."""
+        self._busy = True
+        cancelled: BaseException | None = None
+        try:
+            while self._waiting and cancelled is None:
+                batch, self._waiting = self._waiting, []
+                try:
+                    results, cancelled = await _see_through(
+                        functools.partial(self._journal.register_many, [s.args for s in batch])
+                    )
+                except BaseException as exc:  # register_many itself failed: tell everyone
+                    for waiting in batch:
+                        waiting.value = exc
+                        waiting.wake.set()
+                    continue
+                for waiting, result in zip(batch, results, strict=True):
+                    waiting.value = result
+                    waiting.wake.set()
+        finally:
+            self._busy = False
+            self._hand_over()
+        return cancelled
+
+    def _hand_over(self) -> None:
+        """Wake a waiting task to lead, if nobody leads."""
+        if not self._busy and self._waiting:
+            self._waiting[0].wake.set()
 
 
 class IdempotentTransport(_Base, httpx.BaseTransport):
@@ -335,7 +406,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         if isinstance(step, Register):
             return self._journal.register(*step.args)
         if isinstance(step, Call):
-            return step.fn(*step.args)
+            return step.fn(*step.args, **step.kwargs)
         if isinstance(step, Send):
             response = self._transport.handle_request(step.request)
             if not step.read:
@@ -362,9 +433,10 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             flow.close()
 
     def close(self) -> None:
+        """Close the wrapped transport; write what the journal holds for this transport's
+        operations, and close the journal if this transport opened it."""
         self._transport.close()
-        if self._owns_journal:
-            self._journal.close()
+        self._close_journal()
 
 
 class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
@@ -417,43 +489,59 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             return await self._drive(self._keyed_flow(request, body))
         return await self._drive(self._plain_flow(request))
 
-    async def _do(self, step: Step) -> Any:
+    async def _do(self, step: Step) -> tuple[Any, BaseException | None]:
+        """Carry out a step: its result, and a cancellation that arrived while a journal call
+        was seen through (the drive raises it at the next send or sleep)."""
         if isinstance(step, Emit):
-            return self._emit(step.event)
+            self._emit(step.event)
+            return None, None
         if isinstance(step, Register):
             return await self._registrar.register(step.args)
         if isinstance(step, Call):
             if not step.blocks:
-                return step.fn(*step.args)
-            with anyio.CancelScope(shield=True):
-                result = await anyio.to_thread.run_sync(functools.partial(step.fn, *step.args))
-            return result
+                return step.fn(*step.args, **step.kwargs), None
+            return await _see_through(functools.partial(step.fn, *step.args, **step.kwargs))
         if isinstance(step, Send):
             response = await self._transport.handle_async_request(step.request)
             if not step.read:
-                return Received(response, None)
-            return await _aread_whole(response)
+                return Received(response, None), None
+            return await _aread_whole(response), None
         if not testing_mode().on:
             await self._sleep(step.seconds)
-        return None
+        return None, None
 
     async def _drive(self, flow: Generator[Step, Any, httpx.Response]) -> httpx.Response:
+        # A cancellation that arrived during a journal call: the call was seen through, and
+        # the cancellation is raised at the next send (as `Unsent`: nothing went out, so the
+        # flow gives its claim back) or sleep, and at the end in any case.
+        cancelled: BaseException | None = None
         try:
             step = next(flow)
             while True:
                 try:
-                    result = await self._do(step)
+                    if cancelled is not None and isinstance(step, Send):
+                        raise Unsent(cancelled)
+                    if cancelled is not None and isinstance(step, Sleep):
+                        raise cancelled
+                    result, arrived = await self._do(step)
+                    cancelled = cancelled or arrived
                 except BaseException as exc:
                     step = flow.throw(exc)
                 else:
                     step = flow.send(result)
         except StopIteration as stop:
             response: httpx.Response = stop.value
+            if cancelled is not None:
+                await response.aclose()
+                raise cancelled from None
             return response
+        except BaseException as exc:
+            if cancelled is not None and exc is not cancelled:
+                raise cancelled from exc
+            raise
         finally:
             flow.close()
 
     async def aclose(self) -> None:
         await self._transport.aclose()
-        if self._owns_journal:
-            self._journal.close()
+        await anyio.to_thread.run_sync(self._close_journal)

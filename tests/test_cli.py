@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 import idemclient
@@ -110,8 +115,12 @@ def test_resume_finishes_with_headers_from_the_environment(
 ) -> None:
     monkeypatch.setenv("API_AUTH", "Bearer from-env")
     before = server.effect_count
+    with idemclient.Journal(populated) as journal:
+        pending = journal.get("charge-pending")
+        assert pending is not None
+    old_origin = str(httpx.URL(pending.url).copy_with(path="/"))[:-1]
     code, out, err = cli(
-        "--journal", str(populated), "resume", "--base-url", server.url,
+        "--journal", str(populated), "resume", "--rebase", f"{old_origin}={server.url}",
         "--header-from-env", "Authorization=API_AUTH", "-H", "X-Operator: alice",
     )  # fmt: skip
     assert code == EXIT_OK, err
@@ -132,9 +141,7 @@ def test_resume_finishes_with_headers_from_the_environment(
 
 
 def test_resume_that_fails_exits_1(populated: Path) -> None:
-    code, out, err = cli(
-        "--journal", str(populated), "resume", "--base-url", down_url(), "--attempts", "1"
-    )
+    code, out, err = cli("--journal", str(populated), "resume", "--attempts", "1")
     assert code == EXIT_INCOMPLETE
     assert "1 failed" in out
     assert "charge-pending: failed" in err
@@ -229,3 +236,117 @@ def test_unpark_and_reissue(populated: Path) -> None:
     data = json.loads(cli("--journal", str(populated), "show", "charge-pending", "--json")[1])
     assert data["previous_key"] == old.key
     assert data["state"] == "pending"
+
+
+def test_resume_takes_only_the_given_origin_and_moves_only_when_asked(
+    journal_path: Path, server: IdempotentServer
+) -> None:
+    other = IdempotentServer()
+    try:
+        for url in (down_url(), down_url()):
+            with (
+                idemclient.Client(base_url=url, journal=journal_path,
+                                  retry=idemclient.RetryPolicy(max_attempts=1)) as client,
+                pytest.raises(idemclient.RetriesExhaustedError),
+            ):  # fmt: skip
+                client.post("/charges", json={"to": url})
+        first, second = (op.url for op in idemclient.Journal(journal_path).pending())
+        first_origin = first.rsplit("/", 1)[0]
+        code, out, err = cli(
+            "--journal", str(journal_path), "resume", "--base-url", server.url,
+            "--rebase", f"{first_origin}={server.url}",
+        )  # fmt: skip
+        assert code == EXIT_OK, err
+        assert "resumed 1 operations: 1 completed" in out
+        assert "left 1 pending operations of other origins untouched" in out
+        assert [e.path for e in server.effects] == ["/charges"]
+        assert other.effect_count == 0
+        with idemclient.Journal(journal_path) as journal:
+            assert [op.url for op in journal.pending()] == [second]
+    finally:
+        other.stop()
+
+
+def test_resume_arguments_that_name_no_origin_are_usage_errors(populated: Path) -> None:
+    for args in (
+        ("--base-url", "api.example"),
+        ("--base-url", "https://api.example/v1"),
+        ("--rebase", "http://a.example"),
+        ("--rebase", "a.example=https://b.example"),
+    ):
+        code, _, err = cli("--journal", str(populated), "resume", *args)
+        assert code == EXIT_USAGE, args
+        assert "origin" in err
+
+
+def test_resume_sends_the_key_as_the_application_did(journal_path: Path) -> None:
+    """An operation made with key_header="X-Request-Key" (a server that honours its own
+    header) is resent by `idemclient resume` under that header: one effect, not two."""
+    with IdempotentServer(key_header="X-Request-Key") as server:
+        server.inject("drop_after_acting")  # it acted; the answer was lost
+        with (
+            idemclient.Client(base_url=server.url, journal=journal_path, key_header="X-Request-Key",
+                              retry=idemclient.RetryPolicy(max_attempts=1)) as client,
+            pytest.raises(idemclient.RetriesExhaustedError),
+        ):  # fmt: skip
+            client.post("/charges", json={"n": 1})
+        code, _, err = cli("--journal", str(journal_path), "resume")
+        assert code == EXIT_OK, err
+        assert "replayed by the server" in err
+        assert server.effect_count == 1
+
+
+def test_resume_respects_the_retention_the_application_set(
+    journal_path: Path, server: IdempotentServer
+) -> None:
+    with idemclient.Journal(journal_path, retention=timedelta(hours=1)) as journal:
+        with (
+            idemclient.Client(base_url=down_url(), journal=journal,
+                              retry=idemclient.RetryPolicy(max_attempts=1)) as client,
+            idemclient.operation("old"),
+            pytest.raises(idemclient.RetriesExhaustedError),
+        ):  # fmt: skip
+            client.post("/charges", json={})
+        journal._connection().execute("UPDATE operations SET first_sent_at = first_sent_at - 7200")
+    code, out, _ = cli("--journal", str(journal_path), "resume")
+    assert "1 expired" in out
+    assert server.effect_count == 0
+    assert cli("--journal", str(journal_path), "retention")[1].strip() == "1:00:00"
+    code, out, _ = cli("--journal", str(journal_path), "retention", "--set", "2h")
+    assert code == EXIT_OK
+    assert cli("--journal", str(journal_path), "retention")[1].strip() == "2:00:00"
+
+
+LOOK_AS_NOBODY = """
+import os, sys
+from idemclient._cli import main  # imported while root may still read the interpreter's files
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become a user without write access")
+def test_list_and_show_need_only_read_access(populated: Path) -> None:
+    """A user who may read the journal but not write it can inspect it."""
+    # pytest's own temporary directories are root's alone: look from one others can enter
+    shared = Path(tempfile.mkdtemp(prefix="idemclient-ro-"))
+    try:
+        shared.chmod(0o755)
+        journal = shared / populated.name
+        for path in populated.parent.iterdir():
+            copy = shared / path.name
+            copy.write_bytes(path.read_bytes())
+            copy.chmod(0o644)
+        before = {p.name: p.read_bytes() for p in shared.iterdir()}
+        for args in (["list"], ["show", "charge-pending"], ["list", "--json"],
+                     ["resume", "--dry-run"], ["retention"]):  # fmt: skip
+            result = subprocess.run(
+                [sys.executable, "-c", LOOK_AS_NOBODY, "--journal", str(journal), *args],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert result.returncode == EXIT_OK, (args, result.stderr)
+            assert "charge-pending" in result.stdout or args == ["retention"]
+        assert {p.name: p.read_bytes() for p in shared.iterdir()} == before
+    finally:
+        shutil.rmtree(shared)

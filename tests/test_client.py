@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -135,23 +136,101 @@ def test_resume_pending_finishes_with_the_same_key_and_current_auth(journal_path
         assert len(up.requests) == 2
 
 
-def test_resume_uses_the_clients_base_url(journal_path: Path) -> None:
-    with (
-        idemclient.Client(
-            journal=journal_path,
-            transport=httpx.MockTransport(Recorder(httpx.ConnectError("down"))),
-            base_url="http://old.example:8080",
-            retry=RetryPolicy(max_attempts=1),
-        ) as client,
-        pytest.raises(RetriesExhaustedError),
-    ):
-        client.post("/api/charges?x=1", json={})
+def _interrupt(journal: Path | Journal, url: str, name: str | None = None, **options: Any) -> None:
+    """Leave a pending operation for `url` in the journal (its first send never connected)."""
+    with idemclient.Client(
+        journal=journal,
+        transport=httpx.MockTransport(Recorder(httpx.ConnectError("down"))),
+        retry=RetryPolicy(max_attempts=1),
+        **options,
+    ) as client:
+        extensions = {"idempotency_operation": name} if name else None
+        with pytest.raises(RetriesExhaustedError):
+            client.post(url, json={"to": url}, extensions=extensions)
+
+
+def test_resume_sends_each_operation_to_its_own_origin(journal_path: Path) -> None:
+    """The default journal is shared by clients of several APIs: the payments client's resume
+    must not send the mail API's operation to the payments host (a 404 recorded as its answer
+    would lose it)."""
+    _interrupt(journal_path, "https://pay.example/charges", "charge-1")
+    _interrupt(journal_path, "https://mail.example/messages", "mail-1")
+    _interrupt(journal_path, "http://pay.example/charges", "plain-http")  # another origin
+    pay_requests = Recorder()
+    with idemclient.Client(
+        journal=journal_path,
+        transport=httpx.MockTransport(pay_requests),
+        base_url="https://pay.example:443/v1",
+    ) as pay:
+        report = pay.resume_pending()
+        assert [(r.operation.name, r.outcome) for r in report] == [("charge-1", "completed")]
+        assert sorted(op.name or "" for op in report.skipped) == ["mail-1", "plain-http"]
+        assert [str(r.url) for r in pay_requests.requests] == ["https://pay.example/charges"]
+        mail = pay.journal.get("mail-1")
+        assert mail is not None
+        assert (mail.state, mail.attempts) == ("pending", 1)  # untouched
+    # A client without a base URL sends each to where it was sent.
+    everywhere = Recorder()
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(everywhere)) as c:
+        report = c.resume_pending()
+    assert sorted(str(r.url) for r in everywhere.requests) == [
+        "http://pay.example/charges",
+        "https://mail.example/messages",
+    ]
+    assert report.skipped == ()
+
+
+def test_resume_moves_operations_to_a_new_host_only_when_asked(journal_path: Path) -> None:
+    _interrupt(journal_path, "http://old.example:8080/api/charges?x=1", "moved")
+    up = Recorder(httpx.ConnectError("still down"))
+    with idemclient.Client(
+        journal=journal_path,
+        transport=httpx.MockTransport(up),
+        base_url="https://new.example",
+        retry=RetryPolicy(max_attempts=1),
+    ) as client:
+        assert len(client.resume_pending()) == 0  # not without rebase
+        assert up.requests == []
+        for bad in ("old.example", "http://old.example/api", "ftp://old.example"):
+            with pytest.raises(ValueError, match="origin"):
+                client.resume_pending(rebase={bad: "https://new.example"})
+        report = client.resume_pending(rebase={"http://old.example:8080": "https://new.example"})
+        assert [r.outcome for r in report] == ["failed"]
+    assert str(up.requests[0].url) == "https://new.example/api/charges?x=1"
+    # The move is recorded: the next resume sends it to the new host without being told.
     up = Recorder()
     with idemclient.Client(
         journal=journal_path, transport=httpx.MockTransport(up), base_url="https://new.example"
     ) as client:
         assert [r.outcome for r in client.resume_pending()] == ["completed"]
     assert str(up.requests[0].url) == "https://new.example/api/charges?x=1"
+
+
+def test_resume_sends_the_key_in_the_operations_own_header_and_style(journal_path: Path) -> None:
+    """An operation made with key_header="X-Request-Key" goes out under that header again,
+    quoted if it was, whatever the resuming client's settings (the CLI's are the defaults)."""
+    _interrupt(
+        journal_path, "https://api.example/a", "custom", key_header="X-Request-Key",
+        key_style="structured",
+    )  # fmt: skip
+    with Journal(journal_path) as journal:
+        op = journal.get("custom")
+    assert op is not None
+    assert (op.key_header, op.key_style) == ("X-Request-Key", "structured")
+    up = Recorder()
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(up)) as client:
+        assert [r.outcome for r in client.resume_pending()] == ["completed"]
+    sent = up.requests[0]
+    assert sent.headers["X-Request-Key"] == f'"{op.key}"'
+    assert "Idempotency-Key" not in sent.headers
+    # A rerun of the named operation by a client with default settings replays it.
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(up)) as client:
+        again = client.post(
+            "https://api.example/a", json={"to": "https://api.example/a"},
+            extensions={"idempotency_operation": "custom"},
+        )  # fmt: skip
+    assert again.extensions["idempotency"]["replayed"] is True
+    assert len(up.requests) == 1
 
 
 def test_resume_reports_conflicts_failures_and_expired(journal_path: Path) -> None:

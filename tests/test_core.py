@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -106,7 +107,11 @@ def test_plan_keeps_secrets_out_of_the_record_but_sends_them() -> None:
     assert p.request.headers["Idempotency-Key"] == p.record.key
     assert p.request.headers["content-length"] == "4"
     # a rerun under the journal's key
-    again = p.request_with_key("journal-key")
+    now = datetime.now(timezone.utc)
+    known = Operation(
+        "op-1", "journal-key", "pending", "POST", p.record.url, 1, now, now, None, None
+    )
+    again = p.request_with_key(known)
     assert again.headers["Idempotency-Key"] == "journal-key"
     assert again.read() == b"body"
 
@@ -150,7 +155,8 @@ def test_a_flow_is_a_sequence_of_steps_with_no_io() -> None:
             result = None
         elif isinstance(step, Call):
             seen.append(step.fn.__name__)
-            result = (2, 2) if step.fn == journal.claim else True
+            claimed = replace(op, attempts=2)
+            result = Registration(Decision.SEND, claimed, 2) if step.fn == journal.claim else None
         try:
             step = flow.send(result)
         except StopIteration as stop:

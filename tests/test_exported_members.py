@@ -22,6 +22,7 @@ def test_all_is_exactly_the_public_surface() -> None:
             "OperationInProgressError",
             "OperationMismatchError",
             "OperationParkedError",
+            "ResumeReport",
             "ResumeResult",
             "RetriesExhaustedError",
             "RetryPolicy",

@@ -5,6 +5,8 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -164,7 +166,9 @@ def test_writes_are_fenced_by_the_lease_version(journal: Journal, clock: Clock) 
     op = journal.get("key-1")
     assert op is not None
     assert op.state == "pending"
-    assert journal.claim("key-1", first.lease_version, "x", LEASE, None) is None
+    fenced = journal.claim("key-1", first.lease_version, "x", LEASE, None)
+    assert fenced.decision is Decision.IN_PROGRESS
+    assert "taken over" in fenced.detail
     assert not journal.release("key-1", first.lease_version, "late")
     journal.finish("key-1", second.lease_version, "completed", StoredResponse(201, [], b"b"))
     reg = journal.register(record(), current_owner(), LEASE)
@@ -175,7 +179,8 @@ def test_writes_are_fenced_by_the_lease_version(journal: Journal, clock: Clock) 
 def test_claim_counts_attempts_and_records_the_last_error(journal: Journal) -> None:
     reg = journal.register(record(), current_owner(), LEASE)
     claimed = journal.claim("key-1", reg.lease_version, current_owner(), LEASE, "HTTP 503")
-    assert claimed == (reg.lease_version + 1, 2)
+    assert claimed.decision is Decision.SEND
+    assert (claimed.lease_version, claimed.operation.attempts) == (reg.lease_version + 1, 2)
     op = journal.get("key-1")
     assert op is not None
     assert op.last_error == "HTTP 503"
@@ -358,7 +363,7 @@ def test_a_version_1_journal_is_upgraded_with_its_operations(journal_path: Path)
         again = journal.register(record(name="charge-1", key="k-4", key_given=True), "o", LEASE)
         assert again.decision is Decision.MISMATCH
     with sqlite3.connect(journal_path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
@@ -617,7 +622,7 @@ def test_an_idle_flusher_thread_ends_and_a_new_one_starts(journal_path: Path) ->
     import time
 
     journal = Journal(journal_path, flush_delay=0.01)
-    journal._flusher_idle = 0.05
+    journal._shared.flusher_idle = 0.05
 
     def flushers() -> int:
         return sum(t.name.startswith("idemclient-journal-flush") for t in threading.enumerate())
@@ -690,3 +695,170 @@ def test_connections_of_ended_threads_are_closed(journal_path: Path) -> None:
     if baseline:
         assert open_files() <= baseline + 6
     journal.close()
+
+
+# -- the retention is a property of the file ----------------------------------------------
+
+
+def test_retention_is_stored_in_the_file_and_changed_only_explicitly(journal_path: Path) -> None:
+    Journal(journal_path, retention=timedelta(hours=1)).close()
+    with Journal(journal_path) as journal:  # the CLI, a resumer: they read the file's
+        assert journal.retention == timedelta(hours=1)
+    with Journal(journal_path, retention=timedelta(hours=1)) as journal:
+        assert journal.retention == timedelta(hours=1)
+    with pytest.raises(ValueError, match="keeps keys for 1:00:00"):
+        Journal(journal_path, retention=timedelta(hours=24))
+    with Journal(journal_path) as journal:
+        journal.set_retention(timedelta(hours=6))
+    with Journal(journal_path, read_only=True) as journal:
+        assert journal.retention == timedelta(hours=6)
+    fresh = journal_path.with_name("fresh.sqlite3")
+    with Journal(fresh) as journal:
+        assert journal.retention == timedelta(hours=24)
+
+
+def test_a_claim_past_the_retention_expires_instead_of_sending(
+    journal_path: Path, clock: Clock
+) -> None:
+    """A retry after a long suspend (the machine slept through a backoff) must not resend an
+    operation the server may have forgotten."""
+    journal = Journal(journal_path, clock=clock, retention=timedelta(hours=24))
+    reg = journal.register(record(), current_owner(), LEASE)
+    clock.now += 25 * 3600
+    claimed = journal.claim("key-1", reg.lease_version, current_owner(), LEASE, "HTTP 503")
+    assert claimed.decision is Decision.EXPIRED
+    op = journal.get("key-1")
+    assert op is not None
+    assert (op.state, op.attempts) == ("expired", 1)
+    journal.close()
+
+
+def test_a_claim_sees_an_abandoned_or_finished_operation(journal: Journal) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.abandon("op-1")
+    assert journal.claim("key-1", reg.lease_version, "o", LEASE, None).decision is (
+        Decision.ABANDONED
+    )
+
+
+# -- several journals, one file, one process ------------------------------------------------
+
+
+def test_journals_on_one_file_see_each_others_answers_at_once(journal_path: Path) -> None:
+    """A worker that makes a client (and a journal) per job: the answer the first journal
+    holds in memory is seen by the second at once, not as "in progress by another process"
+    (our own pid)."""
+    first = Journal(journal_path, flush_delay=60)
+    second = Journal(journal_path, flush_delay=60)
+    reg = first.register(record(), current_owner(), LEASE)
+    first.finish("key-1", reg.lease_version, "completed", StoredResponse(201, [], b"done"))
+    again = second.register(record(), current_owner(), LEASE)
+    assert again.decision is Decision.COMPLETED
+    assert again.response is not None
+    assert again.response.body == b"done"
+    op = second.get("op-1")
+    assert op is not None
+    assert op.state == "completed"
+    first.close()
+    second.close()
+
+
+def test_a_late_finish_is_written_by_another_journal_or_refused(journal_path: Path) -> None:
+    first = Journal(journal_path, flush_delay=60)
+    second = Journal(journal_path, flush_delay=60)
+    reg = first.register(record(), current_owner(), LEASE)
+    first.close()
+    # another journal of this process on the file is open: it writes the answer
+    first.finish("key-1", reg.lease_version, "completed", StoredResponse(201, [], b"late"))
+    stored = second.stored_response("op-1")
+    assert stored is not None
+    assert stored.body == b"late"
+    reg2 = second.register(record(name="op-2", key="key-2"), current_owner(), LEASE)
+    second.close()
+    # nobody is left to write it: not dropped silently
+    with pytest.raises(JournalError, match="closed: the answer for key key-2 was not recorded"):
+        second.finish("key-2", reg2.lease_version, "completed", StoredResponse(201, [], b""))
+
+
+# -- the file itself ----------------------------------------------------------------------
+
+
+def test_a_deleted_journal_fails_closed_and_is_not_recreated(journal_path: Path) -> None:
+    journal = Journal(journal_path)
+    journal.register(record(), current_owner(), LEASE)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{journal_path}{suffix}").unlink(missing_ok=True)
+    with pytest.raises(JournalError, match="deleted or moved while in use") as info:
+        journal.register(record(name="op-2", key="key-2"), current_owner(), LEASE)
+    assert info.value.path == str(journal_path)
+    # a new thread (a new connection) does not bring an empty journal back either
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            journal.register(record(name="op-3", key="key-3"), current_owner(), LEASE)
+        except JournalError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert len(errors) == 1
+    assert not journal_path.exists()
+    journal.close()
+
+
+def test_a_replaced_journal_fails_closed(journal_path: Path, tmp_path: Path) -> None:
+    journal = Journal(journal_path)
+    journal.register(record(), current_owner(), LEASE)
+    other = tmp_path / "other.sqlite3"
+    Journal(other).close()
+    os.replace(other, journal_path)
+    with pytest.raises(JournalError, match="replaced by another file"):
+        journal.register(record(name="op-2", key="key-2"), current_owner(), LEASE)
+    journal.close()
+
+
+STAMPEDE_CHILD = """
+import sys, time
+from idemclient import Journal
+path, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+with Journal(path) as journal:
+    journal.operations()
+print("ok")
+"""
+
+
+def test_many_processes_creating_one_journal_at_once(tmp_path: Path) -> None:
+    """Before the fix, some got JournalError at `PRAGMA journal_mode = WAL` ("database is
+    locked": the busy timeout does not apply there)."""
+    for round_ in range(3):
+        path = tmp_path / f"new-{round_}" / "journal.sqlite3"
+        start = time.time() + 1.0
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", STAMPEDE_CHILD, str(path), str(start)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(12)
+        ]
+        results = [child.communicate(timeout=60) for child in children]
+        failures = [err for (out, err) in results if out.strip() != "ok"]
+        assert failures == []
+
+
+def test_read_only_opens_nothing_for_writing(journal_path: Path) -> None:
+    with Journal(journal_path) as journal:
+        journal.register(record(), current_owner(), LEASE)
+    with Journal(journal_path, read_only=True) as look:
+        assert [op.name for op in look.pending()] == ["op-1"]
+        with pytest.raises(JournalError, match="read-only"):
+            look.abandon("op-1")
+        with pytest.raises(JournalError, match="read-only"):
+            look.register(record(name="op-2", key="k-2"), current_owner(), LEASE)
+    with pytest.raises(JournalError, match="No such file"):
+        Journal(journal_path.with_name("missing.sqlite3"), read_only=True)
+    assert not journal_path.with_name("missing.sqlite3").exists()

@@ -27,7 +27,9 @@ def sync_api() -> None:
     assert_type(response, httpx.Response)
 
     results = idemclient.resume_pending(client)
-    assert_type(results, list[idemclient.ResumeResult])
+    assert_type(results, idemclient.ResumeReport)
+    assert_type(results.skipped, tuple[idemclient.Operation, ...])
+    idemclient.resume_pending(client, rebase={"https://old.example": "https://new.example"})
     first = results[0]
     assert_type(first.operation, idemclient.Operation)
     assert_type(first.response, httpx.Response | None)
@@ -72,7 +74,7 @@ async def async_api() -> None:
         async with idemclient.operation("order-1"):
             response = await client.post("/orders", json={})
         assert_type(response, httpx.Response)
-        assert_type(await client.aresume_pending(), list[idemclient.ResumeResult])
-        assert_type(await idemclient.aresume_pending(client), list[idemclient.ResumeResult])
+        assert_type(await client.aresume_pending(), idemclient.ResumeReport)
+        assert_type(await idemclient.aresume_pending(client), idemclient.ResumeReport)
     transport = idemclient.AsyncIdempotentTransport(httpx.AsyncHTTPTransport())
     httpx.AsyncClient(transport=transport)

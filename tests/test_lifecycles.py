@@ -1,0 +1,290 @@
+"""Exactly once across the lifecycles users put the client through: long suspends, a person
+deciding during a backoff, clients closed before their journal, forks, asyncio timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+import idemclient
+from idemclient import (
+    Journal,
+    OperationAbandonedError,
+    OperationExpiredError,
+)
+
+
+def test_a_retry_after_a_long_suspend_is_not_sent_past_the_retention(journal_path: Path) -> None:
+    """The machine slept 25 h during a backoff sleep: the server may have forgotten the key,
+    so the retry must not go out."""
+    now = [1_800_000_000.0]
+    journal = Journal(journal_path, clock=lambda: now[0], retention=timedelta(hours=24))
+    sent: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(503)
+
+    def suspend(seconds: float) -> None:
+        now[0] += 25 * 3600
+
+    with (
+        idemclient.Client(
+            journal=journal, transport=httpx.MockTransport(server), sleep=suspend,
+            base_url="https://api.example",
+        ) as client,
+        idemclient.operation("charge-1"),
+        pytest.raises(OperationExpiredError, match="while it waited to retry"),
+    ):  # fmt: skip
+        client.post("/charges", json={"amount": 5})
+    assert len(sent) == 1
+    op = journal.get("charge-1")
+    assert op is not None
+    assert (op.state, op.attempts) == ("expired", 1)
+    journal.close()
+
+
+def test_an_operation_abandoned_during_a_backoff_sleep_says_so(journal_path: Path) -> None:
+    sent: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(503)
+
+    def operator_abandons(seconds: float) -> None:
+        with Journal(journal_path) as theirs:  # another process, in effect
+            theirs.abandon("charge-1")
+
+    with (
+        idemclient.Client(
+            journal=journal_path, transport=httpx.MockTransport(server), sleep=operator_abandons,
+            base_url="https://api.example",
+        ) as client,
+        idemclient.operation("charge-1"),
+        pytest.raises(OperationAbandonedError, match="abandoned by a person"),
+    ):  # fmt: skip
+        client.post("/charges", json={"amount": 5})
+    assert len(sent) == 1
+
+
+def test_closing_a_client_writes_its_answers_into_the_callers_journal(journal_path: Path) -> None:
+    journal = Journal(journal_path, flush_delay=60)  # the caller's: the client does not own it
+    with idemclient.Client(
+        journal=journal, transport=httpx.MockTransport(lambda r: httpx.Response(201)),
+        base_url="https://api.example",
+    ) as client:  # fmt: skip
+        client.post("/charges", json={"amount": 5})
+    with sqlite3.connect(journal_path) as db:  # what another process would see now
+        assert db.execute("SELECT state FROM operations").fetchall() == [("completed",)]
+    journal.close()
+
+
+def test_a_client_per_job_sees_the_last_jobs_answer(journal_path: Path) -> None:
+    """A worker that makes a client per job, reruns included: the answer the last client
+    recorded a moment ago is found, not reported "in progress by another process"."""
+    calls: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(201, json={"n": len(calls)})
+
+    first = idemclient.Client(journal=Journal(journal_path, flush_delay=60),
+                              transport=httpx.MockTransport(server))  # fmt: skip
+    second = idemclient.Client(journal=Journal(journal_path, flush_delay=60),
+                               transport=httpx.MockTransport(server))  # fmt: skip
+    for client in (first, second):
+        with idemclient.operation("job-1"):
+            response = client.post("https://api.example/jobs", json={"job": 1})
+        assert response.json() == {"n": 1}
+    assert len(calls) == 1
+    for client in (first, second):
+        client.journal.close()
+        client.close()
+
+
+FORK_CHILD = """
+import os, signal, sys, threading
+import httpx
+import idemclient
+
+journal_path = sys.argv[1]
+signal.alarm(20)  # a hang fails the test instead of stalling it
+transport = httpx.MockTransport(lambda request: httpx.Response(201))
+client = idemclient.Client(journal=journal_path, transport=transport, base_url="https://x")
+client.post("/warm-up", json={})  # the flusher thread now runs
+journal = client.journal
+# At the fork, a thread of the parent holds the journal's write lock, a registration of the
+# parent's is queued, and an answer of the parent's is held in memory.
+held = threading.Event()
+release = threading.Event()
+
+def holder():
+    with journal._shared.write_lock:
+        held.set()
+        release.wait()
+
+threading.Thread(target=holder, daemon=True).start()
+held.wait()
+with idemclient.operation("parent-answer"):
+    pass
+journal._queue.append(object())
+journal._shared.deferred.append(("completed", 0.0, 201, "[]", b"", 1, "parent-key", 1))
+pid = os.fork()
+if pid == 0:
+    try:
+        with idemclient.operation("child-op"):
+            response = client.post("/child", json={"child": True})
+        client.journal.flush()
+        print("child", response.status_code, flush=True)
+        os._exit(0)
+    except BaseException as exc:
+        print("child failed:", repr(exc), flush=True)
+        os._exit(1)
+_, status = os.waitpid(pid, 0)
+journal._queue.clear()
+journal._shared.deferred.clear()
+release.set()
+print("parent", os.waitstatus_to_exitcode(status), flush=True)
+op = journal.get("child-op")
+print("child-op", op.state if op else None, flush=True)
+"""
+
+
+def test_a_forked_child_starts_with_clean_locks_and_queues(tmp_path: Path) -> None:
+    """gunicorn --preload and multiprocessing's fork start method fork a process whose
+    threads use the client: the child must not hang on a lock held at the fork, nor
+    commit the parent's queued registrations."""
+    script = tmp_path / "fork_child.py"
+    script.write_text(FORK_CHILD)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "journal.sqlite3")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["child 201", "parent 0", "child-op completed"]
+
+
+@pytest.mark.anyio
+async def test_a_timeout_cancels_only_its_own_task(journal_path: Path) -> None:
+    """400 concurrent named POSTs, every tenth under a 1 ms `asyncio.wait_for`: the others
+    all succeed (none fails with CancelledError because a leader of its batch was cancelled),
+    and each timed-out operation can be sent again at once by this same process."""
+    acted: dict[str, int] = {}
+
+    async def server(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(random.uniform(0, 0.002))
+        key = request.headers["Idempotency-Key"]
+        acted[key] = acted.get(key, 0) + 1
+        return httpx.Response(201, json={"path": request.url.path})
+
+    async with idemclient.AsyncClient(
+        journal=journal_path, transport=httpx.MockTransport(server), base_url="https://x",
+    ) as client:  # fmt: skip
+
+        async def post(i: int) -> httpx.Response:
+            return await client.post(f"/ops/{i}", json={"i": i},
+                                     extensions={"idempotency_operation": f"op-{i}"})  # fmt: skip
+
+        async def one(i: int) -> str:
+            if i % 10 == 0:
+                try:
+                    await asyncio.wait_for(post(i), timeout=0.001)
+                except asyncio.TimeoutError:
+                    return "timed out"
+                return "done"
+            response = await post(i)
+            assert response.status_code == 201
+            return "done"
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(400)), return_exceptions=True)
+        failed = [(i, o) for i, o in enumerate(outcomes) if o not in ("done", "timed out")]
+        assert failed == []
+        timed_out = [i for i, o in enumerate(outcomes) if o == "timed out"]
+        # Sent again at once, in this process: never "in progress by another process".
+        for i in timed_out:
+            response = await post(i)
+            assert response.status_code == 201
+    assert all(count == 1 for count in acted.values())  # one effect per key
+    with Journal(journal_path) as journal:
+        states = {op.name: op.state for op in journal.operations()}
+    assert len(states) == 400
+    assert set(states.values()) == {"completed"}
+
+
+@pytest.mark.anyio
+async def test_a_task_cancelled_before_its_send_leaves_no_trace(journal_path: Path) -> None:
+    """Cancelled while its registration was being committed: the operation is given back
+    (nothing was sent), so it is neither left for a resume to send behind the caller's back
+    nor held by this live process."""
+    sent: list[httpx.Request] = []
+
+    async def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(201)
+
+    journal = Journal(journal_path)
+    entered, release = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    original = journal.register_many
+
+    def slow_register_many(*args: object, **kwargs: object) -> object:
+        loop.call_soon_threadsafe(entered.set)
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    journal.register_many = slow_register_many  # type: ignore[method-assign,assignment]
+    async with idemclient.AsyncClient(
+        journal=journal, transport=httpx.MockTransport(server), base_url="https://x"
+    ) as client:
+        task = asyncio.ensure_future(client.post("/unnamed", json={}))
+        await entered.wait()
+        task.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sent == []
+        assert journal.operations() == []  # given back: nothing for a resume to send
+        named = asyncio.ensure_future(
+            client.post("/named", json={}, extensions={"idempotency_operation": "n-1"})
+        )
+        release.clear()
+        entered.clear()
+        await entered.wait()
+        named.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await named
+        journal.register_many = original  # type: ignore[method-assign]
+        response = await client.post("/named", json={}, extensions={"idempotency_operation": "n-1"})
+        assert response.status_code == 201
+    assert len(sent) == 1
+    journal.close()
+
+
+def test_fork_leaves_the_parents_connections_alone(tmp_path: Path) -> None:
+    """A child that opens its own journal and exits does not disturb the parent's."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.operations()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            child = Journal(path)
+            child.operations()
+            child.close()
+            journal.close()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert journal.operations() == []
+    journal.close()
