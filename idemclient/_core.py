@@ -427,13 +427,18 @@ def _extension(op: Operation, attempts: int, replayed: bool) -> dict[str, Any]:
 
 
 def replay_response(reg: Registration, request: httpx.Request) -> httpx.Response:
-    """The journaled final response of a finished operation, as a fresh httpx.Response."""
+    """The journaled final response of a finished operation, as a fresh httpx.Response.
+
+    Its headers are given as bytes, encoded as they were decoded: httpx would encode text
+    as ASCII, and fail on any other character; the bytes are what the server sent.
+    """
     stored = reg.response
     assert stored is not None
-    headers = list(stored.headers)
+    encoding = stored.encoding
+    headers = [(k.encode(encoding), v.encode(encoding)) for k, v in stored.headers]
     ext = _extension(reg.operation, reg.operation.attempts, replayed=True)
     if not stored.body_kept:  # the body was too large to keep: say so, and send none
-        drop = {"content-length", "content-encoding", "transfer-encoding"}
+        drop = {b"content-length", b"content-encoding", b"transfer-encoding"}
         headers = [(k, v) for k, v in headers if k.lower() not in drop]
         ext["body_kept"] = False
     return httpx.Response(
@@ -483,8 +488,15 @@ def _refuse(reg: Registration, request: httpx.Request) -> IdempotencyError:
 
 
 def _stored(response: httpx.Response, raw: bytes) -> StoredResponse:
-    headers = [(k, v) for k, v in _pairs(response.headers) if k != "set-cookie"]
-    return StoredResponse(response.status_code, headers, raw)
+    """The response as journaled. Names keep the server's case and the text keeps the
+    encoding it was decoded with, so that a replay's `headers.raw` is what the server sent."""
+    encoding = response.headers.encoding
+    headers = [
+        (k.decode(encoding), v.decode(encoding))
+        for k, v in response.headers.raw
+        if k.lower() != b"set-cookie"
+    ]
+    return StoredResponse(response.status_code, headers, raw, encoding=encoding)
 
 
 def _retry_loop(

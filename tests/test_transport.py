@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import sqlite3
 import threading
@@ -803,3 +804,67 @@ async def test_async_waiting_tasks_get_the_error_of_a_broken_registration(
                     group.start_soon(place, n)
     assert len(errors) == 4
     assert script.requests == []
+
+
+#: Header bytes that are not ASCII: a latin-1 value, a UTF-8 value, and both in one response
+#: (then httpx decodes them all as iso-8859-1).
+_LATIN1 = (b"X-Note", b"caf\xe9")
+_UTF8 = (b"Content-Disposition", 'attachment; filename="résumé.pdf"'.encode())
+
+
+@pytest.mark.parametrize(
+    "headers", [[_LATIN1], [_UTF8], [_LATIN1, _UTF8]], ids=["latin-1", "utf-8", "both"]
+)
+@pytest.mark.parametrize("status", [201, 422])
+def test_replay_reproduces_non_ascii_header_bytes(
+    client_factory: Callable[..., httpx.Client], headers: list[tuple[bytes, bytes]], status: int
+) -> None:
+    sent = [(b"X-Request-Id", b"r1"), *headers, (b"Content-Length", b"2")]
+    script = Script(httpx.Response(status, headers=sent, content=b"ok"))
+    client = client_factory(script)
+
+    def post() -> httpx.Response:
+        with idemclient.operation("resume-upload"):
+            if status != 422:
+                return client.post("/files", content=b"pdf")
+            with pytest.raises(ConflictError) as info:
+                client.post("/files", content=b"pdf")
+            assert info.value.response is not None
+            return info.value.response
+
+    first, replay = post(), post()
+    assert len(script.requests) == 1
+    assert replay.headers.raw == first.headers.raw == sent  # names' case included
+    assert replay.headers.multi_items() == first.headers.multi_items()
+    assert replay.read() == b"ok"
+
+
+@pytest.mark.parametrize(
+    ("column", "sent"),
+    [
+        ('[["x-note", "caf\\u00e9"]]', [(b"x-note", b"caf\xc3\xa9")]),
+        ('[["x-note", "\\u0394"]]', [(b"x-note", b"\xce\x94")]),
+        ('[["x-id", "7"]]', [(b"x-id", b"7")]),
+    ],
+    ids=["latin-1-range", "utf-8", "ascii"],
+)
+def test_replay_of_headers_journaled_before_the_encoding_was_kept(
+    client_factory: Callable[..., httpx.Client],
+    journal_path: Path,
+    column: str,
+    sent: list[tuple[bytes, bytes]],
+) -> None:
+    """Rows written before keep their text: a list of pairs decoded with httpx's encoding,
+    which cannot say whether `é` came as latin-1 or UTF-8 bytes. A replay sends UTF-8: the
+    same text for both, the same bytes for ASCII and UTF-8."""
+    client = client_factory(Script(ok()))
+    with idemclient.operation("old"):
+        client.post("/x", json={})
+    journal_of(client).flush()
+    with sqlite3.connect(journal_path) as db:
+        db.execute("UPDATE operations SET response_headers = ?", (column,))
+    with idemclient.operation("old"):
+        replay = client.post("/x", json={})
+    assert replay.extensions["idempotency"]["replayed"] is True
+    assert replay.headers.raw == sent
+    assert replay.headers.multi_items() == [(k, v) for k, v in json.loads(column)]
