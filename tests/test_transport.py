@@ -868,3 +868,22 @@ def test_replay_of_headers_journaled_before_the_encoding_was_kept(
     assert replay.extensions["idempotency"]["replayed"] is True
     assert replay.headers.raw == sent
     assert replay.headers.multi_items() == [(k, v) for k, v in json.loads(column)]
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_malformed_retry_after_date_counts_as_absent(
+    client_factory: Callable[..., httpx.Client], sleeps: list[float], method: str
+) -> None:
+    bad = {"Retry-After": "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"}
+    script = Script(httpx.Response(503, headers=bad), ok())
+    client = client_factory(script)
+    with idemclient.operation("charge-odd-hint"):
+        response = client.request(method, "/charges", json={"amount": 5})
+    assert response.status_code == 201
+    assert len(script.requests) == 2
+    assert len(sleeps) == 1
+    assert sleeps[0] <= RetryPolicy().max_delay  # the backoff alone: no hint
+    if method == "POST":
+        op = journal_of(client).get("charge-odd-hint")
+        assert op is not None
+        assert (op.state, op.attempts) == ("completed", 2)
