@@ -562,13 +562,15 @@ def keyed_flow(
             return ()
         return (Emit(Event(kind, op.name, op.key, record.method, record.url, attempts, **details)),)
 
+    # From here on the request carries the operation's key, not the one drawn for it before
+    # the journal was asked: what is sent, and what a replay's `response.request` shows.
+    request = the_plan.request_with_key(op.key)
     if reg.decision is Decision.COMPLETED:
         logger.info("operation %s (key %s) already completed: replaying", label, op.key)
         yield from event("replayed", status=reg.response.status if reg.response else None)
         return replay_response(reg, request)
     if reg.decision is not Decision.SEND:
         raise _refuse(reg, request)
-    request = the_plan.request_with_key(op.key)
     yield from event("registered")
 
     first = True

@@ -602,6 +602,7 @@ async def test_async_conflict_and_named_replay(journal_path: Path, sleeps: list[
     assert len(script.requests) == 1
     assert second.extensions["idempotency"]["replayed"] is True
     assert second.json() == first.json()
+    assert second.request.headers["Idempotency-Key"] == first.extensions["idempotency"]["key"]
 
 
 @pytest.mark.anyio
@@ -887,3 +888,42 @@ def test_malformed_retry_after_date_counts_as_absent(
         op = journal_of(client).get("charge-odd-hint")
         assert op is not None
         assert (op.state, op.attempts) == ("completed", 2)
+
+
+@pytest.mark.parametrize(
+    ("options", "header", "quoted"),
+    [
+        ({}, "Idempotency-Key", False),
+        ({"key_header": "X-Idempotency-Key"}, "X-Idempotency-Key", False),
+        ({"key_style": "structured"}, "Idempotency-Key", True),
+    ],
+    ids=["default", "key_header", "structured"],
+)
+@pytest.mark.parametrize("status", [201, 422])
+def test_a_replay_request_shows_the_operations_key(
+    client_factory: Callable[..., httpx.Client],
+    options: dict[str, object],
+    header: str,
+    quoted: bool,
+    status: int,
+) -> None:
+    script = Script(httpx.Response(status, json={}))
+    client = client_factory(script, **options)
+
+    def post() -> httpx.Response:
+        with idemclient.operation("charge-key"):
+            if status != 422:
+                return client.post("/charges", json={"amount": 5})
+            with pytest.raises(ConflictError) as info:
+                client.post("/charges", json={"amount": 5})
+            assert info.value.response is not None
+            return info.value.response
+
+    post()
+    replay = post()
+    assert len(script.requests) == 1
+    op = journal_of(client).get("charge-key")
+    assert op is not None
+    expected = f'"{op.key}"' if quoted else op.key
+    assert script.requests[0].headers[header] == expected
+    assert replay.request.headers[header] == expected  # not the key the rerun drew first
