@@ -203,7 +203,8 @@ def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if stored is not None:
         data["response"] = {
             "status": stored.status,
-            "headers": dict(stored.headers),
+            # pairs, not an object: a header may come more than once (Link, Vary, X-Dup)
+            "headers": [[name, value] for name, value in stored.headers],
             "body_bytes": len(stored.body),
             "body_kept": stored.body_kept,
         }

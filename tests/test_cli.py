@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 import idemclient
@@ -257,3 +258,22 @@ def test_unpark_and_reissue(populated: Path) -> None:
     data = json.loads(cli("--journal", str(populated), "show", "charge-pending", "--json")[1])
     assert data["previous_key"] == old.key
     assert data["state"] == "pending"
+
+
+def test_show_keeps_repeated_response_headers(journal_path: Path) -> None:
+    sent = [(b"X-Dup", b"a"), (b"Content-Type", b"text/plain"), (b"X-Dup", b"b")]
+    transport = httpx.MockTransport(lambda request: httpx.Response(201, headers=sent))
+    with idemclient.Client(transport=transport, journal=journal_path) as client:
+        client.post("https://api.example/charges", json={}, extensions={
+            "idempotency_operation": "charge-dup"})  # fmt: skip
+    code, out, _ = cli("--journal", str(journal_path), "show", "charge-dup", "--json")
+    assert code == EXIT_OK
+    headers = json.loads(out)["response"]["headers"]
+    assert [h for h in headers if h[0].lower() != "content-length"] == [
+        ["X-Dup", "a"], ["Content-Type", "text/plain"], ["X-Dup", "b"],
+    ]  # fmt: skip
+    code, out, _ = cli("--journal", str(journal_path), "show", "charge-dup")
+    assert code == EXIT_OK
+    assert [line.split() for line in out.splitlines() if "X-Dup" in line] == [
+        ["X-Dup:", "a"], ["X-Dup:", "b"],
+    ]  # fmt: skip
