@@ -455,6 +455,8 @@ def _refuse(reg: Registration, request: httpx.Request) -> IdempotencyError:
     label = repr(op.name) if op.name is not None else f"with key {op.key!r}"
     if reg.decision is Decision.CONFLICT:
         response = replay_response(reg, request) if reg.response is not None else None
+        if response is not None:
+            response.read()  # in memory, as when it was first raised
         status = response.status_code if response is not None else "?"
         return ConflictError(
             f"operation {label} was refused by the server earlier (HTTP {status}); "
@@ -626,6 +628,8 @@ def keyed_flow(
         if isinstance(result, Exhausted):
             last = result.last
             if last.response is not None:
+                # raised, not returned: httpx sets `request` only on what a transport returns
+                last.response.request = request
                 last.response.read()  # in memory: readable by the caller, and closed
             reason = f"{last.reason}; gave up: {result.reason}"
             yield Call(journal.release, (op.key, version, reason))
@@ -672,6 +676,7 @@ def keyed_flow(
     response.extensions = {**response.extensions, RESPONSE_EXTENSION: ext}
     yield from event(state, status=response.status_code)
     if state == "conflict":
+        response.request = request  # raised, not returned: httpx will not set it
         response.read()  # in memory: the caller can read the server's reason
         logger.warning("operation %s (key %s): %s, not retried", label, op.key, result.reason)
         raise ConflictError(

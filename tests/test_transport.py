@@ -927,3 +927,23 @@ def test_a_replay_request_shows_the_operations_key(
     expected = f'"{op.key}"' if quoted else op.key
     assert script.requests[0].headers[header] == expected
     assert replay.request.headers[header] == expected  # not the key the rerun drew first
+
+
+def test_error_responses_are_read_and_carry_their_request(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    """The response on a ConflictError or a RetriesExhaustedError is the caller's to read:
+    in memory, with its request, the first time and when a rerun raises again."""
+    client = client_factory(Script(httpx.Response(422, json={"error": "amount"})))
+    for _ in range(2):  # sent, then answered from the journal
+        with pytest.raises(ConflictError) as info, idemclient.operation("refused"):
+            client.post("/charges", json={"amount": -1})
+        assert info.value.response is not None
+        assert info.value.response.json() == {"error": "amount"}
+        assert info.value.response.request.url == "https://api.example/charges"
+    client = client_factory(Script(httpx.Response(503, json={"error": "busy"})))
+    with pytest.raises(RetriesExhaustedError) as gave_up:
+        client.post("/charges", json={})
+    assert gave_up.value.response is not None
+    assert gave_up.value.response.json() == {"error": "busy"}
+    assert gave_up.value.response.request.url == "https://api.example/charges"
