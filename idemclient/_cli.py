@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -60,7 +61,35 @@ def parse_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(
             f"invalid duration {text!r}: use a number and a unit (s, m, h, d, w), e.g. 7d"
         )
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    except OverflowError:  # argparse reports TypeError and ValueError only: not a traceback
+        raise argparse.ArgumentTypeError(f"duration {text!r} is too long") from None
+
+
+def parse_seconds(text: str) -> float:
+    """A timeout: a positive, finite number of seconds. httpx takes any float, and the
+    socket refuses a negative, NaN or infinite one only when the request is sent."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 < value < math.inf:  # NaN is neither
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def parse_attempts(text: str) -> int:
+    """A count of attempts: at least 1, the first attempt included."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of attempts {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1 (the first attempt counts), not {value}"
+        )
+    return value
 
 
 def _age(when: datetime, now: datetime) -> str:
@@ -177,7 +206,8 @@ def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if stored is not None:
         data["response"] = {
             "status": stored.status,
-            "headers": dict(stored.headers),
+            # pairs, not an object: a header may come more than once (Link, Vary, X-Dup)
+            "headers": [[name, value] for name, value in stored.headers],
             "body_bytes": len(stored.body),
             "body_kept": stored.body_kept,
         }
@@ -234,8 +264,6 @@ def _describe(result: ResumeResult) -> str:
 
 def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     headers = _headers(args, err)
-    if args.attempts < 1:
-        raise UsageError("--attempts must be at least 1")
     if args.base_url:
         try:
             parse_origin(args.base_url, "--base-url")
@@ -420,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a header (not for secrets: see --header-from-env)")  # fmt: skip
     sub.add_argument("--header-from-env", action="append", default=[], metavar="Name=ENVVAR",
                      help="add a header whose value is in an environment variable")  # fmt: skip
-    sub.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+    sub.add_argument("--timeout", type=parse_seconds, default=30.0, metavar="SECONDS",
                      help="timeout of each request (default: 30)")  # fmt: skip
-    sub.add_argument("--attempts", type=int, default=5, metavar="N",
+    sub.add_argument("--attempts", type=parse_attempts, default=5, metavar="N",
                      help="attempts per operation, the first included (default: 5)")  # fmt: skip
     sub.add_argument("--dry-run", action="store_true", help="say what would be sent; send nothing")
     sub.set_defaults(run=cmd_resume)

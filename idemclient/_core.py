@@ -444,13 +444,18 @@ def _extension(op: Operation, attempts: int, replayed: bool) -> dict[str, Any]:
 
 
 def replay_response(reg: Registration, request: httpx.Request) -> httpx.Response:
-    """The journaled final response of a finished operation, as a fresh httpx.Response."""
+    """The journaled final response of a finished operation, as a fresh httpx.Response.
+
+    Its headers are given as bytes, encoded as they were decoded: httpx would encode text
+    as ASCII, and fail on any other character; the bytes are what the server sent.
+    """
     stored = reg.response
     assert stored is not None
-    headers = list(stored.headers)
+    encoding = stored.encoding
+    headers = [(k.encode(encoding), v.encode(encoding)) for k, v in stored.headers]
     ext = _extension(reg.operation, reg.operation.attempts, replayed=True)
     if not stored.body_kept:  # the body was too large to keep: say so, and send none
-        drop = {"content-length", "content-encoding", "transfer-encoding"}
+        drop = {b"content-length", b"content-encoding", b"transfer-encoding"}
         headers = [(k, v) for k, v in headers if k.lower() not in drop]
         ext["body_kept"] = False
     return httpx.Response(
@@ -476,6 +481,8 @@ def _refuse(
         )
     if reg.decision is Decision.CONFLICT:
         response = replay_response(reg, request) if reg.response is not None else None
+        if response is not None:
+            response.read()  # in memory, as when it was first raised
         status = response.status_code if response is not None else "?"
         return ConflictError(
             f"operation {label} was refused by the server earlier (HTTP {status}); "
@@ -511,8 +518,15 @@ def _refuse(
 
 
 def _stored(response: httpx.Response, raw: bytes) -> StoredResponse:
-    headers = [(k, v) for k, v in _pairs(response.headers) if k != "set-cookie"]
-    return StoredResponse(response.status_code, headers, raw)
+    """The response as journaled. Names keep the server's case and the text keeps the
+    encoding it was decoded with, so that a replay's `headers.raw` is what the server sent."""
+    encoding = response.headers.encoding
+    headers = [
+        (k.decode(encoding), v.decode(encoding))
+        for k, v in response.headers.raw
+        if k.lower() != b"set-cookie"
+    ]
+    return StoredResponse(response.status_code, headers, raw, encoding=encoding)
 
 
 def _retry_loop(
@@ -591,13 +605,15 @@ def keyed_flow(
             return ()
         return (Emit(Event(kind, op.name, op.key, record.method, record.url, attempts, **details)),)
 
+    # From here on the request carries the operation's key, not the one drawn for it before
+    # the journal was asked: what is sent, and what a replay's `response.request` shows.
+    request = the_plan.request_with_key(op)
     if reg.decision is Decision.COMPLETED:
         logger.info("operation %s (key %s) already completed: replaying", label, op.key)
         yield from event("replayed", status=reg.response.status if reg.response else None)
         return replay_response(reg, request)
     if reg.decision is not Decision.SEND:
         raise _refuse(reg, request)
-    request = the_plan.request_with_key(op)
     yield from event("registered")
 
     first = True
@@ -652,6 +668,8 @@ def keyed_flow(
         if isinstance(result, Exhausted):
             last = result.last
             if last.response is not None:
+                # raised, not returned: httpx sets `request` only on what a transport returns
+                last.response.request = request
                 last.response.read()  # in memory: readable by the caller, and closed
             reason = f"{last.reason}; gave up: {result.reason}"
             yield Call(journal.release, (op.key, version, reason))
@@ -707,6 +725,7 @@ def keyed_flow(
     response.extensions = {**response.extensions, RESPONSE_EXTENSION: ext}
     yield from event(state, status=response.status_code)
     if state == "conflict":
+        response.request = request  # raised, not returned: httpx will not set it
         response.read()  # in memory: the caller can read the server's reason
         logger.warning("operation %s (key %s): %s, not retried", label, op.key, result.reason)
         raise ConflictError(

@@ -393,12 +393,17 @@ class StoredResponse:
 
     `body_kept` is `False` when the body was larger than the journal's `max_response_body`;
     a replay then returns the status and headers with an empty body.
+
+    `headers` are text, decoded with `encoding` (httpx's `Headers.encoding` of the response:
+    ascii, utf-8 or iso-8859-1, one for all of them). That decoding loses nothing, so encoding
+    the text with it again gives back the exact bytes the server sent.
     """
 
     status: int
     headers: list[tuple[str, str]]
     body: bytes
     body_kept: bool = True
+    encoding: str = "utf-8"
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,11 +473,28 @@ def _operation(row: tuple[Any, ...]) -> Operation:
     )
 
 
+def _response_headers_json(response: StoredResponse) -> str:
+    """The `response_headers` column: a JSON list of [name, value] pairs, as it always was,
+    when the text is ASCII or UTF-8; else (iso-8859-1) an object that names the encoding.
+
+    A bare list is read as UTF-8. That is exact for every row written so far that was ASCII
+    or UTF-8, and gives iso-8859-1 rows written before the encoding was kept the same text
+    (their bytes cannot be told apart from UTF-8 ones: both decode to the same text).
+    """
+    if response.encoding in ("ascii", "utf-8"):
+        return json.dumps(response.headers)
+    return json.dumps({"encoding": response.encoding, "headers": response.headers})
+
+
 def _stored_response(row: tuple[Any, ...]) -> StoredResponse | None:
     if row[8] is None:
         return None
-    headers = [(str(k), str(v)) for k, v in json.loads(row[15] or "[]")]
-    return StoredResponse(row[8], headers, bytes(row[16] or b""), bool(row[17]))
+    stored = json.loads(row[15] or "[]")
+    encoding = "utf-8"
+    if isinstance(stored, dict):
+        encoding, stored = str(stored["encoding"]), stored["headers"]
+    headers = [(str(k), str(v)) for k, v in stored]
+    return StoredResponse(row[8], headers, bytes(row[16] or b""), bool(row[17]), encoding)
 
 
 class Journal:
@@ -1200,7 +1222,7 @@ class Journal:
         body, kept = response.body, response.body_kept
         if len(body) > self.max_response_body:
             body, kept = b"", False
-        params = (state, self._clock(), response.status, json.dumps(response.headers), body,
+        params = (state, self._clock(), response.status, _response_headers_json(response), body,
                   int(kept), key, version)  # fmt: skip
         shared = self._shared
         with shared.deferred_lock:

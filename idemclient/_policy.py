@@ -24,6 +24,7 @@ import dataclasses
 import email.utils
 import enum
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ import tenacity
 
 __all__ = [
     "DEFAULT_MAX_RETRY_AFTER",
+    "MAX_HINT_SECONDS",
     "MAYBE_RECEIVED_ERRORS",
     "NEVER_SENT_ERRORS",
     "RETRY_STATUS_CODES",
@@ -62,6 +64,10 @@ MAYBE_RECEIVED_ERRORS: tuple[type[httpx.TransportError], ...] = (
     httpx.WriteError,
     httpx.RemoteProtocolError,
 )
+#: The longest wait a server hint is read as (a year): any longer one is taken to be this.
+MAX_HINT_SECONDS = 365 * 86400.0
+#: `retry-after-ms`: a non-negative decimal number, ASCII digits only (no sign, nan, inf, "_").
+_DECIMAL = re.compile(r"\d+(?:\.\d*)?(?:[eE][+-]?\d+)?", re.ASCII)
 _HINT_HEADERS = ("x-should-retry", "stripe-should-retry")
 _REPLAY_HEADERS = (b"idempotent-replayed", b"idempotency-replayed")
 
@@ -107,29 +113,29 @@ def parse_retry_after(headers: httpx.Headers, now: float) -> float | None:
     """Seconds the server asked us to wait, from `retry-after-ms` or `Retry-After`.
 
     `Retry-After` may be delta-seconds or an HTTP date; a date in the past means "now" (0).
-    `now` is the current POSIX time, used only for dates. Unparseable values are ignored.
+    `now` is the current POSIX time, used only for dates. What does not parse counts as
+    absent, whatever it is: a server's typo must not fail the request. A well-formed but
+    absurd wait (400 digits, the year 9999) is read as `MAX_HINT_SECONDS`, so that it stays a
+    number every sleep accepts, and ends the attempts under any sensible `max_retry_after`.
     """
     ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            value = float(ms)
-        except ValueError:
-            value = -1.0
-        if value >= 0 and value == value and value != float("inf"):
-            return value / 1000.0
+    if ms is not None and _DECIMAL.fullmatch(ms := ms.strip()):
+        return min(float(ms) / 1000.0, MAX_HINT_SECONDS)  # float() of many digits is inf
     raw = headers.get("retry-after")
     if raw is None:
         return None
     raw = raw.strip()
-    if raw.isdigit():
-        return float(raw)
+    if raw.isascii() and raw.isdigit():  # isdigit() alone takes "²", other scripts' digits
+        return min(float(raw), MAX_HINT_SECONDS)
     try:
         when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # RFC 9110 dates are GMT
+            return None
+        wait = when.timestamp() - now
+    except (TypeError, ValueError, IndexError, OverflowError):
+        # OverflowError: a year or zone offset too large for a C int (`+99999999999`)
         return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT
-        return None
-    return max(0.0, when.timestamp() - now)
+    return min(max(0.0, wait), MAX_HINT_SECONDS)
 
 
 def classify_response(

@@ -294,6 +294,18 @@ class IdempotentApp:
             drop=kind == "drop_after_acting",
         )
 
+    def _abandon(self, work: _Work) -> None:
+        """Free the key of a request that ended before acting (cancelled, timed out): nothing
+        happened, so the next request with it acts, as a real server frees the key of a
+        handler that died. Until then the key stays in flight (409 to others), so the entry
+        that is not done yet is this request's own."""
+        if work.key is None:
+            return
+        with self._lock:
+            entry = self._keys.get(work.key)
+            if entry is not None and not entry.done:
+                del self._keys[work.key]
+
     def _perform(self, work: _Work) -> _Answer:
         """Act once: record the effect and remember the answer under the key."""
         with self._lock:
@@ -336,14 +348,23 @@ class IdempotentApp:
         return self._response(answer)
 
     async def async_handler(self, request: httpx.Request) -> httpx.Response:
-        """`handler` for async clients, waiting with `anyio.sleep`."""
+        """`handler` for async clients, waiting with `anyio.sleep`.
+
+        A request cancelled while it waits (its task cancelled, a timeout) is a handler that
+        died. Before acting, nothing happened and its key is free again: a retry acts. After
+        acting, the effect and the answer are recorded: a retry replays them.
+        """
         method, path, headers = self._request_parts(request)
         admitted = self._admit(method, path, headers, await request.aread())
         if isinstance(admitted, _Answer):
             return self._response(admitted)
         if not isinstance(admitted, _Work):
             raise httpx.ReadError("connection reset before the server acted", request=request)
-        await anyio.sleep(admitted.before)
+        try:
+            await anyio.sleep(admitted.before)
+        except BaseException:  # cancelled before acting
+            self._abandon(admitted)
+            raise
         answer = self._perform(admitted)
         if admitted.drop:
             raise httpx.ReadError("connection closed after the server acted", request=request)

@@ -153,12 +153,40 @@ def test_resume_header_arguments(populated: Path, monkeypatch: pytest.MonkeyPatc
     assert code == EXIT_USAGE
     assert "MISSING_VAR" in err
     assert cli("--journal", str(populated), "resume", "-H", "no-colon")[0] == EXIT_USAGE
-    assert cli("--journal", str(populated), "resume", "--attempts", "0")[0] == EXIT_USAGE
     code, _, err = cli(
         "--journal", str(populated), "resume", "--dry-run", "-H", "Authorization: Bearer x"
     )
     assert code == EXIT_OK
     assert "prefer --header-from-env" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["resume", "--timeout", "-1"], "--timeout: must be a positive number of seconds"),
+        (["resume", "--timeout=0"], "--timeout: must be a positive number of seconds"),
+        (["resume", "--timeout", "nan"], "--timeout: must be a positive number of seconds"),
+        (["resume", "--timeout", "inf"], "--timeout: must be a positive number of seconds"),
+        (["resume", "--timeout", "soon"], "--timeout: invalid number of seconds 'soon'"),
+        (["resume", "--attempts", "0"], "--attempts: must be at least 1"),
+        (["resume", "--attempts", "-3"], "--attempts: must be at least 1"),
+        (["resume", "--attempts", "1.5"], "--attempts: invalid number of attempts '1.5'"),
+        (["purge", "--older-than", "99999999999w"], "--older-than: duration '99999999999w' is"),
+    ],
+)
+def test_bad_numbers_exit_2_with_a_message_and_touch_nothing(
+    populated: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with idemclient.Journal(populated) as journal:
+        before = journal.operations()
+    with pytest.raises(SystemExit) as info:
+        cli("--journal", str(populated), *argv)
+    assert info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"idemclient {argv[0]}: error: argument {message}" in err
+    assert "Traceback" not in err
+    with idemclient.Journal(populated) as journal:
+        assert journal.operations() == before
 
 
 def test_abandon(populated: Path) -> None:
@@ -350,3 +378,22 @@ def test_list_and_show_need_only_read_access(populated: Path) -> None:
         assert {p.name: p.read_bytes() for p in shared.iterdir()} == before
     finally:
         shutil.rmtree(shared)
+
+
+def test_show_keeps_repeated_response_headers(journal_path: Path) -> None:
+    sent = [(b"X-Dup", b"a"), (b"Content-Type", b"text/plain"), (b"X-Dup", b"b")]
+    transport = httpx.MockTransport(lambda request: httpx.Response(201, headers=sent))
+    with idemclient.Client(transport=transport, journal=journal_path) as client:
+        client.post("https://api.example/charges", json={}, extensions={
+            "idempotency_operation": "charge-dup"})  # fmt: skip
+    code, out, _ = cli("--journal", str(journal_path), "show", "charge-dup", "--json")
+    assert code == EXIT_OK
+    headers = json.loads(out)["response"]["headers"]
+    assert [h for h in headers if h[0].lower() != "content-length"] == [
+        ["X-Dup", "a"], ["Content-Type", "text/plain"], ["X-Dup", "b"],
+    ]  # fmt: skip
+    code, out, _ = cli("--journal", str(journal_path), "show", "charge-dup")
+    assert code == EXIT_OK
+    assert [line.split() for line in out.splitlines() if "X-Dup" in line] == [
+        ["X-Dup:", "a"], ["X-Dup:", "b"],
+    ]  # fmt: skip

@@ -862,3 +862,29 @@ def test_read_only_opens_nothing_for_writing(journal_path: Path) -> None:
     with pytest.raises(JournalError, match="No such file"):
         Journal(journal_path.with_name("missing.sqlite3"), read_only=True)
     assert not journal_path.with_name("missing.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "column"),
+    [
+        # ASCII and UTF-8 text is stored as it always was: a list of pairs
+        ("ascii", '[["X-Id", "7"]]'),
+        ("utf-8", '[["X-Id", "7"]]'),
+        # iso-8859-1 text names its encoding, or it would be read back as UTF-8
+        ("iso-8859-1", '{"encoding": "iso-8859-1", "headers": [["X-Id", "7"]]}'),
+    ],
+    ids=["ascii", "utf-8", "iso-8859-1"],
+)
+def test_response_headers_keep_the_encoding_they_were_decoded_with(
+    journal: Journal, journal_path: Path, encoding: str, column: str
+) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    stored = StoredResponse(201, [("X-Id", "7")], b"ok", encoding=encoding)
+    journal.finish("key-1", reg.lease_version, "completed", stored)
+    journal.flush()
+    with sqlite3.connect(journal_path) as db:
+        assert db.execute("SELECT response_headers FROM operations").fetchone() == (column,)
+    expected = encoding if encoding == "iso-8859-1" else "utf-8"  # a list reads as UTF-8
+    assert journal.stored_response("op-1") == StoredResponse(
+        201, [("X-Id", "7")], b"ok", encoding=expected
+    )

@@ -6,9 +6,12 @@ import random
 import httpx
 import pytest
 import tenacity
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from idemclient import RetryPolicy
 from idemclient._policy import (
+    MAX_HINT_SECONDS,
     Exhausted,
     Outcome,
     Verdict,
@@ -116,10 +119,69 @@ def test_reasons_say_whether_the_server_may_have_acted() -> None:
         ({"retry-after-ms": "nan", "Retry-After": "9"}, 9.0),
         ({"Retry-After": email.utils.formatdate(NOW + 30, usegmt=True)}, 30.0),
         ({"Retry-After": email.utils.formatdate(NOW - 30, usegmt=True)}, 0.0),  # past: now
+        # malformed dates count as absent (these raised OverflowError)
+        ({"Retry-After": "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"}, None),
+        ({"Retry-After": "Mon, 01 Jan 2024 00:00:00 +99999999999999999999"}, None),
+        ({"Retry-After": "Mon, 01 Jan 99999999 00:00:00 GMT"}, None),
+        ({"Retry-After": "Mon, 01 Jan 2024 00:00:00 +99999999"}, None),
+        # absurd but well-formed waits are capped: finite, and over any max_retry_after
+        ({"Retry-After": "9" * 400}, MAX_HINT_SECONDS),
+        ({"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}, MAX_HINT_SECONDS),
+        ({"retry-after-ms": "9" * 400}, MAX_HINT_SECONDS),
+        ({"retry-after-ms": "1e400"}, MAX_HINT_SECONDS),
+        ({"retry-after-ms": "2.5e3"}, 2.5),
+        # not a number: absent, and Retry-After is used instead
+        ({"retry-after-ms": "inf", "Retry-After": "9"}, 9.0),
+        ({"retry-after-ms": "-1", "Retry-After": "9"}, 9.0),
     ],
 )
 def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
     assert parse_retry_after(httpx.Headers(headers), NOW) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"\xb2",  # latin-1 "²": str.isdigit() says yes, float() says no (it raised ValueError)
+        "\u0661\u0662".encode(),  # Arabic-Indic digits: not delta-seconds (float() read them as 12)
+        b"\xff\xfe",
+    ],
+)
+@pytest.mark.parametrize("name", [b"Retry-After", b"retry-after-ms"])
+def test_retry_after_that_is_not_ascii_digits_is_absent(name: bytes, value: bytes) -> None:
+    assert parse_retry_after(httpx.Headers([(name, value)]), NOW) is None
+
+
+_NUMBERS = st.integers(min_value=-(10**40), max_value=10**40).map(str)
+_DATES = st.builds(
+    "{}, {} {} {} {}:{}:{} {}".format,
+    st.sampled_from(["Mon", "Fri", "Xyz", ""]),
+    _NUMBERS,
+    st.sampled_from(["Jan", "Dec", "Foo"]),
+    _NUMBERS,
+    _NUMBERS,
+    _NUMBERS,
+    _NUMBERS,
+    st.one_of(st.sampled_from(["GMT", "UTC", "EST", "-0000", ""]), _NUMBERS.map("+{}".format)),
+)
+_VALUES = st.one_of(
+    _DATES,
+    _NUMBERS,
+    st.from_regex(r"\A[0-9]{1,500}(\.[0-9]{0,20})?([eE][+-]?[0-9]{1,5})?\Z"),
+    st.text(),
+)
+
+
+@settings(max_examples=300, deadline=None)  # the CI machine is shared and slow
+@given(
+    value=st.one_of(_VALUES.map(str.encode), st.binary()),
+    name=st.sampled_from([b"Retry-After", b"retry-after-ms"]),
+    now=st.floats(min_value=0, max_value=2e10),
+)
+def test_parse_retry_after_never_raises(value: bytes, name: bytes, now: float) -> None:
+    """Whatever a server sends, the hint is absent or a wait every sleep accepts."""
+    wait = parse_retry_after(httpx.Headers([(name, value)]), now)
+    assert wait is None or 0.0 <= wait <= MAX_HINT_SECONDS
 
 
 @pytest.mark.parametrize(

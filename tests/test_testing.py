@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import httpx
@@ -135,3 +137,60 @@ def test_quickstart_style_usage_with_test_mode(journal_path: Path) -> None:
     ):
         assert client.post("/orders", json={}).status_code == 201
     assert app.effect_count == 1
+
+
+@pytest.mark.anyio
+async def test_async_request_cancelled_before_acting_frees_its_key() -> None:
+    app = IdempotentApp()
+    app.inject("slow_before_acting", seconds=30)
+    key = {"Idempotency-Key": "k"}
+    async with httpx.AsyncClient(transport=httpx.MockTransport(app.async_handler)) as raw:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(raw.post("https://x/a", json={}, headers=key), timeout=0.05)
+        assert app.effect_count == 0  # the handler died before acting
+        again = await raw.post("https://x/a", json={}, headers=key)  # was 409, forever
+    assert again.status_code == 201
+    assert "Idempotent-Replayed" not in again.headers
+    assert app.effect_count == 1
+
+
+@pytest.mark.anyio
+async def test_async_request_cancelled_after_acting_is_replayed() -> None:
+    app = IdempotentApp()
+    app.inject("slow_after_acting", seconds=30)
+    key = {"Idempotency-Key": "k"}
+    async with httpx.AsyncClient(transport=httpx.MockTransport(app.async_handler)) as raw:
+        task = asyncio.ensure_future(raw.post("https://x/a", json={}, headers=key))
+        while app.effect_count == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        again = await raw.post("https://x/a", json={}, headers=key)
+    assert again.status_code == 201
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert app.effect_count == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fault", ["slow_before_acting", "slow_after_acting"])
+async def test_a_cancelled_operation_finishes_once_when_run_again(
+    journal_path: Path, fault: Literal["slow_before_acting", "slow_after_acting"]
+) -> None:
+    """What a user's cancellation test does: cancel an operation mid-flight, run it again."""
+    app = IdempotentApp()
+    app.inject(fault, seconds=30)
+    with set_testing(True, max_attempts=3):
+        async with idemclient.AsyncClient(
+            journal=journal_path, transport=httpx.MockTransport(app.async_handler),
+            base_url="https://api.example",
+        ) as client:  # fmt: skip
+            with anyio.move_on_after(0.1) as scope, idemclient.operation("order-1"):
+                await client.post("/orders", json={"sku": "a"})
+            assert scope.cancelled_caught
+            with idemclient.operation("order-1"):
+                response = await client.post("/orders", json={"sku": "a"})
+    assert response.status_code == 201
+    assert response.extensions["idempotency"]["replayed"] is (fault == "slow_after_acting")
+    assert app.effect_count == 1
+    assert app.duplicates() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import sqlite3
 import threading
@@ -601,6 +602,7 @@ async def test_async_conflict_and_named_replay(journal_path: Path, sleeps: list[
     assert len(script.requests) == 1
     assert second.extensions["idempotency"]["replayed"] is True
     assert second.json() == first.json()
+    assert second.request.headers["Idempotency-Key"] == first.extensions["idempotency"]["key"]
 
 
 @pytest.mark.anyio
@@ -803,3 +805,145 @@ async def test_async_waiting_tasks_get_the_error_of_a_broken_registration(
                     group.start_soon(place, n)
     assert len(errors) == 4
     assert script.requests == []
+
+
+#: Header bytes that are not ASCII: a latin-1 value, a UTF-8 value, and both in one response
+#: (then httpx decodes them all as iso-8859-1).
+_LATIN1 = (b"X-Note", b"caf\xe9")
+_UTF8 = (b"Content-Disposition", 'attachment; filename="résumé.pdf"'.encode())
+
+
+@pytest.mark.parametrize(
+    "headers", [[_LATIN1], [_UTF8], [_LATIN1, _UTF8]], ids=["latin-1", "utf-8", "both"]
+)
+@pytest.mark.parametrize("status", [201, 422])
+def test_replay_reproduces_non_ascii_header_bytes(
+    client_factory: Callable[..., httpx.Client], headers: list[tuple[bytes, bytes]], status: int
+) -> None:
+    sent = [(b"X-Request-Id", b"r1"), *headers, (b"Content-Length", b"2")]
+    script = Script(httpx.Response(status, headers=sent, content=b"ok"))
+    client = client_factory(script)
+
+    def post() -> httpx.Response:
+        with idemclient.operation("resume-upload"):
+            if status != 422:
+                return client.post("/files", content=b"pdf")
+            with pytest.raises(ConflictError) as info:
+                client.post("/files", content=b"pdf")
+            assert info.value.response is not None
+            return info.value.response
+
+    first, replay = post(), post()
+    assert len(script.requests) == 1
+    assert replay.headers.raw == first.headers.raw == sent  # names' case included
+    assert replay.headers.multi_items() == first.headers.multi_items()
+    assert replay.read() == b"ok"
+
+
+@pytest.mark.parametrize(
+    ("column", "sent"),
+    [
+        ('[["x-note", "caf\\u00e9"]]', [(b"x-note", b"caf\xc3\xa9")]),
+        ('[["x-note", "\\u0394"]]', [(b"x-note", b"\xce\x94")]),
+        ('[["x-id", "7"]]', [(b"x-id", b"7")]),
+    ],
+    ids=["latin-1-range", "utf-8", "ascii"],
+)
+def test_replay_of_headers_journaled_before_the_encoding_was_kept(
+    client_factory: Callable[..., httpx.Client],
+    journal_path: Path,
+    column: str,
+    sent: list[tuple[bytes, bytes]],
+) -> None:
+    """Rows written before keep their text: a list of pairs decoded with httpx's encoding,
+    which cannot say whether `é` came as latin-1 or UTF-8 bytes. A replay sends UTF-8: the
+    same text for both, the same bytes for ASCII and UTF-8."""
+    client = client_factory(Script(ok()))
+    with idemclient.operation("old"):
+        client.post("/x", json={})
+    journal_of(client).flush()
+    with sqlite3.connect(journal_path) as db:
+        db.execute("UPDATE operations SET response_headers = ?", (column,))
+    with idemclient.operation("old"):
+        replay = client.post("/x", json={})
+    assert replay.extensions["idempotency"]["replayed"] is True
+    assert replay.headers.raw == sent
+    assert replay.headers.multi_items() == [(k, v) for k, v in json.loads(column)]
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_malformed_retry_after_date_counts_as_absent(
+    client_factory: Callable[..., httpx.Client], sleeps: list[float], method: str
+) -> None:
+    bad = {"Retry-After": "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"}
+    script = Script(httpx.Response(503, headers=bad), ok())
+    client = client_factory(script)
+    with idemclient.operation("charge-odd-hint"):
+        response = client.request(method, "/charges", json={"amount": 5})
+    assert response.status_code == 201
+    assert len(script.requests) == 2
+    assert len(sleeps) == 1
+    assert sleeps[0] <= RetryPolicy().max_delay  # the backoff alone: no hint
+    if method == "POST":
+        op = journal_of(client).get("charge-odd-hint")
+        assert op is not None
+        assert (op.state, op.attempts) == ("completed", 2)
+
+
+@pytest.mark.parametrize(
+    ("options", "header", "quoted"),
+    [
+        ({}, "Idempotency-Key", False),
+        ({"key_header": "X-Idempotency-Key"}, "X-Idempotency-Key", False),
+        ({"key_style": "structured"}, "Idempotency-Key", True),
+    ],
+    ids=["default", "key_header", "structured"],
+)
+@pytest.mark.parametrize("status", [201, 422])
+def test_a_replay_request_shows_the_operations_key(
+    client_factory: Callable[..., httpx.Client],
+    options: dict[str, object],
+    header: str,
+    quoted: bool,
+    status: int,
+) -> None:
+    script = Script(httpx.Response(status, json={}))
+    client = client_factory(script, **options)
+
+    def post() -> httpx.Response:
+        with idemclient.operation("charge-key"):
+            if status != 422:
+                return client.post("/charges", json={"amount": 5})
+            with pytest.raises(ConflictError) as info:
+                client.post("/charges", json={"amount": 5})
+            assert info.value.response is not None
+            return info.value.response
+
+    post()
+    replay = post()
+    assert len(script.requests) == 1
+    op = journal_of(client).get("charge-key")
+    assert op is not None
+    expected = f'"{op.key}"' if quoted else op.key
+    assert script.requests[0].headers[header] == expected
+    assert replay.request.headers[header] == expected  # not the key the rerun drew first
+
+
+def test_error_responses_are_read_and_carry_their_request(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    """The response on a ConflictError or a RetriesExhaustedError is the caller's to read:
+    in memory, with its request, the first time and when a rerun raises again."""
+    client = client_factory(Script(httpx.Response(422, json={"error": "amount"})))
+    for _ in range(2):  # sent, then answered from the journal
+        with pytest.raises(ConflictError) as info, idemclient.operation("refused"):
+            client.post("/charges", json={"amount": -1})
+        assert info.value.response is not None
+        assert info.value.response.json() == {"error": "amount"}
+        assert info.value.response.request.url == "https://api.example/charges"
+    client = client_factory(Script(httpx.Response(503, json={"error": "busy"})))
+    with pytest.raises(RetriesExhaustedError) as gave_up:
+        client.post("/charges", json={})
+    assert gave_up.value.response is not None
+    assert gave_up.value.response.json() == {"error": "busy"}
+    assert gave_up.value.response.request.url == "https://api.example/charges"
