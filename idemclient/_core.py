@@ -208,12 +208,49 @@ def _pairs(headers: httpx.Headers) -> list[tuple[str, str]]:
     return [(k.lower().decode(encoding), v.decode(encoding)) for k, v in headers.raw]
 
 
-def fingerprint(method: str, url: str, body: bytes) -> str:
-    """sha256 of method, URL and body: what makes two requests the same operation."""
+def fingerprint(method: str, url: str, body: bytes, boundary: bytes | None = None) -> str:
+    """sha256 of method, URL and body: what makes two requests the same operation.
+
+    A multipart body's `boundary` is random per call (httpx draws one for every `files=`
+    request): it is left out, so that two uploads of the same parts are the same request.
+    """
     digest = hashlib.sha256()
     digest.update(method.encode() + b"\n" + url.encode() + b"\n")
-    digest.update(body)
+    digest.update(body.replace(b"--" + boundary, b"--") if boundary else body)
     return digest.hexdigest()
+
+
+def multipart_boundary(body: bytes, content_type: str | None) -> bytes | None:
+    """The boundary of a multipart body (which starts with `--boundary`), else `None`."""
+    if body[:2] != b"--" or not content_type:
+        return None
+    media, _, params = content_type.partition(";")
+    if not media.strip().lower().startswith("multipart/"):
+        return None
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "boundary":
+            return value.strip().strip('"').encode("latin-1") or None
+    return None
+
+
+def redirect_url(request: httpx.Request, response: httpx.Response) -> httpx.URL | None:
+    """Where httpx follows a 307/308 (its `_redirect_url` rules), or `None` without a
+    Location."""
+    location = response.headers.get("location")
+    if location is None:
+        return None
+    try:
+        url = httpx.URL(location)
+        if url.scheme and not url.host:
+            url = url.copy_with(host=request.url.host)
+        if url.is_relative_url:
+            url = request.url.join(url)
+        if request.url.fragment and not url.fragment:
+            url = url.copy_with(fragment=request.url.fragment)
+    except httpx.InvalidURL:
+        return None
+    return url
 
 
 def lease_seconds(request: httpx.Request) -> float:
@@ -247,6 +284,22 @@ class Plan:
     lease_seconds: float
     key_header: str
     key_style: Literal["bare", "structured"]
+    boundary: bytes | None = None
+
+    def fingerprint_at(self, url: httpx.URL) -> str:
+        """The fingerprint of this request moved to `url` (where a 307/308 sends it)."""
+        record = self.record
+        return fingerprint(record.method, _strip_userinfo(url), record.body, self.boundary)
+
+    def send_stored_body(self, body: bytes, content_type: str | None) -> None:
+        """Send the journaled body (and its content type) instead of this call's: a rerun of
+        a multipart upload sends the bytes of the first attempt, boundary included, since a
+        server compares a retried key's body byte for byte."""
+        headers = self.request.headers
+        headers["content-length"] = str(len(body))
+        if content_type is not None:
+            headers["content-type"] = content_type
+        self.request.stream = httpx.ByteStream(body)
 
     def request_with_key(self, op: Operation) -> httpx.Request:
         """The request to send under the journal's key, in the header and style stored with
@@ -271,7 +324,11 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         name = check_name(name)
     else:
         scope = _scope.get()
-        name = scope.next_name() if scope is not None else None
+        if scope is not None:
+            name = scope.next_name()
+            # httpx sends this very request again after a 401 (auth flows) and copies its
+            # extensions into a redirect: both are the same operation, under the same name.
+            request.extensions[OPERATION_EXTENSION] = name
     # A resume sends the key as the operation first did: in its stored header and style.
     key_header, key_style = settings.key_header, settings.key_style
     skip, key_name = settings.skip_headers, settings.key_lower
@@ -299,6 +356,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     given = ", ".join(given_values) if given_values else None
     key = parse_key(given) if given is not None else str(uuid.uuid4())
     url = _strip_userinfo(request.url)
+    boundary = multipart_boundary(body, request.headers.get("content-type"))
     record = RequestRecord(
         name=name,
         key=key,
@@ -307,7 +365,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         url=url,
         headers=stored,
         body=body,
-        fingerprint=fingerprint(request.method, url, body),
+        fingerprint=fingerprint(request.method, url, body, boundary),
         resume=bool(resume),
         key_header=key_header,
         key_style=key_style,
@@ -323,7 +381,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     if given != value:
         headers[key_header] = value
     request.stream = httpx.ByteStream(body)
-    return Plan(record, request, lease_seconds(request), key_header, key_style)
+    return Plan(record, request, lease_seconds(request), key_header, key_style, boundary)
 
 
 # -- steps ----------------------------------------------------------------------------------
@@ -614,6 +672,8 @@ def keyed_flow(
         return replay_response(reg, request)
     if reg.decision is not Decision.SEND:
         raise _refuse(reg, request)
+    if reg.body is not None:  # a rerun: the first attempt's bytes go out again
+        the_plan.send_stored_body(reg.body, reg.content_type)
     yield from event("registered")
 
     first = True
@@ -690,6 +750,24 @@ def keyed_flow(
             raise result.error
         response = result.response
         assert response is not None
+        if result.verdict is Verdict.UNSETTLED:
+            # Not the operation's answer: the caller (httpx's auth flow or redirect handling,
+            # or the user) gets it, and the operation stays pending under its key. A 307/308
+            # tells where its next attempt may go: the journal accepts it there.
+            moved = redirect_url(request, response) if response.status_code in (307, 308) else None
+            moved_fingerprint = the_plan.fingerprint_at(moved) if moved is not None else None
+            yield Call(journal.release, (op.key, version, result.reason),
+                       {"moved_fingerprint": moved_fingerprint})  # fmt: skip
+            settled = True
+            logger.info(
+                "operation %s (key %s): %s; handed to the caller, it stays pending",
+                label, op.key, result.reason,
+            )  # fmt: skip
+            response.extensions = {
+                **response.extensions,
+                RESPONSE_EXTENSION: _extension(op, attempts, replayed=False),
+            }
+            return response
         state: Literal["completed", "conflict"] = (
             "conflict" if result.verdict is Verdict.CONFLICT else "completed"
         )

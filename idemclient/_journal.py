@@ -81,7 +81,8 @@ _V2_COLUMNS = """
 _TABLE_V2 = f"CREATE TABLE operations ({_V2_COLUMNS}\n)"
 _TABLE = f"""CREATE TABLE operations ({_V2_COLUMNS},
     key_header      TEXT,                   -- the header that carries the key, and its style
-    key_style       TEXT                    -- (NULL: written before version 3)
+    key_style       TEXT,                   -- (NULL: written before version 3)
+    moved_fingerprint TEXT                  -- the request a 307/308 sent it on as
 )"""
 # Properties of the file that every client, resumer and the CLI must agree on (the retention).
 _SETTINGS_TABLE = "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
@@ -122,6 +123,7 @@ def _v2_to_v3(db: sqlite3.Connection) -> None:
     retention (the opener's, or the default, is stored: see `Journal`)."""
     db.execute("ALTER TABLE operations ADD COLUMN key_header TEXT")
     db.execute("ALTER TABLE operations ADD COLUMN key_style TEXT")
+    db.execute("ALTER TABLE operations ADD COLUMN moved_fingerprint TEXT")
     _create_settings(db)
 
 
@@ -444,13 +446,17 @@ class Registration:
     response: StoredResponse | None = None
     detail: str = ""
     fresh: bool = False  # a new operation inserted by this registration (nothing sent before)
+    # the journaled body to send instead of this request's (a multipart rerun: the first
+    # attempt's boundary), and its content type
+    body: bytes | None = None
+    content_type: str | None = None
 
 
 _COLUMNS = (
     "name, key, state, method, url, attempts, created_at, updated_at, response_status, "
     "last_error, fingerprint, first_sent_at, lease_owner, lease_expires, lease_version, "
     "response_headers, response_body, response_body_kept, recoveries, previous_key, "
-    "key_header, key_style"
+    "key_header, key_style, moved_fingerprint"
 )
 
 
@@ -484,6 +490,11 @@ def _response_headers_json(response: StoredResponse) -> str:
     if response.encoding in ("ascii", "utf-8"):
         return json.dumps(response.headers)
     return json.dumps({"encoding": response.encoding, "headers": response.headers})
+
+
+def _header_pairs(text: str) -> list[tuple[str, str]]:
+    """Journaled request headers (JSON pairs) as a list of pairs."""
+    return [(str(k), str(v)) for k, v in json.loads(text)]
 
 
 def _stored_response(row: tuple[Any, ...]) -> StoredResponse | None:
@@ -1081,7 +1092,10 @@ class Journal:
         op = _operation(row)
         if record.key_given and row[1] != record.key:
             return Registration(Decision.MISMATCH, op, detail=f"it has another key ({op.key!r})")
-        if not record.resume and row[10] != record.fingerprint:
+        # A request a 307/308 sent on (httpx follows it with the same key) is the same
+        # operation at its new URL.
+        moved = op.state == "pending" and row[22] is not None and row[22] == record.fingerprint
+        if not record.resume and row[10] != record.fingerprint and not moved:
             return Registration(
                 Decision.MISMATCH,
                 op,
@@ -1114,8 +1128,9 @@ class Journal:
             return Registration(Decision.PARKED, _operation(parked), detail=reason)
         version = row[14] + 1
         # A resume sends to the URL in its record (the stored one, or where `rebase` moved
-        # it): that is where the operation now lives, for every later resume too.
-        url = record.url if record.resume else op.url
+        # it), a redirected request to where it was sent on: that is where the operation
+        # now lives, for every later resume too.
+        url = record.url if record.resume or moved else op.url
         db.execute(
             "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
             "lease_owner = ?, lease_expires = ?, updated_at = ?, recoveries = ?, "
@@ -1124,7 +1139,18 @@ class Journal:
         )
         claimed = self._find(db, "key", op.key)
         assert claimed is not None
-        return Registration(Decision.SEND, _operation(claimed), lease_version=version)
+        body = content_type = None
+        if record.body[:2] == b"--" and not record.resume:  # perhaps multipart: its boundary
+            stored_body, headers = db.execute(
+                "SELECT body, headers FROM operations WHERE key = ?", (op.key,)
+            ).fetchone()
+            if bytes(stored_body) != record.body:
+                body = bytes(stored_body)
+                content_type = dict(_header_pairs(headers)).get("content-type")
+        return Registration(
+            Decision.SEND, _operation(claimed), lease_version=version, body=body,
+            content_type=content_type,
+        )  # fmt: skip
 
     def claim(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
@@ -1311,13 +1337,25 @@ class Journal:
             )  # fmt: skip
             thread.start()
 
-    def release(self, key: str, version: int, last_error: str | None) -> bool:
-        """Give the lease back, leaving the operation pending with its last error."""
+    def release(
+        self,
+        key: str,
+        version: int,
+        last_error: str | None,
+        *,
+        moved_fingerprint: str | None = None,
+    ) -> bool:
+        """Give the lease back, leaving the operation pending with its last error.
+
+        `moved_fingerprint`: a 307/308 sent the request on; the request with this fingerprint
+        (the same one at the new URL) is then accepted as this operation's next attempt.
+        """
         changed = self._write_one(
             "release the operation",
             "UPDATE operations SET lease_owner = NULL, lease_expires = NULL, "
-            "updated_at = ?, last_error = ? WHERE key = ? AND lease_version = ?",
-            (self._clock(), last_error, key, version),
+            "updated_at = ?, last_error = ?, moved_fingerprint = COALESCE(?, moved_fingerprint) "
+            "WHERE key = ? AND lease_version = ?",
+            (self._clock(), last_error, moved_fingerprint, key, version),
             relaxed=True,
         )
         return changed == 1
@@ -1332,7 +1370,7 @@ class Journal:
         if not rows:
             raise KeyError(key)
         method, url, headers, body = rows[0]
-        return method, url, [(str(k), str(v)) for k, v in json.loads(headers)], bytes(body)
+        return method, url, _header_pairs(headers), bytes(body)
 
     def _lookup(self, name_or_key: str) -> tuple[Any, ...] | None:
         """The row with this name, else with this key (a name wins over a key)."""

@@ -16,6 +16,10 @@ What is safe to retry, and why:
   the retry safe.
 * **Never retried**: 422, and a 400 whose body names an `idempotency_error`: the key was used
   with another payload, so the same key can never succeed and a new key could act twice.
+* **Not the operation's answer**: 401 and 407 (the server refused before acting: httpx's auth
+  flow, or a later rerun or resume with valid credentials, sends it again under the same key)
+  and 307/308 (the operation goes on, with the same key, at the new URL). The response goes to
+  the caller; the operation stays pending.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = [
     "MAYBE_RECEIVED_ERRORS",
     "NEVER_SENT_ERRORS",
     "RETRY_STATUS_CODES",
+    "UNSETTLED_STATUS_CODES",
     "Exhausted",
     "Outcome",
     "RetryPolicy",
@@ -79,6 +84,14 @@ class Verdict(enum.Enum):
     CONFLICT = "conflict"  # 422 or an idempotency_error: hard stop
     RETRY = "retry"  # send again with the same key
     ERROR = "error"  # a transport error not worth retrying: raise it
+    # An answer for the caller that does not settle the operation, which stays pending:
+    # 401 and 407 (refused before any effect: an auth flow resends with new credentials, as
+    # the same operation's next attempt) and 307/308 (the operation goes on at another URL).
+    UNSETTLED = "unsettled"
+
+
+#: Answers to a keyed request that are not the operation's final answer (see `Verdict`).
+UNSETTLED_STATUS_CODES: frozenset[int] = frozenset({401, 407, 307, 308})
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +168,9 @@ def classify_response(
     success is final whatever its headers say.
     """
     status = response.status_code
+    if keyed and status in UNSETTLED_STATUS_CODES:
+        why = "refused before any effect" if status in (401, 407) else "moved"
+        return Outcome(Verdict.UNSETTLED, response=response, reason=f"HTTP {status} ({why})")
     if status < 400 and status not in policy.retry_statuses:
         return Outcome(Verdict.FINAL, response=response, reason=f"HTTP {status}")
     if keyed and (

@@ -1,0 +1,230 @@
+"""httpx's own resends (auth flows on 401, redirects on 307/308) continue the same operation;
+multipart uploads are the same request whatever boundary httpx draws."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import idemclient
+from idemclient import Journal, RetriesExhaustedError, RetryPolicy
+
+
+class TokenAuth(httpx.Auth):
+    """The httpx docs' token-refresh pattern: on a 401, refresh and resend."""
+
+    def __init__(self) -> None:
+        self.token = "expired"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        response = yield request
+        if response.status_code == 401:
+            self.token = "fresh"
+            request.headers["Authorization"] = f"Bearer {self.token}"
+            yield request
+
+
+class Server:
+    """Acts once per key; 401 without the fresh token; records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.effects: dict[str, int] = {}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        self.requests.append(request)
+        if request.headers.get("Authorization") not in ("Bearer fresh", None) and (
+            not request.headers.get("Authorization", "").startswith("Digest ")
+        ):
+            return httpx.Response(401)
+        key = request.headers.get("Idempotency-Key", "")
+        self.effects[key] = self.effects.get(key, 0) + 1
+        return httpx.Response(201, json={"path": request.url.path})
+
+
+def client(
+    journal: Path | Journal, handler: httpx.MockTransport | Server, **kw: Any
+) -> idemclient.Client:
+    if not isinstance(handler, httpx.MockTransport):
+        handler = httpx.MockTransport(handler)
+    return idemclient.Client(
+        journal=journal, transport=handler, base_url="https://api.example", sleep=lambda s: None,
+        **kw,
+    )  # fmt: skip
+
+
+def down(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("down")
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_an_auth_flows_resend_after_401_is_the_same_operation(
+    journal_path: Path, named: bool
+) -> None:
+    server = Server()
+    with client(journal_path, server, auth=TokenAuth()) as c:
+        if named:
+            with idemclient.operation("charge-1"):
+                response = c.post("/charges", json={"amount": 5})
+        else:
+            response = c.post("/charges", json={"amount": 5})
+        assert response.status_code == 201  # as plain httpx
+        assert len(server.requests) == 2
+        first, second = server.requests
+        assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"]
+        ops = c.journal.operations()
+    assert [(op.name, op.state, op.attempts, op.response_status) for op in ops] == [
+        ("charge-1" if named else None, "completed", 2, 201)
+    ]
+
+
+def test_digest_auth_continues_the_operation(journal_path: Path) -> None:
+    def digest_server(request: httpx.Request) -> httpx.Response:
+        request.read()
+        if not request.headers.get("Authorization", "").startswith("Digest "):
+            challenge = 'Digest realm="api", nonce="abc", qop="auth", algorithm=MD5'
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+        return httpx.Response(201)
+
+    with client(journal_path, httpx.MockTransport(digest_server),
+                auth=httpx.DigestAuth("user", "pass")) as c:  # fmt: skip
+        with idemclient.operation("upload-1"):
+            assert c.post("/things", json={"a": 1}).status_code == 201
+        op = c.journal.get("upload-1")
+    assert op is not None
+    assert (op.state, op.attempts) == ("completed", 2)
+
+
+def test_a_401_is_never_the_operations_answer(journal_path: Path) -> None:
+    """A named operation answered 401 (an expired token) is not stuck: it stays pending, a
+    rerun with valid credentials sends it under the same key, and a person may abandon it."""
+    server = Server()
+    with client(journal_path, server, headers={"Authorization": "Bearer expired"}) as c:
+        with idemclient.operation("charge-1"):
+            assert c.post("/charges", json={"amount": 5}).status_code == 401
+        op = c.journal.get("charge-1")
+        assert op is not None
+        assert (op.state, op.attempts) == ("pending", 1)
+        assert op.last_error == "HTTP 401 (refused before any effect)"
+    with (
+        client(journal_path, server, headers={"Authorization": "Bearer fresh"}) as c,
+        idemclient.operation("charge-1"),
+    ):
+        assert c.post("/charges", json={"amount": 5}).status_code == 201
+    assert [r.headers["Idempotency-Key"] for r in server.requests] == [op.key, op.key]
+    with client(journal_path, server, headers={"Authorization": "Bearer expired"}) as c:
+        with idemclient.operation("charge-2"):
+            assert c.post("/charges", json={"amount": 6}).status_code == 401
+        assert c.journal.abandon("charge-2").state == "abandoned"
+
+
+def test_a_307_is_followed_as_the_same_operation_at_its_new_url(journal_path: Path) -> None:
+    seen: list[httpx.Request] = []
+
+    def moved(request: httpx.Request) -> httpx.Response:
+        request.read()
+        seen.append(request)
+        if request.url.path == "/old":
+            return httpx.Response(307, headers={"Location": "/new?v=2"})
+        return httpx.Response(201, json={"at": request.url.path})
+
+    with client(journal_path, httpx.MockTransport(moved), follow_redirects=True) as c:
+        with idemclient.operation("charge-1"):
+            response = c.post("/old", json={"amount": 5})
+        assert response.status_code == 201  # as plain httpx
+        op = c.journal.get("charge-1")
+    assert op is not None
+    assert (op.state, op.attempts, op.url) == ("completed", 2, "https://api.example/new?v=2")
+    assert seen[0].headers["Idempotency-Key"] == seen[1].headers["Idempotency-Key"] == op.key
+    assert seen[1].content == seen[0].content
+
+
+def test_a_redirected_operation_resumes_at_its_new_url(journal_path: Path) -> None:
+    def moved_then_down(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/old":
+            return httpx.Response(308, headers={"Location": "https://api.example/new"})
+        raise httpx.ConnectError("down")
+
+    with (
+        client(journal_path, httpx.MockTransport(moved_then_down), follow_redirects=True,
+               retry=RetryPolicy(max_attempts=1)) as c,
+        pytest.raises(RetriesExhaustedError),
+    ):  # fmt: skip
+        c.post("/old", json={"amount": 5})
+    seen: list[str] = []
+
+    def up(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(201)
+
+    with client(journal_path, httpx.MockTransport(up)) as c:
+        assert [r.outcome for r in c.resume_pending()] == ["completed"]
+    assert seen == ["https://api.example/new"]
+
+
+def test_a_303_is_the_posts_final_answer(journal_path: Path) -> None:
+    def see_other(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(303, headers={"Location": "/receipts/1"})
+        return httpx.Response(200, json={"receipt": 1})
+
+    with client(journal_path, httpx.MockTransport(see_other), follow_redirects=True) as c:
+        with idemclient.operation("charge-1"):
+            assert c.post("/charges", json={}).json() == {"receipt": 1}
+        op = c.journal.get("charge-1")
+    assert op is not None
+    assert (op.state, op.response_status) == ("completed", 303)
+
+
+def test_a_redirect_not_followed_leaves_the_operation_pending(journal_path: Path) -> None:
+    def moved(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(308, headers={"Location": "/new"})
+
+    with client(journal_path, httpx.MockTransport(moved)) as c:
+        with idemclient.operation("charge-1"):
+            assert c.post("/old", json={}).status_code == 308
+        op = c.journal.get("charge-1")
+    assert op is not None
+    assert op.state == "pending"
+
+
+def test_a_multipart_upload_is_the_same_request_whatever_its_boundary(journal_path: Path) -> None:
+    files = {"file": ("report.csv", b"a,b\n1,2\n", "text/csv")}
+    with (
+        client(journal_path, httpx.MockTransport(down), retry=RetryPolicy(max_attempts=1)) as c,
+        idemclient.operation("upload-1"),
+        pytest.raises(RetriesExhaustedError),
+    ):
+        c.post("/uploads", files=files, data={"note": "q3"})
+    with Journal(journal_path) as journal:
+        pending = journal.get("upload-1")
+        assert pending is not None
+        _, _, headers, first_body = journal.request_of(pending.key)
+    first_type = dict(headers)["content-type"]
+    seen: list[httpx.Request] = []
+
+    def up(request: httpx.Request) -> httpx.Response:
+        request.read()
+        seen.append(request)
+        return httpx.Response(201)
+
+    with client(journal_path, httpx.MockTransport(up)) as c:
+        for _ in range(2):  # a rerun sends the first bytes; the next one is replayed
+            with idemclient.operation("upload-1"):
+                assert c.post("/uploads", files=files, data={"note": "q3"}).status_code == 201
+    assert len(seen) == 1
+    assert seen[0].content == first_body  # byte for byte, the first boundary included
+    assert seen[0].headers["content-type"] == first_type
+    assert seen[0].headers["content-length"] == str(len(first_body))
+    with (
+        client(journal_path, httpx.MockTransport(up)) as c,
+        idemclient.operation("upload-1"),
+        pytest.raises(idemclient.OperationMismatchError),
+    ):
+        c.post("/uploads", files={"file": ("report.csv", b"other", "text/csv")})
