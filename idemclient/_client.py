@@ -103,6 +103,7 @@ class Client(httpx.Client):
         key_header: str = "Idempotency-Key",
         key_style: Literal["bare", "structured"] = "bare",
         secret_headers: Sequence[str] = (),
+        keep_headers: Sequence[str] = (),
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         sleep: Callable[[float], None] | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
@@ -111,8 +112,8 @@ class Client(httpx.Client):
         super().__init__(**kwargs)
         _wrap_transports(self, dict(
             journal=journal, retry=retry, methods=methods, key_header=key_header,
-            key_style=key_style, secret_headers=secret_headers, max_body_size=max_body_size,
-            sleep=sleep, hooks=hooks,
+            key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
+            max_body_size=max_body_size, sleep=sleep, hooks=hooks,
         ))  # fmt: skip
 
     @property
@@ -145,6 +146,7 @@ class AsyncClient(httpx.AsyncClient):
         key_header: str = "Idempotency-Key",
         key_style: Literal["bare", "structured"] = "bare",
         secret_headers: Sequence[str] = (),
+        keep_headers: Sequence[str] = (),
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
@@ -153,8 +155,8 @@ class AsyncClient(httpx.AsyncClient):
         super().__init__(**kwargs)
         _wrap_transports(self, dict(
             journal=journal, retry=retry, methods=methods, key_header=key_header,
-            key_style=key_style, secret_headers=secret_headers, max_body_size=max_body_size,
-            sleep=sleep, hooks=hooks,
+            key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
+            max_body_size=max_body_size, sleep=sleep, hooks=hooks,
         ))  # fmt: skip
 
     @property

@@ -154,6 +154,36 @@ def test_resume_uses_the_clients_base_url(journal_path: Path) -> None:
     assert str(up.requests[0].url) == "https://new.example/api/charges?x=1"
 
 
+@pytest.mark.anyio
+async def test_keep_headers_on_clients_and_wrap(journal_path: Path) -> None:
+    headers = {"X-Session-Locale": "fr", "X-Session-Id": "s-1"}
+    with idemclient.Client(
+        journal=journal_path,
+        transport=httpx.MockTransport(Recorder()),
+        keep_headers=("X-Session-Locale",),
+    ) as client:
+        client.post("https://api.example/a", json={}, headers=headers)
+    async with idemclient.AsyncClient(
+        journal=journal_path,
+        transport=httpx.MockTransport(Recorder()),
+        keep_headers=("X-Session-Locale",),
+    ) as aclient:
+        await aclient.post("https://api.example/b", json={}, headers=headers)
+    with idemclient.wrap(
+        httpx.Client(transport=httpx.MockTransport(Recorder())),
+        journal=journal_path,
+        keep_headers=("x-session-locale",),
+    ) as wrapped:
+        wrapped.post("https://api.example/c", json={}, headers=headers)
+    with Journal(journal_path) as journal:
+        ops = journal.operations()
+        assert len(ops) == 3
+        for op in ops:
+            stored = dict(journal.request_of(op.key)[2])
+            assert stored["x-session-locale"] == "fr"
+            assert "x-session-id" not in stored
+
+
 def test_resume_reports_conflicts_failures_and_expired(journal_path: Path) -> None:
     now = [1_800_000_000.0]
     journal = Journal(journal_path, clock=lambda: now[0], retention=timedelta(hours=1))
