@@ -9,7 +9,7 @@ from typing import Any, Literal, TypeVar
 import anyio.to_thread
 import httpx
 
-from ._core import OPERATION_EXTENSION, RESUME_EXTENSION, Event
+from ._core import OPERATION_EXTENSION, RESUME_EXTENSION, Event, stored_url
 from ._errors import (
     ConflictError,
     OperationAbandonedError,
@@ -217,10 +217,15 @@ def _resume_requests(
         extensions: dict[str, Any] = {RESUME_EXTENSION: True}
         if op.name is not None:
             extensions[OPERATION_EXTENSION] = op.name
+        target, params = _rebase(url, client.base_url), None
+        if client.params and target.query:
+            # The client's params (its current query credential) join the stored ones, which
+            # httpx 0.28 would drop; a credential that an older journal kept gives way.
+            target = httpx.URL(stored_url(target, transport.settings.secrets))
+            target, params = target.copy_with(query=None), target.params
         request = client.build_request(
-            method, _rebase(url, client.base_url), headers=headers, content=body,
-            extensions=extensions,
-        )  # fmt: skip
+            method, target, params=params, headers=headers, content=body, extensions=extensions
+        )
         request.headers[transport.key_header] = op.key
         requests.append((op, request))
     return journal, expired, requests
