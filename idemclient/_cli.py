@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import httpx
 
 from ._client import Client, ResumeResult, destination, parse_origin, rebase_map
-from ._core import SECRET_HEADERS
+from ._core import DEFAULT_SECRETS
 from ._errors import JournalError
 from ._journal import STATES, Journal, Operation, default_journal_path
 from ._policy import RetryPolicy
@@ -233,7 +233,7 @@ def _headers(args: argparse.Namespace, err: TextIO) -> dict[str, str]:
         name, sep, value = item.partition(":")
         if not sep or not name.strip():
             raise UsageError(f"-H takes 'Name: value', not {item!r}")
-        if name.strip().lower() in SECRET_HEADERS:
+        if DEFAULT_SECRETS(name.strip().lower()):
             print(
                 f"idemclient: warning: {name.strip()} on the command line is visible to other "
                 "users (ps, shell history); prefer --header-from-env",

@@ -9,7 +9,7 @@ from typing import Any, Literal, TypeVar
 import anyio.to_thread
 import httpx
 
-from ._core import OPERATION_EXTENSION, RESUME_EXTENSION, Event
+from ._core import OPERATION_EXTENSION, RESUME_EXTENSION, Event, stored_url
 from ._errors import (
     ConflictError,
     OperationAbandonedError,
@@ -111,6 +111,7 @@ class Client(httpx.Client):
         key_header: str = "Idempotency-Key",
         key_style: Literal["bare", "structured"] = "bare",
         secret_headers: Sequence[str] = (),
+        keep_headers: Sequence[str] = (),
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         sleep: Callable[[float], None] | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
@@ -119,8 +120,8 @@ class Client(httpx.Client):
         super().__init__(**kwargs)
         _wrap_transports(self, dict(
             journal=journal, retry=retry, methods=methods, key_header=key_header,
-            key_style=key_style, secret_headers=secret_headers, max_body_size=max_body_size,
-            sleep=sleep, hooks=hooks,
+            key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
+            max_body_size=max_body_size, sleep=sleep, hooks=hooks,
         ))  # fmt: skip
 
     @property
@@ -157,6 +158,7 @@ class AsyncClient(httpx.AsyncClient):
         key_header: str = "Idempotency-Key",
         key_style: Literal["bare", "structured"] = "bare",
         secret_headers: Sequence[str] = (),
+        keep_headers: Sequence[str] = (),
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
@@ -165,8 +167,8 @@ class AsyncClient(httpx.AsyncClient):
         super().__init__(**kwargs)
         _wrap_transports(self, dict(
             journal=journal, retry=retry, methods=methods, key_header=key_header,
-            key_style=key_style, secret_headers=secret_headers, max_body_size=max_body_size,
-            sleep=sleep, hooks=hooks,
+            key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
+            max_body_size=max_body_size, sleep=sleep, hooks=hooks,
         ))  # fmt: skip
 
     @property
@@ -294,8 +296,14 @@ def _resume_requests(
         }
         if op.name is not None:
             extensions[OPERATION_EXTENSION] = op.name
+        params = None
+        if client.params and target.query:
+            # The client's params (its current query credential) join the stored ones, which
+            # httpx 0.28 would drop; a credential that an older journal kept gives way.
+            target = httpx.URL(stored_url(target, transport.settings.secrets))
+            target, params = target.copy_with(query=None), target.params
         request = client.build_request(
-            method, target, headers=headers, content=body, extensions=extensions
+            method, target, params=params, headers=headers, content=body, extensions=extensions
         )
         request.headers[key_header] = f'"{op.key}"' if key_style == "structured" else op.key
         requests.append((op, request))

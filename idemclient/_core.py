@@ -14,10 +14,12 @@ import itertools
 import logging
 import os
 import random
+import re
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import unquote_plus
 
 import httpx
 import tenacity
@@ -55,14 +57,93 @@ RESUME_EXTENSION = "idempotency_resume"
 #: Response extension describing the operation.
 RESPONSE_EXTENSION = "idempotency"
 
-#: Never journaled: credentials (the client re-applies its auth on resume) and headers that
-#: httpx derives from the body and URL on every send.
-SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+#: Never journaled, whatever `keep_headers` says: the names that always carry credentials.
+#: Every other credential is recognised by its name (`looks_secret`).
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"}
+)
+#: Never journaled: headers that httpx derives from the body and URL on every send.
 _DERIVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _MAX_NAME_LENGTH = 200
 _MAX_KEY_LENGTH = 255
 _LEASE_MARGIN = 30.0
 _DEFAULT_LEASE = 300.0
+
+
+# -- credentials, by name --------------------------------------------------------------------
+
+#: Header and query parameter names are read as words split at these separators.
+_WORD_BREAK = re.compile(r"[-_.\s]+")
+#: A word containing one of these names a credential: `authorization`, `oauth`, `x-auth-email`,
+#: `client_secret`, `password`, `x-amz-credential`, `stripe-signature`, `sessionid`, `cookie`.
+_SECRET_PARTS = (
+    "auth", "secret", "passw", "passphrase", "credential", "signature", "session", "sessid",
+    "cookie", "jwt",
+)  # fmt: skip
+#: A word ending in one of these does: `key`, `apikey`, `x-api-key`, `private-token`,
+#: `accesstoken`, `csrftoken`. Only at the end, so that `x-ratelimit-remaining-tokens` and
+#: `keyword` stay (a key *is* the last word of a name that holds one).
+_SECRET_ENDINGS = ("key", "token")
+#: Whole words that are credentials on their own: Azure's `sig`, `pwd`, `pass`, `dpop`.
+_SECRET_WORDS = frozenset({"sig", "pwd", "pass", "dpop"})
+_CACHED_NAMES = 4096
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a header or query parameter name (lower case) names a credential.
+
+    A name is read as words (split at `-`, `_`, `.`): it names a credential if a word contains
+    auth, secret, passw(ord), passphrase, credential, signature, session, sessid, cookie or
+    jwt; ends with key or token; or is sig, pwd, pass or dpop. `Idempotency-Key` (and
+    `X-Idempotency-Key`, `idempotency_key`) is the one key that is no secret: servers echo it.
+
+    A pattern rather than a list, because every API spells its credential its own way
+    (`PRIVATE-TOKEN`, `X-Shopify-Access-Token`, `api-key`, `X-Goog-Api-Key`, ...) and one
+    missed name is a credential on disk. `SecretNames` caches the answers.
+    """
+    words = [w for w in _WORD_BREAK.split(name) if w]
+    for i, word in enumerate(words):
+        if word == "idempotencykey" or (word == "key" and i and words[i - 1] == "idempotency"):
+            continue
+        if (
+            word in _SECRET_WORDS
+            or word.endswith(_SECRET_ENDINGS)
+            or any(part in word for part in _SECRET_PARTS)
+        ):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class SecretNames:
+    """Which names (headers, query parameters) are kept out of the journal and the logs.
+
+    `extra` (`secret_headers=`, and `SECRET_HEADERS`) always goes; `keep` (`keep_headers=`)
+    rescues a name that only the pattern (`looks_secret`) would drop. Names in lower case.
+
+    Every journaled request asks about each of its header names, and a service sends the
+    same few names again and again: the answers are remembered (up to `_CACHED_NAMES` names),
+    and `harmless` holds the names found to be no credential, for a set lookup in `plan()`.
+    """
+
+    extra: frozenset[str] = SECRET_HEADERS
+    keep: frozenset[str] = frozenset()
+    harmless: set[str] = field(default_factory=set, compare=False, repr=False)
+    _secret: set[str] = field(default_factory=set, compare=False, repr=False)
+
+    def __call__(self, name: str) -> bool:
+        if name in self.harmless:
+            return False
+        if name in self._secret:
+            return True
+        verdict = name in self.extra or (name not in self.keep and looks_secret(name))
+        if len(self.harmless) + len(self._secret) < _CACHED_NAMES:  # should names never repeat
+            (self._secret if verdict else self.harmless).add(name)
+        return verdict
+
+
+#: The rule with no `secret_headers=` or `keep_headers=` (the CLI's warning uses it too).
+DEFAULT_SECRETS = SecretNames()
 
 
 # -- settings and names ---------------------------------------------------------------------
@@ -78,9 +159,11 @@ class Settings:
     key_style: Literal["bare", "structured"]
     secret_headers: frozenset[str]
     max_body_size: int
-    #: never journaled: secrets, headers httpx derives, and the key itself (lower case)
+    #: never journaled: the named secrets, headers httpx derives, the key itself (lower case)
     skip_headers: frozenset[str]
     key_lower: str
+    #: the rule for every other name: request and response headers, query parameters
+    secrets: SecretNames = DEFAULT_SECRETS
 
     @classmethod
     def build(
@@ -92,6 +175,7 @@ class Settings:
         key_style: Literal["bare", "structured"],
         secret_headers: Iterable[str],
         max_body_size: int,
+        keep_headers: Iterable[str] = (),
     ) -> Settings:
         if key_style not in ("bare", "structured"):
             raise ValueError(f"key_style must be 'bare' or 'structured', not {key_style!r}")
@@ -100,6 +184,12 @@ class Settings:
         if not key_header or any(c in key_header for c in " :\r\n"):
             raise ValueError(f"invalid key_header {key_header!r}")
         secrets = SECRET_HEADERS | {h.lower() for h in secret_headers}
+        keep = frozenset(h.lower() for h in keep_headers)
+        if refused := sorted(keep & secrets):
+            raise ValueError(
+                f"keep_headers cannot keep {', '.join(refused)}: "
+                "named as secret (secret_headers=, or a name that always carries credentials)"
+            )
         return cls(
             policy=retry if retry is not None else RetryPolicy(),
             methods=frozenset(m.upper() for m in methods),
@@ -109,6 +199,7 @@ class Settings:
             max_body_size=max_body_size,
             skip_headers=secrets | _DERIVED_HEADERS | {key_header.lower()},
             key_lower=key_header.lower(),
+            secrets=SecretNames(secrets, keep),
         )
 
 
@@ -197,8 +288,33 @@ class operation:
 # -- what to send and what to journal -------------------------------------------------------
 
 
-def _strip_userinfo(url: httpx.URL) -> str:
-    return str(url.copy_with(userinfo=b"")) if url.userinfo else str(url)
+def stored_url(url: httpx.URL, secret: Callable[[str], bool] = DEFAULT_SECRETS) -> str:
+    """The URL as journaled, fingerprinted, logged and put in errors: without user info, the
+    fragment (never sent) and every query parameter whose name is `secret`.
+
+    The rest of the query stays byte for byte (a resume sends this URL), and the fingerprint
+    is taken over it, so a rerun with a rotated credential in the query is the same operation.
+    On resume the client's own `params=` put its current credential back.
+    """
+    text = str(url)
+    if "@" in text and url.userinfo:
+        text = str(url.copy_with(userinfo=b""))
+    # httpx's URL text is percent-encoded: the first "#" starts the fragment, the first "?"
+    # before it the query; slicing the text keeps what stays exactly as it was.
+    text = text.partition("#")[0]
+    base, _, query = text.partition("?")
+    if query:
+        parts = query.split("&")
+        kept = [part for part in parts if not secret(_param_name(part))]
+        if len(kept) != len(parts):
+            return f"{base}?{'&'.join(kept)}" if kept else base
+    return text
+
+
+def _param_name(part: str) -> str:
+    """The decoded, lower-case name of one raw `name=value` part of a query string."""
+    name = part.partition("=")[0]
+    return (unquote_plus(name) if "%" in name or "+" in name else name).lower()
 
 
 def _pairs(headers: httpx.Headers) -> list[tuple[str, str]]:
@@ -284,12 +400,14 @@ class Plan:
     lease_seconds: float
     key_header: str
     key_style: Literal["bare", "structured"]
+    #: which response headers stay out of the journal (those that name credentials)
+    secret: Callable[[str], bool] = DEFAULT_SECRETS
     boundary: bytes | None = None
 
     def fingerprint_at(self, url: httpx.URL) -> str:
         """The fingerprint of this request moved to `url` (where a 307/308 sends it)."""
         record = self.record
-        return fingerprint(record.method, _strip_userinfo(url), record.body, self.boundary)
+        return fingerprint(record.method, stored_url(url, self.secret), record.body, self.boundary)
 
     def send_stored_body(self, body: bytes, content_type: str | None) -> None:
         """Send the journaled body (and its content type) instead of this call's: a rerun of
@@ -340,13 +458,16 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         skip = skip | {key_name}
     # One pass over the headers: what is journaled, the caller's key, and what the sent
     # request's framing headers say now.
+    secret = settings.secrets
+    harmless = secret.harmless
     stored: list[tuple[str, str]] = []
     given_values: list[str] = []
     length: str | None = None
     chunked = False
     for k, v in _pairs(request.headers):
         if k not in skip:
-            stored.append((k, v))
+            if k in harmless or not secret(k):  # credentials by name never reach the journal
+                stored.append((k, v))
         elif k == key_name:
             given_values.append(v)
         elif k == "content-length":
@@ -355,7 +476,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
             chunked = True
     given = ", ".join(given_values) if given_values else None
     key = parse_key(given) if given is not None else str(uuid.uuid4())
-    url = _strip_userinfo(request.url)
+    url = stored_url(request.url, secret)
     boundary = multipart_boundary(body, request.headers.get("content-type"))
     record = RequestRecord(
         name=name,
@@ -381,7 +502,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     if given != value:
         headers[key_header] = value
     request.stream = httpx.ByteStream(body)
-    return Plan(record, request, lease_seconds(request), key_header, key_style, boundary)
+    return Plan(record, request, lease_seconds(request), key_header, key_style, secret, boundary)
 
 
 # -- steps ----------------------------------------------------------------------------------
@@ -575,14 +696,17 @@ def _refuse(
     )
 
 
-def _stored(response: httpx.Response, raw: bytes) -> StoredResponse:
-    """The response as journaled. Names keep the server's case and the text keeps the
-    encoding it was decoded with, so that a replay's `headers.raw` is what the server sent."""
+def _stored(
+    response: httpx.Response, raw: bytes, secret: Callable[[str], bool] = DEFAULT_SECRETS
+) -> StoredResponse:
+    """The response as journaled, without the headers that name credentials. Names keep the
+    server's case and the text keeps the encoding it was decoded with, so that a replay's
+    `headers.raw` is what the server sent."""
     encoding = response.headers.encoding
     headers = [
-        (k.decode(encoding), v.decode(encoding))
+        (name, v.decode(encoding))
         for k, v in response.headers.raw
-        if k.lower() != b"set-cookie"
+        if not secret((name := k.decode(encoding)).lower())
     ]
     return StoredResponse(response.status_code, headers, raw, encoding=encoding)
 
@@ -775,7 +899,9 @@ def keyed_flow(
         # `finish` holds the completion in memory for the next batched write: no I/O here.
         # (If another holder took the operation over meanwhile, that write is fenced out.)
         yield Call(
-            journal.finish, (op.key, version, state, _stored(response, last_raw)), blocks=False
+            journal.finish,
+            (op.key, version, state, _stored(response, last_raw, the_plan.secret)),
+            blocks=False,
         )
         settled = True
     except GeneratorExit:
@@ -826,6 +952,7 @@ def plain_flow(
     clock: Callable[[], float],
     wall_clock: Callable[[], float],
     rng: random.Random | None = None,
+    secret: Callable[[str], bool] = DEFAULT_SECRETS,
 ) -> Generator[Step, Any, httpx.Response]:
     """An unjournaled request (GET, PUT, DELETE, ...): retried on transient failures only.
 
@@ -834,7 +961,6 @@ def plain_flow(
     """
     if not isinstance(request.stream, httpx.ByteStream):
         policy = policy.replace(max_attempts=1)
-    url = _strip_userinfo(request.url)  # for logs: never a password
 
     def attempt() -> Generator[Step, Any, Outcome]:
         try:
@@ -847,6 +973,7 @@ def plain_flow(
 
     def on_sleep(outcome: Outcome, seconds: float) -> Generator[Step, Any, None]:
         _close_response(outcome)
+        url = stored_url(request.url, secret)  # for logs: never a credential
         logger.info("%s %s: %s, retrying in %.2fs", request.method, url, outcome.reason, seconds)
         yield from ()
 

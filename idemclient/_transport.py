@@ -153,6 +153,7 @@ class _Base:
         key_header: str,
         key_style: Literal["bare", "structured"],
         secret_headers: Sequence[str],
+        keep_headers: Sequence[str],
         max_body_size: int,
         clock: Callable[[], float] | None,
         rng: random.Random | None,
@@ -165,6 +166,7 @@ class _Base:
             key_header=key_header,
             key_style=key_style,
             secret_headers=secret_headers,
+            keep_headers=keep_headers,
             max_body_size=max_body_size,
         )
         self._journal, self._owns_journal = _open_journal(journal)
@@ -214,7 +216,9 @@ class _Base:
 
     def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
         policy = testing_mode().apply(self.settings.policy)
-        return plain_flow(request, policy, self._clock, self._wall_clock, self._rng)
+        return plain_flow(
+            request, policy, self._clock, self._wall_clock, self._rng, self.settings.secrets
+        )
 
 
 T = TypeVar("T")
@@ -347,8 +351,14 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         key_header: the header carrying the key.
         key_style: `"bare"` sends the key as is; `"structured"` quotes it as a Structured Field
             string (`"..."`), the IETF draft's form, for strict servers.
-        secret_headers: more header names never to write to the journal (Authorization,
-            Proxy-Authorization, Cookie and X-Api-Key are always left out).
+        secret_headers: more header (and query parameter) names never to write to the
+            journal. Without them, every name that names a credential is left out: one with a
+            word containing auth, secret, password, credential, signature, session, cookie or
+            jwt, or ending in key or token (`Authorization`, `PRIVATE-TOKEN`, `api-key`,
+            `X-Amz-Security-Token`, `?api_key=`, ...), in requests, URLs and responses.
+        keep_headers: names to journal although the pattern above would leave them out
+            (`("X-Session-Locale",)`); not Authorization, Proxy-Authorization, Cookie,
+            Set-Cookie, X-Api-Key, nor a name in `secret_headers`.
         max_body_size: the largest request body that is journaled; a larger one is refused
             with `InvalidOperationError` before anything is sent.
         sleep: called with the seconds to wait between attempts (tests pass a recorder).
@@ -373,6 +383,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         key_header: str = "Idempotency-Key",
         key_style: Literal["bare", "structured"] = "bare",
         secret_headers: Sequence[str] = (),
+        keep_headers: Sequence[str] = (),
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] | None = None,
@@ -386,6 +397,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             key_header=key_header,
             key_style=key_style,
             secret_headers=secret_headers,
+            keep_headers=keep_headers,
             max_body_size=max_body_size,
             clock=clock,
             rng=rng,
@@ -461,6 +473,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         key_header: str = "Idempotency-Key",
         key_style: Literal["bare", "structured"] = "bare",
         secret_headers: Sequence[str] = (),
+        keep_headers: Sequence[str] = (),
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         clock: Callable[[], float] | None = None,
@@ -474,6 +487,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             key_header=key_header,
             key_style=key_style,
             secret_headers=secret_headers,
+            keep_headers=keep_headers,
             max_body_size=max_body_size,
             clock=clock,
             rng=rng,

@@ -189,6 +189,24 @@ def test_bad_numbers_exit_2_with_a_message_and_touch_nothing(
         assert journal.operations() == before
 
 
+@pytest.mark.parametrize(
+    ("header", "warned"),
+    [
+        ("PRIVATE-TOKEN: glpat-x", True),
+        ("X-Shopify-Access-Token: shpat", True),
+        ("api-key: k", True),
+        ("X-Operator: alice", False),
+        ("Stripe-Version: 2024-06-20", False),
+    ],
+)
+def test_resume_warns_about_any_credential_on_the_command_line(
+    populated: Path, header: str, warned: bool
+) -> None:
+    code, _, err = cli("--journal", str(populated), "resume", "--dry-run", "-H", header)
+    assert code == EXIT_OK
+    assert ("prefer --header-from-env" in err) is warned
+
+
 def test_abandon(populated: Path) -> None:
     code, out, _ = cli("--journal", str(populated), "abandon", "charge-pending")
     assert code == EXIT_OK

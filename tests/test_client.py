@@ -233,6 +233,74 @@ def test_resume_sends_the_key_in_the_operations_own_header_and_style(journal_pat
     assert len(up.requests) == 1
 
 
+def test_resume_sends_the_clients_current_query_credential_and_the_stored_params(
+    journal_path: Path,
+) -> None:
+    down = Recorder(httpx.ConnectError("refused"))
+    with idemclient.Client(
+        journal=journal_path,
+        transport=httpx.MockTransport(down),
+        base_url="https://api.example",
+        params={"api_key": "OLD-KEY"},
+        retry=RetryPolicy(max_attempts=1),
+    ) as client:
+        with pytest.raises(RetriesExhaustedError):
+            client.post("/charges", params={"page": "2"}, json={"amount": 5})
+        assert down.requests[0].url.params["api_key"] == "OLD-KEY"
+        (op,) = client.journal.operations()
+        assert op.url == "https://api.example/charges?page=2"
+        with pytest.raises(RetriesExhaustedError):
+            client.post("/refunds", params={"page": "3"}, json={"amount": 5})
+    with sqlite3.connect(journal_path) as db:  # as a journal from before kept it
+        db.execute(
+            "UPDATE operations SET url = ? WHERE url LIKE '%refunds%'",
+            ("https://api.example/refunds?api_key=OLD-KEY&page=3",),
+        )
+    up = Recorder()
+    with idemclient.Client(
+        journal=journal_path,
+        transport=httpx.MockTransport(up),
+        base_url="https://api.example",
+        params={"api_key": "NEW-KEY"},
+    ) as client:
+        assert [r.outcome for r in client.resume_pending()] == ["completed", "completed"]
+    assert [str(r.url) for r in up.requests] == [
+        "https://api.example/charges?api_key=NEW-KEY&page=2",
+        "https://api.example/refunds?api_key=NEW-KEY&page=3",
+    ]
+    assert up.requests[0].headers["Idempotency-Key"] == op.key
+
+
+@pytest.mark.anyio
+async def test_keep_headers_on_clients_and_wrap(journal_path: Path) -> None:
+    headers = {"X-Session-Locale": "fr", "X-Session-Id": "s-1"}
+    with idemclient.Client(
+        journal=journal_path,
+        transport=httpx.MockTransport(Recorder()),
+        keep_headers=("X-Session-Locale",),
+    ) as client:
+        client.post("https://api.example/a", json={}, headers=headers)
+    async with idemclient.AsyncClient(
+        journal=journal_path,
+        transport=httpx.MockTransport(Recorder()),
+        keep_headers=("X-Session-Locale",),
+    ) as aclient:
+        await aclient.post("https://api.example/b", json={}, headers=headers)
+    with idemclient.wrap(
+        httpx.Client(transport=httpx.MockTransport(Recorder())),
+        journal=journal_path,
+        keep_headers=("x-session-locale",),
+    ) as wrapped:
+        wrapped.post("https://api.example/c", json={}, headers=headers)
+    with Journal(journal_path) as journal:
+        ops = journal.operations()
+        assert len(ops) == 3
+        for op in ops:
+            stored = dict(journal.request_of(op.key)[2])
+            assert stored["x-session-locale"] == "fr"
+            assert "x-session-id" not in stored
+
+
 def test_resume_reports_conflicts_failures_and_expired(journal_path: Path) -> None:
     now = [1_800_000_000.0]
     journal = Journal(journal_path, clock=lambda: now[0], retention=timedelta(hours=1))

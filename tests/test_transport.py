@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import random
@@ -482,6 +483,177 @@ def test_secrets_never_reach_the_journal(journal_path: Path, sleeps: list[float]
         assert secret.encode() not in stored, secret
     op = journal_of(client).operations()[0]
     assert op.url == "https://api.example/charges"
+
+
+#: Credentials a request carries in headers, by name; every value unique, to grep for.
+HEADER_SECRETS = {
+    "Authorization": "Bearer sk-AUTHZ-0001",
+    "Proxy-Authorization": "Basic PROXYAUTH-0002",
+    "Cookie": "sid=COOKIE-0003",
+    "X-Api-Key": "XAPIKEY-0004",
+    "PRIVATE-TOKEN": "glpat-PRIVTOKEN-0005",
+    "X-Auth-Token": "XAUTHTOKEN-0006",
+    "X-Shopify-Access-Token": "shpat-SHOPIFY-0007",
+    "api-key": "AZUREKEY-0008",
+    "X-Goog-Api-Key": "AIza-GOOGKEY-0009",
+    "X-Amz-Security-Token": "AMZTOKEN-0010",
+    "X-CSRF-Token": "CSRF-0011",
+    "Ocp-Apim-Subscription-Key": "APIM-0012",
+    "X-Client-Secret": "CLIENTSECRET-0013",
+    "X-Hub-Signature-256": "sha256=HUBSIG-0014",
+    "X-Session-Id": "SESSIONID-0015",
+    "X-Internal": "INTERNAL-0016",  # named in secret_headers=
+}
+#: Credentials in the query string, by parameter name.
+QUERY_SECRETS = {
+    "api_key": "QAPIKEY-0101",
+    "apikey": "QAPIKEY2-0102",
+    "access_token": "QACCESS-0103",
+    "token": "QTOKEN-0104",
+    "sig": "QSIG-0105",
+    "signature": "QSIGNATURE-0106",
+    "key": "QKEY-0107",
+    "secret": "QSECRET-0108",
+    "password": "QPASSWORD-0109",
+    "X-Amz-Signature": "QAMZSIG-0110",
+    "X-Amz-Credential": "AKIAQCRED-0111",
+    "X-Amz-Security-Token": "QAMZTOKEN-0112",
+}
+#: What a server echoes back in the response headers.
+RESPONSE_SECRETS = {
+    "Set-Cookie": "sid=RESPCOOKIE-0201; HttpOnly",
+    "X-Amz-Security-Token": "RESPAMZ-0202",
+    "X-Auth-Token": "RESPECHO-0203",
+}
+
+
+def test_no_credential_reaches_the_journal_files_the_logs_the_events_or_an_error(
+    journal_path: Path, sleeps: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="idemclient")
+    rotated = {"Authorization": "Bearer sk-ROTATED-0301", "api_key": "QROTATED-0302"}
+    url_password = "URLPASS-0303"
+    secrets = [
+        *HEADER_SECRETS.values(), *QUERY_SECRETS.values(), *RESPONSE_SECRETS.values(),
+        *rotated.values(), url_password,
+        base64.b64encode(f"user:{url_password}".encode()).decode(),  # httpx's Basic auth
+    ]  # fmt: skip
+    answer = ok(headers={**RESPONSE_SECRETS, "X-Request-Id": "resp-kept-0501"})
+    script = Script(
+        httpx.Response(503), answer,  # charge-1
+        httpx.Response(503), httpx.Response(200),  # the GET
+        httpx.Response(503), httpx.Response(503),  # charge-2 gives up
+    )  # fmt: skip
+    events: list[idemclient.Event] = []
+    journal = Journal(journal_path, durability="full")
+    client = client_for(
+        script, journal, sleeps, retry=RetryPolicy(max_attempts=2), hooks=[events.append],
+        secret_headers=("X-Internal",), keep_headers=("X-Session-Locale",),
+    )  # fmt: skip
+    kept_headers = {"X-Trace": "kept-0401", "X-Session-Locale": "fr-kept-0402"}
+    params = {**QUERY_SECRETS, "page": "2"}
+    with idemclient.operation("charge-1"):
+        client.post(
+            "/charges", params=params, headers={**HEADER_SECRETS, **kept_headers}, json={"n": 1}
+        )
+    # what is sent is unchanged: every credential reached the server
+    sent = script.requests[0]
+    for name, value in HEADER_SECRETS.items():
+        assert sent.headers[name] == value
+    assert dict(sent.url.params) == params
+    # a rerun with rotated credentials is the same operation: answered from the journal
+    with idemclient.operation("charge-1"):
+        replay = client.post(
+            "/charges",
+            params={**params, "api_key": rotated["api_key"]},
+            headers={**HEADER_SECRETS, **kept_headers, "Authorization": rotated["Authorization"]},
+            json={"n": 1},
+        )
+    assert replay.extensions["idempotency"]["replayed"] is True
+    assert replay.headers["X-Request-Id"] == "resp-kept-0501"
+    assert not set(RESPONSE_SECRETS) & set(replay.headers)
+    # an unjournaled request, retried and logged
+    client.get(f"https://user:{url_password}@api.example/charges", params=QUERY_SECRETS)
+    errors: list[str] = []
+    with idemclient.operation("charge-2"):
+        with pytest.raises(RetriesExhaustedError) as exhausted:
+            client.post("/charges", params=params, headers=HEADER_SECRETS, json={"n": 2})
+        errors += [str(exhausted.value), repr(exhausted.value.operation)]
+    with idemclient.operation("charge-2"), pytest.raises(OperationMismatchError) as mismatch:
+        client.post("/charges", params=params, headers=HEADER_SECRETS, json={"n": 3})
+    errors += [str(mismatch.value), repr(mismatch.value.operation)]
+    assert "POST https://api.example/charges?page=2" in str(mismatch.value)
+    assert len(script.requests) == 6
+
+    journal.flush()
+    wal = journal_path.with_name(journal_path.name + "-wal")
+    shm = journal_path.with_name(journal_path.name + "-shm")
+    # the WAL files vanish on the last close: read them now, and again after
+    assert wal.exists()
+    assert shm.exists()
+    while_open = [p.read_bytes() for p in (journal_path, wal, shm)]
+    stored = [
+        repr(journal.operations()),
+        *(repr(journal.request_of(op.key)) for op in journal.operations()),
+        *(repr(journal.stored_response(op.key)) for op in journal.operations()),
+    ]
+    client.close()
+    journal.close()
+    after_close = [p.read_bytes() for p in (journal_path, wal, shm) if p.exists()]
+    raw = b"\n".join(while_open + after_close)
+    # what the request needs on resume is there (so the grep looks where the data is)
+    for value in ("kept-0401", "fr-kept-0402", "resp-kept-0501", "charges?page=2"):
+        assert value.encode() in raw, value
+    texts = {
+        "logs": caplog.text,
+        "errors": "\n".join(errors),
+        "events": "\n".join(repr(e) for e in events),
+        "journal API": "\n".join(stored),
+    }
+    for secret in secrets:
+        assert secret.encode() not in raw, secret
+        for where, text in texts.items():
+            assert secret not in text, (secret, where)
+
+
+def test_a_rerun_with_a_rotated_credential_in_the_query_is_the_same_operation(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    script = Script(ok())
+    client = client_factory(script)
+    for credential in ("old-credential", "new-credential"):
+        with idemclient.operation("charge-9"):
+            response = client.post(f"/charges?key={credential}&n=1", json={"n": 1})
+    assert response.extensions["idempotency"]["replayed"] is True
+    assert len(script.requests) == 1
+    op = journal_of(client).get("charge-9")
+    assert op is not None
+    assert op.url == "https://api.example/charges?n=1"
+
+
+@pytest.mark.anyio
+async def test_async_transport_applies_the_same_rule(
+    journal_path: Path, sleeps: list[float]
+) -> None:
+    script = AsyncScript(ok(headers={"X-Amz-Security-Token": "RESPAMZ", "X-Request-Id": "r"}))
+    async with async_client(
+        script, journal_path, sleeps, keep_headers=("X-Session-Locale",)
+    ) as client:
+        await client.post(
+            "/charges?access_token=QTOKEN&n=1",
+            json={},
+            headers={"PRIVATE-TOKEN": "P", "X-Session-Locale": "fr", "X-Session-Id": "S"},
+        )
+    with Journal(journal_path) as journal:
+        (op,) = journal.operations()
+        assert op.url == "https://api.example/charges?n=1"
+        _, _, headers, _ = journal.request_of(op.key)
+        names = {"private-token", "x-session-locale", "x-session-id"}
+        assert names & dict(headers).keys() == {"x-session-locale"}
+        stored = journal.stored_response(op.key)
+        assert stored is not None
+        names = {k.lower() for k, _ in stored.headers}
+        assert {"x-amz-security-token", "x-request-id"} & names == {"x-request-id"}
 
 
 def test_lost_lease_stops_before_resending(journal_path: Path, sleeps: list[float]) -> None:

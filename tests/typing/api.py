@@ -19,8 +19,15 @@ def sync_api() -> None:
     client = httpx.Client(transport=transport)
     assert_type(idemclient.wrap(httpx.Client()), httpx.Client)
     assert_type(idemclient.wrap(httpx.AsyncClient()), httpx.AsyncClient)
+    assert_type(
+        idemclient.wrap(httpx.Client(), secret_headers=["X-Internal"], keep_headers=["X-Sid"]),
+        httpx.Client,
+    )
+    idemclient.IdempotentTransport(secret_headers=("X-Internal",), keep_headers=("X-Sid",))
 
-    ready = idemclient.Client(base_url="https://x", journal="j.sqlite3", hooks=[print])
+    ready = idemclient.Client(
+        base_url="https://x", journal="j.sqlite3", hooks=[print], keep_headers=["X-Session-Locale"]
+    )
     assert_type(ready.journal, idemclient.Journal)
     with idemclient.operation("charge-1"):
         response = ready.post("/charges", json={"amount": 5})
@@ -76,5 +83,8 @@ async def async_api() -> None:
         assert_type(response, httpx.Response)
         assert_type(await client.aresume_pending(), idemclient.ResumeReport)
         assert_type(await idemclient.aresume_pending(client), idemclient.ResumeReport)
-    transport = idemclient.AsyncIdempotentTransport(httpx.AsyncHTTPTransport())
+    transport = idemclient.AsyncIdempotentTransport(
+        httpx.AsyncHTTPTransport(), keep_headers=("X-Session-Locale",)
+    )
+    idemclient.AsyncClient(secret_headers=["X-Internal"], keep_headers=["X-Session-Locale"])
     httpx.AsyncClient(transport=transport)
