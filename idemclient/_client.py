@@ -283,7 +283,9 @@ def _resume_requests(
     requests = []
     skipped = []
     for op in journal.pending():
-        method, url, headers, body = journal.request_of(op.key)
+        method, url, texts, body, encoding = journal.stored_request(op.key)
+        # as bytes: a header value that is not ASCII goes out as it first did
+        headers = [(k.encode(encoding), v.encode(encoding)) for k, v in texts]
         target = destination(url, client.base_url, moves)
         if target is None:
             skipped.append(op)

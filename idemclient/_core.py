@@ -464,6 +464,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     given_values: list[str] = []
     length: str | None = None
     chunked = False
+    encoding = request.headers.encoding
     for k, v in _pairs(request.headers):
         if k not in skip:
             if k in harmless or not secret(k):  # credentials by name never reach the journal
@@ -490,6 +491,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         resume=bool(resume),
         key_header=key_header,
         key_style=key_style,
+        headers_encoding=encoding,
     )
     # The request itself is what is sent, as auth flows do it: its body becomes the journaled
     # bytes (sendable again), and it carries the key, so `response.request` shows the key.

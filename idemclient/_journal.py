@@ -180,7 +180,8 @@ def _new_row(
     record: RequestRecord, owner: str, lease_seconds: float, now: float
 ) -> tuple[Any, ...]:
     return (
-        record.name, record.key, record.method, record.url, json.dumps(record.headers),
+        record.name, record.key, record.method, record.url,
+        _headers_json(record.headers, record.headers_encoding),
         record.body, record.fingerprint, now, now, now, owner, now + lease_seconds,
         record.key_header, record.key_style,
     )  # fmt: skip
@@ -423,6 +424,7 @@ class RequestRecord:
     resume: bool = False  # sent by resume: the stored request, found by key
     key_header: str = "Idempotency-Key"  # how the key goes out, stored with the operation
     key_style: str = "bare"
+    headers_encoding: str = "utf-8"  # what `headers` were decoded with (httpx's choice)
 
 
 class Decision(Enum):
@@ -479,32 +481,38 @@ def _operation(row: tuple[Any, ...]) -> Operation:
     )
 
 
-def _response_headers_json(response: StoredResponse) -> str:
-    """The `response_headers` column: a JSON list of [name, value] pairs, as it always was,
-    when the text is ASCII or UTF-8; else (iso-8859-1) an object that names the encoding.
+def _headers_json(headers: list[tuple[str, str]], encoding: str) -> str:
+    """A `headers` or `response_headers` column: a JSON list of [name, value] pairs, as it
+    always was, when the text is ASCII or UTF-8; else (iso-8859-1) an object that names the
+    encoding the text was decoded with, so that it encodes back to the very bytes.
 
     A bare list is read as UTF-8. That is exact for every row written so far that was ASCII
     or UTF-8, and gives iso-8859-1 rows written before the encoding was kept the same text
     (their bytes cannot be told apart from UTF-8 ones: both decode to the same text).
     """
-    if response.encoding in ("ascii", "utf-8"):
-        return json.dumps(response.headers)
-    return json.dumps({"encoding": response.encoding, "headers": response.headers})
+    if encoding in ("ascii", "utf-8"):
+        return json.dumps(headers)
+    return json.dumps({"encoding": encoding, "headers": headers})
+
+
+def _headers_from_json(text: str | None) -> tuple[list[tuple[str, str]], str]:
+    """`_headers_json` read back: the pairs and their encoding."""
+    stored: Any = json.loads(text or "[]")
+    encoding = "utf-8"
+    if isinstance(stored, dict):
+        encoding, stored = str(stored["encoding"]), stored["headers"]
+    return [(str(k), str(v)) for k, v in stored], encoding
 
 
 def _header_pairs(text: str) -> list[tuple[str, str]]:
-    """Journaled request headers (JSON pairs) as a list of pairs."""
-    return [(str(k), str(v)) for k, v in json.loads(text)]
+    """Journaled headers as a list of pairs."""
+    return _headers_from_json(text)[0]
 
 
 def _stored_response(row: tuple[Any, ...]) -> StoredResponse | None:
     if row[8] is None:
         return None
-    stored = json.loads(row[15] or "[]")
-    encoding = "utf-8"
-    if isinstance(stored, dict):
-        encoding, stored = str(stored["encoding"]), stored["headers"]
-    headers = [(str(k), str(v)) for k, v in stored]
+    headers, encoding = _headers_from_json(row[15])
     return StoredResponse(row[8], headers, bytes(row[16] or b""), bool(row[17]), encoding)
 
 
@@ -1248,8 +1256,8 @@ class Journal:
         body, kept = response.body, response.body_kept
         if len(body) > self.max_response_body:
             body, kept = b"", False
-        params = (state, self._clock(), response.status, _response_headers_json(response), body,
-                  int(kept), key, version)  # fmt: skip
+        headers = _headers_json(response.headers, response.encoding)
+        params = (state, self._clock(), response.status, headers, body, int(kept), key, version)
         shared = self._shared
         with shared.deferred_lock:
             if self._closing and shared.any_open() is None:
@@ -1362,6 +1370,11 @@ class Journal:
 
     def request_of(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes]:
         """The stored request of an operation: method, URL, headers (no secrets), body."""
+        method, url, headers, body, _ = self.stored_request(key)
+        return method, url, headers, body
+
+    def stored_request(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes, str]:
+        """`request_of`, and the encoding that turns the headers back into their bytes."""
         rows = self._read(
             "read the stored request",
             "SELECT method, url, headers, body FROM operations WHERE key = ?",
@@ -1370,7 +1383,8 @@ class Journal:
         if not rows:
             raise KeyError(key)
         method, url, headers, body = rows[0]
-        return method, url, _header_pairs(headers), bytes(body)
+        pairs, encoding = _headers_from_json(headers)
+        return method, url, pairs, bytes(body), encoding
 
     def _lookup(self, name_or_key: str) -> tuple[Any, ...] | None:
         """The row with this name, else with this key (a name wins over a key)."""

@@ -390,3 +390,21 @@ async def test_async_client_wrap_and_resume(journal_path: Path) -> None:
     response = await wrapped.post("https://api.example/x", json={})
     assert response.extensions["idempotency"]["attempts"] == 1
     await wrapped.aclose()
+
+
+def test_resume_sends_non_ascii_request_headers_as_they_first_went(journal_path: Path) -> None:
+    """A latin-1 and a UTF-8 header value: resume used to fail with UnicodeEncodeError."""
+    sent = {b"X-Note": "café".encode("latin-1"), b"X-Name": "résumé".encode()}
+    with (
+        idemclient.Client(
+            journal=journal_path, transport=httpx.MockTransport(Recorder(httpx.ConnectError("x"))),
+            retry=RetryPolicy(max_attempts=1),
+        ) as client,
+        pytest.raises(RetriesExhaustedError),
+    ):  # fmt: skip
+        client.post("https://api.example/x", json={}, headers=sent)
+    up = Recorder()
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(up)) as client:
+        assert [r.outcome for r in client.resume_pending()] == ["completed"]
+    raw = {k.lower(): v for k, v in up.requests[0].headers.raw}
+    assert (raw[b"x-note"], raw[b"x-name"]) == (sent[b"X-Note"], sent[b"X-Name"])
