@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio.to_thread
 import httpx
@@ -18,6 +18,7 @@ from ._errors import (
     OperationParkedError,
     RetriesExhaustedError,
 )
+from ._family import error_kind, family, is_family_object
 from ._journal import Journal, Operation
 from ._policy import RetryPolicy
 from ._transport import (
@@ -39,20 +40,26 @@ __all__ = [
 ]
 
 Outcome = Literal["completed", "conflict", "expired", "in_progress", "parked", "failed"]
-AnyClient = TypeVar("AnyClient", httpx.Client, httpx.AsyncClient)
+AnyClient = TypeVar("AnyClient")
+if TYPE_CHECKING:
+    import httpx2
+
+    #: a client of either family (subclasses such as the SDKs' `DefaultHttpxClient` included)
+    SyncHttpClient = httpx.Client | httpx2.Client
+    AsyncHttpClient = httpx.AsyncClient | httpx2.AsyncClient
+    AnyHttpClient = SyncHttpClient | AsyncHttpClient
 _Idempotent = IdempotentTransport | AsyncIdempotentTransport
 
 
-def _wrap_transports(client: httpx.Client | httpx.AsyncClient, options: dict[str, Any]) -> None:
+def _wrap_transports(client: AnyHttpClient, options: dict[str, Any]) -> None:
     """Wrap the client's transport and every mounted one, all on one journal."""
     current = client._transport
     if isinstance(current, (IdempotentTransport, AsyncIdempotentTransport)):
         raise ValueError("this client is already wrapped by idemclient")
     journal_arg: JournalLike = options.pop("journal", None)
     journal = journal_arg if isinstance(journal_arg, Journal) else Journal(journal_arg)
-    kind: Callable[..., _Idempotent] = (
-        AsyncIdempotentTransport if isinstance(client, httpx.AsyncClient) else IdempotentTransport
-    )
+    sync_kind, async_kind = _transport_classes(client)
+    kind: Callable[..., _Idempotent] = async_kind if _is_async(client) else sync_kind
     main = kind(current, journal=journal, **options)
     # The journal belongs to the client when wrap() opened it: closing the client closes it.
     main._owns_journal = not isinstance(journal_arg, Journal)
@@ -63,23 +70,51 @@ def _wrap_transports(client: httpx.Client | httpx.AsyncClient, options: dict[str
     }
 
 
-def wrap(client: AnyClient, **options: Any) -> AnyClient:
-    """Make an existing `httpx.Client` or `httpx.AsyncClient` idempotent; the same object back.
+def _transport_classes(
+    client: object,
+) -> tuple[type[IdempotentTransport], type[AsyncIdempotentTransport]]:
+    """The transports for the client's family: an httpx2 client gets transports that are
+    `httpx2.BaseTransport`s too (`idemclient.httpx2`, imported only then)."""
+    if family(client).__name__ == "httpx2":
+        from . import httpx2 as twins
 
-    Its transport and mounted transports are wrapped in place, so base URL, headers, auth,
-    cookies, timeouts, proxies and event hooks keep working. `options` are those of
-    `IdempotentTransport` (`journal`, `retry`, `methods`, `key_header`, ...).
+        return twins.IdempotentTransport, twins.AsyncIdempotentTransport
+    return IdempotentTransport, AsyncIdempotentTransport
+
+
+def _is_async(client: object) -> bool:
+    """Whether `client` is an AsyncClient of httpx or httpx2 (`TypeError` if neither
+    client)."""
+    fam = family(client) if is_family_object(client) else None
+    if fam is not None and isinstance(client, fam.AsyncClient):
+        return True
+    if fam is not None and isinstance(client, fam.Client):
+        return False
+    raise TypeError(
+        "wrap() takes an httpx or httpx2 Client or AsyncClient (subclasses such as "
+        f"openai.DefaultHttpxClient included), not {client!r}"
+    )
+
+
+def wrap(client: AnyClient, **options: Any) -> AnyClient:
+    """Make an existing client idempotent; the same object back.
+
+    Takes an `httpx.Client` or `httpx.AsyncClient`, an `httpx2.Client` or
+    `httpx2.AsyncClient`, and their subclasses (`openai.DefaultHttpxClient`,
+    `anthropic.DefaultHttpxClient`, ...). Its transport and mounted transports are wrapped in
+    place, so base URL, headers, auth, cookies, timeouts, proxies and event hooks keep working,
+    and requests, responses and errors stay in the client's own family. `options` are those
+    of `IdempotentTransport` (`journal`, `retry`, `methods`, `key_header`, ...).
 
     Example:
         >>> client = idemclient.wrap(httpx.Client(base_url=..., headers={"Authorization": ...}))
     """
-    if not isinstance(client, (httpx.Client, httpx.AsyncClient)):
-        raise TypeError(f"wrap() takes an httpx.Client or httpx.AsyncClient, not {client!r}")
-    _wrap_transports(client, dict(options))
+    _is_async(client)  # a client of either family, or TypeError
+    _wrap_transports(client, dict(options))  # type: ignore[arg-type]
     return client
 
 
-def _idempotent_transport(client: httpx.Client | httpx.AsyncClient) -> _Idempotent:
+def _idempotent_transport(client: AnyHttpClient) -> _Idempotent:
     transport = client._transport
     if not isinstance(transport, (IdempotentTransport, AsyncIdempotentTransport)):
         raise TypeError(
@@ -89,18 +124,8 @@ def _idempotent_transport(client: httpx.Client | httpx.AsyncClient) -> _Idempote
     return transport
 
 
-class Client(httpx.Client):
-    """An `httpx.Client` whose POST and PATCH are journaled, keyed and retried.
-
-    Takes every `httpx.Client` argument, plus `journal`, `retry`, `methods` and the other
-    options of `IdempotentTransport`.
-
-    Example:
-        >>> with idemclient.Client(base_url="https://api.example", journal="billing.sqlite3") as c:
-        ...     c.resume_pending()          # finish what a crash interrupted
-        ...     with idemclient.operation("charge-42"):
-        ...         c.post("/charges", json={"amount": 500})
-    """
+class _SyncClientMixin:
+    """What `Client` adds to the client class of its family (httpx, or httpx2)."""
 
     def __init__(
         self,
@@ -118,7 +143,7 @@ class Client(httpx.Client):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        _wrap_transports(self, dict(
+        _wrap_transports(self, dict(  # type: ignore[arg-type]
             journal=journal, retry=retry, methods=methods, key_header=key_header,
             key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
             max_body_size=max_body_size, sleep=sleep, hooks=hooks,
@@ -127,7 +152,7 @@ class Client(httpx.Client):
     @property
     def journal(self) -> Journal:
         """The journal of this client's operations."""
-        return _idempotent_transport(self).journal
+        return _idempotent_transport(self).journal  # type: ignore[arg-type]
 
     def resume_pending(
         self,
@@ -137,17 +162,11 @@ class Client(httpx.Client):
     ) -> ResumeReport:
         """Finish the interrupted operations addressed to this client's API (see
         `idemclient.resume_pending`)."""
-        return resume_pending(self, on_result=on_result, rebase=rebase)
+        return resume_pending(self, on_result=on_result, rebase=rebase)  # type: ignore[arg-type]
 
 
-class AsyncClient(httpx.AsyncClient):
-    """An `httpx.AsyncClient` whose POST and PATCH are journaled, keyed and retried.
-
-    Example:
-        >>> async with idemclient.AsyncClient(base_url="https://api.example") as c:
-        ...     await c.aresume_pending()
-        ...     await c.post("/orders", json={"cart": "c1"})
-    """
+class _AsyncClientMixin:
+    """What `AsyncClient` adds to the async client class of its family."""
 
     def __init__(
         self,
@@ -165,7 +184,7 @@ class AsyncClient(httpx.AsyncClient):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        _wrap_transports(self, dict(
+        _wrap_transports(self, dict(  # type: ignore[arg-type]
             journal=journal, retry=retry, methods=methods, key_header=key_header,
             key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
             max_body_size=max_body_size, sleep=sleep, hooks=hooks,
@@ -174,7 +193,7 @@ class AsyncClient(httpx.AsyncClient):
     @property
     def journal(self) -> Journal:
         """The journal of this client's operations."""
-        return _idempotent_transport(self).journal
+        return _idempotent_transport(self).journal  # type: ignore[arg-type]
 
     async def aresume_pending(
         self,
@@ -184,7 +203,7 @@ class AsyncClient(httpx.AsyncClient):
     ) -> ResumeReport:
         """Finish the interrupted operations addressed to this client's API (see
         `idemclient.resume_pending`)."""
-        return await aresume_pending(self, on_result=on_result, rebase=rebase)
+        return await aresume_pending(self, on_result=on_result, rebase=rebase)  # type: ignore[arg-type]
 
     async def resume_pending(
         self,
@@ -193,7 +212,31 @@ class AsyncClient(httpx.AsyncClient):
         rebase: Mapping[str, str] | None = None,
     ) -> ResumeReport:
         """The same as `aresume_pending()`, under the sync client's name."""
-        return await aresume_pending(self, on_result=on_result, rebase=rebase)
+        return await self.aresume_pending(on_result=on_result, rebase=rebase)
+
+
+class Client(_SyncClientMixin, httpx.Client):
+    """An `httpx.Client` whose POST and PATCH are journaled, keyed and retried.
+
+    Takes every `httpx.Client` argument, plus `journal`, `retry`, `methods` and the other
+    options of `IdempotentTransport`. (`idemclient.httpx2.Client` is the same on httpx2.)
+
+    Example:
+        >>> with idemclient.Client(base_url="https://api.example", journal="billing.sqlite3") as c:
+        ...     c.resume_pending()          # finish what a crash interrupted
+        ...     with idemclient.operation("charge-42"):
+        ...         c.post("/charges", json={"amount": 500})
+    """
+
+
+class AsyncClient(_AsyncClientMixin, httpx.AsyncClient):
+    """An `httpx.AsyncClient` whose POST and PATCH are journaled, keyed and retried.
+
+    Example:
+        >>> async with idemclient.AsyncClient(base_url="https://api.example") as c:
+        ...     await c.aresume_pending()
+        ...     await c.post("/orders", json={"cart": "c1"})
+    """
 
 
 # -- resume -----------------------------------------------------------------------------
@@ -268,7 +311,7 @@ def destination(
 
 
 def _resume_requests(
-    client: httpx.Client | httpx.AsyncClient, rebase: Mapping[str, str] | None
+    client: Any, rebase: Mapping[str, str] | None
 ) -> tuple[Journal, ResumeReport, list[tuple[Operation, httpx.Request]]]:
     """The pending operations this client resumes, as requests to send; the expired ones.
 
@@ -298,15 +341,17 @@ def _resume_requests(
         }
         if op.name is not None:
             extensions[OPERATION_EXTENSION] = op.name
-        params = None
+        params: tuple[tuple[str, str], ...] | None = None
         if client.params and target.query:
             # The client's params (its current query credential) join the stored ones, which
             # httpx 0.28 would drop; a credential that an older journal kept gives way.
             target = httpx.URL(stored_url(target, transport.settings.secrets))
-            target, params = target.copy_with(query=None), target.params
+            target, params = target.copy_with(query=None), tuple(target.params.multi_items())
+        # as text: the client may be of the other family (httpx2), whose URL class differs
         request = client.build_request(
-            method, target, params=params, headers=headers, content=body, extensions=extensions
-        )
+            method, str(target), params=params, headers=headers, content=body,
+            extensions=extensions,
+        )  # fmt: skip
         request.headers[key_header] = f'"{op.key}"' if key_style == "structured" else op.key
         requests.append((op, request))
     report.skipped = tuple(skipped)
@@ -340,12 +385,17 @@ _RESUMABLE_ERRORS = (
     OperationInProgressError,
     OperationParkedError,
     RetriesExhaustedError,
-    httpx.TransportError,
 )
 
 
+def _resumable(error: Exception) -> bool:
+    """An outcome for the report (the operation's own), not a reason to stop the resume: our
+    decisions, and transport errors of either family."""
+    return isinstance(error, _RESUMABLE_ERRORS) or error_kind(error) is not None
+
+
 def resume_pending(
-    client: httpx.Client,
+    client: SyncHttpClient,
     *,
     on_result: Callable[[ResumeResult], object] | None = None,
     rebase: Mapping[str, str] | None = None,
@@ -373,14 +423,17 @@ def resume_pending(
         ValueError: a `rebase` entry is not an origin (`scheme://host[:port]`).
     """
     journal, results, requests = _resume_requests(client, rebase)
+    sender: Any = client  # either family's client; its requests are its own
     _report(results, on_result)
     for op, request in requests:
         response: httpx.Response | None = None
         error: Exception | None = None
         try:
-            response = client.send(request)
+            response = sender.send(request)
             response.read()
-        except _RESUMABLE_ERRORS as exc:
+        except Exception as exc:
+            if not _resumable(exc):
+                raise
             response, error = None, exc
         results.append(_result(journal, op, response, error))
         _report(results[-1:], on_result)
@@ -396,21 +449,24 @@ def _report(
 
 
 async def aresume_pending(
-    client: httpx.AsyncClient,
+    client: AsyncHttpClient,
     *,
     on_result: Callable[[ResumeResult], object] | None = None,
     rebase: Mapping[str, str] | None = None,
 ) -> ResumeReport:
     """The async twin of `resume_pending`; journal reads run in a worker thread."""
     journal, results, requests = await anyio.to_thread.run_sync(_resume_requests, client, rebase)
+    sender: Any = client  # either family's client; its requests are its own
     _report(results, on_result)
     for op, request in requests:
         response: httpx.Response | None = None
         error: Exception | None = None
         try:
-            response = await client.send(request)
+            response = await sender.send(request)
             await response.aread()
-        except _RESUMABLE_ERRORS as exc:
+        except Exception as exc:
+            if not _resumable(exc):
+                raise
             response, error = None, exc
         results.append(await anyio.to_thread.run_sync(_result, journal, op, response, error))
         _report(results[-1:], on_result)

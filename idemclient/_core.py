@@ -35,6 +35,7 @@ from ._errors import (
     OperationParkedError,
     RetriesExhaustedError,
 )
+from ._family import error_kind, family
 from ._journal import (
     Decision,
     Journal,
@@ -357,14 +358,14 @@ def redirect_url(request: httpx.Request, response: httpx.Response) -> httpx.URL 
     if location is None:
         return None
     try:
-        url = httpx.URL(location)
+        url = type(request.url)(location)
         if url.scheme and not url.host:
             url = url.copy_with(host=request.url.host)
         if url.is_relative_url:
             url = request.url.join(url)
         if request.url.fragment and not url.fragment:
             url = url.copy_with(fragment=request.url.fragment)
-    except httpx.InvalidURL:
+    except family(request).InvalidURL:
         return None
     return url
 
@@ -417,7 +418,7 @@ class Plan:
         headers["content-length"] = str(len(body))
         if content_type is not None:
             headers["content-type"] = content_type
-        self.request.stream = httpx.ByteStream(body)
+        self.request.stream = family(self.request).ByteStream(body)
 
     def request_with_key(self, op: Operation) -> httpx.Request:
         """The request to send under the journal's key, in the header and style stored with
@@ -503,7 +504,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     value = _key_value(key, key_style)
     if given != value:
         headers[key_header] = value
-    request.stream = httpx.ByteStream(body)
+    request.stream = family(request).ByteStream(body)
     return Plan(record, request, lease_seconds(request), key_header, key_style, secret, boundary)
 
 
@@ -614,10 +615,14 @@ class Received:
 
 def _decoded(response: httpx.Response, raw: bytes) -> bytes:
     """The body with its content-encoding removed, for looking inside it."""
+    fam = family(response)
     try:
-        return httpx.Response(response.status_code, headers=response.headers, content=raw).read()
-    except httpx.DecodingError:
+        decoded: bytes = fam.Response(
+            response.status_code, headers=response.headers, content=raw
+        ).read()
+    except fam.DecodingError:
         return raw
+    return decoded
 
 
 def _extension(op: Operation, attempts: int, replayed: bool) -> dict[str, Any]:
@@ -639,13 +644,15 @@ def replay_response(reg: Registration, request: httpx.Request) -> httpx.Response
         drop = {b"content-length", b"content-encoding", b"transfer-encoding"}
         headers = [(k, v) for k, v in headers if k.lower() not in drop]
         ext["body_kept"] = False
-    return httpx.Response(
+    fam = family(request)  # the caller's: an httpx2 client gets an httpx2 response
+    response: httpx.Response = fam.Response(
         stored.status,
         headers=headers,
-        stream=httpx.ByteStream(stored.body),
+        stream=fam.ByteStream(stored.body),
         request=request,
         extensions={RESPONSE_EXTENSION: ext},
     )
+    return response
 
 
 def _refuse(
@@ -821,7 +828,9 @@ def keyed_flow(
         yield from event("sending")
         try:
             received: Received = yield Send(request, read=True)
-        except httpx.TransportError as exc:
+        except Exception as exc:
+            if error_kind(exc) is None:  # not a transport error of httpx or httpx2
+                raise
             outcome = classify_error(exc)
         else:
             raw = last_raw = received.raw or b""
@@ -961,13 +970,15 @@ def plain_flow(
     A body that cannot be sent twice (a generator) gets a single attempt. When the attempts
     run out on a retryable status, the last response is returned, as plain httpx would.
     """
-    if not isinstance(request.stream, httpx.ByteStream):
+    if not isinstance(request.stream, family(request).ByteStream):
         policy = policy.replace(max_attempts=1)
 
     def attempt() -> Generator[Step, Any, Outcome]:
         try:
             received: Received = yield Send(request, read=False)
-        except httpx.TransportError as exc:
+        except Exception as exc:
+            if error_kind(exc) is None:
+                raise
             return classify_error(exc)
         return classify_response(
             received.response, None, keyed=False, policy=policy, now=wall_clock()

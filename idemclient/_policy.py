@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import httpx
 import tenacity
 
+from ._family import error_kind
+
 __all__ = [
     "DEFAULT_MAX_RETRY_AFTER",
     "MAX_HINT_SECONDS",
@@ -196,9 +198,10 @@ def classify_response(
 def classify_error(error: Exception) -> Outcome:
     """Decide what a transport error means: retry the two groups above, raise the rest."""
     name = type(error).__name__
-    if isinstance(error, NEVER_SENT_ERRORS):
+    kind = error_kind(error)  # by class, for httpx's and httpx2's errors alike
+    if kind == "never_sent":
         return Outcome(Verdict.RETRY, error=error, reason=f"{name} (never sent)")
-    if isinstance(error, MAYBE_RECEIVED_ERRORS):
+    if kind == "maybe_received":
         return Outcome(Verdict.RETRY, error=error, reason=f"{name} (may have been received)")
     return Outcome(Verdict.ERROR, error=error, reason=name)
 

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import os
 import random
+import threading
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any, Literal, TypeVar
@@ -37,6 +38,7 @@ from ._core import (
     plan,
 )
 from ._errors import InvalidOperationError
+from ._family import AsyncTransport, SyncTransport, family
 from ._journal import Journal, Registration, RequestRecord
 from ._policy import RetryPolicy
 
@@ -81,10 +83,11 @@ def read_body(request: httpx.Request, limit: int) -> bytes:
     if not isinstance(request.stream, Iterable):
         raise InvalidOperationError("an async request body cannot be sent by a sync transport")
     body = _Body(limit)
+    fam = family(request)
     try:
         for chunk in request.stream:
             body.add(chunk)
-    except (httpx.StreamConsumed, httpx.StreamClosed) as exc:
+    except (fam.StreamConsumed, fam.StreamClosed) as exc:
         raise _consumed() from exc
     return b"".join(body.parts)
 
@@ -95,10 +98,11 @@ async def aread_body(request: httpx.Request, limit: int) -> bytes:
     if not isinstance(stream, AsyncIterable):
         return read_body(request, limit)
     body = _Body(limit)
+    fam = family(request)
     try:
         async for chunk in stream:
             body.add(chunk)
-    except (httpx.StreamConsumed, httpx.StreamClosed) as exc:
+    except (fam.StreamConsumed, fam.StreamClosed) as exc:
         raise _consumed() from exc
     return b"".join(body.parts)
 
@@ -113,12 +117,13 @@ def _read_whole(response: httpx.Response) -> Received:
     stream = response.stream
     if not isinstance(stream, Iterable):
         raise TypeError("a sync transport returned an async response stream")
+    fam = family(response)
     try:
         raw = b"".join(stream)
     finally:
-        if isinstance(stream, httpx.SyncByteStream):
+        if isinstance(stream, fam.SyncByteStream):
             stream.close()
-    response.stream = httpx.ByteStream(raw)
+    response.stream = fam.ByteStream(raw)
     return Received(response, raw)
 
 
@@ -126,12 +131,13 @@ async def _aread_whole(response: httpx.Response) -> Received:
     stream = response.stream
     if not isinstance(stream, AsyncIterable):
         return _read_whole(response)
+    fam = family(response)
     try:
         raw = b"".join([chunk async for chunk in stream])
     finally:
-        if isinstance(stream, httpx.AsyncByteStream):
+        if isinstance(stream, fam.AsyncByteStream):
             await stream.aclose()
-    response.stream = httpx.ByteStream(raw)
+    response.stream = fam.ByteStream(raw)
     return Received(response, raw)
 
 
@@ -344,7 +350,8 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
     same key and the same body bytes. Other methods are retried on transient failures only.
 
     Args:
-        transport: the transport to wrap; `None` means `httpx.HTTPTransport()`.
+        transport: the transport to wrap; `None` means the `HTTPTransport()` of the family of
+            the requests it gets (`httpx`, or `httpx2` under an httpx2 client).
         journal: a `Journal`, a path, or `None` for the default journal.
         retry: the `RetryPolicy`; `None` means `RetryPolicy()`.
         methods: the methods that are journaled and get a key.
@@ -375,7 +382,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
 
     def __init__(
         self,
-        transport: httpx.BaseTransport | None = None,
+        transport: SyncTransport | None = None,
         *,
         journal: JournalLike = None,
         retry: RetryPolicy | None = None,
@@ -403,7 +410,9 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             rng=rng,
             hooks=hooks,
         )
-        self._transport = transport if transport is not None else httpx.HTTPTransport()
+        # None: made at the first request, in its family (httpx or httpx2's HTTPTransport)
+        self._transport = transport
+        self._transport_lock = threading.Lock()
         self._sleep = sleep or time.sleep
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -420,7 +429,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         if isinstance(step, Call):
             return step.fn(*step.args, **step.kwargs)
         if isinstance(step, Send):
-            response = self._transport.handle_request(step.request)
+            response = self._inner(step.request).handle_request(step.request)
             if not step.read:
                 return Received(response, None)
             return _read_whole(response)
@@ -444,10 +453,20 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         finally:
             flow.close()
 
+    def _inner(self, request: httpx.Request) -> SyncTransport:
+        transport = self._transport
+        if transport is None:
+            with self._transport_lock:
+                if self._transport is None:
+                    self._transport = family(request).HTTPTransport()
+                transport = self._transport
+        return transport
+
     def close(self) -> None:
         """Close the wrapped transport; write what the journal holds for this transport's
         operations, and close the journal if this transport opened it."""
-        self._transport.close()
+        if self._transport is not None:
+            self._transport.close()
         self._close_journal()
 
 
@@ -456,7 +475,8 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
 
     Journal calls run in a worker thread (`anyio.to_thread`), shielded from cancellation so
     that a journal write is never left half done. Same arguments as `IdempotentTransport`,
-    with `transport=None` meaning `httpx.AsyncHTTPTransport()` and an async `sleep`.
+    with `transport=None` meaning the requests' family's `AsyncHTTPTransport()` and an async
+    `sleep`.
 
     Example:
         >>> client = httpx.AsyncClient(transport=AsyncIdempotentTransport())
@@ -465,7 +485,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
 
     def __init__(
         self,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: AsyncTransport | None = None,
         *,
         journal: JournalLike = None,
         retry: RetryPolicy | None = None,
@@ -493,7 +513,8 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             rng=rng,
             hooks=hooks,
         )
-        self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+        # None: made at the first request, in its family (httpx or httpx2's transport)
+        self._transport = transport
         self._sleep = sleep or anyio.sleep
         self._registrar = _AsyncRegistrar(self._journal)
 
@@ -516,6 +537,8 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
                 return step.fn(*step.args, **step.kwargs), None
             return await _see_through(functools.partial(step.fn, *step.args, **step.kwargs))
         if isinstance(step, Send):
+            if self._transport is None:
+                self._transport = family(step.request).AsyncHTTPTransport()
             response = await self._transport.handle_async_request(step.request)
             if not step.read:
                 return Received(response, None), None
@@ -557,5 +580,6 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             flow.close()
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()
         await anyio.to_thread.run_sync(self._close_journal)

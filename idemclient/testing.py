@@ -44,6 +44,7 @@ import anyio
 import httpx
 
 from ._config import TestingMode, set_testing_mode
+from ._family import family
 
 __all__ = ["Effect", "IdempotentApp", "IdempotentServer", "set_testing"]
 
@@ -129,6 +130,12 @@ def _parse_key(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] == '"':
         return value[1:-1]
     return value
+
+
+def _lost(request: httpx.Request, message: str) -> httpx.ReadError:
+    """A lost connection, as the request's family (httpx or httpx2) reports it."""
+    error: httpx.ReadError = family(request).ReadError(message, request=request)
+    return error
 
 
 class IdempotentApp:
@@ -328,24 +335,32 @@ class IdempotentApp:
         return request.method, path, headers
 
     @staticmethod
-    def _response(answer: _Answer) -> httpx.Response:
+    def _response(answer: _Answer, request: httpx.Request) -> httpx.Response:
+        """The answer in the request's family (httpx, or httpx2 under an httpx2 client)."""
         headers = {"Content-Type": "application/json", **answer.headers}
-        return httpx.Response(answer.status, headers=headers, content=answer.body)
+        response: httpx.Response = family(request).Response(
+            answer.status, headers=headers, content=answer.body
+        )
+        return response
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         """Answer one request (for `httpx.MockTransport`); waits block the caller."""
         method, path, headers = self._request_parts(request)
         admitted = self._admit(method, path, headers, request.read())
         if isinstance(admitted, _Answer):
-            return self._response(admitted)
+            return self._response(admitted, request)
         if not isinstance(admitted, _Work):
-            raise httpx.ReadError("connection reset before the server acted", request=request)
+            raise family(request).ReadError(
+                "connection reset before the server acted", request=request
+            )
         time.sleep(admitted.before)
         answer = self._perform(admitted)
         if admitted.drop:
-            raise httpx.ReadError("connection closed after the server acted", request=request)
+            raise family(request).ReadError(
+                "connection closed after the server acted", request=request
+            )
         time.sleep(admitted.after)
-        return self._response(answer)
+        return self._response(answer, request)
 
     async def async_handler(self, request: httpx.Request) -> httpx.Response:
         """`handler` for async clients, waiting with `anyio.sleep`.
@@ -357,9 +372,11 @@ class IdempotentApp:
         method, path, headers = self._request_parts(request)
         admitted = self._admit(method, path, headers, await request.aread())
         if isinstance(admitted, _Answer):
-            return self._response(admitted)
+            return self._response(admitted, request)
         if not isinstance(admitted, _Work):
-            raise httpx.ReadError("connection reset before the server acted", request=request)
+            raise family(request).ReadError(
+                "connection reset before the server acted", request=request
+            )
         try:
             await anyio.sleep(admitted.before)
         except BaseException:  # cancelled before acting
@@ -367,9 +384,11 @@ class IdempotentApp:
             raise
         answer = self._perform(admitted)
         if admitted.drop:
-            raise httpx.ReadError("connection closed after the server acted", request=request)
+            raise family(request).ReadError(
+                "connection closed after the server acted", request=request
+            )
         await anyio.sleep(admitted.after)
-        return self._response(answer)
+        return self._response(answer, request)
 
 
 class _Handler(BaseHTTPRequestHandler):
