@@ -278,21 +278,23 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     base_url, moves = httpx.URL(args.base_url or ""), rebase_map(rebase)
     if args.dry_run:
         with journal:
-            pending = journal.pending()
-            sendable = {op.key for op in pending}
-            to_expire = [op for op in journal.operations("pending") if op.key not in sendable]
-        others = 0
+            sendable = {op.key for op in journal.pending()}
+            pending = journal.operations("pending")
+        to_expire, others, sends = [], 0, 0
         for op in pending:
             target = destination(op.url, base_url, moves)
             if target is None:
                 others += 1
+            elif op.key not in sendable:  # sent once, past the retention
+                to_expire.append(op)
             else:
+                sends += 1
                 label = op.name or op.key
                 print(f"would send: {label} {op.method} {target} (key {op.key})", file=out)
         for op in to_expire:
             print(f"would expire (past retention, not sent): {op.name or op.key}", file=out)
         untouched = f", {others} of other origins left untouched" if others else ""
-        print(f"{len(pending) - others} to send, {len(to_expire)} to expire{untouched}", file=out)
+        print(f"{sends} to send, {len(to_expire)} to expire{untouched}", file=out)
         return EXIT_OK
     total = sum(destination(op.url, base_url, moves) is not None for op in journal.pending())
     done = 0
@@ -351,7 +353,10 @@ def cmd_retention(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_INCOMPLETE
     with journal:
         if args.set is not None:
-            journal.set_retention(args.set)
+            try:
+                journal.set_retention(args.set)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from exc
             print(f"retention of {journal.path} is now {args.set}", file=out)
         else:
             print(journal.retention, file=out)

@@ -322,10 +322,15 @@ def _resume_requests(
     transport = _idempotent_transport(client)
     moves = rebase_map(rebase)
     journal = transport.journal
-    report = ResumeReport([ResumeResult(op, "expired") for op in journal.expire_stale()])
+    base_url = client.base_url
+
+    def mine(op: Operation) -> bool:
+        return destination(op.url, base_url, moves) is not None
+
+    report = ResumeReport([ResumeResult(op, "expired") for op in journal.expire_stale(mine)])
     requests = []
     skipped = []
-    for op in journal.pending():
+    for op in journal.operations("pending"):  # ours past the retention were expired just now
         method, url, texts, body, encoding = journal.stored_request(op.key)
         # as bytes: a header value that is not ASCII goes out as it first did
         headers = [(k.encode(encoding), v.encode(encoding)) for k, v in texts]

@@ -207,11 +207,16 @@ _EXPIRE = (
 logger = logging.getLogger("idemclient")
 #: every Journal of this process that is not closed
 _open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
+#: the files whose journals hold answers not written yet (a strong reference, until written)
+_unwritten: set[_SharedFile] = set()
 
 
 @atexit.register
 def _flush_at_exit() -> None:
-    for journal in list(_open_journals):
+    journals = list(_open_journals)
+    for shared in list(_unwritten):
+        journals.extend(j for j in shared.holders if not j._closed)
+    for journal in journals:
         with contextlib.suppress(Exception):
             journal.flush()
 
@@ -236,6 +241,9 @@ class _SharedFile:
         the parent's held completions are the parent's to write)."""
         self.write_lock = threading.Lock()
         self.deferred: list[tuple[Any, ...]] = []
+        # The journals whose answers are held here, unwritten: kept alive until written, so
+        # that a client dropped without close() (a client per job) does not lose them.
+        self.holders: set[Journal] = set()
         self.deferred_lock = threading.Lock()
         self.deferred_ready = threading.Condition(self.deferred_lock)
         self.flusher_pid = 0
@@ -263,18 +271,41 @@ def _shared_file(identity: tuple[int, int]) -> _SharedFile:
         return shared
 
 
+_held_at_fork: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    """Let journal writes in progress finish before a fork, and start none until it is done:
+    SQLite keeps per-process lock state that a child would inherit mid-transaction, and its
+    own connections could then never write ("database is locked")."""
+    _files_lock.acquire()
+    for shared in list(_files.values()):
+        shared.write_lock.acquire()
+        _held_at_fork.append(shared.write_lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _held_at_fork:
+        _held_at_fork.pop().release()
+    _files_lock.release()
+
+
 def _after_fork_in_child() -> None:
     """A child of `fork()` starts clean: its own locks, queues and threads, nothing of the
     parent's (gunicorn --preload, multiprocessing's fork start method)."""
     global _files_lock
+    _held_at_fork.clear()  # the child's locks are new ones (reset below)
     _files_lock = threading.Lock()
+    _unwritten.clear()
     for shared in list(_files.values()):
         shared.reset()
     for journal in list(_open_journals):
         journal._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
 
 
 class _ThreadConnection:
@@ -504,6 +535,12 @@ def _headers_from_json(text: str | None) -> tuple[list[tuple[str, str]], str]:
     return [(str(k), str(v)) for k, v in stored], encoding
 
 
+def _origin(url: str) -> str:
+    """scheme://host[:port] of a stored URL, as written (for telling a host move apart)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme.lower()}://{rest.split('/', 1)[0].split('?', 1)[0].lower()}"
+
+
 def _header_pairs(text: str) -> list[tuple[str, str]]:
     """Journaled headers as a list of pairs."""
     return _headers_from_json(text)[0]
@@ -693,7 +730,8 @@ class Journal:
         if row is None:  # only a read-only look at a journal nobody has written to yet
             return retention or _DEFAULT_RETENTION
         stored = timedelta(seconds=float(row[0]))
-        if retention is not None and retention != stored:
+        # stored as float seconds: equal within a millisecond is the same retention
+        if retention is not None and abs(retention - stored) > timedelta(milliseconds=1):
             raise ValueError(
                 f"journal {self.path} keeps keys for {stored} (a property of the file, set "
                 f"when it was created), not {retention}: pass retention=None to use it, or "
@@ -885,8 +923,11 @@ class Journal:
             return self._connection(relaxed).execute(sql, params).rowcount
 
     def _read(self, action: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        if not self.read_only:
-            self.flush()  # this process sees its own answers, from every journal on the file
+        # This process sees its own answers, held by any journal of it on the file (a
+        # read-only one has none of its own: a writable one writes them).
+        writer = self if not self.read_only else self._shared.any_open()
+        if writer is not None:
+            writer.flush()
         with self._errors_as_journal_error(action):
             return cast("list[tuple[Any, ...]]", self._connection().execute(sql, params).fetchall())
 
@@ -1139,11 +1180,18 @@ class Journal:
         # it), a redirected request to where it was sent on: that is where the operation
         # now lives, for every later resume too.
         url = record.url if record.resume or moved else op.url
+        # Moved to another host (`rebase`): it is now this request at the new host, so that
+        # a rerun there is recognised, and one still at the old host is refused, not sent
+        # where the operation no longer lives.
+        fingerprint = row[10]
+        if record.resume and _origin(record.url) != _origin(op.url):
+            fingerprint = record.fingerprint
         db.execute(
             "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
             "lease_owner = ?, lease_expires = ?, updated_at = ?, recoveries = ?, "
-            "first_sent_at = COALESCE(first_sent_at, ?), url = ? WHERE key = ?",
-            (version, owner, now + lease_seconds, now, recoveries, now, url, op.key),
+            "first_sent_at = COALESCE(first_sent_at, ?), url = ?, fingerprint = ? "
+            "WHERE key = ?",
+            (version, owner, now + lease_seconds, now, recoveries, now, url, fingerprint, op.key),
         )
         claimed = self._find(db, "key", op.key)
         assert claimed is not None
@@ -1267,6 +1315,8 @@ class Journal:
                     path=str(self.path),
                 )
             shared.deferred.append(params)
+            shared.holders.add(self)
+            _unwritten.add(shared)
             shared.deferred_ready.notify()
         self._ensure_flusher()
 
@@ -1314,6 +1364,10 @@ class Journal:
             with shared.deferred_lock:  # not written: keep them for the next commit
                 shared.deferred[:0] = items
             raise
+        with shared.deferred_lock:
+            if not shared.deferred:  # all written: nothing to keep the journals alive for
+                shared.holders.clear()
+                _unwritten.discard(shared)
 
     def _warn_fenced(self, db: sqlite3.Connection, items: Sequence[tuple[Any, ...]]) -> None:
         """Name the completions that were not written: after the write, an operation that
@@ -1431,19 +1485,18 @@ class Journal:
         )
         return [_operation(r) for r in rows]
 
-    def expire_stale(self) -> list[Operation]:
-        """Mark pending operations sent once and older than the retention as `expired`."""
+    def expire_stale(self, select: Callable[[Operation], bool] | None = None) -> list[Operation]:
+        """Mark pending operations sent once and older than the retention as `expired` (only
+        those `select` accepts, if given: a resumer expires its own API's operations)."""
         now = self._clock()
         cutoff = now - self.retention.total_seconds()
         with self._write("expire stale operations") as db:
-            keys = [
-                r[0]
-                for r in db.execute(
-                    "SELECT key FROM operations WHERE state = 'pending' "
-                    "AND first_sent_at IS NOT NULL AND first_sent_at < ? ORDER BY created_at",
-                    (cutoff,),
-                ).fetchall()
-            ]
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM operations WHERE state = 'pending' "
+                "AND first_sent_at IS NOT NULL AND first_sent_at < ? ORDER BY created_at",
+                (cutoff,),
+            ).fetchall()
+            keys = [r[1] for r in rows if select is None or select(_operation(r))]
             for key in keys:
                 db.execute(_EXPIRE, (now, key))
             rows = [self._find(db, "key", key) for key in keys]

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Itera
 from typing import Any, Literal, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import httpx
 
@@ -558,6 +559,14 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
                 try:
                     if cancelled is not None and isinstance(step, Send):
                         raise Unsent(cancelled)
+                    if isinstance(step, Send):
+                        # A cancel scope of anyio or trio that fired while a journal call was
+                        # shielded is delivered at the next checkpoint: here, before a byte is
+                        # sent (not inside the send, where it would look "maybe sent").
+                        try:
+                            await anyio.lowlevel.checkpoint_if_cancelled()
+                        except BaseException as exc:
+                            raise Unsent(exc) from None
                     if cancelled is not None and isinstance(step, Sleep):
                         raise cancelled
                     result, arrived = await self._do(step)

@@ -416,6 +416,9 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if len(body) < length:  # the client went away mid-body: a real server acts on nothing
+            self._hang_up()
+            return
         headers = {k.lower(): v for k, v in self.headers.items()}
         admitted = app._admit(self.command, self.path, headers, body)
         if isinstance(admitted, _Answer):

@@ -360,6 +360,9 @@ def test_resume_respects_the_retention_the_application_set(
     assert cli("--journal", str(journal_path), "retention")[1].strip() == "1:00:00"
     code, out, _ = cli("--journal", str(journal_path), "retention", "--set", "2h")
     assert code == EXIT_OK
+    code, _, err = cli("--journal", str(journal_path), "retention", "--set", "0s")
+    assert code == EXIT_USAGE
+    assert "retention must be positive" in err
     assert cli("--journal", str(journal_path), "retention")[1].strip() == "2:00:00"
 
 

@@ -204,6 +204,39 @@ def test_resume_moves_operations_to_a_new_host_only_when_asked(journal_path: Pat
     ) as client:
         assert [r.outcome for r in client.resume_pending()] == ["completed"]
     assert str(up.requests[0].url) == "https://new.example/api/charges?x=1"
+    # A rerun of the script at the new host is the same operation (replayed); one still at
+    # the old host is refused, not sent where the operation no longer lives.
+    body = {"to": "http://old.example:8080/api/charges?x=1"}
+    with idemclient.Client(
+        journal=journal_path, transport=httpx.MockTransport(up), base_url="https://new.example"
+    ) as client:
+        again = client.post("/api/charges?x=1", json=body,
+                            extensions={"idempotency_operation": "moved"})  # fmt: skip
+        assert again.extensions["idempotency"]["replayed"] is True
+    with (
+        idemclient.Client(journal=journal_path, transport=httpx.MockTransport(up),
+                          base_url="http://old.example:8080") as client,
+        pytest.raises(idemclient.OperationMismatchError, match=r"new\.example"),
+    ):  # fmt: skip
+        client.post("/api/charges?x=1", json=body, extensions={"idempotency_operation": "moved"})
+    assert len(up.requests) == 1
+
+
+def test_resume_of_one_origin_leaves_the_others_stale_operations_alone(journal_path: Path) -> None:
+    now = [1_800_000_000.0]
+    journal = Journal(journal_path, clock=lambda: now[0], retention=timedelta(hours=1))
+    _interrupt(journal, "https://b.example/b", "b-op")
+    now[0] += 7200  # past the retention
+    with idemclient.Client(
+        journal=journal, transport=httpx.MockTransport(Recorder()), base_url="https://a.example"
+    ) as client:
+        report = client.resume_pending()
+    assert list(report) == []
+    assert [op.name for op in report.skipped] == ["b-op"]
+    op = journal.get("b-op")
+    assert op is not None
+    assert op.state == "pending"  # for the client of its own API to expire, and say so
+    journal.close()
 
 
 def test_resume_sends_the_key_in_the_operations_own_header_and_style(journal_path: Path) -> None:

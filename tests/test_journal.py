@@ -888,3 +888,21 @@ def test_response_headers_keep_the_encoding_they_were_decoded_with(
     assert journal.stored_response("op-1") == StoredResponse(
         201, [("X-Id", "7")], b"ok", encoding=expected
     )
+
+
+def test_a_read_only_journal_sees_answers_held_in_this_process(journal_path: Path) -> None:
+    journal = Journal(journal_path, flush_delay=60)
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.finish("key-1", reg.lease_version, "completed", StoredResponse(201, [], b""))
+    with Journal(journal_path, read_only=True) as look:
+        op = look.get("op-1")
+        assert op is not None
+        assert op.state == "completed"
+    journal.close()
+
+
+def test_a_retention_equal_to_the_files_up_to_float_precision(journal_path: Path) -> None:
+    odd = timedelta(days=999_999, microseconds=1)
+    Journal(journal_path, retention=odd).close()
+    with Journal(journal_path, retention=odd) as journal:
+        assert abs(journal.retention - odd) < timedelta(milliseconds=1)

@@ -9,9 +9,11 @@ import random
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -112,7 +114,8 @@ def test_a_client_per_job_sees_the_last_jobs_answer(journal_path: Path) -> None:
 
 
 FORK_CHILD = """
-import os, signal, sys, threading
+import os, signal, sys, threading, time
+import anyio
 import httpx
 import idemclient
 
@@ -122,15 +125,15 @@ transport = httpx.MockTransport(lambda request: httpx.Response(201))
 client = idemclient.Client(journal=journal_path, transport=transport, base_url="https://x")
 client.post("/warm-up", json={})  # the flusher thread now runs
 journal = client.journal
-# At the fork, a thread of the parent holds the journal's write lock, a registration of the
-# parent's is queued, and an answer of the parent's is held in memory.
+# When the fork is asked for, a thread of the parent is inside a journal transaction (the
+# fork waits for it to end), a registration of the parent's is queued, and an answer of the
+# parent's is held in memory.
 held = threading.Event()
-release = threading.Event()
 
 def holder():
-    with journal._shared.write_lock:
+    with journal._write("hold"):
         held.set()
-        release.wait()
+        time.sleep(0.3)
 
 threading.Thread(target=holder, daemon=True).start()
 held.wait()
@@ -152,7 +155,6 @@ if pid == 0:
 _, status = os.waitpid(pid, 0)
 journal._queue.clear()
 journal._shared.deferred.clear()
-release.set()
 print("parent", os.waitstatus_to_exitcode(status), flush=True)
 op = journal.get("child-op")
 print("child-op", op.state if op else None, flush=True)
@@ -288,3 +290,69 @@ def test_fork_leaves_the_parents_connections_alone(tmp_path: Path) -> None:
     os.waitpid(pid, 0)
     assert journal.operations() == []
     journal.close()
+
+
+@pytest.mark.anyio
+async def test_an_anyio_timeout_before_the_send_leaves_no_trace(journal_path: Path) -> None:
+    """anyio's (and trio's) cancel scopes are shielded off while the registration is
+    committed, then delivered before the first byte, not inside the send: the operation is
+    given back, so that a resume at the next start-up cannot send it a second time behind
+    the caller's retry."""
+    sent: list[httpx.Request] = []
+
+    async def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(201)
+
+    journal = Journal(journal_path)
+    original = journal.register_many
+
+    def slow_register_many(*args: object, **kwargs: object) -> object:
+        time.sleep(0.05)  # the scope's deadline passes while the journal commits
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    journal.register_many = slow_register_many  # type: ignore[method-assign,assignment]
+    async with idemclient.AsyncClient(
+        journal=journal, transport=httpx.MockTransport(server), base_url="https://x"
+    ) as client:
+        with anyio.move_on_after(0.01) as scope:
+            await client.post("/charges", json={"amount": 5})
+        assert scope.cancelled_caught
+        assert sent == []
+        assert journal.operations() == []
+        journal.register_many = original  # type: ignore[method-assign]
+        await client.post("/charges", json={"amount": 5})  # the caller's retry
+        assert list(await client.aresume_pending()) == []  # the next start-up
+    assert len(sent) == 1
+    journal.close()
+
+
+DROPPED_CLIENT = """
+import gc, sys
+import anyio
+import httpx
+import idemclient
+
+client = idemclient.Client(journal=sys.argv[1], base_url="https://x",
+                           transport=httpx.MockTransport(lambda r: httpx.Response(201)))
+with idemclient.operation("job-1"):
+    client.post("/jobs", json={})
+del client  # a client per job, dropped without close()
+gc.collect()
+import time
+time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.5])
+def test_a_client_dropped_without_close_keeps_its_answer(tmp_path: Path, linger: float) -> None:
+    """Held answers keep their journal alive until written, by the flusher thread or at exit:
+    an operation completed by a client nobody closed must not be left looking pending."""
+    path = tmp_path / "journal.sqlite3"
+    subprocess.run(
+        [sys.executable, "-c", DROPPED_CLIENT, str(path), str(linger)], check=True, timeout=60
+    )
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT name, state FROM operations").fetchall() == [
+            ("job-1", "completed")
+        ]

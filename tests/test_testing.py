@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -194,3 +195,20 @@ async def test_a_cancelled_operation_finishes_once_when_run_again(
     assert response.extensions["idempotency"]["replayed"] is (fault == "slow_after_acting")
     assert app.effect_count == 1
     assert app.duplicates() == 0
+
+
+def test_server_does_not_act_on_a_body_cut_short(server: IdempotentServer) -> None:
+    """A client that went away mid-body (a cancelled task, a killed process) must not leave
+    an effect of a truncated body, nor make the complete request with that key a 422."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /charges HTTP/1.1\r\nHost: x\r\nIdempotency-Key: k1\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 12\r\n\r\n{"a"'
+        )
+    complete = httpx.post(
+        f"{server.url}/charges", content=b'{"a": 1234 }', headers={"Idempotency-Key": "k1",
+        "Content-Type": "application/json"}, timeout=5,
+    )  # fmt: skip
+    assert complete.status_code == 201
+    assert [effect.body for effect in server.effects] == [b'{"a": 1234 }']
