@@ -110,8 +110,20 @@ def wrap(client: AnyClient, **options: Any) -> AnyClient:
         >>> client = idemclient.wrap(httpx.Client(base_url=..., headers={"Authorization": ...}))
     """
     _is_async(client)  # a client of either family, or TypeError
-    _wrap_transports(client, dict(options))  # type: ignore[arg-type]
+    options = dict(options)
+    if "hand_back" not in options and _under_an_sdk(client):
+        options["hand_back"] = True  # the SDK raises the error types its users catch
+    _wrap_transports(client, options)  # type: ignore[arg-type]
     return client
+
+
+#: SDKs whose own client classes `wrap()` recognises: their retries and error types rely on
+#: getting answers and transport errors as plain httpx gives them (`hand_back`).
+_SDKS = frozenset({"openai", "anthropic", "stripe"})
+
+
+def _under_an_sdk(client: object) -> bool:
+    return any(k.__module__.partition(".")[0] in _SDKS for k in type(client).__mro__)
 
 
 def _idempotent_transport(client: AnyHttpClient) -> _Idempotent:

@@ -252,6 +252,22 @@ _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Unfinished:
+    """The last journaled operation of this context (thread or task, and `operation()`
+    block) that did not finish: what a resend of the same request continues."""
+
+    scope: _Scope | None
+    fingerprint: str
+    key: str
+    name: str | None
+
+
+_unfinished: contextvars.ContextVar[_Unfinished | None] = contextvars.ContextVar(
+    "idemclient_unfinished", default=None
+)
+
+
 class operation:
     """Name the operations sent inside this block, so that a rerun finds them.
 
@@ -404,6 +420,17 @@ class Plan:
     #: which response headers stay out of the journal (those that name credentials)
     secret: Callable[[str], bool] = DEFAULT_SECRETS
     boundary: bytes | None = None
+    #: the `operation()` block it was planned in, if any
+    scope: _Scope | None = None
+
+    def unfinished(self, op: Operation | None) -> None:
+        """Remember how this operation ended in this context: `op` if it did not finish (a
+        resend of the same request right after is that operation again), `None` if it did
+        (the same request again is a new operation, an intended repeat)."""
+        if op is None:
+            _unfinished.set(None)
+        else:
+            _unfinished.set(_Unfinished(self.scope, self.record.fingerprint, op.key, op.name))
 
     def fingerprint_at(self, url: httpx.URL) -> str:
         """The fingerprint of this request moved to `url` (where a 307/308 sends it)."""
@@ -438,16 +465,9 @@ def _key_value(key: str, style: Literal["bare", "structured"]) -> str:
 
 def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     """Turn a request and its fully read body into a `Plan`. Raises `InvalidOperationError`."""
-    name = request.extensions.get(OPERATION_EXTENSION)
-    if name is not None:
-        name = check_name(name)
-    else:
-        scope = _scope.get()
-        if scope is not None:
-            name = scope.next_name()
-            # httpx sends this very request again after a 401 (auth flows) and copies its
-            # extensions into a redirect: both are the same operation, under the same name.
-            request.extensions[OPERATION_EXTENSION] = name
+    explicit = request.extensions.get(OPERATION_EXTENSION)
+    if explicit is not None:
+        explicit = check_name(explicit)
     # A resume sends the key as the operation first did: in its stored header and style.
     key_header, key_style = settings.key_header, settings.key_style
     skip, key_name = settings.skip_headers, settings.key_lower
@@ -476,10 +496,36 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
             length = v
         elif k == "transfer-encoding":
             chunked = True
-    given = ", ".join(given_values) if given_values else None
-    key = parse_key(given) if given is not None else str(uuid.uuid4())
+    given = in_header = ", ".join(given_values) if given_values else None
     url = stored_url(request.url, secret)
     boundary = multipart_boundary(body, request.headers.get("content-type"))
+    the_fingerprint = fingerprint(request.method, url, body, boundary)
+    scope = _scope.get()
+    # The same request again, in the same context, right after its operation failed (an
+    # SDK's own retry, a caller's loop): that operation again, under its name and key.
+    last = _unfinished.get()
+    again = (
+        last is not None
+        and last.fingerprint == the_fingerprint
+        and last.scope is scope
+        and explicit in (None, last.name)
+        and not resume
+    )
+    if last is not None and not again:
+        _unfinished.set(None)
+    name: str | None = explicit
+    if again:
+        assert last is not None
+        name = last.name
+        if given is None:
+            given = _key_value(last.key, key_style)
+    elif explicit is None and scope is not None:
+        name = scope.next_name()
+    if name is not None and explicit is None:
+        # httpx sends this very request again after a 401 (auth flows) and copies its
+        # extensions into a redirect: both are the same operation, under the same name.
+        request.extensions[OPERATION_EXTENSION] = name
+    key = parse_key(given) if given is not None else str(uuid.uuid4())
     record = RequestRecord(
         name=name,
         key=key,
@@ -488,7 +534,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         url=url,
         headers=stored,
         body=body,
-        fingerprint=fingerprint(request.method, url, body, boundary),
+        fingerprint=the_fingerprint,
         resume=bool(resume),
         key_header=key_header,
         key_style=key_style,
@@ -502,10 +548,12 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
     if length != (size := str(len(body))):
         headers["content-length"] = size
     value = _key_value(key, key_style)
-    if given != value:
+    if in_header != value:
         headers[key_header] = value
     request.stream = family(request).ByteStream(body)
-    return Plan(record, request, lease_seconds(request), key_header, key_style, secret, boundary)
+    return Plan(
+        record, request, lease_seconds(request), key_header, key_style, secret, boundary, scope
+    )
 
 
 # -- steps ----------------------------------------------------------------------------------
@@ -775,11 +823,15 @@ def keyed_flow(
     rng: random.Random | None = None,
     *,
     observed: bool = True,
+    hand_back: bool = False,
 ) -> Generator[Step, Any, httpx.Response]:
     """A journaled operation: register and claim, send, retry with the same key, record.
 
     With `observed`, an `Emit` step hands an `Event` to the hooks at each moment that
-    matters; without hooks there is nobody to tell, and no event is made.
+    matters; without hooks there is nobody to tell, and no event is made. With `hand_back`
+    (under an SDK), an answer that would raise `RetriesExhaustedError` or `ConflictError` is
+    returned (or its transport error raised) as plain httpx would, for the SDK to raise its
+    own error types; the operation's state is the same.
     """
     record, request = the_plan.record, the_plan.request
     me = owner()
@@ -787,6 +839,9 @@ def keyed_flow(
     op = reg.operation
     label = op.name or op.key
     version, attempts = reg.lease_version, op.attempts
+    # Unfinished until it completes: a resend of this request in this context (an SDK's
+    # own retry after idemclient gave up) continues this operation, under this key.
+    the_plan.unfinished(op)
     # Whether the claim in force was made by the registration that inserted the operation:
     # undoing it then removes the operation, as if it had never been registered.
     fresh = reg.fresh
@@ -802,7 +857,10 @@ def keyed_flow(
     if reg.decision is Decision.COMPLETED:
         logger.info("operation %s (key %s) already completed: replaying", label, op.key)
         yield from event("replayed", status=reg.response.status if reg.response else None)
+        the_plan.unfinished(None)
         return replay_response(reg, request)
+    if hand_back and reg.decision is Decision.CONFLICT and reg.response is not None:
+        return replay_response(reg, request)  # the stored 422, for the SDK to raise on
     if reg.decision is not Decision.SEND:
         raise _refuse(reg, request)
     if reg.body is not None:  # a rerun: the first attempt's bytes go out again
@@ -871,6 +929,13 @@ def keyed_flow(
             settled = True
             logger.warning("operation %s (key %s): %s; it stays pending", label, op.key, reason)
             yield from event("gave_up", error=last.error)
+            if hand_back:  # as plain httpx: the last answer, or the last error
+                if last.response is not None:
+                    ext = _extension(op, attempts, replayed=False)
+                    last.response.extensions = {**last.response.extensions, RESPONSE_EXTENSION: ext}
+                    return last.response
+                assert last.error is not None
+                raise last.error
             raise RetriesExhaustedError(
                 f"operation {label} (key {op.key}) gave up: {result.reason}; last outcome: "
                 f"{last.reason}. It stays pending: resume it to finish with the same key",
@@ -939,7 +1004,7 @@ def keyed_flow(
     ext = _extension(op, attempts, server_replayed(response))
     response.extensions = {**response.extensions, RESPONSE_EXTENSION: ext}
     yield from event(state, status=response.status_code)
-    if state == "conflict":
+    if state == "conflict" and not hand_back:
         response.request = request  # raised, not returned: httpx will not set it
         response.read()  # in memory: the caller can read the server's reason
         logger.warning("operation %s (key %s): %s, not retried", label, op.key, result.reason)
@@ -951,9 +1016,11 @@ def keyed_flow(
             response=response,
         )
     logger.info(
-        "operation %s (key %s) completed: HTTP %d after %d attempt(s)",
-        label, op.key, response.status_code, attempts,
+        "operation %s (key %s) %s: HTTP %d after %d attempt(s)",
+        label, op.key, state, response.status_code, attempts,
     )  # fmt: skip
+    if state == "completed":
+        the_plan.unfinished(None)  # done: the same request again is a new operation
     return response
 
 

@@ -1139,7 +1139,9 @@ class Journal:
                 )
             return inserted
         op = _operation(row)
-        if record.key_given and row[1] != record.key:
+        # Inside a named operation the journal's key is the key: one a caller (an SDK that
+        # draws a key per call) put in the header is replaced by it (`request_with_key`).
+        if record.key_given and row[1] != record.key and record.name is None:
             return Registration(Decision.MISMATCH, op, detail=f"it has another key ({op.key!r})")
         # A request a 307/308 sent on (httpx follows it with the same key) is the same
         # operation at its new URL.

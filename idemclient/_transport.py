@@ -165,8 +165,10 @@ class _Base:
         clock: Callable[[], float] | None,
         rng: random.Random | None,
         hooks: Sequence[Callable[[Event], object]],
+        hand_back: bool,
     ) -> None:
         self._hooks = tuple(hooks)
+        self.hand_back = hand_back
         self.settings = Settings.build(
             retry=retry,
             methods=methods,
@@ -219,6 +221,7 @@ class _Base:
             self._wall_clock,
             self._rng,
             observed=bool(self._hooks),
+            hand_back=self.hand_back,
         )
 
     def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
@@ -375,6 +378,13 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             answered, retrying, recording, completed, conflict, gave_up, replayed): the place
             to count retries or trace attempts, since retries inside a transport are hidden
             from httpx's own event hooks.
+        hand_back: under an SDK (set by `wrap()` for the openai, anthropic and stripe
+            clients), answer as plain httpx would instead of raising idemclient's errors, so
+            that the SDK raises the types its users catch: when the attempts run out, the
+            last response (a 5xx, a 429) is returned and the last transport error raised as
+            itself; a 422 is returned (recorded as `conflict`, and replayed to a rerun). The
+            operation stays pending under its key either way, and the SDK's own retry of
+            the same request continues it.
 
     Example:
         >>> client = httpx.Client(transport=IdempotentTransport(journal="billing.sqlite3"))
@@ -397,6 +407,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
+        hand_back: bool = False,
     ) -> None:
         super().__init__(
             journal=journal,
@@ -410,6 +421,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             clock=clock,
             rng=rng,
             hooks=hooks,
+            hand_back=hand_back,
         )
         # None: made at the first request, in its family (httpx or httpx2's HTTPTransport)
         self._transport = transport
@@ -500,6 +512,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
+        hand_back: bool = False,
     ) -> None:
         super().__init__(
             journal=journal,
@@ -513,6 +526,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             clock=clock,
             rng=rng,
             hooks=hooks,
+            hand_back=hand_back,
         )
         # None: made at the first request, in its family (httpx or httpx2's transport)
         self._transport = transport
