@@ -76,7 +76,14 @@ def parse_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
     if not 0 < value < math.inf:  # NaN is neither
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    if value > _MAX_TIMEOUT:  # the socket refuses what its clock cannot hold
+        raise argparse.ArgumentTypeError(
+            f"must be at most {_MAX_TIMEOUT:.0f} seconds (a day), not {text!r}"
+        )
     return value
+
+
+_MAX_TIMEOUT = 86400.0
 
 
 def parse_attempts(text: str) -> int:
@@ -310,6 +317,7 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         headers=headers,
         timeout=args.timeout,
         retry=RetryPolicy(max_attempts=args.attempts),
+        follow_redirects=True,  # a 307/308 continues the operation at its new URL
     )
     with client, journal:
         results = client.resume_pending(on_result=progress, rebase=rebase)

@@ -261,8 +261,9 @@ class ResumeResult:
     `outcome` is `completed` (the server answered; `response` holds it), `conflict` (422),
     `expired` (sent once and past the retention: not resent, a person decides),
     `in_progress` (another live process holds it), `parked` (its sends kept ending with the
-    process gone: a person decides), or `failed` (retries ran out or a transport error; it
-    stays pending). `operation` is the journal's record after the attempt.
+    process gone: a person decides), or `failed` (retries ran out, a transport error, or an
+    answer that is not the operation's: a 401, a redirect not followed; it stays pending).
+    `operation` is the journal's record after the attempt.
     """
 
     operation: Operation
@@ -381,7 +382,8 @@ def _result(
     now = journal.get(op.key) or op
     outcome: Outcome
     if error is None:
-        outcome = "completed"
+        # An answer that settles nothing (a 401, a redirect not followed) leaves it pending.
+        outcome = now.state if now.state in ("completed", "conflict") else "failed"
     elif isinstance(error, ConflictError):
         outcome = "conflict"
     elif isinstance(error, (OperationExpiredError, OperationAbandonedError)):

@@ -84,9 +84,10 @@ _SECRET_PARTS = (
 #: A word ending in one of these does: `key`, `apikey`, `x-api-key`, `private-token`,
 #: `accesstoken`, `csrftoken`. Only at the end, so that `x-ratelimit-remaining-tokens` and
 #: `keyword` stay (a key *is* the last word of a name that holds one).
-_SECRET_ENDINGS = ("key", "token")
-#: Whole words that are credentials on their own: Azure's `sig`, `pwd`, `pass`, `dpop`.
-_SECRET_WORDS = frozenset({"sig", "pwd", "pass", "dpop"})
+_SECRET_ENDINGS = ("key", "keys", "token")
+#: Whole words that are credentials on their own: Azure's `sig`, `pwd`, `pass`, `dpop`, the
+#: exchanges' HMAC `sign` (`X-BAPI-SIGN`, `OK-ACCESS-SIGN`), WSSE's password digest.
+_SECRET_WORDS = frozenset({"sig", "sign", "pwd", "pass", "dpop", "wsse"})
 _CACHED_NAMES = 4096
 
 
@@ -547,9 +548,9 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         del headers["transfer-encoding"]
     if length != (size := str(len(body))):
         headers["content-length"] = size
-    value = _key_value(key, key_style)
-    if in_header != value:
-        headers[key_header] = value
+    # The caller's own key goes out as the caller wrote it (quoted or not); ours in our style.
+    if in_header is None or parse_key(in_header) != key:
+        headers[key_header] = _key_value(key, key_style)
     request.stream = family(request).ByteStream(body)
     return Plan(
         record, request, lease_seconds(request), key_header, key_style, secret, boundary, scope
@@ -870,9 +871,13 @@ def keyed_flow(
     first = True
     last_raw = b""
     last_error: str | None = None
+    # Whether any byte of it may have reached the server: not if this was its first claim
+    # and every attempt failed before a connection was made (then the journal keeps it as
+    # provably never sent, which no retention expires).
+    reached = op.attempts > 1
 
     def attempt() -> Generator[Step, Any, Outcome]:
-        nonlocal version, attempts, first, last_raw, fresh
+        nonlocal version, attempts, first, last_raw, fresh, reached
         if not first:
             claimed: Registration = yield Call(
                 journal.claim, (op.key, version, me, the_plan.lease_seconds, last_error)
@@ -887,15 +892,20 @@ def keyed_flow(
         try:
             received: Received = yield Send(request, read=True)
         except Exception as exc:
-            if error_kind(exc) is None:  # not a transport error of httpx or httpx2
+            kind = error_kind(exc)
+            if kind is None:  # not a transport error of httpx or httpx2
                 raise
+            if kind != "never_sent" and type(exc).__name__ != "UnsupportedProtocol":
+                reached = True
             outcome = classify_error(exc)
         else:
+            reached = True
             raw = last_raw = received.raw or b""
             body = _decoded(received.response, raw) if received.response.status_code == 400 else raw
             outcome = classify_response(
-                received.response, body, keyed=True, policy=policy, now=wall_clock()
-            )
+                received.response, body, keyed=True, policy=policy, now=wall_clock(),
+                method=record.method,
+            )  # fmt: skip
         logger.debug(
             "%s %s operation=%s key=%s attempt=%d: %s -> %s",
             record.method, record.url, label, op.key, attempts, outcome.reason,
@@ -925,7 +935,7 @@ def keyed_flow(
                 last.response.request = request
                 last.response.read()  # in memory: readable by the caller, and closed
             reason = f"{last.reason}; gave up: {result.reason}"
-            yield Call(journal.release, (op.key, version, reason))
+            yield Call(journal.release, (op.key, version, reason), {"never_sent": not reached})
             settled = True
             logger.warning("operation %s (key %s): %s; it stays pending", label, op.key, reason)
             yield from event("gave_up", error=last.error)
@@ -944,7 +954,9 @@ def keyed_flow(
                 attempts=attempts,
             ) from last.error
         if result.verdict is Verdict.ERROR:
-            yield Call(journal.release, (op.key, version, result.reason))
+            yield Call(
+                journal.release, (op.key, version, result.reason), {"never_sent": not reached}
+            )
             settled = True
             assert result.error is not None
             raise result.error
@@ -952,9 +964,10 @@ def keyed_flow(
         assert response is not None
         if result.verdict is Verdict.UNSETTLED:
             # Not the operation's answer: the caller (httpx's auth flow or redirect handling,
-            # or the user) gets it, and the operation stays pending under its key. A 307/308
+            # or the user) gets it, and the operation stays pending under its key. A redirect
             # tells where its next attempt may go: the journal accepts it there.
-            moved = redirect_url(request, response) if response.status_code in (307, 308) else None
+            redirect = response.status_code in (301, 307, 308)
+            moved = redirect_url(request, response) if redirect else None
             moved_fingerprint = the_plan.fingerprint_at(moved) if moved is not None else None
             yield Call(journal.release, (op.key, version, result.reason),
                        {"moved_fingerprint": moved_fingerprint})  # fmt: skip

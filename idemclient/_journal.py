@@ -1408,18 +1408,22 @@ class Journal:
         last_error: str | None,
         *,
         moved_fingerprint: str | None = None,
+        never_sent: bool = False,
     ) -> bool:
         """Give the lease back, leaving the operation pending with its last error.
 
         `moved_fingerprint`: a 307/308 sent the request on; the request with this fingerprint
         (the same one at the new URL) is then accepted as this operation's next attempt.
+        `never_sent`: no attempt ever reached the server (every connection was refused):
+        it stays provably never sent, so no retention expires it.
         """
         changed = self._write_one(
             "release the operation",
             "UPDATE operations SET lease_owner = NULL, lease_expires = NULL, "
-            "updated_at = ?, last_error = ?, moved_fingerprint = COALESCE(?, moved_fingerprint) "
+            "updated_at = ?, last_error = ?, moved_fingerprint = COALESCE(?, moved_fingerprint), "
+            "first_sent_at = CASE WHEN ? THEN NULL ELSE first_sent_at END "
             "WHERE key = ? AND lease_version = ?",
-            (self._clock(), last_error, moved_fingerprint, key, version),
+            (self._clock(), last_error, moved_fingerprint, never_sent, key, version),
             relaxed=True,
         )
         return changed == 1

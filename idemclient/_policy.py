@@ -160,6 +160,7 @@ def classify_response(
     keyed: bool,
     policy: RetryPolicy,
     now: float,
+    method: str = "POST",
 ) -> Outcome:
     """Decide what a response means. `body` is the read body of a keyed request, else `None`.
 
@@ -170,7 +171,9 @@ def classify_response(
     success is final whatever its headers say.
     """
     status = response.status_code
-    if keyed and status in UNSETTLED_STATUS_CODES:
+    # httpx follows a 301 with the same method for all but POST (which becomes a GET): for
+    # a PATCH it is the same operation at the new URL, as a 308 is.
+    if keyed and (status in UNSETTLED_STATUS_CODES or (status == 301 and method != "POST")):
         why = "refused before any effect" if status in (401, 407) else "moved"
         return Outcome(Verdict.UNSETTLED, response=response, reason=f"HTTP {status} ({why})")
     if status < 400 and status not in policy.retry_statuses:

@@ -167,6 +167,7 @@ def test_resume_header_arguments(populated: Path, monkeypatch: pytest.MonkeyPatc
         (["resume", "--timeout=0"], "--timeout: must be a positive number of seconds"),
         (["resume", "--timeout", "nan"], "--timeout: must be a positive number of seconds"),
         (["resume", "--timeout", "inf"], "--timeout: must be a positive number of seconds"),
+        (["resume", "--timeout", "1e10"], "--timeout: must be at most 86400 seconds"),
         (["resume", "--timeout", "soon"], "--timeout: invalid number of seconds 'soon'"),
         (["resume", "--attempts", "0"], "--attempts: must be at least 1"),
         (["resume", "--attempts", "-3"], "--attempts: must be at least 1"),
@@ -353,7 +354,7 @@ def test_resume_respects_the_retention_the_application_set(
             pytest.raises(idemclient.RetriesExhaustedError),
         ):  # fmt: skip
             client.post("/charges", json={})
-        journal._connection().execute("UPDATE operations SET first_sent_at = first_sent_at - 7200")
+        journal._connection().execute("UPDATE operations SET first_sent_at = created_at - 7200")
     code, out, _ = cli("--journal", str(journal_path), "resume")
     assert "1 expired" in out
     assert server.effect_count == 0

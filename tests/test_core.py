@@ -181,6 +181,7 @@ SECRET_NAMES = [
     "x-functions-key", "X-Amz-Server-Side-Encryption-Customer-Key", "X-Client-Secret",
     "X-Password", "X-Passwd", "X-Hub-Signature-256", "Stripe-Signature", "X-Session-Id",
     "X-Session-Token", "X-Credentials", "X-JWT-Assertion", "X-Auth-Email", "DPoP",
+    "X-BAPI-SIGN", "OK-ACCESS-SIGN", "KC-API-SIGN", "X-WSSE", "X-Api-Keys",
 ]  # fmt: skip
 #: Names that shape the request (a resume must send them again), or an echoed key: journaled.
 KEPT_NAMES = [

@@ -4,6 +4,7 @@ multipart uploads are the same request whatever boundary httpx draws."""
 from __future__ import annotations
 
 from collections.abc import Generator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,61 @@ def test_a_multipart_upload_is_the_same_request_whatever_its_boundary(journal_pa
         pytest.raises(idemclient.OperationMismatchError),
     ):
         c.post("/uploads", files={"file": ("report.csv", b"other", "text/csv")})
+
+
+def test_a_patch_answered_301_is_followed_as_the_same_operation(journal_path: Path) -> None:
+    """httpx keeps a PATCH a PATCH on a 301 (only a POST becomes a GET): the same operation
+    at the new URL, as on a 308."""
+    seen: list[tuple[str, str]] = []
+
+    def moved(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path))
+        if request.url.path == "/old":
+            return httpx.Response(301, headers={"Location": "/new"})
+        return httpx.Response(200, json={"patched": True})
+
+    with client(journal_path, httpx.MockTransport(moved), follow_redirects=True,
+                methods=("POST", "PATCH")) as c:  # fmt: skip
+        with idemclient.operation("patch-1"):
+            assert c.patch("/old", json={"a": 1}).json() == {"patched": True}
+        op = c.journal.get("patch-1")
+    assert seen == [("PATCH", "/old"), ("PATCH", "/new")]
+    assert op is not None
+    assert (op.state, op.response_status, op.url) == ("completed", 200, "https://api.example/new")
+
+
+def test_resume_reports_an_answer_that_settles_nothing_as_failed(journal_path: Path) -> None:
+    with (
+        client(journal_path, httpx.MockTransport(down), retry=RetryPolicy(max_attempts=1)) as c,
+        pytest.raises(RetriesExhaustedError),
+    ):
+        c.post("/charges", json={})
+    with client(journal_path, httpx.MockTransport(lambda r: httpx.Response(401))) as c:
+        (result,) = c.resume_pending()
+    assert result.outcome == "failed"
+    assert result.response is not None
+    assert result.response.status_code == 401
+    assert result.operation.state == "pending"
+
+
+def test_attempts_that_never_connected_leave_it_provably_never_sent(journal_path: Path) -> None:
+    """Refused connections: nothing reached the server, so no retention may expire it."""
+    now = [1_800_000_000.0]
+    journal = Journal(journal_path, clock=lambda: now[0], retention=timedelta(hours=1))
+    with (
+        client(journal, httpx.MockTransport(down), retry=RetryPolicy(max_attempts=2)) as c,
+        idemclient.operation("charge-1"),
+        pytest.raises(RetriesExhaustedError),
+    ):
+        c.post("/charges", json={})
+    now[0] += 7200
+    seen: list[httpx.Request] = []
+
+    def up(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(201)
+
+    with client(journal, httpx.MockTransport(up)) as c:
+        assert [r.outcome for r in c.resume_pending()] == ["completed"]
+    assert len(seen) == 1
+    journal.close()

@@ -1119,3 +1119,13 @@ def test_error_responses_are_read_and_carry_their_request(
     assert gave_up.value.response is not None
     assert gave_up.value.response.json() == {"error": "busy"}
     assert gave_up.value.response.request.url == "https://api.example/charges"
+
+
+def test_a_callers_structured_key_goes_out_as_written(
+    client_factory: Callable[..., httpx.Client],
+) -> None:
+    script = Script(ok())
+    client = client_factory(script)
+    client.post("/x", json={}, headers={"Idempotency-Key": '"abc-1"'})
+    assert script.requests[0].headers["Idempotency-Key"] == '"abc-1"'
+    assert journal_of(client).get("abc-1") is not None
