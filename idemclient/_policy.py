@@ -40,8 +40,6 @@ from ._family import error_kind
 __all__ = [
     "DEFAULT_MAX_RETRY_AFTER",
     "MAX_HINT_SECONDS",
-    "MAYBE_RECEIVED_ERRORS",
-    "NEVER_SENT_ERRORS",
     "RETRY_STATUS_CODES",
     "UNSETTLED_STATUS_CODES",
     "Exhausted",
@@ -57,20 +55,6 @@ __all__ = [
 RETRY_STATUS_CODES: frozenset[int] = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 #: A Retry-After longer than this ends the attempts (the operation stays pending).
 DEFAULT_MAX_RETRY_AFTER = 120.0
-#: Errors raised before any byte was sent: always safe to retry.
-NEVER_SENT_ERRORS: tuple[type[httpx.TransportError], ...] = (
-    httpx.ConnectError,
-    httpx.ConnectTimeout,
-    httpx.PoolTimeout,
-)
-#: Errors after which the server may have acted: retried with the same key.
-MAYBE_RECEIVED_ERRORS: tuple[type[httpx.TransportError], ...] = (
-    httpx.ReadTimeout,
-    httpx.WriteTimeout,
-    httpx.ReadError,
-    httpx.WriteError,
-    httpx.RemoteProtocolError,
-)
 #: The longest wait a server hint is read as (a year): any longer one is taken to be this.
 MAX_HINT_SECONDS = 365 * 86400.0
 #: `retry-after-ms`: a non-negative decimal number, ASCII digits only (no sign, nan, inf, "_").
