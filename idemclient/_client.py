@@ -101,20 +101,38 @@ def wrap(client: AnyClient, **options: Any) -> AnyClient:
 
     Takes an `httpx.Client` or `httpx.AsyncClient`, an `httpx2.Client` or
     `httpx2.AsyncClient`, and their subclasses (`openai.DefaultHttpxClient`,
-    `anthropic.DefaultHttpxClient`, ...). Its transport and mounted transports are wrapped in
-    place, so base URL, headers, auth, cookies, timeouts, proxies and event hooks keep working,
-    and requests, responses and errors stay in the client's own family. `options` are those
-    of `IdempotentTransport` (`journal`, `retry`, `methods`, `key_header`, ...).
+    `anthropic.DefaultHttpxClient`, ...), and stripe-python's `stripe.HTTPXClient` (its sync
+    and async clients are wrapped, on one journal; pass it as `StripeClient(http_client=...)`).
+    Its transport and mounted transports are wrapped in place, so base URL, headers, auth,
+    cookies, timeouts, proxies and event hooks keep working, and requests, responses and errors
+    stay in the client's own family. `options` are those of `IdempotentTransport` (`journal`,
+    `retry`, `methods`, `key_header`, `hand_back`, ...); `hand_back` is on by default for the
+    SDKs' own clients (openai, anthropic, stripe), so that they raise their own error types.
 
     Example:
         >>> client = idemclient.wrap(httpx.Client(base_url=..., headers={"Authorization": ...}))
     """
-    _is_async(client)  # a client of either family, or TypeError
     options = dict(options)
     if "hand_back" not in options and _under_an_sdk(client):
         options["hand_back"] = True  # the SDK raises the error types its users catch
+    inner = _stripe_clients(client)
+    if inner:  # stripe.HTTPXClient: its own sync and async httpx clients, on one journal
+        journal_arg: JournalLike = options.pop("journal", None)
+        journal = journal_arg if isinstance(journal_arg, Journal) else Journal(journal_arg)
+        for http_client in inner:
+            _wrap_transports(http_client, {**options, "journal": journal})
+        return client
+    _is_async(client)  # a client of either family, or TypeError
     _wrap_transports(client, options)  # type: ignore[arg-type]
     return client
+
+
+def _stripe_clients(client: object) -> list[Any]:
+    """The httpx clients inside a `stripe.HTTPXClient` (none for anything else)."""
+    if not _under_an_sdk(client) or is_family_object(client):
+        return []
+    found = [getattr(client, name, None) for name in ("_client", "_client_async")]
+    return [c for c in found if c is not None and is_family_object(c)]
 
 
 #: SDKs whose own client classes `wrap()` recognises: their retries and error types rely on

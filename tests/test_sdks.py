@@ -193,3 +193,32 @@ def test_inside_a_named_operation_the_journals_key_is_the_key(journal_path: Path
     assert len(sent) == 1
     assert response.extensions["idempotency"]["replayed"] is True
     assert response.request.headers["Idempotency-Key"] == sent[0].headers["Idempotency-Key"]
+
+
+# stripe-python sends its form body with httpx's deprecated `data=<bytes>`: not ours to fix
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_stripe_wrap_rerun_and_lost_answer(server: IdempotentServer, journal_path: Path) -> None:
+    """stripe-python draws a random Idempotency-Key per call: inside a named operation the
+    journal's key replaces it, so a rerun replays instead of charging again; its own retry
+    (max_network_retries) of a lost answer stays one effect."""
+    import stripe
+
+    http = stripe.HTTPXClient(allow_sync_methods=True)
+    assert idemclient.wrap(http, journal=journal_path) is http
+    client = stripe.StripeClient(
+        "sk_test_x", base_addresses={"api": server.url}, http_client=http, max_network_retries=2
+    )
+    for _ in range(2):  # the script, run twice
+        with idemclient.operation("charge-inv-1"):
+            client.v1.charges.create(params={"amount": 500, "currency": "usd"})
+    assert (server.effect_count, server.request_count) == (1, 1)
+    server.inject("drop_after_acting", times=1)
+    with idemclient.operation("charge-inv-2"):
+        client.v1.charges.create(params={"amount": 600, "currency": "usd"})
+    assert server.effect_count == 2  # one each
+    with idemclient.Journal(journal_path) as journal:
+        assert [(op.name, op.state) for op in journal.operations()] == [
+            ("charge-inv-1", "completed"),
+            ("charge-inv-2", "completed"),
+        ]
+    http.close()  # type: ignore[no-untyped-call]
