@@ -27,6 +27,7 @@ from ._errors import (
     OperationInProgressError,
     OperationMismatchError,
     OperationParkedError,
+    ResponseNotKeptError,
     RetriesExhaustedError,
 )
 from ._journal import Journal, Operation
@@ -52,6 +53,7 @@ __all__ = [
     "OperationInProgressError",
     "OperationMismatchError",
     "OperationParkedError",
+    "ResponseNotKeptError",
     "ResumeReport",
     "ResumeResult",
     "RetriesExhaustedError",

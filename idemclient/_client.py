@@ -170,13 +170,14 @@ class _SyncClientMixin:
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         sleep: Callable[[float], None] | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
+        empty_replays: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _wrap_transports(self, dict(  # type: ignore[arg-type]
             journal=journal, retry=retry, methods=methods, key_header=key_header,
             key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
-            max_body_size=max_body_size, sleep=sleep, hooks=hooks,
+            max_body_size=max_body_size, sleep=sleep, hooks=hooks, empty_replays=empty_replays,
         ))  # fmt: skip
 
     @property
@@ -211,13 +212,14 @@ class _AsyncClientMixin:
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
+        empty_replays: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _wrap_transports(self, dict(  # type: ignore[arg-type]
             journal=journal, retry=retry, methods=methods, key_header=key_header,
             key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
-            max_body_size=max_body_size, sleep=sleep, hooks=hooks,
+            max_body_size=max_body_size, sleep=sleep, hooks=hooks, empty_replays=empty_replays,
         ))  # fmt: skip
 
     @property

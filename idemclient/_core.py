@@ -33,6 +33,7 @@ from ._errors import (
     OperationInProgressError,
     OperationMismatchError,
     OperationParkedError,
+    ResponseNotKeptError,
     RetriesExhaustedError,
 )
 from ._family import error_kind, family
@@ -825,6 +826,7 @@ def keyed_flow(
     *,
     observed: bool = True,
     hand_back: bool = False,
+    empty_replays: bool = False,
 ) -> Generator[Step, Any, httpx.Response]:
     """A journaled operation: register and claim, send, retry with the same key, record.
 
@@ -856,6 +858,17 @@ def keyed_flow(
     # the journal was asked: what is sent, and what a replay's `response.request` shows.
     request = the_plan.request_with_key(op)
     if reg.decision is Decision.COMPLETED:
+        stored = reg.response
+        if stored is not None and not stored.body_kept and not empty_replays:
+            size = dict((k.lower(), v) for k, v in stored.headers).get("content-length", "its")
+            raise ResponseNotKeptError(
+                f"operation {label} (key {op.key}) completed before (HTTP {stored.status}), "
+                f"but {size} bytes of its answer were over the journal's max_response_body "
+                "and not kept: nothing was sent, and it cannot be replayed (pass "
+                "empty_replays=True to get its status and headers with an empty body)",
+                operation=op,
+                response=replay_response(reg, request),
+            )
         logger.info("operation %s (key %s) already completed: replaying", label, op.key)
         yield from event("replayed", status=reg.response.status if reg.response else None)
         the_plan.unfinished(None)

@@ -10,6 +10,7 @@ have acted. The tree::
     ├── OperationExpiredError        sent once, older than the retention: nothing sent
     ├── OperationParkedError         its sends kept killing the process: nothing sent
     ├── OperationAbandonedError      a person abandoned it: nothing sent
+    ├── ResponseNotKeptError         completed before, its answer too large to keep: nothing sent
     ├── InvalidOperationError        bad name, key or body (also a ValueError): nothing sent
     ├── JournalError                 the journal could not be read or written: nothing sent
     └── RetriesExhaustedError        attempts or deadline used up: still pending, resumable
@@ -37,6 +38,7 @@ __all__ = [
     "OperationInProgressError",
     "OperationMismatchError",
     "OperationParkedError",
+    "ResponseNotKeptError",
     "RetriesExhaustedError",
 ]
 
@@ -111,6 +113,26 @@ class OperationParkedError(IdempotencyError):
 
 class OperationAbandonedError(IdempotencyError):
     """The operation was abandoned by a person (`Journal.abandon`); it is never sent again."""
+
+
+class ResponseNotKeptError(IdempotencyError):
+    """The operation completed before, but its answer's body was larger than the journal
+    keeps (`Journal(max_response_body=...)`), so it cannot be replayed. Nothing was sent.
+
+    A replay with an empty body would look like a success that says nothing: this is raised
+    instead, unless the transport was given `empty_replays=True`. `response` is the stored
+    status and headers, with an empty body.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: Operation | None = None,
+        response: httpx.Response | None = None,
+    ) -> None:
+        super().__init__(message, operation=operation)
+        self.response = response
 
 
 class InvalidOperationError(IdempotencyError, ValueError):

@@ -166,9 +166,11 @@ class _Base:
         rng: random.Random | None,
         hooks: Sequence[Callable[[Event], object]],
         hand_back: bool,
+        empty_replays: bool,
     ) -> None:
         self._hooks = tuple(hooks)
         self.hand_back = hand_back
+        self.empty_replays = empty_replays
         self.settings = Settings.build(
             retry=retry,
             methods=methods,
@@ -222,6 +224,7 @@ class _Base:
             self._rng,
             observed=bool(self._hooks),
             hand_back=self.hand_back,
+            empty_replays=self.empty_replays,
         )
 
     def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
@@ -385,6 +388,9 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             itself; a 422 is returned (recorded as `conflict`, and replayed to a rerun). The
             operation stays pending under its key either way, and the SDK's own retry of
             the same request continues it.
+        empty_replays: replay an operation whose answer was too large to keep
+            (`Journal(max_response_body=...)`) with its status and headers and an empty body,
+            instead of raising `ResponseNotKeptError`.
 
     Example:
         >>> client = httpx.Client(transport=IdempotentTransport(journal="billing.sqlite3"))
@@ -408,6 +414,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         rng: random.Random | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
         hand_back: bool = False,
+        empty_replays: bool = False,
     ) -> None:
         super().__init__(
             journal=journal,
@@ -422,6 +429,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             rng=rng,
             hooks=hooks,
             hand_back=hand_back,
+            empty_replays=empty_replays,
         )
         # None: made at the first request, in its family (httpx or httpx2's HTTPTransport)
         self._transport = transport
@@ -513,6 +521,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         rng: random.Random | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
         hand_back: bool = False,
+        empty_replays: bool = False,
     ) -> None:
         super().__init__(
             journal=journal,
@@ -527,6 +536,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             rng=rng,
             hooks=hooks,
             hand_back=hand_back,
+            empty_replays=empty_replays,
         )
         # None: made at the first request, in its family (httpx or httpx2's transport)
         self._transport = transport

@@ -856,6 +856,16 @@ def test_replay_of_a_body_too_large_to_keep(journal_path: Path, sleeps: list[flo
     client = client_for(script, journal, sleeps)
     with idemclient.operation("big"):
         assert client.post("/x", json={}).content == b"0123456789"  # the caller gets it all
+    # A rerun: never an empty answer that looks like a success
+    with (
+        idemclient.operation("big"),
+        pytest.raises(idemclient.ResponseNotKeptError, match="10 bytes of its answer") as info,
+    ):
+        client.post("/x", json={})
+    assert info.value.response is not None
+    assert info.value.response.status_code == 201
+    assert len(script.requests) == 1
+    client = client_for(script, journal, sleeps, empty_replays=True)  # opted in
     with idemclient.operation("big"):
         replay = client.post("/x", json={})
     assert len(script.requests) == 1
