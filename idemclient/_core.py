@@ -9,6 +9,8 @@ tenacity controller (`RetryPolicy.controller`), driven one `iter()` at a time.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -16,11 +18,14 @@ import os
 import random
 import re
 import uuid
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Literal
 from urllib.parse import unquote_plus
 
+import anyio
+import anyio.to_thread
 import httpx
 import tenacity
 
@@ -591,6 +596,14 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class Read:
+    """Read a live response's whole raw body (answered with a `Received`): an answer that is
+    not a success is looked into (a 400 may name an `idempotency_error`) and journaled."""
+
+    response: httpx.Response
+
+
+@dataclass(frozen=True, slots=True)
 class Sleep:
     seconds: float
 
@@ -654,7 +667,7 @@ class Emit:
     event: Event
 
 
-Step = Register | Call | Send | Sleep | Emit
+Step = Register | Call | Send | Read | Sleep | Emit
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,6 +690,129 @@ def _decoded(response: httpx.Response, raw: bytes) -> bytes:
 
 def _extension(op: Operation, attempts: int, replayed: bool) -> dict[str, Any]:
     return {"key": op.key, "operation": op.name, "attempts": attempts, "replayed": replayed}
+
+
+def streams_to_caller(response: httpx.Response, policy: RetryPolicy) -> bool:
+    """A success (final on its status alone) whose body is still on the wire: it reaches the
+    caller as it streams. One already in memory (a mock transport's) is simply read."""
+    status = response.status_code
+    if not 200 <= status < 300 or status in policy.retry_statuses:
+        return False
+    fam = family(response)
+    try:
+        response.content  # noqa: B018 - read already (in memory)?
+    except fam.ResponseNotRead:
+        return not isinstance(response.stream, fam.ByteStream)
+    return False
+
+
+class _Recorder:
+    """Journals an answer as the caller streams it: the body (up to the journal's
+    `max_response_body`) is recorded when the stream has been read to its end; if it is closed
+    before, the lease is given back and the operation stays pending (a rerun or resume gets
+    the server's replay). Memory stays bounded by that limit whatever the stream's size."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        op: Operation,
+        version: int,
+        the_plan: Plan,
+        attempts: int,
+        emit: Callable[[Event], object] | None,
+    ) -> None:
+        self.journal, self.op, self.version, self.plan = journal, op, version, the_plan
+        self.attempts, self.emit = attempts, emit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done = False
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size <= self.journal.max_response_body:
+            self.parts.append(chunk)
+        elif self.parts:
+            self.parts = []  # too large to keep: its status and headers only
+
+    def end(self, response: httpx.Response) -> None:
+        """The stream was read to its end: record the answer (in memory, batched)."""
+        if self.done:
+            return
+        stored = _stored(response, b"".join(self.parts), self.plan.secret)
+        if self.size > self.journal.max_response_body:
+            stored = dataclasses.replace(stored, body=b"", body_kept=False)
+        self._event("recording", response.status_code)
+        # If this raises (JournalError), the stream's close gives the lease back: pending.
+        self.journal.finish(self.op.key, self.version, "completed", stored)
+        self.done = True
+        self._event("completed", response.status_code)
+
+    def abort(self) -> Callable[[], object] | None:
+        """Closed before its end: the journal write that gives the lease back, to run."""
+        if self.done:
+            return None
+        self.done = True
+        return functools.partial(
+            self.journal.release, self.op.key, self.version, "the answer's stream was closed "
+            "before its end",
+        )  # fmt: skip
+
+    def _event(self, kind: EventKind, status: int) -> None:
+        if self.emit is not None:
+            record, op = self.plan.record, self.op
+            self.emit(Event(kind, op.name, op.key, record.method, record.url, self.attempts,
+                            status=status))  # fmt: skip
+
+
+class _RecordingStream:
+    """The caller's view of a streamed answer: the transport's chunks, as they come, each
+    handed to a `_Recorder` on the way. Made a byte stream of the response's family (sync and
+    async) by `recording_stream`."""
+
+    def __init__(self, inner: Any, recorder: _Recorder, response: httpx.Response) -> None:
+        self._inner, self._recorder, self._response = inner, recorder, response
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            self._recorder.add(chunk)
+            yield chunk
+        self._recorder.end(self._response)
+
+    def close(self) -> None:
+        try:
+            if hasattr(self._inner, "close"):
+                self._inner.close()
+        finally:
+            release = self._recorder.abort()
+            if release is not None:
+                release()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._recorder.add(chunk)
+            yield chunk
+        self._recorder.end(self._response)
+
+    async def aclose(self) -> None:
+        try:
+            if hasattr(self._inner, "aclose"):
+                await self._inner.aclose()
+        finally:
+            release = self._recorder.abort()
+            if release is not None:  # a journal write: not on the event loop
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(release)
+
+
+@functools.cache
+def _recording_class(fam: ModuleType) -> type[_RecordingStream]:
+    bases = (_RecordingStream, fam.SyncByteStream, fam.AsyncByteStream)
+    return type("RecordingStream", bases, {})
+
+
+def recording_stream(response: httpx.Response, recorder: _Recorder) -> Any:
+    """`response`'s stream, journaled by `recorder` as the caller reads it."""
+    return _recording_class(family(response))(response.stream, recorder, response)
 
 
 def replay_response(reg: Registration, request: httpx.Request) -> httpx.Response:
@@ -827,6 +963,7 @@ def keyed_flow(
     observed: bool = True,
     hand_back: bool = False,
     empty_replays: bool = False,
+    emit: Callable[[Event], object] | None = None,
 ) -> Generator[Step, Any, httpx.Response]:
     """A journaled operation: register and claim, send, retry with the same key, record.
 
@@ -884,13 +1021,14 @@ def keyed_flow(
     first = True
     last_raw = b""
     last_error: str | None = None
+    streaming = False  # the last answer is a success the caller streams (not read here)
     # Whether any byte of it may have reached the server: not if this was its first claim
     # and every attempt failed before a connection was made (then the journal keeps it as
     # provably never sent, which no retention expires).
     reached = op.attempts > 1
 
     def attempt() -> Generator[Step, Any, Outcome]:
-        nonlocal version, attempts, first, last_raw, fresh, reached
+        nonlocal version, attempts, first, last_raw, fresh, reached, streaming
         if not first:
             claimed: Registration = yield Call(
                 journal.claim, (op.key, version, me, the_plan.lease_seconds, last_error)
@@ -903,7 +1041,13 @@ def keyed_flow(
         first = False
         yield from event("sending")
         try:
-            received: Received = yield Send(request, read=True)
+            received: Received = yield Send(request, read=False)
+            reached = True
+            # A success reaches the caller chunk by chunk, journaled as it goes (recorded when
+            # the stream ends); any other answer is read whole, looked into and journaled.
+            streaming = streams_to_caller(received.response, policy)
+            if not streaming:
+                received = yield Read(received.response)
         except Exception as exc:
             kind = error_kind(exc)
             if kind is None:  # not a transport error of httpx or httpx2
@@ -912,13 +1056,16 @@ def keyed_flow(
                 reached = True
             outcome = classify_error(exc)
         else:
-            reached = True
-            raw = last_raw = received.raw or b""
-            body = _decoded(received.response, raw) if received.response.status_code == 400 else raw
-            outcome = classify_response(
-                received.response, body, keyed=True, policy=policy, now=wall_clock(),
-                method=record.method,
-            )  # fmt: skip
+            answer = received.response
+            if streaming:
+                reason = f"HTTP {answer.status_code}"
+                outcome = Outcome(Verdict.FINAL, response=answer, reason=reason)
+            else:
+                raw = last_raw = received.raw or b""
+                body = _decoded(answer, raw) if answer.status_code == 400 else raw
+                outcome = classify_response(
+                    answer, body, keyed=True, policy=policy, now=wall_clock(), method=record.method
+                )
         logger.debug(
             "%s %s operation=%s key=%s attempt=%d: %s -> %s",
             record.method, record.url, label, op.key, attempts, outcome.reason,
@@ -997,15 +1144,23 @@ def keyed_flow(
         state: Literal["completed", "conflict"] = (
             "conflict" if result.verdict is Verdict.CONFLICT else "completed"
         )
-        yield from event("recording", status=response.status_code)
-        # `finish` holds the completion in memory for the next batched write: no I/O here.
-        # (If another holder took the operation over meanwhile, that write is fenced out.)
-        yield Call(
-            journal.finish,
-            (op.key, version, state, _stored(response, last_raw, the_plan.secret)),
-            blocks=False,
-        )
-        settled = True
+        if streaming:
+            # Recorded when the caller has read the stream to its end; left pending (the
+            # lease given back) if it stops before: a rerun or resume gets the server's replay.
+            response.stream = recording_stream(
+                response, _Recorder(journal, op, version, the_plan, attempts, emit)
+            )
+            settled = True
+        else:
+            yield from event("recording", status=response.status_code)
+            # `finish` holds the completion in memory for the next batched write: no I/O here.
+            # (If another holder took the operation over meanwhile, that write is fenced out.)
+            yield Call(
+                journal.finish,
+                (op.key, version, state, _stored(response, last_raw, the_plan.secret)),
+                blocks=False,
+            )
+            settled = True
     except GeneratorExit:
         raise
     except Unsent as unsent:
@@ -1029,7 +1184,8 @@ def keyed_flow(
 
     ext = _extension(op, attempts, server_replayed(response))
     response.extensions = {**response.extensions, RESPONSE_EXTENSION: ext}
-    yield from event(state, status=response.status_code)
+    if not streaming:  # a stream says so when it ends
+        yield from event(state, status=response.status_code)
     if state == "conflict" and not hand_back:
         response.request = request  # raised, not returned: httpx will not set it
         response.read()  # in memory: the caller can read the server's reason

@@ -26,6 +26,7 @@ from ._core import (
     Call,
     Emit,
     Event,
+    Read,
     Received,
     Register,
     Send,
@@ -225,6 +226,7 @@ class _Base:
             observed=bool(self._hooks),
             hand_back=self.hand_back,
             empty_replays=self.empty_replays,
+            emit=self._emit if self._hooks else None,
         )
 
     def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
@@ -454,6 +456,8 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             if not step.read:
                 return Received(response, None)
             return _read_whole(response)
+        if isinstance(step, Read):
+            return _read_whole(step.response)
         if not testing_mode().on:
             self._sleep(step.seconds)
         return None
@@ -568,6 +572,8 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             if not step.read:
                 return Received(response, None), None
             return await _aread_whole(response), None
+        if isinstance(step, Read):
+            return await _aread_whole(step.response), None
         if not testing_mode().on:
             await self._sleep(step.seconds)
         return None, None

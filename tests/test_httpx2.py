@@ -166,6 +166,7 @@ CONTRACT = [
     "tests/test_lifecycles.py",
     "tests/test_testing.py",
     "tests/test_events.py",
+    "tests/test_streams.py",
 ]
 ALIASED = """
 import sys
