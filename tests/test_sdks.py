@@ -222,3 +222,26 @@ def test_stripe_wrap_rerun_and_lost_answer(server: IdempotentServer, journal_pat
             ("charge-inv-2", "completed"),
         ]
     http.close()  # type: ignore[no-untyped-call]
+
+
+def test_no_sdk_api_key_reaches_the_disk(server: IdempotentServer, journal_path: Path) -> None:
+    """anthropic's `x-api-key`, openai's `Authorization: Bearer`, Azure OpenAI's `api-key`:
+    none is in the journal, its -wal or its -shm."""
+    secrets = ["sk-ant-SECRET-1", "sk-oai-SECRET-2", "azure-SECRET-3"]
+    claude_client = anthropic.Anthropic(
+        api_key=secrets[0], base_url=server.url,
+        http_client=idemclient.wrap(anthropic.DefaultHttpxClient(), journal=journal_path),
+    )  # fmt: skip
+    claude_client.messages.create(**MESSAGE)  # type: ignore[call-overload]
+    oai = openai.OpenAI(
+        api_key=secrets[1], base_url=server.url, default_headers={"api-key": secrets[2]},
+        http_client=idemclient.wrap(openai.DefaultHttpxClient(), journal=journal_path),
+    )  # fmt: skip
+    oai.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    files = [journal_path, *(Path(f"{journal_path}{s}") for s in ("-wal", "-shm"))]
+    raw = b"".join(f.read_bytes() for f in files if f.exists())
+    assert b"/v1/messages" in raw  # the journal holds the requests...
+    for secret in secrets:
+        assert secret.encode() not in raw  # ...and none of the keys
+    claude_client.close()
+    oai.close()
