@@ -268,6 +268,7 @@ class _Unfinished:
     fingerprint: str
     key: str
     name: str | None
+    place: object  # the thread or task: a task inherits its parent's context, not its failure
 
 
 _unfinished: contextvars.ContextVar[_Unfinished | None] = contextvars.ContextVar(
@@ -427,8 +428,9 @@ class Plan:
     #: which response headers stay out of the journal (those that name credentials)
     secret: Callable[[str], bool] = DEFAULT_SECRETS
     boundary: bytes | None = None
-    #: the `operation()` block it was planned in, if any
+    #: the `operation()` block it was planned in, if any, and the thread or task
     scope: _Scope | None = None
+    place: object = None
 
     def unfinished(self, op: Operation | None) -> None:
         """Remember how this operation ended in this context: `op` if it did not finish (a
@@ -437,7 +439,10 @@ class Plan:
         if op is None:
             _unfinished.set(None)
         else:
-            _unfinished.set(_Unfinished(self.scope, self.record.fingerprint, op.key, op.name))
+            record = self.record
+            _unfinished.set(
+                _Unfinished(self.scope, record.fingerprint, op.key, op.name, self.place)
+            )
 
     def fingerprint_at(self, url: httpx.URL) -> str:
         """The fingerprint of this request moved to `url` (where a 307/308 sends it)."""
@@ -470,8 +475,11 @@ def _key_value(key: str, style: Literal["bare", "structured"]) -> str:
     return f'"{key}"' if style == "structured" else key
 
 
-def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
-    """Turn a request and its fully read body into a `Plan`. Raises `InvalidOperationError`."""
+def plan(request: httpx.Request, body: bytes, settings: Settings, place: object = None) -> Plan:
+    """Turn a request and its fully read body into a `Plan`. Raises `InvalidOperationError`.
+
+    `place` is the thread or task sending it (a resend continues a failed operation only in
+    the same place)."""
     explicit = request.extensions.get(OPERATION_EXTENSION)
     if explicit is not None:
         explicit = check_name(explicit)
@@ -515,6 +523,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         last is not None
         and last.fingerprint == the_fingerprint
         and last.scope is scope
+        and last.place == place
         and explicit in (None, last.name)
         and not resume
     )
@@ -559,8 +568,9 @@ def plan(request: httpx.Request, body: bytes, settings: Settings) -> Plan:
         headers[key_header] = _key_value(key, key_style)
     request.stream = family(request).ByteStream(body)
     return Plan(
-        record, request, lease_seconds(request), key_header, key_style, secret, boundary, scope
-    )
+        record, request, lease_seconds(request), key_header, key_style, secret, boundary, scope,
+        place,
+    )  # fmt: skip
 
 
 # -- steps ----------------------------------------------------------------------------------
@@ -693,10 +703,15 @@ def _extension(op: Operation, attempts: int, replayed: bool) -> dict[str, Any]:
 
 
 def streams_to_caller(response: httpx.Response, policy: RetryPolicy) -> bool:
-    """A success (final on its status alone) whose body is still on the wire: it reaches the
-    caller as it streams. One already in memory (a mock transport's) is simply read."""
+    """A stream of server-sent events (`text/event-stream`: what the SDKs' `stream=True`
+    reads) in a success whose body is still on the wire: it reaches the caller as it
+    streams. Other answers are read whole here, so that a read error mid-body is retried
+    under the same key; one already in memory (a mock transport's) is simply read."""
     status = response.status_code
     if not 200 <= status < 300 or status in policy.retry_statuses:
+        return False
+    media = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "text/event-stream":
         return False
     fam = family(response)
     try:
@@ -745,6 +760,7 @@ class _Recorder:
         # If this raises (JournalError), the stream's close gives the lease back: pending.
         self.journal.finish(self.op.key, self.version, "completed", stored)
         self.done = True
+        self.plan.unfinished(None)  # done: the same request again is a new operation
         self._event("completed", response.status_code)
 
     def abort(self) -> Callable[[], object] | None:
@@ -767,41 +783,84 @@ class _Recorder:
 class _RecordingStream:
     """The caller's view of a streamed answer: the transport's chunks, as they come, each
     handed to a `_Recorder` on the way. Made a byte stream of the response's family (sync and
-    async) by `recording_stream`."""
+    async) by `recording_stream`.
+
+    Closed before its end (an SDK stops reading at its last event, `data: [DONE]`, before the
+    body's terminating chunk), it reads on a little (up to `_DRAIN` bytes): an answer the
+    server has finished is recorded; one still going is left pending, its lease given back.
+    """
 
     def __init__(self, inner: Any, recorder: _Recorder, response: httpx.Response) -> None:
         self._inner, self._recorder, self._response = inner, recorder, response
+        # the transport's own iterator, once started: read on from it when closed early
+        # (our generator may be closed by then, with the caller's)
+        self._chunks: Iterator[bytes] | None = None
+        self._achunks: AsyncIterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._inner:
+        self._chunks = iter(self._inner)
+        for chunk in self._chunks:
             self._recorder.add(chunk)
             yield chunk
         self._recorder.end(self._response)
 
     def close(self) -> None:
         try:
-            if hasattr(self._inner, "close"):
-                self._inner.close()
+            if self._chunks is not None and not self._recorder.done:
+                self._read_on(self._chunks)
+        except Exception:
+            logger.debug("reading the rest of a closed stream failed", exc_info=True)
         finally:
-            release = self._recorder.abort()
-            if release is not None:
-                release()
+            try:
+                if hasattr(self._inner, "close"):
+                    self._inner.close()
+            finally:
+                release = self._recorder.abort()
+                if release is not None:
+                    release()
+
+    def _read_on(self, chunks: Iterator[bytes]) -> None:
+        drained = 0
+        for chunk in chunks:
+            self._recorder.add(chunk)
+            drained += len(chunk)
+            if drained > _DRAIN:  # still going: not an answer that had ended
+                return
+        self._recorder.end(self._response)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
+        self._achunks = self._inner.__aiter__()
+        async for chunk in self._achunks:
             self._recorder.add(chunk)
             yield chunk
         self._recorder.end(self._response)
 
     async def aclose(self) -> None:
         try:
-            if hasattr(self._inner, "aclose"):
-                await self._inner.aclose()
+            if self._achunks is not None and not self._recorder.done:
+                drained = 0
+                async for chunk in self._achunks:
+                    self._recorder.add(chunk)
+                    drained += len(chunk)
+                    if drained > _DRAIN:
+                        break
+                else:
+                    self._recorder.end(self._response)
+        except Exception:
+            logger.debug("reading the rest of a closed stream failed", exc_info=True)
         finally:
-            release = self._recorder.abort()
-            if release is not None:  # a journal write: not on the event loop
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(release)
+            try:
+                if hasattr(self._inner, "aclose"):
+                    await self._inner.aclose()
+            finally:
+                release = self._recorder.abort()
+                if release is not None:  # a journal write: not on the event loop
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(release)
+
+
+#: what a closed stream may still read to reach its end (an SDK's last event's remains)
+_DRAIN = 64 * 1024
 
 
 @functools.cache
@@ -997,10 +1056,11 @@ def keyed_flow(
     if reg.decision is Decision.COMPLETED:
         stored = reg.response
         if stored is not None and not stored.body_kept and not empty_replays:
-            size = dict((k.lower(), v) for k, v in stored.headers).get("content-length", "its")
+            size = dict((k.lower(), v) for k, v in stored.headers).get("content-length")
+            body = f"the {size} bytes of its answer were" if size else "its answer was"
             raise ResponseNotKeptError(
                 f"operation {label} (key {op.key}) completed before (HTTP {stored.status}), "
-                f"but {size} bytes of its answer were over the journal's max_response_body "
+                f"but {body} over the journal's max_response_body "
                 "and not kept: nothing was sent, and it cannot be replayed (pass "
                 "empty_replays=True to get its status and headers with an empty body)",
                 operation=op,
@@ -1201,7 +1261,7 @@ def keyed_flow(
         "operation %s (key %s) %s: HTTP %d after %d attempt(s)",
         label, op.key, state, response.status_code, attempts,
     )  # fmt: skip
-    if state == "completed":
+    if state == "completed" and not streaming:  # a stream is done when it ends
         the_plan.unfinished(None)  # done: the same request again is a new operation
     return response
 

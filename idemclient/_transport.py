@@ -214,10 +214,10 @@ class _Base:
         return request.method.upper() in self.settings.methods
 
     def _keyed_flow(
-        self, request: httpx.Request, body: bytes
+        self, request: httpx.Request, body: bytes, place: object
     ) -> Generator[Step, Any, httpx.Response]:
         return keyed_flow(
-            plan(request, body, self.settings),
+            plan(request, body, self.settings, place),
             self._journal,
             testing_mode().apply(self.settings.policy),
             self._clock,
@@ -441,7 +441,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self._keyed(request):
             body = read_body(request, self.settings.max_body_size)
-            return self._drive(self._keyed_flow(request, body))
+            return self._drive(self._keyed_flow(request, body, threading.get_ident()))
         return self._drive(self._plain_flow(request))
 
     def _do(self, step: Step) -> Any:
@@ -550,7 +550,8 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._keyed(request):
             body = await aread_body(request, self.settings.max_body_size)
-            return await self._drive(self._keyed_flow(request, body))
+            place = (threading.get_ident(), anyio.get_current_task().id)
+            return await self._drive(self._keyed_flow(request, body, place))
         return await self._drive(self._plain_flow(request))
 
     async def _do(self, step: Step) -> tuple[Any, BaseException | None]:

@@ -133,3 +133,80 @@ async def test_an_async_stream_reaches_the_caller_chunk_by_chunk(journal_path: P
                 break
         ops = {o.url: o.state for o in client.journal.operations()}
         assert ops["https://api.example/other"] == "pending"
+
+
+def test_an_answer_that_breaks_mid_body_is_retried_under_the_same_key(journal_path: Path) -> None:
+    """Only event streams reach the caller as they stream: any other success is read here,
+    so that a connection lost mid-body is retried with the same key, as it always was."""
+    keys: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["Idempotency-Key"])
+
+        def body() -> Iterator[bytes]:
+            yield b'{"id": '
+            if len(keys) == 1:
+                raise httpx.ReadError("connection lost mid-body")
+            yield b'"ch_1"}'
+
+        return httpx.Response(200, headers={"Content-Type": "application/json"}, content=body())
+
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(handler),
+                           sleep=lambda s: None) as client:  # fmt: skip
+        assert client.post("https://api.example/x", json={}).json() == {"id": "ch_1"}
+    assert len(keys) == 2
+    assert len(set(keys)) == 1
+
+
+def test_a_resend_after_an_interrupted_stream_continues_the_operation(journal_path: Path) -> None:
+    server = Stream()
+    with idemclient.Client(journal=journal_path,
+                           transport=httpx.MockTransport(server.handler)) as client:  # fmt: skip
+        with client.stream("POST", "https://api.example/v1/messages", json={}) as response:
+            next(response.iter_raw())
+            # closed mid-stream; reading on fails here (this server makes no chunk before
+            # the caller saw the one before), so the operation stays pending
+        server.seen = len(CHUNKS)
+        again = client.post("https://api.example/v1/messages", json={})  # the SDK's retry
+        assert again.content == b"".join(CHUNKS)
+    assert list(server.acted.values()) == [2]  # one key, twice
+
+
+def test_a_stream_closed_after_its_last_event_is_recorded(journal_path: Path) -> None:
+    """An SDK stops reading at its last event (`data: [DONE]`) and closes before the body's
+    end: the little that is left is read on, and the answer recorded."""
+    server = Stream()
+    server.seen = len(CHUNKS)
+    with idemclient.Client(journal=journal_path,
+                           transport=httpx.MockTransport(server.handler)) as client:  # fmt: skip
+        with client.stream("POST", "https://api.example/v1/messages", json={}) as response:
+            for chunk in response.iter_raw():
+                if chunk == CHUNKS[-1]:
+                    break  # the last event: the SDK is done
+        (op,) = client.journal.operations()
+        assert op.state == "completed"
+
+
+@pytest.mark.anyio
+async def test_tasks_do_not_inherit_their_parents_unfinished_operation(
+    journal_path: Path,
+) -> None:
+    """A task copies its parent's context: the parent's failed operation must not absorb the
+    tasks' own identical requests (each is its own operation)."""
+    import asyncio
+
+    keys: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["Idempotency-Key"])
+        return httpx.Response(503 if len(keys) == 1 else 201)
+
+    async with idemclient.AsyncClient(
+        journal=journal_path, transport=httpx.MockTransport(handler),
+        retry=idemclient.RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+        with pytest.raises(idemclient.RetriesExhaustedError):
+            await client.post("https://api.example/x", json={"t": 2})
+        await asyncio.gather(*(client.post("https://api.example/x", json={"t": 2})
+                               for _ in range(3)))  # fmt: skip
+    assert len(set(keys)) == 4

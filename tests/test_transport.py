@@ -859,7 +859,7 @@ def test_replay_of_a_body_too_large_to_keep(journal_path: Path, sleeps: list[flo
     # A rerun: never an empty answer that looks like a success
     with (
         idemclient.operation("big"),
-        pytest.raises(idemclient.ResponseNotKeptError, match="10 bytes of its answer") as info,
+        pytest.raises(idemclient.ResponseNotKeptError, match="the 10 bytes of its answer") as info,
     ):
         client.post("/x", json={})
     assert info.value.response is not None
