@@ -54,17 +54,8 @@ class IdempotencyError(Exception):
         self.operation = operation
 
 
-class ConflictError(IdempotencyError):
-    """The server answered 422 (or a 400 naming an `idempotency_error`) for this key.
-
-    The key was already used with another payload, or the server cannot process it. Retrying
-    with the same key can never succeed, and retrying with a new key could perform the
-    operation twice, so idemclient stops: the operation is recorded as `conflict` and a later
-    call with the same name raises this again without sending. `response` is the server's
-    answer (from the journal on a rerun).
-
-    Catch it to show the server's reason to a person.
-    """
+class _AnsweredError(IdempotencyError):
+    """An error that carries the server's answer (`response`), when there is one."""
 
     def __init__(
         self,
@@ -75,6 +66,19 @@ class ConflictError(IdempotencyError):
     ) -> None:
         super().__init__(message, operation=operation)
         self.response = response
+
+
+class ConflictError(_AnsweredError):
+    """The server answered 422 (or a 400 naming an `idempotency_error`) for this key.
+
+    The key was already used with another payload, or the server cannot process it. Retrying
+    with the same key can never succeed, and retrying with a new key could perform the
+    operation twice, so idemclient stops: the operation is recorded as `conflict` and a later
+    call with the same name raises this again without sending. `response` is the server's
+    answer (from the journal on a rerun).
+
+    Catch it to show the server's reason to a person.
+    """
 
 
 class OperationMismatchError(ConflictError):
@@ -115,7 +119,7 @@ class OperationAbandonedError(IdempotencyError):
     """The operation was abandoned by a person (`Journal.abandon`); it is never sent again."""
 
 
-class ResponseNotKeptError(IdempotencyError):
+class ResponseNotKeptError(_AnsweredError):
     """The operation completed before, but its answer's body was larger than the journal
     keeps (`Journal(max_response_body=...)`), so it cannot be replayed. Nothing was sent.
 
@@ -123,16 +127,6 @@ class ResponseNotKeptError(IdempotencyError):
     instead, unless the transport was given `empty_replays=True`. `response` is the stored
     status and headers, with an empty body.
     """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        operation: Operation | None = None,
-        response: httpx.Response | None = None,
-    ) -> None:
-        super().__init__(message, operation=operation)
-        self.response = response
 
 
 class InvalidOperationError(IdempotencyError, ValueError):
@@ -158,7 +152,7 @@ class JournalError(IdempotencyError):
         self.path = path
 
 
-class RetriesExhaustedError(IdempotencyError):
+class RetriesExhaustedError(_AnsweredError):
     """Every attempt allowed by the `RetryPolicy` failed, or its deadline passed.
 
     The server may or may not have acted (a read timeout can hide a success). The operation
@@ -175,6 +169,5 @@ class RetriesExhaustedError(IdempotencyError):
         response: httpx.Response | None = None,
         attempts: int = 0,
     ) -> None:
-        super().__init__(message, operation=operation)
-        self.response = response
+        super().__init__(message, operation=operation, response=response)
         self.attempts = attempts
