@@ -541,11 +541,6 @@ def _origin(url: str) -> str:
     return f"{scheme.lower()}://{rest.split('/', 1)[0].split('?', 1)[0].lower()}"
 
 
-def _header_pairs(text: str) -> list[tuple[str, str]]:
-    """Journaled headers as a list of pairs."""
-    return _headers_from_json(text)[0]
-
-
 def _stored_response(row: tuple[Any, ...]) -> StoredResponse | None:
     if row[8] is None:
         return None
@@ -1204,7 +1199,7 @@ class Journal:
             ).fetchone()
             if bytes(stored_body) != record.body:
                 body = bytes(stored_body)
-                content_type = dict(_header_pairs(headers)).get("content-type")
+                content_type = dict(_headers_from_json(headers)[0]).get("content-type")
         return Registration(
             Decision.SEND, _operation(claimed), lease_version=version, body=body,
             content_type=content_type,
