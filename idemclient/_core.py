@@ -723,7 +723,7 @@ def streams_to_caller(response: httpx.Response, policy: RetryPolicy) -> bool:
 
 class _Recorder:
     """Journals an answer as the caller streams it: the body (up to the journal's
-    `max_response_body`) is recorded when the stream has been read to its end; if it is closed
+    `max_stream_body`) is recorded when the stream has been read to its end; if it is closed
     before, the lease is given back and the operation stays pending (a rerun or resume gets
     the server's replay). Memory stays bounded by that limit whatever the stream's size."""
 
@@ -744,7 +744,7 @@ class _Recorder:
 
     def add(self, chunk: bytes) -> None:
         self.size += len(chunk)
-        if self.size <= self.journal.max_response_body:
+        if self.size <= self.journal.max_stream_body:
             self.parts.append(chunk)
         elif self.parts:
             self.parts = []  # too large to keep: its status and headers only
@@ -754,11 +754,11 @@ class _Recorder:
         if self.done:
             return
         stored = _stored(response, b"".join(self.parts), self.plan.secret)
-        if self.size > self.journal.max_response_body:
+        if self.size > self.journal.max_stream_body:
             stored = dataclasses.replace(stored, body=b"", body_kept=False)
         self._event("recording", response.status_code)
         # If this raises (JournalError), the stream's close gives the lease back: pending.
-        self.journal.finish(self.op.key, self.version, "completed", stored)
+        self.journal.finish(self.op.key, self.version, "completed", stored, streamed=True)
         self.done = True
         self.plan.unfinished(None)  # done: the same request again is a new operation
         self._event("completed", response.status_code)
@@ -1060,8 +1060,8 @@ def keyed_flow(
             body = f"the {size} bytes of its answer were" if size else "its answer was"
             raise ResponseNotKeptError(
                 f"operation {label} (key {op.key}) completed before (HTTP {stored.status}), "
-                f"but {body} over the journal's max_response_body "
-                "and not kept: nothing was sent, and it cannot be replayed (pass "
+                f"but {body} over the journal's limit (max_response_body, max_stream_body "
+                "for a stream) and not kept: nothing was sent, and it cannot be replayed (pass "
                 "empty_replays=True to get its status and headers with an empty body)",
                 operation=op,
                 response=replay_response(reg, request),

@@ -566,6 +566,10 @@ class Journal:
             same key and the server replays its answer.
         busy_timeout: seconds to wait for another process's write lock before `JournalError`.
         max_response_body: bytes of a final response body kept for replays.
+        max_stream_body: the same for an answer the caller streamed (server-sent events:
+            a model's reply, a long listing), larger by default because streams are. An
+            answer over its limit is recorded with its status and headers only; a rerun of
+            it raises `ResponseNotKeptError` (unless empty replays were asked for).
         flush_delay: seconds a completion may wait in memory, gathering others to share one
             commit (see `finish`); if the process dies meanwhile, a resume gets the server's
             replay.
@@ -594,6 +598,7 @@ class Journal:
         durability: Literal["full", "normal"] = "full",
         busy_timeout: float = 10.0,
         max_response_body: int = 1024 * 1024,
+        max_stream_body: int = 16 * 1024 * 1024,
         max_recoveries: int = 3,
         flush_delay: float = 0.05,
         clock: Callable[[], float] = time.time,
@@ -607,6 +612,7 @@ class Journal:
         self.durability = durability
         self.busy_timeout = busy_timeout
         self.max_response_body = max_response_body
+        self.max_stream_body = max_stream_body
         self.max_recoveries = max_recoveries
         self.read_only = read_only
         self._clock = clock
@@ -1281,8 +1287,13 @@ class Journal:
         version: int,
         state: Literal["completed", "conflict"],
         response: StoredResponse,
+        *,
+        streamed: bool = False,
     ) -> None:
         """Record the final response, soon: the write is held in memory and batched.
+
+        Its body is kept up to `max_response_body` bytes (`max_stream_body` for a `streamed`
+        answer); a larger one is recorded with its status and headers only.
 
         A completion needs no commit of its own: until it is written the operation merely
         looks pending, and if the process dies first, a resume resends the same key and the
@@ -1299,7 +1310,7 @@ class Journal:
                 resends the same key and the server replays its answer).
         """
         body, kept = response.body, response.body_kept
-        if len(body) > self.max_response_body:
+        if len(body) > (self.max_stream_body if streamed else self.max_response_body):
             body, kept = b"", False
         headers = _headers_json(response.headers, response.encoding)
         params = (state, self._clock(), response.status, headers, body, int(kept), key, version)

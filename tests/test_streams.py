@@ -103,12 +103,29 @@ def test_a_stream_too_large_to_keep_is_streamed_whole_and_not_replayed(
 ) -> None:
     server = Stream()
     server.seen = len(CHUNKS)
-    journal = Journal(journal_path, max_response_body=10)
+    journal = Journal(journal_path, max_stream_body=10)
     with idemclient.Client(journal=journal, transport=httpx.MockTransport(server.handler)) as c:
         with idemclient.operation("big"):
             assert c.post("https://api.example/x", json={}).content == b"".join(CHUNKS)
         with idemclient.operation("big"), pytest.raises(idemclient.ResponseNotKeptError):
             c.post("https://api.example/x", json={})
+    journal.close()
+
+
+def test_a_stream_is_kept_up_to_its_own_larger_limit(journal_path: Path) -> None:
+    """A streamed answer over `max_response_body` but within `max_stream_body` (16 MiB by
+    default) is kept and replayed whole."""
+    server = Stream()
+    server.seen = len(CHUNKS)
+    journal = Journal(journal_path, max_response_body=10)
+    assert journal.max_stream_body == 16 * 1024 * 1024
+    with idemclient.Client(journal=journal, transport=httpx.MockTransport(server.handler)) as c:
+        with idemclient.operation("big"):
+            assert c.post("https://api.example/x", json={}).content == b"".join(CHUNKS)
+        with idemclient.operation("big"):
+            again = c.post("https://api.example/x", json={})
+        assert again.content == b"".join(CHUNKS)
+        assert again.extensions["idempotency"]["replayed"] is True
     journal.close()
 
 
