@@ -171,6 +171,7 @@ class _SyncClientMixin:
         sleep: Callable[[float], None] | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
         empty_replays: bool = False,
+        hand_back: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -178,6 +179,7 @@ class _SyncClientMixin:
             journal=journal, retry=retry, methods=methods, key_header=key_header,
             key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
             max_body_size=max_body_size, sleep=sleep, hooks=hooks, empty_replays=empty_replays,
+            hand_back=hand_back,
         ))  # fmt: skip
 
     @property
@@ -213,6 +215,7 @@ class _AsyncClientMixin:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         hooks: Sequence[Callable[[Event], object]] = (),
         empty_replays: bool = False,
+        hand_back: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -220,6 +223,7 @@ class _AsyncClientMixin:
             journal=journal, retry=retry, methods=methods, key_header=key_header,
             key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
             max_body_size=max_body_size, sleep=sleep, hooks=hooks, empty_replays=empty_replays,
+            hand_back=hand_back,
         ))  # fmt: skip
 
     @property

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import random
@@ -36,9 +37,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import httpx
@@ -46,7 +48,7 @@ import httpx
 from ._config import TestingMode, set_testing_mode
 from ._family import family
 
-__all__ = ["Effect", "IdempotentApp", "IdempotentServer", "set_testing"]
+__all__ = ["Effect", "IdempotentApp", "IdempotentServer", "Reply", "set_testing"]
 
 FaultKind = Literal[
     "status", "reset_before_acting", "drop_after_acting", "slow_after_acting",
@@ -82,6 +84,31 @@ class Effect:
             return None
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the server answers when it acts (see `IdempotentApp.respond`).
+
+    `body` given as a tuple of chunks is sent chunk by chunk (the real server flushes each
+    one, with chunked transfer encoding), as an API streams server-sent events; a replay of
+    the key sends the joined bytes at once.
+    """
+
+    status: int = 201
+    body: bytes | tuple[bytes, ...] = b""
+    content_type: str = "application/json"
+
+    def json(self) -> Any:
+        """The body parsed as JSON (`None` if it is not JSON)."""
+        try:
+            return json.loads(self.joined)
+        except ValueError:
+            return None
+
+    @property
+    def joined(self) -> bytes:
+        return self.body if isinstance(self.body, bytes) else b"".join(self.body)
+
+
 @dataclass
 class _Fault:
     kind: FaultKind
@@ -96,8 +123,7 @@ class _Fault:
 class _Entry:
     fingerprint: str
     done: bool = False
-    status: int = 0
-    body: bytes = b""
+    reply: Reply = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +131,15 @@ class _Answer:
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    chunks: tuple[bytes, ...] | None = None  # sent one by one, `body` unused
+    effect: Effect | None = None  # the act this answers (for `pace`)
+
+    @staticmethod
+    def of(reply: Reply, headers: dict[str, str], effect: Effect | None = None) -> _Answer:
+        headers = {"Content-Type": reply.content_type, **headers}
+        if isinstance(reply.body, bytes):
+            return _Answer(reply.status, reply.body, headers)
+        return _Answer(reply.status, b"", headers, chunks=reply.body, effect=effect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +157,8 @@ class _Work:
 
 
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Answer:
-    return _Answer(status, json.dumps(payload).encode(), headers or {})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    return _Answer(status, json.dumps(payload).encode(), headers)
 
 
 def _parse_key(value: str) -> str:
@@ -287,7 +323,10 @@ class IdempotentApp:
                     return _json(422, {"error": "Idempotency-Key reused with another request"})
                 if not entry.done:
                     return _json(409, {"error": "a request with this key is in progress"})
-                return _Answer(entry.status, entry.body, {"Idempotent-Replayed": "true"})
+                return _Answer.of(
+                    dataclasses.replace(entry.reply, body=entry.reply.joined),
+                    {"Idempotent-Replayed": "true"},
+                )
         kind = fault.kind if fault is not None else None
         seconds = fault.seconds if fault is not None else 0.0
         return _Work(
@@ -313,18 +352,49 @@ class IdempotentApp:
             if entry is not None and not entry.done:
                 del self._keys[work.key]
 
+    def respond(self, effect: Effect, number: int) -> Reply:
+        """The answer to the `number`-th act (from 1): override it to answer as your API does.
+
+        The default is 201 with `{"id": "res_<number>", "path": ..., "request": <the JSON
+        body>}`. Whatever it returns is remembered under the key and replayed to a retry.
+
+        Example:
+            >>> class Payments(IdempotentServer):
+            ...     def respond(self, effect, number):
+            ...         return Reply(200, json.dumps({"id": f"pi_{number}"}).encode())
+        """
+        payload = {"id": f"res_{number}", "path": effect.path, "request": effect.json()}
+        return Reply(201, json.dumps(payload).encode())
+
+    def pace(self, effect: Effect, index: int) -> None:
+        """Called before each chunk after the first of a chunked `Reply` (`index` from 1):
+        override it to space a stream out (a test can wait here until its client has seen
+        the chunks before). The default does not wait."""
+
     def _perform(self, work: _Work) -> _Answer:
         """Act once: record the effect and remember the answer under the key."""
         with self._lock:
             effect = Effect(work.key, work.method, work.path, work.body, work.headers)
             self._effects.append(effect)
-            payload = json.dumps(
-                {"id": f"res_{len(self._effects)}", "path": work.path, "request": effect.json()}
-            ).encode()
-            if work.key is not None:
+            number = len(self._effects)
+        reply = self.respond(effect, number)
+        if work.key is not None:
+            with self._lock:
                 entry = self._keys[work.key]
-                entry.done, entry.status, entry.body = True, 201, payload
-        return _Answer(201, payload)
+                entry.done, entry.reply = True, reply
+        return _Answer.of(reply, {}, effect)
+
+    def _chunks(self, answer: _Answer) -> Iterator[bytes]:
+        assert answer.chunks is not None
+        assert answer.effect is not None
+        for index, chunk in enumerate(answer.chunks):
+            if index:
+                self.pace(answer.effect, index)
+            yield chunk
+
+    async def _achunks(self, answer: _Answer) -> AsyncIterator[bytes]:
+        for chunk in self._chunks(answer):
+            yield chunk
 
     # -- as an httpx.MockTransport handler ------------------------------------------------
 
@@ -334,12 +404,15 @@ class IdempotentApp:
         headers = {k.lower(): v for k, v in request.headers.items()}
         return request.method, path, headers
 
-    @staticmethod
-    def _response(answer: _Answer, request: httpx.Request) -> httpx.Response:
+    def _response(
+        self, answer: _Answer, request: httpx.Request, *, asynchronous: bool = False
+    ) -> httpx.Response:
         """The answer in the request's family (httpx, or httpx2 under an httpx2 client)."""
-        headers = {"Content-Type": "application/json", **answer.headers}
+        content: Any = answer.body
+        if answer.chunks is not None:
+            content = self._achunks(answer) if asynchronous else self._chunks(answer)
         response: httpx.Response = family(request).Response(
-            answer.status, headers=headers, content=answer.body
+            answer.status, headers=answer.headers, content=content
         )
         return response
 
@@ -372,7 +445,7 @@ class IdempotentApp:
         method, path, headers = self._request_parts(request)
         admitted = self._admit(method, path, headers, await request.aread())
         if isinstance(admitted, _Answer):
-            return self._response(admitted, request)
+            return self._response(admitted, request, asynchronous=True)
         if not isinstance(admitted, _Work):
             raise family(request).ReadError(
                 "connection reset before the server acted", request=request
@@ -388,7 +461,7 @@ class IdempotentApp:
                 "connection closed after the server acted", request=request
             )
         await anyio.sleep(admitted.after)
-        return self._response(answer, request)
+        return self._response(answer, request, asynchronous=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -400,12 +473,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, answer: _Answer) -> None:
         self.send_response(answer.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer.body)))
         for name, value in answer.headers.items():
             self.send_header(name, value)
+        if answer.chunks is None:
+            self.send_header("Content-Length", str(len(answer.body)))
+            self.end_headers()
+            self.wfile.write(answer.body)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.wfile.write(answer.body)
+        for chunk in self.server.app._chunks(answer):
+            if chunk:
+                self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
 
     def _hang_up(self) -> None:
         self.close_connection = True
@@ -454,6 +535,9 @@ class _Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+_Server_T = TypeVar("_Server_T", bound="IdempotentServer")
+
+
 class IdempotentServer(IdempotentApp):
     """A real HTTP server on the loopback interface with IETF idempotency semantics.
 
@@ -484,7 +568,7 @@ class IdempotentServer(IdempotentApp):
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def start(self) -> IdempotentServer:
+    def start(self: _Server_T) -> _Server_T:
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._server.serve_forever,
@@ -502,7 +586,7 @@ class IdempotentServer(IdempotentApp):
             self._thread = None
         self._server.server_close()
 
-    def __enter__(self) -> IdempotentServer:
+    def __enter__(self: _Server_T) -> _Server_T:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

@@ -4,7 +4,7 @@ operation replays, against a local fake of their APIs (`IdempotentServer`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ import pytest
 import idemclient
 from idemclient import RetryPolicy
 from idemclient.testing import IdempotentServer
+
+from .fakes import FakeAPI
 
 MESSAGE = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 CHAT = {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]}
@@ -93,6 +95,31 @@ def test_sdk_users_catch_the_sdks_own_errors(server: IdempotentServer, journal_p
         client.messages.create(**{**MESSAGE, "max_tokens": 11})  # type: ignore[call-overload]
     assert server.request_count == sent  # the recorded 422, replayed: nothing sent
     client.close()
+
+
+def test_the_ready_made_httpx2_client_hands_back_to_an_sdk(
+    server: IdempotentServer, journal_path: Path
+) -> None:
+    """`idemclient.httpx2.Client(hand_back=True)` as an SDK's `http_client`: the SDK raises
+    its own error types, its retries under one key; without it, idemclient's errors."""
+    import idemclient.httpx2
+
+    sending: list[str] = []
+
+    def client(retries: int, **options: Any) -> anthropic.Anthropic:
+        http = idemclient.httpx2.Client(journal=journal_path, retry=RetryPolicy(max_attempts=1),
+                                        hooks=[_keys_sent(sending)], **options)  # fmt: skip
+        return anthropic.Anthropic(api_key="sk", base_url=server.url, http_client=http,
+                                   max_retries=retries)  # fmt: skip
+
+    server.inject("status", status=500, times=3)
+    with client(2, hand_back=True) as sdk, pytest.raises(anthropic.InternalServerError):
+        sdk.messages.create(**MESSAGE)  # type: ignore[call-overload]
+    assert (len(sending), len(set(sending))) == (3, 1)  # three tries, one key
+    server.inject("status", status=500, times=1)
+    with client(0) as sdk, pytest.raises(anthropic.APIConnectionError) as caught:
+        sdk.messages.create(**{**MESSAGE, "max_tokens": 12})  # type: ignore[call-overload]
+    assert isinstance(caught.value.__cause__, idemclient.RetriesExhaustedError)
 
 
 def test_a_connection_error_reaches_the_sdk_as_its_own_type(journal_path: Path) -> None:
@@ -245,3 +272,74 @@ def test_no_sdk_api_key_reaches_the_disk(server: IdempotentServer, journal_path:
         assert secret.encode() not in raw  # ...and none of the keys
     claude_client.close()
     oai.close()
+
+
+# -- streams through the SDKs' own `stream=True` -------------------------------------------
+
+
+@pytest.fixture
+def gated() -> Iterator[FakeAPI]:
+    with FakeAPI(gated=True) as api:
+        yield api
+
+
+def test_an_anthropic_stream_reaches_the_sdk_event_by_event_and_replays_whole(
+    gated: FakeAPI, journal_path: Path
+) -> None:
+    """The fake holds every event after the first until the caller has seen the first: a
+    stream read whole before its first event is handed over would come 10 s late."""
+    client = claude(gated, journal_path)
+    texts: list[str] = []
+    with idemclient.operation("reply-1"):
+        stream = client.messages.create(**MESSAGE, stream=True)  # type: ignore[call-overload]
+        for event in stream:
+            gated.release()
+            if event.type == "content_block_delta":
+                texts.append(event.delta.text)
+    assert not gated.late
+    assert "".join(texts) == "Hello from reply 1."
+    requests = gated.request_count
+    with idemclient.operation("reply-1"):  # the script, run again: the whole stream, replayed
+        again = client.messages.create(**MESSAGE, stream=True)  # type: ignore[call-overload]
+        replayed = [e.delta.text for e in again if e.type == "content_block_delta"]
+    assert replayed == texts
+    assert (gated.request_count, gated.effect_count) == (requests, 1)
+    client.close()
+
+
+def test_an_openai_stream_reaches_the_sdk_chunk_by_chunk_and_is_recorded(
+    gated: FakeAPI, journal_path: Path
+) -> None:
+    http = idemclient.wrap(openai.DefaultHttpxClient(), journal=journal_path)
+    client = openai.OpenAI(api_key="sk-test", base_url=f"{gated.url}/v1", http_client=http)
+    words = []
+    for chunk in client.chat.completions.create(**CHAT, stream=True):  # type: ignore[call-overload]
+        gated.release()
+        if chunk.choices and chunk.choices[0].delta.content:
+            words.append(chunk.choices[0].delta.content)
+    assert not gated.late
+    assert "".join(words) == "Hello from reply 1."
+    with idemclient.Journal(journal_path) as journal:
+        (op,) = journal.operations()
+        stored = journal.stored_response(op.key)
+    assert op.state == "completed"  # recorded once the SDK read it to its end ([DONE])
+    assert stored is not None
+    assert stored.body.endswith(b"data: [DONE]\n\n")
+    client.close()
+
+
+@pytest.mark.anyio
+async def test_an_async_anthropic_stream_reaches_the_sdk_event_by_event(
+    gated: FakeAPI, journal_path: Path
+) -> None:
+    http = idemclient.wrap(anthropic.DefaultAsyncHttpxClient(), journal=journal_path)
+    client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=gated.url, http_client=http)
+    texts = []
+    stream = await client.messages.create(**MESSAGE, stream=True)  # type: ignore[call-overload]
+    async for event in stream:
+        gated.release()
+        if event.type == "content_block_delta":
+            texts.append(event.delta.text)
+    assert not gated.late
+    assert "".join(texts) == "Hello from reply 1."
+    await client.close()

@@ -14,7 +14,7 @@ import pytest
 
 import idemclient
 from idemclient import IdempotentTransport, RetriesExhaustedError, RetryPolicy, _config
-from idemclient.testing import IdempotentApp, IdempotentServer, set_testing
+from idemclient.testing import Effect, IdempotentApp, IdempotentServer, Reply, set_testing
 
 
 def mock_client(app: IdempotentApp, journal: Path, sleeps: list[float]) -> httpx.Client:
@@ -212,3 +212,40 @@ def test_server_does_not_act_on_a_body_cut_short(server: IdempotentServer) -> No
     )  # fmt: skip
     assert complete.status_code == 201
     assert [effect.body for effect in server.effects] == [b'{"a": 1234 }']
+
+
+class Events(IdempotentServer):
+    """Answers as an API that streams: three events, each after the client saw the last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paced: list[int] = []
+
+    def respond(self, effect: Effect, number: int) -> Reply:
+        return Reply(200, (b"data: a\n\n", b"data: b\n\n", b"data: c\n\n"), "text/event-stream")
+
+    def pace(self, effect: Effect, index: int) -> None:
+        self.paced.append(index)
+
+
+def test_respond_shapes_the_answer_streams_chunks_and_replays_them_joined() -> None:
+    with Events() as server, httpx.Client(base_url=server.url) as client:
+        key = {"Idempotency-Key": "k-1"}
+        with client.stream("POST", "/events", json={}, headers=key) as response:
+            assert response.headers["content-type"] == "text/event-stream"
+            assert "content-length" not in response.headers  # chunked, as it streams
+            assert b"".join(response.iter_raw()) == b"data: a\n\ndata: b\n\ndata: c\n\n"
+        assert server.paced == [1, 2]  # before each chunk after the first
+        again = client.post("/events", json={}, headers=key)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == b"data: a\n\ndata: b\n\ndata: c\n\n"
+    assert (server.effect_count, server.paced) == (1, [1, 2])
+
+
+def test_respond_through_the_mock_transport_handler() -> None:
+    app = Events()  # not started: its handler serves a MockTransport
+    app.stop()
+    with httpx.Client(transport=httpx.MockTransport(app.handler)) as client:
+        response = client.post("https://api.example/e", json={}, headers={"Idempotency-Key": "k"})
+    assert response.text == "data: a\n\ndata: b\n\ndata: c\n\n"
+    assert app.paced == [1, 2]
