@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+import os
 from pathlib import Path
 
 import pytest
 
 from idemclient.testing import IdempotentServer
+
+from . import pgserver
 
 
 @pytest.fixture
@@ -33,3 +36,36 @@ def server() -> Iterator[IdempotentServer]:
 @pytest.fixture
 def server_url_and_journal(server: IdempotentServer, journal_path: Path) -> tuple[str, Path]:
     return server.url, journal_path
+
+
+def _postgres_or_skip() -> None:
+    reason = pgserver.unavailable()
+    if reason is None:
+        return
+    if os.environ.get(pgserver.REQUIRE) == "1":
+        pytest.fail(f"PostgreSQL tests required ({pgserver.REQUIRE}=1), but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pgserver.PostgresServer]:
+    """One throwaway PostgreSQL server for the session (see tests/pgserver.py)."""
+    _postgres_or_skip()
+    with pgserver.postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(postgres: pgserver.PostgresServer) -> Iterator[str]:
+    """A new, empty database on the session's server, dropped afterwards."""
+    dsn = postgres.create_database()
+    yield dsn
+    postgres.drop_database(dsn)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[pgserver.PostgresServer]:
+    """A server of this test's own, for tests that stop and restart it."""
+    _postgres_or_skip()
+    with pgserver.postgres_server() as server:
+        yield server
