@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import anyio
 import anyio.to_thread
 import httpx
 
@@ -192,10 +195,14 @@ class _SyncClientMixin:
         *,
         on_result: Callable[[ResumeResult], object] | None = None,
         rebase: Mapping[str, str] | None = None,
+        concurrency: int = 1,
     ) -> ResumeReport:
         """Finish the interrupted operations addressed to this client's API (see
         `idemclient.resume_pending`)."""
-        return resume_pending(self, on_result=on_result, rebase=rebase)  # type: ignore[arg-type]
+        return resume_pending(
+            self,  # type: ignore[arg-type]
+            on_result=on_result, rebase=rebase, concurrency=concurrency,
+        )  # fmt: skip
 
 
 class _AsyncClientMixin:
@@ -236,19 +243,26 @@ class _AsyncClientMixin:
         *,
         on_result: Callable[[ResumeResult], object] | None = None,
         rebase: Mapping[str, str] | None = None,
+        concurrency: int = 1,
     ) -> ResumeReport:
         """Finish the interrupted operations addressed to this client's API (see
         `idemclient.resume_pending`)."""
-        return await aresume_pending(self, on_result=on_result, rebase=rebase)  # type: ignore[arg-type]
+        return await aresume_pending(
+            self,  # type: ignore[arg-type]
+            on_result=on_result, rebase=rebase, concurrency=concurrency,
+        )  # fmt: skip
 
     async def resume_pending(
         self,
         *,
         on_result: Callable[[ResumeResult], object] | None = None,
         rebase: Mapping[str, str] | None = None,
+        concurrency: int = 1,
     ) -> ResumeReport:
         """The same as `aresume_pending()`, under the sync client's name."""
-        return await self.aresume_pending(on_result=on_result, rebase=rebase)
+        return await self.aresume_pending(
+            on_result=on_result, rebase=rebase, concurrency=concurrency
+        )
 
 
 class Client(_SyncClientMixin, httpx.Client):
@@ -442,6 +456,7 @@ def resume_pending(
     *,
     on_result: Callable[[ResumeResult], object] | None = None,
     rebase: Mapping[str, str] | None = None,
+    concurrency: int = 1,
 ) -> ResumeReport:
     """Resend the pending operations addressed to this client's API, through the client.
 
@@ -458,17 +473,27 @@ def resume_pending(
     instead of acting twice. Operations sent once and older than the journal's retention
     become `expired` and are not sent.
 
-    `on_result` is called with each `ResumeResult` as soon as it is known (for progress).
+    `concurrency` operations are sent at once (threads; httpx clients may be shared between
+    threads). Several resumers (threads, processes, hosts) may work on one journal together:
+    each operation is claimed by one of them; one held by a live holder is reported as
+    `in_progress` and left to it.
+
+    `on_result` is called with each `ResumeResult` as soon as it is known (for progress);
+    the report lists them in that order.
 
     Raises:
-        JournalError: the journal cannot be read or written (stops at once).
+        JournalError: the journal cannot be read or written (stops: what is being sent
+            finishes, nothing more is started).
         TypeError: the client has no idemclient transport.
-        ValueError: a `rebase` entry is not an origin (`scheme://host[:port]`).
+        ValueError: a `rebase` entry is not an origin (`scheme://host[:port]`), or
+            `concurrency` is below 1.
     """
+    _check_concurrency(concurrency)
     journal, results, requests = _resume_requests(client, rebase)
     sender: Any = client  # either family's client; its requests are its own
     _report(results, on_result)
-    for op, request in requests:
+
+    def one(op: Operation, request: httpx.Request) -> ResumeResult:
         response: httpx.Response | None = None
         error: Exception | None = None
         try:
@@ -478,9 +503,33 @@ def resume_pending(
             if not _resumable(exc):
                 raise
             response, error = None, exc
-        results.append(_result(journal, op, response, error))
-        _report(results[-1:], on_result)
+        return _result(journal, op, response, error)
+
+    if concurrency == 1:
+        for op, request in requests:
+            results.append(one(op, request))
+            _report(results[-1:], on_result)
+        return results
+    todo = iter(requests)
+    with concurrent.futures.ThreadPoolExecutor(
+        concurrency, thread_name_prefix="idemclient-resume"
+    ) as pool:
+        # no more than `concurrency` in flight, so that a failure stops the rest from starting
+        running = {pool.submit(one, *item) for item in itertools.islice(todo, concurrency)}
+        while running:
+            done, running = concurrent.futures.wait(
+                running, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in done:
+                results.append(future.result())  # a non-resumable error stops here
+                _report(results[-1:], on_result)
+                running |= {pool.submit(one, *item) for item in itertools.islice(todo, 1)}
     return results
+
+
+def _check_concurrency(concurrency: int) -> None:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be a whole number of at least 1, not {concurrency!r}")
 
 
 def _report(
@@ -496,12 +545,16 @@ async def aresume_pending(
     *,
     on_result: Callable[[ResumeResult], object] | None = None,
     rebase: Mapping[str, str] | None = None,
+    concurrency: int = 1,
 ) -> ResumeReport:
-    """The async twin of `resume_pending`; journal reads run in a worker thread."""
+    """The async twin of `resume_pending`: up to `concurrency` operations at once, as tasks;
+    journal reads run in a worker thread."""
+    _check_concurrency(concurrency)
     journal, results, requests = await anyio.to_thread.run_sync(_resume_requests, client, rebase)
     sender: Any = client  # either family's client; its requests are its own
     _report(results, on_result)
-    for op, request in requests:
+
+    async def one(op: Operation, request: httpx.Request) -> None:
         response: httpx.Response | None = None
         error: Exception | None = None
         try:
@@ -513,4 +566,28 @@ async def aresume_pending(
             response, error = None, exc
         results.append(await anyio.to_thread.run_sync(_result, journal, op, response, error))
         _report(results[-1:], on_result)
+
+    if concurrency == 1:
+        for op, request in requests:
+            await one(op, request)
+        return results
+
+    async def holding(permits: anyio.Semaphore, op: Operation, request: httpx.Request) -> None:
+        try:
+            await one(op, request)
+        finally:
+            permits.release()
+
+    permits = anyio.Semaphore(concurrency)
+    try:
+        async with anyio.create_task_group() as tasks:
+            for op, request in requests:
+                await permits.acquire()  # no more than `concurrency` started and unfinished
+                tasks.start_soon(holding, permits, op, request)
+    except Exception as exc:  # an exception group of non-resumable errors (JournalError):
+        # the first, as itself (those beside it come from the same cause, in other tasks)
+        inner: Sequence[BaseException] = getattr(exc, "exceptions", ())
+        if inner and all(isinstance(e, Exception) for e in inner):
+            raise inner[0] from None
+        raise
     return results

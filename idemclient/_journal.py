@@ -1330,9 +1330,16 @@ class Journal:
 
     def flush(self) -> None:
         """Write the completions still held in memory by any journal of this process on this
-        file (see `finish`): one statement, a transaction by itself, for up to 64 of them."""
+        file (see `finish`): one statement, a transaction by itself, for up to 64 of them.
+
+        When it returns, every completion held before the call is committed, also one that
+        another thread (the flusher, a registration) had taken to write and not yet
+        committed: a read right after it sees them all."""
         shared = self._shared
         if not shared.deferred:
+            if shared.flusher_pid == os.getpid():  # completions held lately: one may be
+                with shared.write_lock:  # in the middle of its write: wait for its commit
+                    pass
             return
         self._writable()
         with self._errors_as_journal_error("record responses"), shared.write_lock:

@@ -584,6 +584,35 @@ def test_the_flusher_writes_held_completions_by_itself(journal_path: Path) -> No
     journal.close()
 
 
+def test_a_read_waits_for_completions_another_thread_is_writing(journal_path: Path) -> None:
+    """The flusher has taken the held completions and not committed them yet: a read in
+    this process waits for that commit instead of seeing the operation still pending."""
+    import threading
+
+    journal = Journal(journal_path, flush_delay=60)
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.finish("key-1", reg.lease_version, "completed", StoredResponse(201, [], b"ok"))
+    taken, commit = threading.Event(), threading.Event()
+
+    def flusher_mid_write() -> None:
+        with journal._shared.write_lock:
+            db = journal._connection(relaxed=True)
+            db.execute("BEGIN IMMEDIATE")
+            journal._flush_in(db)  # taken: no longer held in memory
+            taken.set()
+            commit.wait(timeout=0.5)  # the read below must wait for this commit
+            db.execute("COMMIT")
+
+    thread = threading.Thread(target=flusher_mid_write)
+    thread.start()
+    assert taken.wait(timeout=10)
+    op = journal.get("key-1")
+    thread.join(timeout=10)
+    assert op is not None
+    assert op.state == "completed"
+    journal.close()
+
+
 def test_close_writes_held_completions(journal_path: Path) -> None:
     journal = Journal(journal_path, flush_delay=60)
     reg = journal.register(record(), current_owner(), LEASE)

@@ -1,0 +1,139 @@
+"""resume_pending(concurrency=N): up to N operations at once (threads, or tasks), each sent
+once; several resumers on one journal split the backlog; an error that is not an
+operation's own outcome stops the resume and is raised as itself."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+import idemclient
+from idemclient import RetriesExhaustedError, RetryPolicy
+from idemclient.testing import IdempotentApp
+
+BACKLOG = 12
+
+
+def backlog(journal: Path, count: int = BACKLOG, prefix: str = "op") -> None:
+    """`count` named operations, pending: their first sends never connected."""
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("down", request=request)
+
+    with idemclient.Client(journal=journal, transport=httpx.MockTransport(down),
+                           retry=RetryPolicy(max_attempts=1)) as client:  # fmt: skip
+        for i in range(count):
+            with idemclient.operation(f"{prefix}-{i}"), pytest.raises(RetriesExhaustedError):
+                client.post(f"https://api.example/orders/{i}", json={"n": i})
+
+
+class Crowd:
+    """Answers once `width` requests are in flight together (or after 5 s): the most seen
+    at once tells how many the resumer sent in parallel."""
+
+    def __init__(self, width: int) -> None:
+        self.width, self.inflight, self.most = width, 0, 0
+        self.lock = threading.Condition()
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        with self.lock:
+            self.inflight += 1
+            self.most = max(self.most, self.inflight)
+            self.lock.notify_all()
+            self.lock.wait_for(lambda: self.most >= self.width, timeout=5)
+            self.inflight -= 1
+        return httpx.Response(201, json={"ok": True})
+
+
+def test_concurrency_sends_that_many_at_once_and_each_once(journal_path: Path) -> None:
+    backlog(journal_path)
+    crowd = Crowd(width=4)
+    done: list[str] = []
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(crowd.handler)
+                           ) as client:  # fmt: skip
+        report = client.resume_pending(concurrency=4, on_result=lambda r: done.append(r.outcome))
+    assert crowd.most == 4  # four at once, never more
+    assert [r.outcome for r in report] == done == ["completed"] * BACKLOG
+    assert len({r.operation.key for r in report}) == BACKLOG
+    with idemclient.Journal(journal_path) as journal:
+        assert journal.pending() == []
+
+
+def test_two_resumers_split_one_backlog_and_act_once_each(journal_path: Path) -> None:
+    backlog(journal_path)
+    app = IdempotentApp(act_seconds=0.01)
+    reports: list[idemclient.ResumeReport] = []
+
+    def resumer() -> None:
+        with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(app.handler)
+                               ) as client:  # fmt: skip
+            reports.append(client.resume_pending(concurrency=3))
+
+    threads = [threading.Thread(target=resumer) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(reports) == 2
+    assert app.effect_count == BACKLOG
+    assert app.duplicates() == 0
+    outcomes = [r.outcome for report in reports for r in report]
+    assert set(outcomes) <= {"completed", "in_progress"}
+    with idemclient.Journal(journal_path) as journal:
+        assert {op.state for op in journal.operations()} == {"completed"}
+
+
+def test_an_error_that_is_not_an_outcome_stops_the_resume_as_itself(journal_path: Path) -> None:
+    backlog(journal_path)
+    sent: list[str] = []
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        raise RuntimeError("a bug in a transport")
+
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(broken)) as client:
+        with pytest.raises(RuntimeError, match="a bug in a transport"):
+            client.resume_pending(concurrency=3)
+        assert len(sent) <= 3  # nothing more started after it
+        with pytest.raises(ValueError, match="at least 1"):
+            client.resume_pending(concurrency=0)
+
+
+@pytest.mark.anyio
+async def test_async_concurrency_runs_tasks_and_raises_an_error_as_itself(
+    journal_path: Path,
+) -> None:
+    backlog(journal_path)
+    inflight, most = 0, 0
+    crowded = anyio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal inflight, most
+        inflight += 1
+        most = max(most, inflight)
+        if most >= 4:
+            crowded.set()
+        with anyio.move_on_after(5):
+            await crowded.wait()
+        inflight -= 1
+        return httpx.Response(201, json={})
+
+    crowd = httpx.MockTransport(handler)
+    async with idemclient.AsyncClient(journal=journal_path, transport=crowd) as client:
+        report = await client.aresume_pending(concurrency=4)
+    assert most == 4
+    assert [r.outcome for r in report] == ["completed"] * BACKLOG
+
+    backlog(journal_path, 3, prefix="more")
+
+    async def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug in a transport")
+
+    failing = httpx.MockTransport(broken)
+    async with idemclient.AsyncClient(journal=journal_path, transport=failing) as client:
+        with pytest.raises(RuntimeError, match="a bug in a transport"):
+            await client.aresume_pending(concurrency=3)
