@@ -248,6 +248,10 @@ class _Scope:
         # next() on a count is atomic under the GIL, and holds no lock that a fork() could
         # leave held in the child
         self._counter = itertools.count(1)
+        # The block's last operation that did not finish, whichever thread or task of the
+        # block sent it (`asyncio.wait_for` sends in a task of its own, on Python < 3.12):
+        # held here, not in a context variable, which a child task sets only for itself.
+        self.unfinished: _Unfinished | None = None
 
     def next_name(self) -> str:
         count = next(self._counter)
@@ -436,13 +440,13 @@ class Plan:
         """Remember how this operation ended in this context: `op` if it did not finish (a
         resend of the same request right after is that operation again), `None` if it did
         (the same request again is a new operation, an intended repeat)."""
-        if op is None:
-            _unfinished.set(None)
+        mark = None
+        if op is not None:
+            mark = _Unfinished(self.scope, self.record.fingerprint, op.key, op.name, self.place)
+        if self.scope is not None:  # the block's, for every thread and task in it
+            self.scope.unfinished = mark
         else:
-            record = self.record
-            _unfinished.set(
-                _Unfinished(self.scope, record.fingerprint, op.key, op.name, self.place)
-            )
+            _unfinished.set(mark)
 
     def fingerprint_at(self, url: httpx.URL) -> str:
         """The fingerprint of this request moved to `url` (where a 307/308 sends it)."""
@@ -518,17 +522,22 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
     scope = _scope.get()
     # The same request again, in the same context, right after its operation failed (an
     # SDK's own retry, a caller's loop): that operation again, under its name and key.
-    last = _unfinished.get()
+    last = scope.unfinished if scope is not None else _unfinished.get()
     again = (
         last is not None
         and last.fingerprint == the_fingerprint
         and last.scope is scope
-        and last.place == place
+        # outside a block, only where it failed: a task inherits its parent's context, not
+        # its failure; inside one, anywhere in the block
+        and (scope is not None or last.place == place)
         and explicit in (None, last.name)
         and not resume
     )
     if last is not None and not again:
-        _unfinished.set(None)
+        if scope is not None:
+            scope.unfinished = None
+        else:
+            _unfinished.set(None)
     name: str | None = explicit
     if again:
         assert last is not None
@@ -741,13 +750,24 @@ class _Recorder:
         self.parts: list[bytes] = []
         self.size = 0
         self.done = False
+        self.tail = b""  # the last bytes seen, kept or not: where the stream stands
 
     def add(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        self.tail = (self.tail + chunk)[-_TAIL:]
         if self.size <= self.journal.max_stream_body:
             self.parts.append(chunk)
         elif self.parts:
             self.parts = []  # too large to keep: its status and headers only
+
+    def at_last_event(self) -> bool:
+        """Whether what was read ends with an event that ends the stream (`data: [DONE]`,
+        `event: message_stop`, ...): only its body's end can be still unread."""
+        if not self.tail.rstrip(b" \t").endswith((b"\n\n", b"\r\n\r\n", b"\r\r")):
+            return False  # in the middle of an event
+        events = re.split(rb"\r\n\r\n|\n\n|\r\r", self.tail.strip())
+        last = events[-1] if events else b""
+        return any(marker.search(last) for marker in _LAST_EVENTS)
 
     def end(self, response: httpx.Response) -> None:
         """The stream was read to its end: record the answer (in memory, batched)."""
@@ -785,9 +805,11 @@ class _RecordingStream:
     handed to a `_Recorder` on the way. Made a byte stream of the response's family (sync and
     async) by `recording_stream`.
 
-    Closed before its end (an SDK stops reading at its last event, `data: [DONE]`, before the
-    body's terminating chunk), it reads on a little (up to `_DRAIN` bytes): an answer the
-    server has finished is recorded; one still going is left pending, its lease given back.
+    Closed after its last event (an SDK stops reading at `data: [DONE]`, before the body's
+    terminating chunk), it reads the remains (up to `_DRAIN` bytes) and is recorded. Closed
+    before its last event (the caller stopped it), or after a read failed (a lost
+    connection, a read timeout), it is never recorded: the lease is given back at once and
+    the operation stays pending (a rerun or resume gets the server's whole replay).
     """
 
     def __init__(self, inner: Any, recorder: _Recorder, response: httpx.Response) -> None:
@@ -796,17 +818,28 @@ class _RecordingStream:
         # (our generator may be closed by then, with the caller's)
         self._chunks: Iterator[bytes] | None = None
         self._achunks: AsyncIterator[bytes] | None = None
+        self._broken = False  # reading it failed
 
     def __iter__(self) -> Iterator[bytes]:
         self._chunks = iter(self._inner)
-        for chunk in self._chunks:
-            self._recorder.add(chunk)
-            yield chunk
+        try:
+            for chunk in self._chunks:
+                self._recorder.add(chunk)
+                yield chunk
+        except Exception:
+            self._broken = True  # cut, stalled past its timeout: never an answer to record
+            raise
         self._recorder.end(self._response)
+
+    def _may_read_on(self) -> bool:
+        """Closed early, but after the stream's last event (an SDK stops reading there, before
+        the body's terminating chunk): read the rest, which is no more than that, and record
+        it. Closed mid-stream (the caller stopped it), or after a read failed: pending."""
+        return not self._broken and not self._recorder.done and self._recorder.at_last_event()
 
     def close(self) -> None:
         try:
-            if self._chunks is not None and not self._recorder.done:
+            if self._chunks is not None and self._may_read_on():
                 self._read_on(self._chunks)
         except Exception:
             logger.debug("reading the rest of a closed stream failed", exc_info=True)
@@ -830,14 +863,18 @@ class _RecordingStream:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self._achunks = self._inner.__aiter__()
-        async for chunk in self._achunks:
-            self._recorder.add(chunk)
-            yield chunk
+        try:
+            async for chunk in self._achunks:
+                self._recorder.add(chunk)
+                yield chunk
+        except Exception:
+            self._broken = True
+            raise
         self._recorder.end(self._response)
 
     async def aclose(self) -> None:
         try:
-            if self._achunks is not None and not self._recorder.done:
+            if self._achunks is not None and self._may_read_on():
                 drained = 0
                 async for chunk in self._achunks:
                     self._recorder.add(chunk)
@@ -859,8 +896,18 @@ class _RecordingStream:
                         await anyio.to_thread.run_sync(release)
 
 
-#: what a closed stream may still read to reach its end (an SDK's last event's remains)
+#: what a stream closed after its last event may still read to reach its end
 _DRAIN = 64 * 1024
+#: the bytes of a stream kept to tell whether it stands after its last event
+_TAIL = 4096
+#: events that end a stream of server-sent events, by convention: OpenAI's `[DONE]`,
+#: Anthropic's `message_stop`, the Responses API's `response.completed` (or failed/incomplete)
+_LAST_EVENTS = (
+    re.compile(rb"^data:\s*\[DONE\]\s*$", re.MULTILINE),
+    re.compile(rb"^event:\s*(message_stop|response\.(completed|failed|incomplete)|done)\s*$",
+               re.MULTILINE),
+    re.compile(rb'"type"\s*:\s*"(message_stop|response\.(completed|failed|incomplete))"'),
+)  # fmt: skip
 
 
 @functools.cache
@@ -1182,6 +1229,11 @@ def keyed_flow(
             raise result.error
         response = result.response
         assert response is not None
+        if hand_back and result.verdict is Verdict.FINAL and response.status_code >= 500:
+            # Under an SDK a server error (Anthropic's 529 "overloaded", a 501) is not the
+            # operation's answer: the SDK retries it, under the same key, or raises its own
+            # error. It settles nothing, and the operation stays pending.
+            result = dataclasses.replace(result, verdict=Verdict.UNSETTLED)
         if result.verdict is Verdict.UNSETTLED:
             # Not the operation's answer: the caller (httpx's auth flow or redirect handling,
             # or the user) gets it, and the operation stays pending under its key. A redirect

@@ -356,3 +356,26 @@ def test_a_client_dropped_without_close_keeps_its_answer(tmp_path: Path, linger:
         assert db.execute("SELECT name, state FROM operations").fetchall() == [
             ("job-1", "completed")
         ]
+
+
+def test_a_retry_of_a_call_wait_for_cancelled_continues_the_operation(journal_path: Path) -> None:
+    """`asyncio.wait_for` sends in a task of its own (before Python 3.12): the call it
+    cancelled after the server acted, retried in the same `operation()` block, is that
+    operation again (same name and key: the server replays), not `name#2` acting twice."""
+    from idemclient.testing import IdempotentServer
+
+    async def main(server: IdempotentServer) -> list[tuple[str | None, str]]:
+        async with idemclient.AsyncClient(base_url=server.url, journal=journal_path) as client:
+            async with idemclient.operation("charge-9"):
+                for _ in range(5):  # bounded
+                    try:
+                        await asyncio.wait_for(client.post("/charges", json={"n": 9}), 0.3)
+                        break
+                    except asyncio.TimeoutError:
+                        continue
+            return [(op.name, op.state) for op in client.journal.operations()]
+
+    with IdempotentServer() as server:
+        server.inject("slow_after_acting", seconds=1.0, times=1)
+        assert asyncio.run(main(server)) == [("charge-9", "completed")]
+        assert server.effect_count == 1

@@ -343,3 +343,23 @@ async def test_an_async_anthropic_stream_reaches_the_sdk_event_by_event(
     assert not gated.late
     assert "".join(texts) == "Hello from reply 1."
     await client.close()
+
+
+def test_a_server_error_handed_to_the_sdk_leaves_the_operation_pending(
+    server: IdempotentServer, journal_path: Path
+) -> None:
+    """Anthropic's 529 "overloaded" is in no retry list of ours: handed to the SDK, it is
+    not the operation's answer. The SDK's retries continue the operation, and after they
+    run out a rerun sends it (it used to replay the 529 for ever, under name, name#2...)."""
+    server.inject("status", status=529, times=3)
+    client = claude(server, journal_path)
+    with idemclient.operation("summary-42"), pytest.raises(anthropic.InternalServerError):
+        client.messages.create(**MESSAGE)  # type: ignore[call-overload]
+    with idemclient.Journal(journal_path) as journal:
+        assert [(op.name, op.state) for op in journal.operations()] == [("summary-42", "pending")]
+    with idemclient.operation("summary-42"):
+        assert client.messages.create(**MESSAGE).id  # type: ignore[call-overload]
+    assert server.effect_count == 1
+    with idemclient.Journal(journal_path) as journal:
+        assert [(op.name, op.state) for op in journal.operations()] == [("summary-42", "completed")]
+    client.close()

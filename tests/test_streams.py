@@ -13,7 +13,7 @@ import pytest
 import idemclient
 from idemclient import Journal
 
-CHUNKS = [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"]
+CHUNKS = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
 
 
 class Stream:
@@ -202,6 +202,98 @@ def test_a_stream_closed_after_its_last_event_is_recorded(journal_path: Path) ->
                     break  # the last event: the SDK is done
         (op,) = client.journal.operations()
         assert op.state == "completed"
+
+
+def test_a_stream_stopped_before_its_last_event_is_pending_at_once(journal_path: Path) -> None:
+    """The caller stops a stream mid-way ("stop generating"): nothing more is read (the
+    server may go on for long), and the operation stays pending under its key."""
+    server = Stream()
+    server.seen = len(CHUNKS)
+    made: list[int] = []
+
+    def endless() -> Iterator[bytes]:
+        for i in range(10_000):  # bounded: far more than a caller that stops will read
+            made.append(i)
+            yield b"data: more\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        server.handler(request)
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                              content=endless())  # fmt: skip
+
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(handler)) as c:
+        with idemclient.operation("reply-1"), c.stream("POST", "https://x/v1", json={}) as r:
+            for _ in zip(range(2), r.iter_raw(), strict=False):
+                pass
+        assert len(made) <= 3  # not read on to the end
+        (op,) = c.journal.operations()
+        assert op.state == "pending"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_stream_cut_mid_way_is_never_recorded_and_a_rerun_resends(
+    journal_path: Path, asynchronous: bool
+) -> None:
+    """The connection is lost after two events: the caller gets the error, and the operation
+    stays pending; a rerun sends it again under its key (the server replays it whole), never
+    answering with the cut-off part."""
+    acted: list[str] = []
+
+    def cut(request: httpx.Request) -> Iterator[bytes]:
+        yield CHUNKS[0]
+        yield CHUNKS[1]
+        raise httpx.ReadError("connection lost", request=request)
+
+    async def acut(request: httpx.Request) -> AsyncIterator[bytes]:
+        for chunk in cut(request):
+            yield chunk
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        acted.append(request.headers["Idempotency-Key"])
+        if len(acted) > 1:
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                                  content=b"".join(CHUNKS))  # fmt: skip
+        body = acut(request) if asynchronous else cut(request)
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=body)
+
+    async def read_whole(client: idemclient.AsyncClient) -> None:
+        async with (
+            idemclient.operation("reply-1"),
+            client.stream("POST", "https://x/v1", json={}) as response,
+        ):
+            async for _ in response.aiter_raw():
+                pass
+
+    async def as_async() -> None:
+        mock = httpx.MockTransport(handler)
+        async with idemclient.AsyncClient(journal=journal_path, transport=mock) as client:
+            with pytest.raises(httpx.ReadError):
+                await read_whole(client)
+            assert [op.state for op in client.journal.operations()] == ["pending"]
+            async with idemclient.operation("reply-1"):
+                again = await client.post("https://x/v1", json={})
+            assert again.content == b"".join(CHUNKS)
+
+    if asynchronous:
+        import anyio
+
+        anyio.run(as_async)
+    else:
+        with idemclient.Client(journal=journal_path,
+                               transport=httpx.MockTransport(handler)) as client:  # fmt: skip
+            with (
+                pytest.raises(httpx.ReadError),
+                idemclient.operation("reply-1"),
+                client.stream("POST", "https://x/v1", json={}) as response,
+            ):
+                for _ in response.iter_raw():
+                    pass
+            assert [op.state for op in client.journal.operations()] == ["pending"]
+            with idemclient.operation("reply-1"):
+                again = client.post("https://x/v1", json={})
+            assert again.content == b"".join(CHUNKS)
+    assert len(acted) == 2
+    assert len(set(acted)) == 1
 
 
 @pytest.mark.anyio
