@@ -19,8 +19,8 @@ from ._errors import (
     RetriesExhaustedError,
 )
 from ._family import error_kind, family, is_family_object
-from ._journal import Journal, Operation
 from ._policy import RetryPolicy
+from ._records import Operation
 from ._transport import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS,
@@ -28,6 +28,7 @@ from ._transport import (
     IdempotentTransport,
     JournalLike,
 )
+from .journal import Journal
 
 __all__ = [
     "AsyncClient",

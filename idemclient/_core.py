@@ -42,17 +42,11 @@ from ._errors import (
     RetriesExhaustedError,
 )
 from ._family import error_kind, family
-from ._journal import (
-    Decision,
-    Journal,
-    Operation,
-    Registration,
-    RequestRecord,
-    StoredResponse,
-    current_owner,
-)
 from ._policy import Exhausted, Outcome, RetryPolicy, Verdict, classify_error, classify_response
 from ._policy import is_replayed as server_replayed
+from ._records import Decision, Operation, Registration, RequestRecord, StoredResponse
+from .journal import Journal
+from .journal._owner import current_owner
 
 logger = logging.getLogger("idemclient")
 

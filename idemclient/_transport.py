@@ -41,8 +41,9 @@ from ._core import (
 )
 from ._errors import InvalidOperationError
 from ._family import AsyncTransport, SyncTransport, family
-from ._journal import Journal, Registration, RequestRecord
 from ._policy import RetryPolicy
+from ._records import Registration, RequestRecord
+from .journal import Journal
 
 __all__ = ["AsyncIdempotentTransport", "IdempotentTransport"]
 
@@ -200,7 +201,7 @@ class _Base:
         are written now (a caller's journal stays open for the caller)."""
         if self._owns_journal:
             self._journal.close()
-        elif not self._journal._closing:
+        elif not self._journal.closed:
             self._journal.flush()
 
     def _emit(self, event: Event) -> None:

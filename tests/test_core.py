@@ -26,7 +26,7 @@ from idemclient._core import (
     parse_key,
     plan,
 )
-from idemclient._journal import Decision, Operation, Registration
+from idemclient._records import Decision, Operation, Registration
 
 SETTINGS = Settings.build(
     retry=RetryPolicy(jitter=False),

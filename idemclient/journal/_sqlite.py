@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import sqlite3
 import threading
 import time
@@ -24,33 +23,33 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from enum import Enum
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import platformdirs
 
-from ._errors import JournalError
+from idemclient._errors import JournalError
+from idemclient._records import (
+    FINISHED,
+    STATES,
+    Decision,
+    Operation,
+    Registration,
+    RequestRecord,
+    State,
+    StoredResponse,
+    utc,
+)
 
-__all__ = [
-    "Decision",
-    "Journal",
-    "Operation",
-    "Registration",
-    "RequestRecord",
-    "StoredResponse",
-    "default_journal_path",
-]
+from ._decide import DEFAULT_PURGE_HORIZON, DEFAULT_RETENTION
+from ._owner import owner_alive
 
-State = Literal["pending", "completed", "conflict", "expired", "parked", "abandoned"]
-STATES: tuple[State, ...] = ("pending", "completed", "conflict", "expired", "parked", "abandoned")
-_FINISHED: tuple[State, ...] = ("completed", "conflict", "abandoned")
+__all__ = ["SCHEMA_VERSION", "Journal", "default_journal_path"]
 
 #: Bumped by every schema change; migrations go forward only (`_MIGRATIONS`).
 SCHEMA_VERSION = 3
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-_DEFAULT_PURGE_HORIZON = timedelta(days=30)
 
 _V2_COLUMNS = """
     id              INTEGER PRIMARY KEY,
@@ -86,7 +85,6 @@ _TABLE = f"""CREATE TABLE operations ({_V2_COLUMNS},
 )"""
 # Properties of the file that every client, resumer and the CLI must agree on (the retention).
 _SETTINGS_TABLE = "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
-_DEFAULT_RETENTION = timedelta(hours=24)
 # Names are unique among named operations; unnamed ones (most, in bulk use) stay out of the
 # index, which spares each of their inserts an index write. Resume and expiry scan only
 # pending rows, and purge only finished ones: that stays cheap however large the journal grows.
@@ -337,154 +335,6 @@ def default_journal_path() -> Path:
     return platformdirs.user_state_path("idemclient") / "journal.sqlite3"
 
 
-# -- process identity, for leases ---------------------------------------------------------
-
-
-def _process_start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (Linux), to tell a reused pid from the holder."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return fields[19].decode() if len(fields) > 19 else None
-
-
-#: the host part of lease owners; IDEMCLIENT_HOST overrides it (containers whose host names
-#: repeat; tests that play several hosts on one machine)
-_HOST = os.environ.get("IDEMCLIENT_HOST") or socket.gethostname()
-
-
-def current_owner() -> str:
-    """This process as a lease owner: host, pid and start time (pids are reused)."""
-    pid = os.getpid()
-    return f"{_HOST}:{pid}:{_process_start_time(pid) or '0'}"
-
-
-def _owner_alive(owner: str) -> bool:
-    """Whether the owner still runs. A holder on another host is assumed alive."""
-    parts = owner.rsplit(":", 2)
-    if len(parts) != 3:
-        return True
-    host, pid_text, start = parts
-    if host != _HOST:
-        return True
-    try:
-        pid = int(pid_text)
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, OverflowError):
-        return True
-    if start == "0":
-        return True
-    return _process_start_time(pid) == start
-
-
-# -- records ------------------------------------------------------------------------------
-
-
-def _dt(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
-
-
-@dataclass(frozen=True, slots=True)
-class Operation:
-    """One journaled operation, as the journal holds it now.
-
-    `name` is `None` for an unnamed operation. `state` is one of `pending` (resumable),
-    `completed`, `conflict` (422), `expired` (sent once and older than the retention: never
-    resent automatically), `parked` (its sends kept ending with the process gone: a person
-    decides) and `abandoned`. `attempts` counts the sends claimed so far; `recoveries` the
-    times a holder vanished mid-operation; `previous_key` the key a `reissue` replaced.
-
-    Example:
-        >>> op = journal.get("charge-42")
-        >>> op.state, op.attempts, op.response_status
-        ('completed', 2, 201)
-    """
-
-    name: str | None
-    key: str
-    state: State
-    method: str
-    url: str
-    attempts: int
-    created_at: datetime
-    updated_at: datetime
-    response_status: int | None
-    last_error: str | None
-    recoveries: int = 0
-    previous_key: str | None = None
-    key_header: str | None = None
-    key_style: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    """A final response as journaled: status, headers (no Set-Cookie) and the raw body.
-
-    `body_kept` is `False` when the body was larger than the journal's `max_response_body`;
-    a replay then returns the status and headers with an empty body.
-
-    `headers` are text, decoded with `encoding` (httpx's `Headers.encoding` of the response:
-    ascii, utf-8 or iso-8859-1, one for all of them). That decoding loses nothing, so encoding
-    the text with it again gives back the exact bytes the server sent.
-    """
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    body_kept: bool = True
-    encoding: str = "utf-8"
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    """What `register` needs to know about a request (secrets already removed)."""
-
-    name: str | None
-    key: str
-    key_given: bool  # the caller chose the key (an Idempotency-Key header)
-    method: str
-    url: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    fingerprint: str
-    resume: bool = False  # sent by resume: the stored request, found by key
-    key_header: str = "Idempotency-Key"  # how the key goes out, stored with the operation
-    key_style: str = "bare"
-    headers_encoding: str = "utf-8"  # what `headers` were decoded with (httpx's choice)
-
-
-class Decision(Enum):
-    """What `register` decided; the core turns it into a send, a replay or an error."""
-
-    SEND = "send"
-    COMPLETED = "completed"
-    CONFLICT = "conflict"
-    MISMATCH = "mismatch"
-    IN_PROGRESS = "in_progress"
-    EXPIRED = "expired"
-    PARKED = "parked"
-    ABANDONED = "abandoned"
-
-
-@dataclass(frozen=True, slots=True)
-class Registration:
-    decision: Decision
-    operation: Operation
-    lease_version: int = 0
-    response: StoredResponse | None = None
-    detail: str = ""
-    fresh: bool = False  # a new operation inserted by this registration (nothing sent before)
-    # the journaled body to send instead of this request's (a multipart rerun: the first
-    # attempt's boundary), and its content type
-    body: bytes | None = None
-    content_type: str | None = None
-
-
 _COLUMNS = (
     "name, key, state, method, url, attempts, created_at, updated_at, response_status, "
     "last_error, fingerprint, first_sent_at, lease_owner, lease_expires, lease_version, "
@@ -501,8 +351,8 @@ def _operation(row: tuple[Any, ...]) -> Operation:
         method=row[3],
         url=row[4],
         attempts=row[5],
-        created_at=_dt(row[6]),
-        updated_at=_dt(row[7]),
+        created_at=utc(row[6]),
+        updated_at=utc(row[7]),
         response_status=row[8],
         last_error=row[9],
         recoveries=row[18],
@@ -640,6 +490,11 @@ class Journal:
     def __repr__(self) -> str:
         return f"<Journal {str(self.path)!r} durability={self.durability!r}>"
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has begun: nothing more is written through this journal."""
+        return self._closing
+
     def _after_fork(self) -> None:
         """In a child after `fork()`: fresh locks and queues; the parent's connections stay
         untouched (SQLite connections must not be used, nor closed, across a fork)."""
@@ -729,7 +584,7 @@ class Journal:
             db.execute("SELECT 1 FROM operations LIMIT 1").fetchall()
             row = db.execute("SELECT value FROM settings WHERE name = 'retention'").fetchone()
         if row is None:  # only a read-only look at a journal nobody has written to yet
-            return retention or _DEFAULT_RETENTION
+            return retention or DEFAULT_RETENTION
         stored = timedelta(seconds=float(row[0]))
         # stored as float seconds: equal within a millisecond is the same retention
         if retention is not None and abs(retention - stored) > timedelta(milliseconds=1):
@@ -762,7 +617,7 @@ class Journal:
                     logger.info("journal %s: upgrading from schema version %d", self.path, version)
                     _MIGRATIONS[version](db)
             if current < SCHEMA_VERSION:  # not done by another process meanwhile
-                seconds = (retention or _DEFAULT_RETENTION).total_seconds()
+                seconds = (retention or DEFAULT_RETENTION).total_seconds()
                 db.execute(
                     "INSERT OR IGNORE INTO settings (name, value) VALUES ('retention', ?)",
                     (repr(seconds),),
@@ -989,7 +844,7 @@ class Journal:
         owner, expires = row[12], row[13]
         if owner is None or (expires is not None and expires <= now):
             return True
-        return not _owner_alive(owner)
+        return not owner_alive(owner)
 
     def register(self, record: RequestRecord, owner: str, lease_seconds: float) -> Registration:
         """Look the operation up and, if it is to be sent, claim it: one durable commit.
@@ -1086,7 +941,7 @@ class Journal:
             if isinstance(exc, sqlite3.IntegrityError):  # a known name or key: nothing changed
                 return False
             raise
-        when = _dt(now)
+        when = utc(now)
         for ticket in batch:
             ticket.result = _new_registration(ticket.record, when)
         return True
@@ -1103,7 +958,7 @@ class Journal:
         values = _new_row(record, owner, lease_seconds, now)
         if db.execute(_INSERT_OR_IGNORE, values).rowcount != 1:
             return None
-        return _new_registration(record, _dt(now))
+        return _new_registration(record, utc(now))
 
     def _register_in(
         self,
@@ -1161,7 +1016,7 @@ class Journal:
             return Registration(Decision.EXPIRED, _operation(self._find(db, "key", op.key)))  # type: ignore[arg-type]
         if not self._lease_free(row, now):
             return Registration(
-                Decision.IN_PROGRESS, op, detail=f"held by {row[12]} until {_dt(row[13])}"
+                Decision.IN_PROGRESS, op, detail=f"held by {row[12]} until {utc(row[13])}"
             )
         # A lease that was never given back: its holder died (or stalled) mid-operation.
         recoveries = row[18] + (1 if row[12] is not None else 0)
@@ -1253,7 +1108,7 @@ class Journal:
                 (version + 1, owner, now + lease_seconds, now, last_error, now, key),
             )
             claimed = dataclasses.replace(
-                op, attempts=op.attempts + 1, updated_at=_dt(now), last_error=last_error
+                op, attempts=op.attempts + 1, updated_at=utc(now), last_error=last_error
             )
             return Registration(Decision.SEND, claimed, lease_version=version + 1)
 
@@ -1583,9 +1438,9 @@ class Journal:
 
     def purge(
         self,
-        older_than: timedelta = _DEFAULT_PURGE_HORIZON,
+        older_than: timedelta = DEFAULT_PURGE_HORIZON,
         *,
-        states: tuple[State, ...] = _FINISHED,
+        states: tuple[State, ...] = FINISHED,
     ) -> int:
         """Delete finished operations last updated more than `older_than` ago; the count.
 
@@ -1598,7 +1453,7 @@ class Journal:
                 f"older_than ({older_than}) must not be shorter than the retention "
                 f"({self.retention})"
             )
-        bad = [s for s in states if s not in _FINISHED]
+        bad = [s for s in states if s not in FINISHED]
         if bad:
             raise ValueError(f"only finished states can be purged, not {', '.join(bad)}")
         cutoff = self._clock() - older_than.total_seconds()
