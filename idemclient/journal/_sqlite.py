@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -23,7 +22,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -33,7 +32,6 @@ from idemclient._errors import JournalError
 from idemclient._records import (
     FINISHED,
     STATES,
-    Decision,
     Operation,
     Registration,
     RequestRecord,
@@ -42,7 +40,18 @@ from idemclient._records import (
     utc,
 )
 
-from ._decide import DEFAULT_PURGE_HORIZON, DEFAULT_RETENTION
+from . import _decide
+from ._decide import (
+    DEFAULT_PURGE_HORIZON,
+    DEFAULT_RETENTION,
+    ClaimUpdate,
+    Decided,
+    Expire,
+    Insert,
+    Limits,
+    Park,
+    StoredRow,
+)
 from ._owner import owner_alive
 
 __all__ = ["SCHEMA_VERSION", "Journal", "default_journal_path"]
@@ -185,22 +194,23 @@ def _new_row(
     )  # fmt: skip
 
 
-def _new_registration(record: RequestRecord, when: datetime) -> Registration:
-    """What registering a new operation decided: send it, first attempt, first lease."""
-    op = Operation(
-        record.name, record.key, "pending", record.method, record.url, 1, when, when, None, None,
-        key_header=record.key_header, key_style=record.key_style,
-    )  # fmt: skip
-    return Registration(Decision.SEND, op, lease_version=1, fresh=True)
-
-
 def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
     return [items[i : i + _ROWS_PER_STATEMENT] for i in range(0, len(items), _ROWS_PER_STATEMENT)]
 
 
+# The writes the registration rules ask for (`_decide.Write`): SQL only stores.
 _EXPIRE = (
     "UPDATE operations SET state = 'expired', updated_at = ?, lease_owner = NULL, "
     "lease_expires = NULL WHERE key = ?"
+)
+_PARK = (
+    "UPDATE operations SET state = 'parked', recoveries = ?, updated_at = ?, "
+    "lease_owner = NULL, lease_expires = NULL, last_error = ? WHERE key = ?"
+)
+_CLAIM = (
+    "UPDATE operations SET attempts = ?, lease_version = ?, lease_owner = ?, lease_expires = ?, "
+    "updated_at = ?, recoveries = ?, first_sent_at = ?, url = ?, fingerprint = ?, "
+    "last_error = ? WHERE key = ?"
 )
 logger = logging.getLogger("idemclient")
 #: every Journal of this process that is not closed
@@ -385,17 +395,20 @@ def _headers_from_json(text: str | None) -> tuple[list[tuple[str, str]], str]:
     return [(str(k), str(v)) for k, v in stored], encoding
 
 
-def _origin(url: str) -> str:
-    """scheme://host[:port] of a stored URL, as written (for telling a host move apart)."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme.lower()}://{rest.split('/', 1)[0].split('?', 1)[0].lower()}"
-
-
 def _stored_response(row: tuple[Any, ...]) -> StoredResponse | None:
     if row[8] is None:
         return None
     headers, encoding = _headers_from_json(row[15])
     return StoredResponse(row[8], headers, bytes(row[16] or b""), bool(row[17]), encoding)
+
+
+def _stored_row(row: tuple[Any, ...]) -> StoredRow:
+    """A row of `_COLUMNS` as the registration rules read it."""
+    return StoredRow(
+        _operation(row), fingerprint=row[10], first_sent_at=row[11], lease_owner=row[12],
+        lease_expires=row[13], lease_version=row[14], moved_fingerprint=row[22],
+        response=_stored_response(row),
+    )  # fmt: skip
 
 
 class Journal:
@@ -840,11 +853,12 @@ class Journal:
         ).fetchone()
         return cast("tuple[Any, ...] | None", row)
 
-    def _lease_free(self, row: tuple[Any, ...], now: float) -> bool:
-        owner, expires = row[12], row[13]
-        if owner is None or (expires is not None and expires <= now):
-            return True
-        return not owner_alive(owner)
+    def _row(self, db: sqlite3.Connection, column: str, value: str) -> StoredRow | None:
+        row = self._find(db, column, value)
+        return _stored_row(row) if row is not None else None
+
+    def _limits(self) -> Limits:
+        return Limits(self.retention, self.max_recoveries, owner_alive)
 
     def register(self, record: RequestRecord, owner: str, lease_seconds: float) -> Registration:
         """Look the operation up and, if it is to be sent, claim it: one durable commit.
@@ -941,9 +955,8 @@ class Journal:
             if isinstance(exc, sqlite3.IntegrityError):  # a known name or key: nothing changed
                 return False
             raise
-        when = utc(now)
         for ticket in batch:
-            ticket.result = _new_registration(ticket.record, when)
+            ticket.result = _decide.new_registration(ticket.record, now)
         return True
 
     @staticmethod
@@ -958,7 +971,7 @@ class Journal:
         values = _new_row(record, owner, lease_seconds, now)
         if db.execute(_INSERT_OR_IGNORE, values).rowcount != 1:
             return None
-        return _new_registration(record, utc(now))
+        return _decide.new_registration(record, now)
 
     def _register_in(
         self,
@@ -968,25 +981,19 @@ class Journal:
         lease_seconds: float,
         now: float,
     ) -> Registration:
-        """`register`'s decision, inside the caller's transaction."""
+        """`register`'s decision (`_decide.register`), stored in the caller's transaction."""
         # The common case, a new operation: one INSERT. It changes nothing if the name or key
-        # is known already; the lookups below sort that out.
+        # is known already; the rules sort that out.
         if not record.resume and (inserted := self._insert(db, record, owner, lease_seconds, now)):
             return inserted
-        row = None
-        if record.name is not None:
-            row = self._find(db, "name", record.name)
-            if record.key_given:
-                by_key = self._find(db, "key", record.key)
-                if by_key is not None and (row is None or by_key[1] != row[1]):
-                    return Registration(
-                        Decision.MISMATCH,
-                        _operation(by_key),
-                        detail=f"key {record.key!r} already belongs to another operation",
-                    )
-        elif record.key_given or record.resume:
-            row = self._find(db, "key", record.key)
-        if row is None:
+        by_name, by_key = _decide.lookups(record)
+        decided = _decide.register(
+            record,
+            self._row(db, "name", record.name) if by_name and record.name is not None else None,
+            self._row(db, "key", record.key) if by_key else None,
+            owner=owner, lease_seconds=lease_seconds, now=now, limits=self._limits(),
+        )  # fmt: skip
+        if isinstance(decided.write, Insert):
             inserted = self._insert(db, record, owner, lease_seconds, now)
             if inserted is None:
                 raise JournalError(
@@ -994,77 +1001,34 @@ class Journal:
                     path=str(self.path),
                 )
             return inserted
-        op = _operation(row)
-        # Inside a named operation the journal's key is the key: one a caller (an SDK that
-        # draws a key per call) put in the header is replaced by it (`request_with_key`).
-        if record.key_given and row[1] != record.key and record.name is None:
-            return Registration(Decision.MISMATCH, op, detail=f"it has another key ({op.key!r})")
-        # A request a 307/308 sent on (httpx follows it with the same key) is the same
-        # operation at its new URL.
-        moved = op.state == "pending" and row[22] is not None and row[22] == record.fingerprint
-        if not record.resume and row[10] != record.fingerprint and not moved:
-            return Registration(
-                Decision.MISMATCH,
-                op,
-                detail=f"it was registered with another request ({op.method} {op.url})",
-            )
-        if op.state != "pending":
-            return Registration(Decision(op.state), op, response=_stored_response(row))
-        first_sent = row[11]
-        if first_sent is not None and first_sent < now - self.retention.total_seconds():
-            db.execute(_EXPIRE, (now, op.key))
-            return Registration(Decision.EXPIRED, _operation(self._find(db, "key", op.key)))  # type: ignore[arg-type]
-        if not self._lease_free(row, now):
-            return Registration(
-                Decision.IN_PROGRESS, op, detail=f"held by {row[12]} until {utc(row[13])}"
-            )
-        # A lease that was never given back: its holder died (or stalled) mid-operation.
-        recoveries = row[18] + (1 if row[12] is not None else 0)
-        if recoveries > self.max_recoveries:
-            reason = (
-                f"parked after {recoveries} recoveries: each time, the process sending it "
-                f"was gone before it finished (last holder {row[12]}); unpark or abandon it"
-            )
-            db.execute(
-                "UPDATE operations SET state = 'parked', recoveries = ?, updated_at = ?, "
-                "lease_owner = NULL, lease_expires = NULL, last_error = ? WHERE key = ?",
-                (recoveries, now, reason, op.key),
-            )
-            parked = self._find(db, "key", op.key)
-            assert parked is not None
-            return Registration(Decision.PARKED, _operation(parked), detail=reason)
-        version = row[14] + 1
-        # A resume sends to the URL in its record (the stored one, or where `rebase` moved
-        # it), a redirected request to where it was sent on: that is where the operation
-        # now lives, for every later resume too.
-        url = record.url if record.resume or moved else op.url
-        # Moved to another host (`rebase`): it is now this request at the new host, so that
-        # a rerun there is recognised, and one still at the old host is refused, not sent
-        # where the operation no longer lives.
-        fingerprint = row[10]
-        if record.resume and _origin(record.url) != _origin(op.url):
-            fingerprint = record.fingerprint
-        db.execute(
-            "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
-            "lease_owner = ?, lease_expires = ?, updated_at = ?, recoveries = ?, "
-            "first_sent_at = COALESCE(first_sent_at, ?), url = ?, fingerprint = ? "
-            "WHERE key = ?",
-            (version, owner, now + lease_seconds, now, recoveries, now, url, fingerprint, op.key),
-        )
-        claimed = self._find(db, "key", op.key)
-        assert claimed is not None
-        body = content_type = None
-        if record.body[:2] == b"--" and not record.resume:  # perhaps multipart: its boundary
-            stored_body, headers = db.execute(
-                "SELECT body, headers FROM operations WHERE key = ?", (op.key,)
-            ).fetchone()
-            if bytes(stored_body) != record.body:
-                body = bytes(stored_body)
-                content_type = dict(_headers_from_json(headers)[0]).get("content-type")
-        return Registration(
-            Decision.SEND, _operation(claimed), lease_version=version, body=body,
-            content_type=content_type,
-        )  # fmt: skip
+        return self._store(db, decided, record.body)
+
+    @staticmethod
+    def _store(db: sqlite3.Connection, decided: Decided, body: bytes = b"") -> Registration:
+        """Make the write the rules asked for (an insert excepted: the caller makes it, with
+        its record), in the caller's transaction; the registration to return. `body` is the
+        request's, compared with the stored one if the rules ask (a multipart rerun)."""
+        write, registration = decided.write, decided.registration
+        if isinstance(write, ClaimUpdate):
+            db.execute(_CLAIM, (
+                write.attempts, write.lease_version, write.lease_owner, write.lease_expires,
+                write.updated_at, write.recoveries, write.first_sent_at, write.url,
+                write.fingerprint, write.last_error, write.key,
+            ))  # fmt: skip
+            if write.compare_body:
+                stored_body, headers = db.execute(
+                    "SELECT body, headers FROM operations WHERE key = ?", (write.key,)
+                ).fetchone()
+                registration = _decide.with_stored_body(
+                    registration, body, bytes(stored_body), _headers_from_json(headers)[0]
+                )
+        elif isinstance(write, Expire):
+            db.execute(_EXPIRE, (write.updated_at, write.key))
+        elif isinstance(write, Park):
+            db.execute(_PARK, (write.recoveries, write.updated_at, write.reason, write.key))
+        else:
+            assert write is None, write
+        return registration
 
     def claim(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
@@ -1088,29 +1052,11 @@ class Journal:
                     "journal; not resent",
                     path=str(self.path),
                 )
-            op = _operation(row)
-            if op.state != "pending":
-                return Registration(Decision(op.state), op, response=_stored_response(row))
-            if row[14] != version:
-                return Registration(
-                    Decision.IN_PROGRESS, op, detail=f"taken over by {row[12] or 'another holder'}"
-                )
-            first_sent = row[11]
-            if first_sent is not None and first_sent < now - self.retention.total_seconds():
-                db.execute(_EXPIRE, (now, key))
-                expired = self._find(db, "key", key)
-                assert expired is not None
-                return Registration(Decision.EXPIRED, _operation(expired))
-            db.execute(
-                "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
-                "lease_owner = ?, lease_expires = ?, updated_at = ?, last_error = ?, "
-                "first_sent_at = COALESCE(first_sent_at, ?) WHERE key = ?",
-                (version + 1, owner, now + lease_seconds, now, last_error, now, key),
-            )
-            claimed = dataclasses.replace(
-                op, attempts=op.attempts + 1, updated_at=utc(now), last_error=last_error
-            )
-            return Registration(Decision.SEND, claimed, lease_version=version + 1)
+            decided = _decide.claim(
+                _stored_row(row), version, owner=owner, lease_seconds=lease_seconds,
+                last_error=last_error, now=now, limits=self._limits(),
+            )  # fmt: skip
+            return self._store(db, decided)
 
     def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
         """Undo a claim whose request was provably never sent (its task was cancelled, or the
