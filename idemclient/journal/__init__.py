@@ -219,7 +219,11 @@ class JournalBackend(Protocol):
         ...
 
 
-def open_journal(path: str | os.PathLike[str] | None = None) -> JournalBackend:
+def open_journal(path: str | os.PathLike[str] | None = None) -> Journal:
     """The journal at `path`: an SQLite file (`None`: `$IDEMCLIENT_JOURNAL`, else the default
-    journal in the user state directory), created if need be."""
+    journal in the user state directory), created if need be.
+
+    The one place where the transports turn what they were given into a journal. (Once a
+    PostgreSQL URL is accepted too, it returns either backend, as a `JournalBackend`.)
+    """
     return Journal(path)
