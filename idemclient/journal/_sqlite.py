@@ -1,5 +1,10 @@
 """The SQLite journal: what was asked, under which key, and what came back.
 
+The embedded `JournalBackend`. It decides nothing itself: a registration or a claim looks
+the rows up, asks the rules (`_decide`), and stores what they say. What is SQLite's own lives
+here: connections per thread, group commit of registrations, batched completions, fork
+handling, and schema migrations.
+
 One file, one table. Every read-then-write runs in an explicit `BEGIN IMMEDIATE` transaction
 (a deferred transaction that later upgrades to a write fails at once with "database is
 locked" instead of waiting). Every sqlite3 or OS error becomes a `JournalError` naming the file,
@@ -41,17 +46,7 @@ from idemclient._records import (
 )
 
 from . import _decide
-from ._decide import (
-    DEFAULT_PURGE_HORIZON,
-    DEFAULT_RETENTION,
-    ClaimUpdate,
-    Decided,
-    Expire,
-    Insert,
-    Limits,
-    Park,
-    StoredRow,
-)
+from ._decide import DEFAULT_PURGE_HORIZON, DEFAULT_RETENTION
 from ._owner import owner_alive
 
 __all__ = ["SCHEMA_VERSION", "Journal", "default_journal_path"]
@@ -402,9 +397,9 @@ def _stored_response(row: tuple[Any, ...]) -> StoredResponse | None:
     return StoredResponse(row[8], headers, bytes(row[16] or b""), bool(row[17]), encoding)
 
 
-def _stored_row(row: tuple[Any, ...]) -> StoredRow:
+def _stored_row(row: tuple[Any, ...]) -> _decide.StoredRow:
     """A row of `_COLUMNS` as the registration rules read it."""
-    return StoredRow(
+    return _decide.StoredRow(
         _operation(row), fingerprint=row[10], first_sent_at=row[11], lease_owner=row[12],
         lease_expires=row[13], lease_version=row[14], moved_fingerprint=row[22],
         response=_stored_response(row),
@@ -853,12 +848,12 @@ class Journal:
         ).fetchone()
         return cast("tuple[Any, ...] | None", row)
 
-    def _row(self, db: sqlite3.Connection, column: str, value: str) -> StoredRow | None:
+    def _row(self, db: sqlite3.Connection, column: str, value: str) -> _decide.StoredRow | None:
         row = self._find(db, column, value)
         return _stored_row(row) if row is not None else None
 
-    def _limits(self) -> Limits:
-        return Limits(self.retention, self.max_recoveries, owner_alive)
+    def _limits(self) -> _decide.Limits:
+        return _decide.Limits(self.retention, self.max_recoveries, owner_alive)
 
     def register(self, record: RequestRecord, owner: str, lease_seconds: float) -> Registration:
         """Look the operation up and, if it is to be sent, claim it: one durable commit.
@@ -993,7 +988,7 @@ class Journal:
             self._row(db, "key", record.key) if by_key else None,
             owner=owner, lease_seconds=lease_seconds, now=now, limits=self._limits(),
         )  # fmt: skip
-        if isinstance(decided.write, Insert):
+        if isinstance(decided.write, _decide.Insert):
             inserted = self._insert(db, record, owner, lease_seconds, now)
             if inserted is None:
                 raise JournalError(
@@ -1004,12 +999,12 @@ class Journal:
         return self._store(db, decided, record.body)
 
     @staticmethod
-    def _store(db: sqlite3.Connection, decided: Decided, body: bytes = b"") -> Registration:
+    def _store(db: sqlite3.Connection, decided: _decide.Decided, body: bytes = b"") -> Registration:
         """Make the write the rules asked for (an insert excepted: the caller makes it, with
         its record), in the caller's transaction; the registration to return. `body` is the
         request's, compared with the stored one if the rules ask (a multipart rerun)."""
         write, registration = decided.write, decided.registration
-        if isinstance(write, ClaimUpdate):
+        if isinstance(write, _decide.ClaimUpdate):
             db.execute(_CLAIM, (
                 write.attempts, write.lease_version, write.lease_owner, write.lease_expires,
                 write.updated_at, write.recoveries, write.first_sent_at, write.url,
@@ -1022,9 +1017,9 @@ class Journal:
                 registration = _decide.with_stored_body(
                     registration, body, bytes(stored_body), _headers_from_json(headers)[0]
                 )
-        elif isinstance(write, Expire):
+        elif isinstance(write, _decide.Expire):
             db.execute(_EXPIRE, (write.updated_at, write.key))
-        elif isinstance(write, Park):
+        elif isinstance(write, _decide.Park):
             db.execute(_PARK, (write.recoveries, write.updated_at, write.reason, write.key))
         else:
             assert write is None, write
