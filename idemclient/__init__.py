@@ -30,9 +30,10 @@ from ._errors import (
     ResponseNotKeptError,
     RetriesExhaustedError,
 )
-from ._journal import Journal, Operation
 from ._policy import RetryPolicy
+from ._records import Operation
 from ._transport import AsyncIdempotentTransport, IdempotentTransport
+from .journal import Journal
 
 __version__ = "0.1.0.dev0"
 

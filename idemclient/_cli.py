@@ -18,8 +18,9 @@ import httpx
 from ._client import Client, ResumeResult, destination, parse_origin, rebase_map
 from ._core import DEFAULT_SECRETS
 from ._errors import JournalError
-from ._journal import STATES, Journal, Operation, default_journal_path
 from ._policy import RetryPolicy
+from ._records import STATES, Operation
+from .journal import Journal, default_journal_path
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1  # resume left operations unfinished; an operation was not found

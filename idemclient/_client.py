@@ -22,15 +22,17 @@ from ._errors import (
     RetriesExhaustedError,
 )
 from ._family import error_kind, family, is_family_object
-from ._journal import Journal, Operation
 from ._policy import RetryPolicy
+from ._records import Operation
 from ._transport import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS,
     AsyncIdempotentTransport,
     IdempotentTransport,
     JournalLike,
+    open_journal_like,
 )
+from .journal import Journal, JournalBackend
 
 __all__ = [
     "AsyncClient",
@@ -59,13 +61,12 @@ def _wrap_transports(client: AnyHttpClient, options: dict[str, Any]) -> None:
     current = client._transport
     if isinstance(current, (IdempotentTransport, AsyncIdempotentTransport)):
         raise ValueError("this client is already wrapped by idemclient")
-    journal_arg: JournalLike = options.pop("journal", None)
-    journal = journal_arg if isinstance(journal_arg, Journal) else Journal(journal_arg)
+    journal, opened = open_journal_like(options.pop("journal", None))
     sync_kind, async_kind = _transport_classes(client)
     kind: Callable[..., _Idempotent] = async_kind if _is_async(client) else sync_kind
     main = kind(current, journal=journal, **options)
     # The journal belongs to the client when wrap() opened it: closing the client closes it.
-    main._owns_journal = not isinstance(journal_arg, Journal)
+    main._owns_journal = opened
     client._transport = main
     client._mounts = {  # type: ignore[assignment]
         pattern: None if mounted is None else kind(mounted, journal=journal, **options)
@@ -120,8 +121,7 @@ def wrap(client: AnyClient, **options: Any) -> AnyClient:
         options["hand_back"] = True  # the SDK raises the error types its users catch
     inner = _stripe_clients(client)
     if inner:  # stripe.HTTPXClient: its own sync and async httpx clients, on one journal
-        journal_arg: JournalLike = options.pop("journal", None)
-        journal = journal_arg if isinstance(journal_arg, Journal) else Journal(journal_arg)
+        journal, _ = open_journal_like(options.pop("journal", None))
         for http_client in inner:
             _wrap_transports(http_client, {**options, "journal": journal})
         return client
@@ -363,7 +363,7 @@ def destination(
 
 def _resume_requests(
     client: Any, rebase: Mapping[str, str] | None
-) -> tuple[Journal, ResumeReport, list[tuple[Operation, httpx.Request]]]:
+) -> tuple[JournalBackend, ResumeReport, list[tuple[Operation, httpx.Request]]]:
     """The pending operations this client resumes, as requests to send; the expired ones.
 
     An operation goes back where it was sent: only those whose stored origin is the client's
@@ -372,7 +372,7 @@ def _resume_requests(
     """
     transport = _idempotent_transport(client)
     moves = rebase_map(rebase)
-    journal = transport.journal
+    journal: JournalBackend = transport.journal
     base_url = client.base_url
 
     def mine(op: Operation) -> bool:
@@ -415,7 +415,10 @@ def _resume_requests(
 
 
 def _result(
-    journal: Journal, op: Operation, response: httpx.Response | None, error: Exception | None
+    journal: JournalBackend,
+    op: Operation,
+    response: httpx.Response | None,
+    error: Exception | None,
 ) -> ResumeResult:
     now = journal.get(op.key) or op
     outcome: Outcome

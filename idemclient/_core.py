@@ -1,8 +1,9 @@
 """One operation as a sequence of decisions, with no I/O (the shape of httpx's `auth_flow`).
 
-`keyed_flow` and `plain_flow` are generators. They yield *steps* (`Call` a journal method,
-`Send` a request, `Sleep`) and receive each step's result; the sync and async transports in
-`_transport.py` are the two loops that carry the steps out. Retry decisions come from a
+`keyed_flow` and `plain_flow` are generators. They yield *steps* (journal steps such as
+`Register`, `Claim`, `Finish`; `Send` a request; `Sleep`) and receive each step's result; the
+sync and async transports in `_transport.py` are the two loops that carry the steps out (the
+journal steps on any `JournalBackend`, through `perform`). Retry decisions come from a
 tenacity controller (`RetryPolicy.controller`), driven one `iter()` at a time.
 """
 
@@ -42,17 +43,11 @@ from ._errors import (
     RetriesExhaustedError,
 )
 from ._family import error_kind, family
-from ._journal import (
-    Decision,
-    Journal,
-    Operation,
-    Registration,
-    RequestRecord,
-    StoredResponse,
-    current_owner,
-)
 from ._policy import Exhausted, Outcome, RetryPolicy, Verdict, classify_error, classify_response
 from ._policy import is_replayed as server_replayed
+from ._records import Decision, Operation, Registration, RequestRecord, StoredResponse
+from .journal import JournalBackend
+from .journal._owner import current_owner
 
 logger = logging.getLogger("idemclient")
 
@@ -585,24 +580,90 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
 # -- steps ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """Run a journal method: in a worker thread, for the async shell, if it `blocks` (disk
-    I/O); a call that only hands data to the journal in memory runs on the event loop. The
-    shells see a blocking call through to its end, whatever cancels the caller meanwhile."""
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    blocks: bool = True
+# Journal steps: what the flow asks of the journal, carried out by the shells on any backend
+# (`perform`). All but `Finish` write to the journal's store: the async shell runs them in a
+# worker thread and sees each through to its end, whatever cancels the caller meanwhile.
 
 
 @dataclass(frozen=True, slots=True)
 class Register:
-    """Register and claim an operation (`Journal.register`): the one durable commit before
-    the send. The async shell registers the operations of concurrent tasks together."""
+    """Register and claim an operation (`JournalBackend.register`): the one durable commit
+    before the send; answered with a `Registration`. The async shell registers the
+    operations of concurrent tasks together."""
 
-    args: tuple[RequestRecord, str, float]
+    record: RequestRecord
+    owner: str
+    lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Claim the next attempt for the holder at `version` (`JournalBackend.claim`): a durable
+    commit before a retry; answered with a `Registration`."""
+
+    key: str
+    version: int
+    owner: str
+    lease_seconds: float
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Give the lease back, the operation left pending (`JournalBackend.release`): it gave
+    up, failed, was handed to the caller unsettled (`moved_fingerprint`: where a 307/308 sent
+    it on), or was interrupted. `never_sent`: no attempt reached the server."""
+
+    key: str
+    version: int
+    reason: str | None
+    never_sent: bool = False
+    moved_fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Record the final response (`JournalBackend.finish`). It only hands the answer to the
+    journal in memory (written batched, later): the async shell runs it on the event loop."""
+
+    key: str
+    version: int
+    state: Literal["completed", "conflict"]
+    response: StoredResponse
+
+
+@dataclass(frozen=True, slots=True)
+class Unclaim:
+    """Undo a claim whose request was provably never sent (`JournalBackend.unclaim`); `fresh`:
+    the operation was inserted by that claim's registration, and goes with it."""
+
+    key: str
+    version: int
+    fresh: bool
+
+
+JournalStep = Register | Claim | Release | Finish | Unclaim
+#: for `isinstance`: the steps that `perform` carries out
+JOURNAL_STEPS = (Register, Claim, Release, Finish, Unclaim)
+
+
+def perform(step: JournalStep, journal: JournalBackend) -> Any:
+    """Carry a journal step out on `journal`: its result, for the flow (the one place where
+    steps become journal calls, for both shells)."""
+    if isinstance(step, Register):
+        return journal.register(step.record, step.owner, step.lease_seconds)
+    if isinstance(step, Claim):
+        return journal.claim(
+            step.key, step.version, step.owner, step.lease_seconds, step.last_error
+        )
+    if isinstance(step, Release):
+        return journal.release(
+            step.key, step.version, step.reason, moved_fingerprint=step.moved_fingerprint,
+            never_sent=step.never_sent,
+        )  # fmt: skip
+    if isinstance(step, Finish):
+        return journal.finish(step.key, step.version, step.state, step.response)
+    return journal.unclaim(step.key, step.version, fresh=step.fresh)
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,7 +747,7 @@ class Emit:
     event: Event
 
 
-Step = Register | Call | Send | Read | Sleep | Emit
+Step = JournalStep | Send | Read | Sleep | Emit
 
 
 @dataclass(frozen=True, slots=True)
@@ -738,7 +799,7 @@ class _Recorder:
 
     def __init__(
         self,
-        journal: Journal,
+        journal: JournalBackend,
         op: Operation,
         version: int,
         the_plan: Plan,
@@ -1051,7 +1112,7 @@ def _close_response(outcome: Outcome) -> None:
 class Unsent(BaseException):
     """Thrown into a flow by a shell in place of carrying out a `Send`: the request was not
     sent (its task was cancelled while a journal call was seen through). The flow gives its
-    claim back (`Journal.unclaim`) and raises `reason`."""
+    claim back (`Unclaim`) and raises `reason`."""
 
     def __init__(self, reason: BaseException) -> None:
         super().__init__(reason)
@@ -1060,7 +1121,7 @@ class Unsent(BaseException):
 
 def keyed_flow(
     the_plan: Plan,
-    journal: Journal,
+    journal: JournalBackend,
     policy: RetryPolicy,
     clock: Callable[[], float],
     wall_clock: Callable[[], float],
@@ -1081,7 +1142,7 @@ def keyed_flow(
     """
     record, request = the_plan.record, the_plan.request
     me = owner()
-    reg: Registration = yield Register((record, me, the_plan.lease_seconds))
+    reg: Registration = yield Register(record, me, the_plan.lease_seconds)
     op = reg.operation
     label = op.name or op.key
     version, attempts = reg.lease_version, op.attempts
@@ -1137,8 +1198,8 @@ def keyed_flow(
     def attempt() -> Generator[Step, Any, Outcome]:
         nonlocal version, attempts, first, last_raw, fresh, reached, streaming
         if not first:
-            claimed: Registration = yield Call(
-                journal.claim, (op.key, version, me, the_plan.lease_seconds, last_error)
+            claimed: Registration = yield Claim(
+                op.key, version, me, the_plan.lease_seconds, last_error
             )
             if claimed.decision is not Decision.SEND:
                 # Not this holder's to send any more: taken over, finished by another holder,
@@ -1202,7 +1263,7 @@ def keyed_flow(
                 last.response.request = request
                 last.response.read()  # in memory: readable by the caller, and closed
             reason = f"{last.reason}; gave up: {result.reason}"
-            yield Call(journal.release, (op.key, version, reason), {"never_sent": not reached})
+            yield Release(op.key, version, reason, never_sent=not reached)
             settled = True
             logger.warning("operation %s (key %s): %s; it stays pending", label, op.key, reason)
             yield from event("gave_up", error=last.error)
@@ -1221,9 +1282,7 @@ def keyed_flow(
                 attempts=attempts,
             ) from last.error
         if result.verdict is Verdict.ERROR:
-            yield Call(
-                journal.release, (op.key, version, result.reason), {"never_sent": not reached}
-            )
+            yield Release(op.key, version, result.reason, never_sent=not reached)
             settled = True
             assert result.error is not None
             raise result.error
@@ -1241,8 +1300,7 @@ def keyed_flow(
             redirect = response.status_code in (301, 307, 308)
             moved = redirect_url(request, response) if redirect else None
             moved_fingerprint = the_plan.fingerprint_at(moved) if moved is not None else None
-            yield Call(journal.release, (op.key, version, result.reason),
-                       {"moved_fingerprint": moved_fingerprint})  # fmt: skip
+            yield Release(op.key, version, result.reason, moved_fingerprint=moved_fingerprint)
             settled = True
             logger.info(
                 "operation %s (key %s): %s; handed to the caller, it stays pending",
@@ -1267,11 +1325,7 @@ def keyed_flow(
             yield from event("recording", status=response.status_code)
             # `finish` holds the completion in memory for the next batched write: no I/O here.
             # (If another holder took the operation over meanwhile, that write is fenced out.)
-            yield Call(
-                journal.finish,
-                (op.key, version, state, _stored(response, last_raw, the_plan.secret)),
-                blocks=False,
-            )
+            yield Finish(op.key, version, state, _stored(response, last_raw, the_plan.secret))
             settled = True
     except GeneratorExit:
         raise
@@ -1280,7 +1334,7 @@ def keyed_flow(
         # in this same process may send it at once (and a fresh operation leaves no trace).
         if not settled:
             try:
-                yield Call(journal.unclaim, (op.key, version), {"fresh": fresh})
+                yield Unclaim(op.key, version, fresh=fresh)
             except Exception:
                 logger.debug("could not give back operation %s", label, exc_info=True)
         raise unsent.reason from None
@@ -1289,7 +1343,7 @@ def keyed_flow(
             # Cancelled, interrupted, or the journal failed mid-way: give the lease back so
             # that a resume in this same process need not wait for it to expire.
             try:
-                yield Call(journal.release, (op.key, version, "interrupted"))
+                yield Release(op.key, version, "interrupted")
             except Exception:
                 logger.debug("could not release operation %s", label, exc_info=True)
         raise

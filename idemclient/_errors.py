@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import httpx
 
-    from ._journal import Operation
+    from ._records import Operation
 
 __all__ = [
     "ConflictError",

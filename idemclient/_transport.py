@@ -1,8 +1,9 @@
 """`IdempotentTransport` and `AsyncIdempotentTransport`: thin loops over `_core`'s steps.
 
-The two classes differ only in how a step is carried out: the sync one calls the journal,
-the wrapped transport and `time.sleep` directly; the async one runs journal calls in a worker
-thread (so an fsync never blocks the event loop) and awaits the rest.
+The two classes differ only in how a step is carried out: the sync one carries journal steps
+out directly (`perform`), and calls the wrapped transport and `time.sleep`; the async one
+performs journal steps in a worker thread (so an fsync never blocks the event loop) and awaits
+the rest.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import httpx
 
 from ._config import testing_mode
 from ._core import (
-    Call,
+    JOURNAL_STEPS,
     Emit,
     Event,
+    Finish,
     Read,
     Received,
     Register,
@@ -36,13 +38,15 @@ from ._core import (
     Unsent,
     keyed_flow,
     logger,
+    perform,
     plain_flow,
     plan,
 )
 from ._errors import InvalidOperationError
 from ._family import AsyncTransport, SyncTransport, family
-from ._journal import Journal, Registration, RequestRecord
 from ._policy import RetryPolicy
+from ._records import Registration
+from .journal import Journal, JournalBackend, open_journal
 
 __all__ = ["AsyncIdempotentTransport", "IdempotentTransport"]
 
@@ -143,10 +147,12 @@ async def _aread_whole(response: httpx.Response) -> Received:
     return Received(response, raw)
 
 
-def _open_journal(journal: JournalLike) -> tuple[Journal, bool]:
+def open_journal_like(journal: JournalLike) -> tuple[Journal, bool]:
+    """The journal to write to, and whether it was opened here (then it is the transport's
+    or client's to close) rather than given."""
     if isinstance(journal, Journal):
         return journal, False
-    return Journal(journal), True
+    return open_journal(journal), True
 
 
 class _Base:
@@ -181,7 +187,7 @@ class _Base:
             keep_headers=keep_headers,
             max_body_size=max_body_size,
         )
-        self._journal, self._owns_journal = _open_journal(journal)
+        self._journal, self._owns_journal = open_journal_like(journal)
         self._clock = clock or time.monotonic
         self._wall_clock = time.time
         self._rng = rng
@@ -200,7 +206,7 @@ class _Base:
         are written now (a caller's journal stays open for the caller)."""
         if self._owns_journal:
             self._journal.close()
-        elif not self._journal._closing:
+        elif not self._journal.closed:
             self._journal.flush()
 
     def _emit(self, event: Event) -> None:
@@ -270,12 +276,12 @@ async def _see_through(fn: Callable[[], T]) -> tuple[T, BaseException | None]:
 
 
 class _Slot:
-    """A task's registration waiting for its batch: its arguments, then its result."""
+    """A task's registration waiting for its batch: its step, then its result."""
 
-    __slots__ = ("args", "value", "wake")
+    __slots__ = ("step", "value", "wake")
 
-    def __init__(self, args: tuple[RequestRecord, str, float]) -> None:
-        self.args = args
+    def __init__(self, step: Register) -> None:
+        self.step = step
         self.value: Registration | BaseException | None = None
         self.wake = anyio.Event()
 
@@ -290,16 +296,14 @@ class _AsyncRegistrar:
     cancellation, so that it can give the claim back before raising.
     """
 
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: JournalBackend) -> None:
         self._journal = journal
         self._waiting: list[_Slot] = []
         self._busy = False
 
-    async def register(
-        self, args: tuple[RequestRecord, str, float]
-    ) -> tuple[Registration, BaseException | None]:
+    async def register(self, step: Register) -> tuple[Registration, BaseException | None]:
         """The registration, and the cancellation that arrived meanwhile (or `None`)."""
-        slot = _Slot(args)
+        slot = _Slot(step)
         self._waiting.append(slot)
         cancelled: BaseException | None = None
         while slot.value is None:
@@ -329,8 +333,9 @@ class _AsyncRegistrar:
             while self._waiting and cancelled is None:
                 batch, self._waiting = self._waiting, []
                 try:
+                    requests = [(s.step.record, s.step.owner, s.step.lease_seconds) for s in batch]
                     results, cancelled = await _see_through(
-                        functools.partial(self._journal.register_many, [s.args for s in batch])
+                        functools.partial(self._journal.register_many, requests)
                     )
                 except BaseException as exc:  # register_many itself failed: tell everyone
                     for waiting in batch:
@@ -447,10 +452,8 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
     def _do(self, step: Step) -> Any:
         if isinstance(step, Emit):
             return self._emit(step.event)
-        if isinstance(step, Register):
-            return self._journal.register(*step.args)
-        if isinstance(step, Call):
-            return step.fn(*step.args, **step.kwargs)
+        if isinstance(step, JOURNAL_STEPS):
+            return perform(step, self._journal)
         if isinstance(step, Send):
             response = self._inner(step.request).handle_request(step.request)
             if not step.read:
@@ -561,11 +564,11 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             self._emit(step.event)
             return None, None
         if isinstance(step, Register):
-            return await self._registrar.register(step.args)
-        if isinstance(step, Call):
-            if not step.blocks:
-                return step.fn(*step.args, **step.kwargs), None
-            return await _see_through(functools.partial(step.fn, *step.args, **step.kwargs))
+            return await self._registrar.register(step)
+        if isinstance(step, Finish):  # in memory, no I/O: on the event loop
+            return perform(step, self._journal), None
+        if isinstance(step, JOURNAL_STEPS):  # the journal's store: seen through, off the loop
+            return await _see_through(functools.partial(perform, step, self._journal))
         if isinstance(step, Send):
             if self._transport is None:
                 self._transport = family(step.request).AsyncHTTPTransport()

@@ -13,15 +13,10 @@ from pathlib import Path
 import pytest
 
 from idemclient import Journal, JournalError
-from idemclient._journal import (
-    SCHEMA_VERSION,
-    Decision,
-    Registration,
-    RequestRecord,
-    StoredResponse,
-    current_owner,
-    default_journal_path,
-)
+from idemclient._records import Decision, Registration, RequestRecord, StoredResponse
+from idemclient.journal import default_journal_path
+from idemclient.journal._owner import current_owner
+from idemclient.journal._sqlite import SCHEMA_VERSION
 
 LEASE = 60.0
 
@@ -62,7 +57,7 @@ def dead_owner() -> str:
         [
             sys.executable,
             "-c",
-            "from idemclient._journal import current_owner; print(current_owner())",
+            "from idemclient.journal._owner import current_owner; print(current_owner())",
         ],
         capture_output=True,
         text=True,
@@ -549,7 +544,7 @@ def test_many_held_completions_are_written_and_fenced_ones_named(
     caplog: pytest.LogCaptureFixture,
     update_from: bool,
 ) -> None:
-    monkeypatch.setattr("idemclient._journal._UPDATE_FROM", update_from)
+    monkeypatch.setattr("idemclient.journal._sqlite._UPDATE_FROM", update_from)
     for i in range(70):  # more than one statement holds
         journal.register(record(name=f"op-{i}", key=f"k-{i}"), "elsewhere.example:1:1", LEASE)
     clock.now += LEASE + 1
@@ -672,7 +667,8 @@ def test_an_idle_flusher_thread_ends_and_a_new_one_starts(journal_path: Path) ->
 
 CLOSE_RACE = """
 import random, sys, time
-from idemclient._journal import Journal, RequestRecord, StoredResponse
+from idemclient._records import RequestRecord, StoredResponse
+from idemclient.journal import Journal
 
 for round_ in range(100):
     journal = Journal(f"{sys.argv[1]}/j{round_}.sqlite3", flush_delay=0.0)

@@ -34,6 +34,8 @@ def test_wheel_contents_and_metadata(dist: Path) -> None:
         names = set(zf.namelist())
         assert "idemclient/py.typed" in names
         assert "idemclient/testing.py" in names
+        for module in ("__init__", "_decide", "_owner", "_sqlite"):  # the journal subpackage
+            assert f"idemclient/journal/{module}.py" in names, module
         assert not any(n.startswith("tests/") for n in names)
         (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = zf.read(metadata_name).decode()

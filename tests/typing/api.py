@@ -8,6 +8,7 @@ import httpx
 from typing_extensions import assert_type
 
 import idemclient
+from idemclient.journal import JournalBackend, open_journal
 from idemclient.testing import IdempotentApp, IdempotentServer, set_testing
 
 
@@ -88,3 +89,11 @@ async def async_api() -> None:
     )
     idemclient.AsyncClient(secret_headers=["X-Internal"], keep_headers=["X-Session-Locale"])
     httpx.AsyncClient(transport=transport)
+
+
+def journal_contract() -> None:
+    # The SQLite journal keeps the journal contract that every backend keeps.
+    backend: JournalBackend = idemclient.Journal("j.sqlite3")
+    assert_type(open_journal("j.sqlite3"), idemclient.Journal)
+    assert_type(backend.pending(), list[idemclient.Operation])
+    assert_type(backend.closed, bool)

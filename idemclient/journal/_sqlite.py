@@ -1,5 +1,10 @@
 """The SQLite journal: what was asked, under which key, and what came back.
 
+The embedded `JournalBackend`. It decides nothing itself: a registration or a claim looks
+the rows up, asks the rules (`_decide`), and stores what they say. What is SQLite's own lives
+here: connections per thread, group commit of registrations, batched completions, fork
+handling, and schema migrations.
+
 One file, one table. Every read-then-write runs in an explicit `BEGIN IMMEDIATE` transaction
 (a deferred transaction that later upgrades to a write fails at once with "database is
 locked" instead of waiting). Every sqlite3 or OS error becomes a `JournalError` naming the file,
@@ -10,12 +15,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
 import os
-import socket
 import sqlite3
 import threading
 import time
@@ -24,33 +27,33 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from enum import Enum
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import platformdirs
 
-from ._errors import JournalError
+from idemclient._errors import JournalError
+from idemclient._records import (
+    FINISHED,
+    STATES,
+    Operation,
+    Registration,
+    RequestRecord,
+    State,
+    StoredResponse,
+    utc,
+)
 
-__all__ = [
-    "Decision",
-    "Journal",
-    "Operation",
-    "Registration",
-    "RequestRecord",
-    "StoredResponse",
-    "default_journal_path",
-]
+from . import _decide
+from ._decide import DEFAULT_PURGE_HORIZON, DEFAULT_RETENTION
+from ._owner import owner_alive
 
-State = Literal["pending", "completed", "conflict", "expired", "parked", "abandoned"]
-STATES: tuple[State, ...] = ("pending", "completed", "conflict", "expired", "parked", "abandoned")
-_FINISHED: tuple[State, ...] = ("completed", "conflict", "abandoned")
+__all__ = ["SCHEMA_VERSION", "Journal", "default_journal_path"]
 
 #: Bumped by every schema change; migrations go forward only (`_MIGRATIONS`).
 SCHEMA_VERSION = 3
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-_DEFAULT_PURGE_HORIZON = timedelta(days=30)
 
 _V2_COLUMNS = """
     id              INTEGER PRIMARY KEY,
@@ -86,7 +89,6 @@ _TABLE = f"""CREATE TABLE operations ({_V2_COLUMNS},
 )"""
 # Properties of the file that every client, resumer and the CLI must agree on (the retention).
 _SETTINGS_TABLE = "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
-_DEFAULT_RETENTION = timedelta(hours=24)
 # Names are unique among named operations; unnamed ones (most, in bulk use) stay out of the
 # index, which spares each of their inserts an index write. Resume and expiry scan only
 # pending rows, and purge only finished ones: that stays cheap however large the journal grows.
@@ -187,22 +189,23 @@ def _new_row(
     )  # fmt: skip
 
 
-def _new_registration(record: RequestRecord, when: datetime) -> Registration:
-    """What registering a new operation decided: send it, first attempt, first lease."""
-    op = Operation(
-        record.name, record.key, "pending", record.method, record.url, 1, when, when, None, None,
-        key_header=record.key_header, key_style=record.key_style,
-    )  # fmt: skip
-    return Registration(Decision.SEND, op, lease_version=1, fresh=True)
-
-
 def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
     return [items[i : i + _ROWS_PER_STATEMENT] for i in range(0, len(items), _ROWS_PER_STATEMENT)]
 
 
+# The writes the registration rules ask for (`_decide.Write`): SQL only stores.
 _EXPIRE = (
     "UPDATE operations SET state = 'expired', updated_at = ?, lease_owner = NULL, "
     "lease_expires = NULL WHERE key = ?"
+)
+_PARK = (
+    "UPDATE operations SET state = 'parked', recoveries = ?, updated_at = ?, "
+    "lease_owner = NULL, lease_expires = NULL, last_error = ? WHERE key = ?"
+)
+_CLAIM = (
+    "UPDATE operations SET attempts = ?, lease_version = ?, lease_owner = ?, lease_expires = ?, "
+    "updated_at = ?, recoveries = ?, first_sent_at = ?, url = ?, fingerprint = ?, "
+    "last_error = ? WHERE key = ?"
 )
 logger = logging.getLogger("idemclient")
 #: every Journal of this process that is not closed
@@ -337,154 +340,6 @@ def default_journal_path() -> Path:
     return platformdirs.user_state_path("idemclient") / "journal.sqlite3"
 
 
-# -- process identity, for leases ---------------------------------------------------------
-
-
-def _process_start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (Linux), to tell a reused pid from the holder."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return fields[19].decode() if len(fields) > 19 else None
-
-
-#: the host part of lease owners; IDEMCLIENT_HOST overrides it (containers whose host names
-#: repeat; tests that play several hosts on one machine)
-_HOST = os.environ.get("IDEMCLIENT_HOST") or socket.gethostname()
-
-
-def current_owner() -> str:
-    """This process as a lease owner: host, pid and start time (pids are reused)."""
-    pid = os.getpid()
-    return f"{_HOST}:{pid}:{_process_start_time(pid) or '0'}"
-
-
-def _owner_alive(owner: str) -> bool:
-    """Whether the owner still runs. A holder on another host is assumed alive."""
-    parts = owner.rsplit(":", 2)
-    if len(parts) != 3:
-        return True
-    host, pid_text, start = parts
-    if host != _HOST:
-        return True
-    try:
-        pid = int(pid_text)
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, OverflowError):
-        return True
-    if start == "0":
-        return True
-    return _process_start_time(pid) == start
-
-
-# -- records ------------------------------------------------------------------------------
-
-
-def _dt(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
-
-
-@dataclass(frozen=True, slots=True)
-class Operation:
-    """One journaled operation, as the journal holds it now.
-
-    `name` is `None` for an unnamed operation. `state` is one of `pending` (resumable),
-    `completed`, `conflict` (422), `expired` (sent once and older than the retention: never
-    resent automatically), `parked` (its sends kept ending with the process gone: a person
-    decides) and `abandoned`. `attempts` counts the sends claimed so far; `recoveries` the
-    times a holder vanished mid-operation; `previous_key` the key a `reissue` replaced.
-
-    Example:
-        >>> op = journal.get("charge-42")
-        >>> op.state, op.attempts, op.response_status
-        ('completed', 2, 201)
-    """
-
-    name: str | None
-    key: str
-    state: State
-    method: str
-    url: str
-    attempts: int
-    created_at: datetime
-    updated_at: datetime
-    response_status: int | None
-    last_error: str | None
-    recoveries: int = 0
-    previous_key: str | None = None
-    key_header: str | None = None
-    key_style: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    """A final response as journaled: status, headers (no Set-Cookie) and the raw body.
-
-    `body_kept` is `False` when the body was larger than the journal's `max_response_body`;
-    a replay then returns the status and headers with an empty body.
-
-    `headers` are text, decoded with `encoding` (httpx's `Headers.encoding` of the response:
-    ascii, utf-8 or iso-8859-1, one for all of them). That decoding loses nothing, so encoding
-    the text with it again gives back the exact bytes the server sent.
-    """
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    body_kept: bool = True
-    encoding: str = "utf-8"
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    """What `register` needs to know about a request (secrets already removed)."""
-
-    name: str | None
-    key: str
-    key_given: bool  # the caller chose the key (an Idempotency-Key header)
-    method: str
-    url: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    fingerprint: str
-    resume: bool = False  # sent by resume: the stored request, found by key
-    key_header: str = "Idempotency-Key"  # how the key goes out, stored with the operation
-    key_style: str = "bare"
-    headers_encoding: str = "utf-8"  # what `headers` were decoded with (httpx's choice)
-
-
-class Decision(Enum):
-    """What `register` decided; the core turns it into a send, a replay or an error."""
-
-    SEND = "send"
-    COMPLETED = "completed"
-    CONFLICT = "conflict"
-    MISMATCH = "mismatch"
-    IN_PROGRESS = "in_progress"
-    EXPIRED = "expired"
-    PARKED = "parked"
-    ABANDONED = "abandoned"
-
-
-@dataclass(frozen=True, slots=True)
-class Registration:
-    decision: Decision
-    operation: Operation
-    lease_version: int = 0
-    response: StoredResponse | None = None
-    detail: str = ""
-    fresh: bool = False  # a new operation inserted by this registration (nothing sent before)
-    # the journaled body to send instead of this request's (a multipart rerun: the first
-    # attempt's boundary), and its content type
-    body: bytes | None = None
-    content_type: str | None = None
-
-
 _COLUMNS = (
     "name, key, state, method, url, attempts, created_at, updated_at, response_status, "
     "last_error, fingerprint, first_sent_at, lease_owner, lease_expires, lease_version, "
@@ -501,8 +356,8 @@ def _operation(row: tuple[Any, ...]) -> Operation:
         method=row[3],
         url=row[4],
         attempts=row[5],
-        created_at=_dt(row[6]),
-        updated_at=_dt(row[7]),
+        created_at=utc(row[6]),
+        updated_at=utc(row[7]),
         response_status=row[8],
         last_error=row[9],
         recoveries=row[18],
@@ -535,17 +390,20 @@ def _headers_from_json(text: str | None) -> tuple[list[tuple[str, str]], str]:
     return [(str(k), str(v)) for k, v in stored], encoding
 
 
-def _origin(url: str) -> str:
-    """scheme://host[:port] of a stored URL, as written (for telling a host move apart)."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme.lower()}://{rest.split('/', 1)[0].split('?', 1)[0].lower()}"
-
-
 def _stored_response(row: tuple[Any, ...]) -> StoredResponse | None:
     if row[8] is None:
         return None
     headers, encoding = _headers_from_json(row[15])
     return StoredResponse(row[8], headers, bytes(row[16] or b""), bool(row[17]), encoding)
+
+
+def _stored_row(row: tuple[Any, ...]) -> _decide.StoredRow:
+    """A row of `_COLUMNS` as the registration rules read it."""
+    return _decide.StoredRow(
+        _operation(row), fingerprint=row[10], first_sent_at=row[11], lease_owner=row[12],
+        lease_expires=row[13], lease_version=row[14], moved_fingerprint=row[22],
+        response=_stored_response(row),
+    )  # fmt: skip
 
 
 class Journal:
@@ -640,6 +498,11 @@ class Journal:
     def __repr__(self) -> str:
         return f"<Journal {str(self.path)!r} durability={self.durability!r}>"
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has begun: nothing more is written through this journal."""
+        return self._closing
+
     def _after_fork(self) -> None:
         """In a child after `fork()`: fresh locks and queues; the parent's connections stay
         untouched (SQLite connections must not be used, nor closed, across a fork)."""
@@ -729,7 +592,7 @@ class Journal:
             db.execute("SELECT 1 FROM operations LIMIT 1").fetchall()
             row = db.execute("SELECT value FROM settings WHERE name = 'retention'").fetchone()
         if row is None:  # only a read-only look at a journal nobody has written to yet
-            return retention or _DEFAULT_RETENTION
+            return retention or DEFAULT_RETENTION
         stored = timedelta(seconds=float(row[0]))
         # stored as float seconds: equal within a millisecond is the same retention
         if retention is not None and abs(retention - stored) > timedelta(milliseconds=1):
@@ -762,7 +625,7 @@ class Journal:
                     logger.info("journal %s: upgrading from schema version %d", self.path, version)
                     _MIGRATIONS[version](db)
             if current < SCHEMA_VERSION:  # not done by another process meanwhile
-                seconds = (retention or _DEFAULT_RETENTION).total_seconds()
+                seconds = (retention or DEFAULT_RETENTION).total_seconds()
                 db.execute(
                     "INSERT OR IGNORE INTO settings (name, value) VALUES ('retention', ?)",
                     (repr(seconds),),
@@ -985,11 +848,12 @@ class Journal:
         ).fetchone()
         return cast("tuple[Any, ...] | None", row)
 
-    def _lease_free(self, row: tuple[Any, ...], now: float) -> bool:
-        owner, expires = row[12], row[13]
-        if owner is None or (expires is not None and expires <= now):
-            return True
-        return not _owner_alive(owner)
+    def _row(self, db: sqlite3.Connection, column: str, value: str) -> _decide.StoredRow | None:
+        row = self._find(db, column, value)
+        return _stored_row(row) if row is not None else None
+
+    def _limits(self) -> _decide.Limits:
+        return _decide.Limits(self.retention, self.max_recoveries, owner_alive)
 
     def register(self, record: RequestRecord, owner: str, lease_seconds: float) -> Registration:
         """Look the operation up and, if it is to be sent, claim it: one durable commit.
@@ -1086,9 +950,8 @@ class Journal:
             if isinstance(exc, sqlite3.IntegrityError):  # a known name or key: nothing changed
                 return False
             raise
-        when = _dt(now)
         for ticket in batch:
-            ticket.result = _new_registration(ticket.record, when)
+            ticket.result = _decide.new_registration(ticket.record, now)
         return True
 
     @staticmethod
@@ -1103,7 +966,7 @@ class Journal:
         values = _new_row(record, owner, lease_seconds, now)
         if db.execute(_INSERT_OR_IGNORE, values).rowcount != 1:
             return None
-        return _new_registration(record, _dt(now))
+        return _decide.new_registration(record, now)
 
     def _register_in(
         self,
@@ -1113,25 +976,19 @@ class Journal:
         lease_seconds: float,
         now: float,
     ) -> Registration:
-        """`register`'s decision, inside the caller's transaction."""
+        """`register`'s decision (`_decide.register`), stored in the caller's transaction."""
         # The common case, a new operation: one INSERT. It changes nothing if the name or key
-        # is known already; the lookups below sort that out.
+        # is known already; the rules sort that out.
         if not record.resume and (inserted := self._insert(db, record, owner, lease_seconds, now)):
             return inserted
-        row = None
-        if record.name is not None:
-            row = self._find(db, "name", record.name)
-            if record.key_given:
-                by_key = self._find(db, "key", record.key)
-                if by_key is not None and (row is None or by_key[1] != row[1]):
-                    return Registration(
-                        Decision.MISMATCH,
-                        _operation(by_key),
-                        detail=f"key {record.key!r} already belongs to another operation",
-                    )
-        elif record.key_given or record.resume:
-            row = self._find(db, "key", record.key)
-        if row is None:
+        by_name, by_key = _decide.lookups(record)
+        decided = _decide.register(
+            record,
+            self._row(db, "name", record.name) if by_name and record.name is not None else None,
+            self._row(db, "key", record.key) if by_key else None,
+            owner=owner, lease_seconds=lease_seconds, now=now, limits=self._limits(),
+        )  # fmt: skip
+        if isinstance(decided.write, _decide.Insert):
             inserted = self._insert(db, record, owner, lease_seconds, now)
             if inserted is None:
                 raise JournalError(
@@ -1139,77 +996,34 @@ class Journal:
                     path=str(self.path),
                 )
             return inserted
-        op = _operation(row)
-        # Inside a named operation the journal's key is the key: one a caller (an SDK that
-        # draws a key per call) put in the header is replaced by it (`request_with_key`).
-        if record.key_given and row[1] != record.key and record.name is None:
-            return Registration(Decision.MISMATCH, op, detail=f"it has another key ({op.key!r})")
-        # A request a 307/308 sent on (httpx follows it with the same key) is the same
-        # operation at its new URL.
-        moved = op.state == "pending" and row[22] is not None and row[22] == record.fingerprint
-        if not record.resume and row[10] != record.fingerprint and not moved:
-            return Registration(
-                Decision.MISMATCH,
-                op,
-                detail=f"it was registered with another request ({op.method} {op.url})",
-            )
-        if op.state != "pending":
-            return Registration(Decision(op.state), op, response=_stored_response(row))
-        first_sent = row[11]
-        if first_sent is not None and first_sent < now - self.retention.total_seconds():
-            db.execute(_EXPIRE, (now, op.key))
-            return Registration(Decision.EXPIRED, _operation(self._find(db, "key", op.key)))  # type: ignore[arg-type]
-        if not self._lease_free(row, now):
-            return Registration(
-                Decision.IN_PROGRESS, op, detail=f"held by {row[12]} until {_dt(row[13])}"
-            )
-        # A lease that was never given back: its holder died (or stalled) mid-operation.
-        recoveries = row[18] + (1 if row[12] is not None else 0)
-        if recoveries > self.max_recoveries:
-            reason = (
-                f"parked after {recoveries} recoveries: each time, the process sending it "
-                f"was gone before it finished (last holder {row[12]}); unpark or abandon it"
-            )
-            db.execute(
-                "UPDATE operations SET state = 'parked', recoveries = ?, updated_at = ?, "
-                "lease_owner = NULL, lease_expires = NULL, last_error = ? WHERE key = ?",
-                (recoveries, now, reason, op.key),
-            )
-            parked = self._find(db, "key", op.key)
-            assert parked is not None
-            return Registration(Decision.PARKED, _operation(parked), detail=reason)
-        version = row[14] + 1
-        # A resume sends to the URL in its record (the stored one, or where `rebase` moved
-        # it), a redirected request to where it was sent on: that is where the operation
-        # now lives, for every later resume too.
-        url = record.url if record.resume or moved else op.url
-        # Moved to another host (`rebase`): it is now this request at the new host, so that
-        # a rerun there is recognised, and one still at the old host is refused, not sent
-        # where the operation no longer lives.
-        fingerprint = row[10]
-        if record.resume and _origin(record.url) != _origin(op.url):
-            fingerprint = record.fingerprint
-        db.execute(
-            "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
-            "lease_owner = ?, lease_expires = ?, updated_at = ?, recoveries = ?, "
-            "first_sent_at = COALESCE(first_sent_at, ?), url = ?, fingerprint = ? "
-            "WHERE key = ?",
-            (version, owner, now + lease_seconds, now, recoveries, now, url, fingerprint, op.key),
-        )
-        claimed = self._find(db, "key", op.key)
-        assert claimed is not None
-        body = content_type = None
-        if record.body[:2] == b"--" and not record.resume:  # perhaps multipart: its boundary
-            stored_body, headers = db.execute(
-                "SELECT body, headers FROM operations WHERE key = ?", (op.key,)
-            ).fetchone()
-            if bytes(stored_body) != record.body:
-                body = bytes(stored_body)
-                content_type = dict(_headers_from_json(headers)[0]).get("content-type")
-        return Registration(
-            Decision.SEND, _operation(claimed), lease_version=version, body=body,
-            content_type=content_type,
-        )  # fmt: skip
+        return self._store(db, decided, record.body)
+
+    @staticmethod
+    def _store(db: sqlite3.Connection, decided: _decide.Decided, body: bytes = b"") -> Registration:
+        """Make the write the rules asked for (an insert excepted: the caller makes it, with
+        its record), in the caller's transaction; the registration to return. `body` is the
+        request's, compared with the stored one if the rules ask (a multipart rerun)."""
+        write, registration = decided.write, decided.registration
+        if isinstance(write, _decide.ClaimUpdate):
+            db.execute(_CLAIM, (
+                write.attempts, write.lease_version, write.lease_owner, write.lease_expires,
+                write.updated_at, write.recoveries, write.first_sent_at, write.url,
+                write.fingerprint, write.last_error, write.key,
+            ))  # fmt: skip
+            if write.compare_body:
+                stored_body, headers = db.execute(
+                    "SELECT body, headers FROM operations WHERE key = ?", (write.key,)
+                ).fetchone()
+                registration = _decide.with_stored_body(
+                    registration, body, bytes(stored_body), _headers_from_json(headers)[0]
+                )
+        elif isinstance(write, _decide.Expire):
+            db.execute(_EXPIRE, (write.updated_at, write.key))
+        elif isinstance(write, _decide.Park):
+            db.execute(_PARK, (write.recoveries, write.updated_at, write.reason, write.key))
+        else:
+            assert write is None, write
+        return registration
 
     def claim(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
@@ -1233,29 +1047,11 @@ class Journal:
                     "journal; not resent",
                     path=str(self.path),
                 )
-            op = _operation(row)
-            if op.state != "pending":
-                return Registration(Decision(op.state), op, response=_stored_response(row))
-            if row[14] != version:
-                return Registration(
-                    Decision.IN_PROGRESS, op, detail=f"taken over by {row[12] or 'another holder'}"
-                )
-            first_sent = row[11]
-            if first_sent is not None and first_sent < now - self.retention.total_seconds():
-                db.execute(_EXPIRE, (now, key))
-                expired = self._find(db, "key", key)
-                assert expired is not None
-                return Registration(Decision.EXPIRED, _operation(expired))
-            db.execute(
-                "UPDATE operations SET attempts = attempts + 1, lease_version = ?, "
-                "lease_owner = ?, lease_expires = ?, updated_at = ?, last_error = ?, "
-                "first_sent_at = COALESCE(first_sent_at, ?) WHERE key = ?",
-                (version + 1, owner, now + lease_seconds, now, last_error, now, key),
-            )
-            claimed = dataclasses.replace(
-                op, attempts=op.attempts + 1, updated_at=_dt(now), last_error=last_error
-            )
-            return Registration(Decision.SEND, claimed, lease_version=version + 1)
+            decided = _decide.claim(
+                _stored_row(row), version, owner=owner, lease_seconds=lease_seconds,
+                last_error=last_error, now=now, limits=self._limits(),
+            )  # fmt: skip
+            return self._store(db, decided)
 
     def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
         """Undo a claim whose request was provably never sent (its task was cancelled, or the
@@ -1590,9 +1386,9 @@ class Journal:
 
     def purge(
         self,
-        older_than: timedelta = _DEFAULT_PURGE_HORIZON,
+        older_than: timedelta = DEFAULT_PURGE_HORIZON,
         *,
-        states: tuple[State, ...] = _FINISHED,
+        states: tuple[State, ...] = FINISHED,
     ) -> int:
         """Delete finished operations last updated more than `older_than` ago; the count.
 
@@ -1605,7 +1401,7 @@ class Journal:
                 f"older_than ({older_than}) must not be shorter than the retention "
                 f"({self.retention})"
             )
-        bad = [s for s in states if s not in _FINISHED]
+        bad = [s for s in states if s not in FINISHED]
         if bad:
             raise ValueError(f"only finished states can be purged, not {', '.join(bad)}")
         cutoff = self._clock() - older_than.total_seconds()

@@ -1,0 +1,229 @@
+"""The journal: the contract every backend keeps, and the way to open one.
+
+`JournalBackend` is what the core, the transports, `resume_pending` and the command line
+use; each method's docstring states what a backend guarantees (the model is hishel's storage
+base class). The rules of a registration live in one pure function (`_decide`) that every
+backend calls: a backend only stores.
+
+Backends:
+
+* `Journal` (`_sqlite.py`): one SQLite file, the embedded default.
+* PostgreSQL, for fleets: coming.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Literal, Protocol
+
+from idemclient._errors import JournalError
+from idemclient._records import (
+    FINISHED,
+    Operation,
+    Registration,
+    RequestRecord,
+    State,
+    StoredResponse,
+)
+
+from ._decide import DEFAULT_PURGE_HORIZON
+from ._sqlite import Journal, default_journal_path
+
+__all__ = ["Journal", "JournalBackend", "default_journal_path", "open_journal"]
+
+
+class JournalBackend(Protocol):
+    """The durable record of operations, as the core and its users need it.
+
+    Every method that reads or writes raises `JournalError` (naming where the journal is)
+    when the store cannot be reached, read or written; nothing else of the backend's driver
+    escapes. Writes before a send (`register`, `register_many`, `claim`) are durable when
+    they return; the others need not be (if one is lost, a resume resends the same key and
+    the server replays its answer). A write by a holder whose lease was taken over (its
+    `version` is no longer the operation's) changes nothing.
+
+    Example:
+        >>> def report(journal: JournalBackend) -> None:
+        ...     for op in journal.pending():
+        ...         print(op.name or op.key, op.attempts, op.last_error)
+    """
+
+    #: how long the server keeps a key: a pending operation sent at least once and older
+    #: than this is `expired`, never resent automatically (a property of the journal, shared
+    #: by every client of it)
+    retention: timedelta
+    #: bytes of a final response body kept for replays
+    max_response_body: int
+    #: the same for an answer the caller streamed (`finish(..., streamed=True)`)
+    max_stream_body: int
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has begun: nothing more may be written through this journal."""
+        ...
+
+    # -- one operation's life: what the core's steps carry out --------------------------
+
+    def register(self, record: RequestRecord, owner: str, lease_seconds: float) -> Registration:
+        """Look the operation up and, if it is to be sent, claim it: one durable commit.
+
+        The decision is `_decide.register`'s: unknown, it is inserted and claimed for `owner`
+        (`SEND`, first attempt, `fresh`); known, a different request is `MISMATCH`, a finished
+        one is answered (`COMPLETED` with its `response`, `CONFLICT`, `ABANDONED`), one past
+        the retention becomes `EXPIRED`, one whose live holder's lease has not ended is
+        `IN_PROGRESS`, one taken over too often is `PARKED`, and a pending one with a free
+        lease is claimed (`SEND`, one more attempt, a new `lease_version`). Nothing is sent
+        by the caller unless the commit is durable.
+        """
+        ...
+
+    def register_many(
+        self, requests: Sequence[tuple[RequestRecord, str, float]]
+    ) -> list[Registration | JournalError]:
+        """`register` for several operations (record, owner, lease seconds), in order: each
+        result is the `Registration`, or the `JournalError` that stopped that one."""
+        ...
+
+    def claim(
+        self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
+    ) -> Registration:
+        """Claim one more attempt for the holder at `version`: one durable commit.
+
+        `SEND` with the new `lease_version` (its `operation.attempts` counts this attempt),
+        or why the attempt must not be sent: `EXPIRED`, `ABANDONED`, `COMPLETED` or `CONFLICT`
+        (finished by another holder: its answer in `response`), `PARKED`, or `IN_PROGRESS`
+        (another holder took it over). Raises `JournalError` if the key is no longer known.
+        """
+        ...
+
+    def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
+        """Undo a claim whose request was provably never sent (cancelled before the send).
+
+        A `fresh` operation (inserted by that very registration) is removed, as if never
+        registered; a known one gets its attempt back and its lease freed (and counts as never
+        sent again if that was its first attempt). Fenced by `version`.
+        """
+        ...
+
+    def finish(
+        self,
+        key: str,
+        version: int,
+        state: Literal["completed", "conflict"],
+        response: StoredResponse,
+        *,
+        streamed: bool = False,
+    ) -> None:
+        """Record the final response, fenced by `version`; it may be written later (batched).
+
+        Its body is kept up to `max_response_body` bytes (`max_stream_body` if `streamed`);
+        a larger one is recorded with its status and headers only (`body_kept=False`). No
+        disk or network I/O on the caller's path is required: the async transport calls it on
+        the event loop. Until written, the operation merely looks pending; every read through
+        any journal of this process sees it written (`flush` first).
+
+        Raises:
+            JournalError: this journal is closed and nothing else can write the answer (the
+                operation stays pending).
+        """
+        ...
+
+    def release(
+        self,
+        key: str,
+        version: int,
+        last_error: str | None,
+        *,
+        moved_fingerprint: str | None = None,
+        never_sent: bool = False,
+    ) -> bool:
+        """Give the lease back, leaving the operation pending with its last error; whether it
+        was still this holder's (`version`).
+
+        `moved_fingerprint`: a 307/308 sent the request on; a request with this fingerprint is
+        then accepted as this operation's next attempt. `never_sent`: no attempt ever reached
+        the server, so it stays provably never sent and no retention expires it.
+        """
+        ...
+
+    def flush(self) -> None:
+        """Write every completion held in memory (see `finish`) now."""
+        ...
+
+    def close(self) -> None:
+        """Write held completions and let go of every resource; later use raises
+        `JournalError`. Closing twice is harmless."""
+        ...
+
+    # -- reading back ---------------------------------------------------------------------
+
+    def stored_request(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes, str]:
+        """The journaled request: method, URL, headers (no secrets), the exact body bytes,
+        and the encoding that turns the headers back into their bytes. `KeyError` if unknown."""
+        ...
+
+    def stored_response(self, name_or_key: str) -> StoredResponse | None:
+        """The journaled final response of an operation (by name, else key), if it has one."""
+        ...
+
+    def operations(self, state: State | None = None) -> list[Operation]:
+        """Every operation, oldest first; only those in `state` if given (`ValueError` for a
+        state that does not exist)."""
+        ...
+
+    def get(self, name_or_key: str) -> Operation | None:
+        """The operation with this name, else with this key (a name wins); `None` if neither
+        is known."""
+        ...
+
+    def pending(self) -> list[Operation]:
+        """Operations a resume would send: pending and not past the retention, oldest first."""
+        ...
+
+    # -- upkeep ---------------------------------------------------------------------------
+
+    def expire_stale(self, select: Callable[[Operation], bool] | None = None) -> list[Operation]:
+        """Mark pending operations sent once and older than the retention `expired` (only
+        those `select` accepts, if given), in one transaction; the expired operations."""
+        ...
+
+    def abandon(self, name_or_key: str) -> Operation:
+        """Mark a pending, expired or parked operation `abandoned`: never sent again.
+        `KeyError` if unknown, `ValueError` if it is finished already."""
+        ...
+
+    def unpark(self, name_or_key: str) -> Operation:
+        """Make a parked operation pending again, with its key and its recoveries reset.
+        `KeyError` if unknown, `ValueError` if it is not parked."""
+        ...
+
+    def reissue(self, name_or_key: str) -> Operation:
+        """Give an expired operation a new key (the old one kept as `previous_key`), pending
+        and never sent. For a person who checked the server did not act. `KeyError` if
+        unknown, `ValueError` if it is not expired."""
+        ...
+
+    def purge(
+        self, older_than: timedelta = DEFAULT_PURGE_HORIZON, *, states: tuple[State, ...] = FINISHED
+    ) -> int:
+        """Delete finished operations (only `completed`, `conflict`, `abandoned`) last updated
+        more than `older_than` ago; the count. `ValueError` for a horizon shorter than the
+        retention or a state that is not finished. Pending and expired ones are never purged."""
+        ...
+
+    def set_retention(self, retention: timedelta) -> None:
+        """Change the journal's retention for every client that opens it from now on
+        (`ValueError` unless positive)."""
+        ...
+
+
+def open_journal(path: str | os.PathLike[str] | None = None) -> Journal:
+    """The journal at `path`: an SQLite file (`None`: `$IDEMCLIENT_JOURNAL`, else the default
+    journal in the user state directory), created if need be.
+
+    The one place where the transports turn what they were given into a journal. (Once a
+    PostgreSQL URL is accepted too, it returns either backend, as a `JournalBackend`.)
+    """
+    return Journal(path)
