@@ -40,7 +40,8 @@ def test_every_exported_name_exists_and_public_names_are_exported() -> None:
     for name in idemclient.__all__:
         assert hasattr(idemclient, name), name
     public = {n for n in vars(idemclient) if not n.startswith("_")}
-    assert public <= set(idemclient.__all__) | {"annotations", "testing", "httpx2"}  # submodules
+    submodules = {"annotations", "testing", "httpx2", "otel"}
+    assert public <= set(idemclient.__all__) | submodules
 
 
 def test_error_tree() -> None:
