@@ -300,8 +300,9 @@ class _Chunks(httpx.SyncByteStream):
 
 def test_many_threads_share_one_hook(journal_path: Path, otel: Telemetry) -> None:
     app = IdempotentApp()
-    app.inject("status", status=503, times=10)
-    with client_for(app, journal_path, otel.hook) as client:
+    app.inject("status", status=503, times=10)  # however they fall, no operation gives up
+    retry = idemclient.RetryPolicy(max_attempts=11)
+    with client_for(app, journal_path, otel.hook, retry=retry) as client:
 
         def work(n: int) -> None:
             for i in range(10):
