@@ -40,6 +40,7 @@ exit status:
 examples:
   idemclient list --state pending
   idemclient show charge-inv-042
+  idemclient stats --json
   idemclient resume --base-url https://api.example --header-from-env 'Authorization=API_AUTH'
   idemclient abandon charge-inv-042
   idemclient unpark charge-inv-042
@@ -231,6 +232,68 @@ def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         for name, value in stored.headers:
             print(f"{'':<14}{name}: {value}", file=out)
+    return EXIT_OK
+
+
+def _size(path: Path) -> int:
+    """A file's size in bytes; 0 if it is not there (a WAL file comes and goes)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _bytes(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Counts by state, the oldest pending operation and the file's size, for monitoring."""
+    journal = _open(args, read_only=True)
+    if journal is None:  # nothing journaled yet: all zeros, as a monitoring script expects
+        _missing(args, err)
+        path = Path(args.journal).expanduser() if args.journal else default_journal_path()
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        oldest_name, oldest_key, oldest_at = None, None, None
+    else:
+        with journal:
+            stats = journal.stats()
+        path, counts = journal.path, stats.states
+        oldest_name, oldest_key = stats.oldest_pending_name, stats.oldest_pending_key
+        oldest_at = stats.oldest_pending_created_at
+    file_bytes, wal_bytes = _size(path), _size(path.with_name(path.name + "-wal"))
+    now = datetime.now(timezone.utc)
+    if args.json:
+        oldest = None
+        if oldest_key is not None and oldest_at is not None:
+            oldest = {
+                "name": oldest_name,
+                "key": oldest_key,
+                "created_at": oldest_at.isoformat(),
+                "age_seconds": round((now - oldest_at).total_seconds(), 3),
+            }
+        data = {
+            "journal": str(path),
+            "states": counts,
+            "total": sum(counts.values()),
+            "oldest_pending": oldest,
+            "file_bytes": file_bytes,
+            "wal_bytes": wal_bytes,
+            "size_bytes": file_bytes + wal_bytes,
+        }
+        print(json.dumps(data, indent=2), file=out)
+        return EXIT_OK
+    rows = [[state, str(count)] for state, count in counts.items()]
+    rows.append(["total", str(sum(counts.values()))])
+    if oldest_key is not None and oldest_at is not None:
+        label = f"{oldest_name} (key {oldest_key})" if oldest_name else oldest_key
+        rows.append(["oldest pending", f"{label}, {_age(oldest_at, now)} old"])
+    size = f"{_bytes(file_bytes + wal_bytes)} ({_bytes(file_bytes)} + {_bytes(wal_bytes)} WAL)"
+    rows.append(["journal", f"{path}, {size}"])
+    _table(rows, out)
     return EXIT_OK
 
 
@@ -446,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("operation", metavar="NAME_OR_KEY")
     sub.add_argument("--json", action="store_true", help="print JSON, for scripts")
     sub.set_defaults(run=cmd_show)
+
+    sub = command("stats", "count operations by state; the oldest pending one; the file's "
+                  "size (for monitoring)")  # fmt: skip
+    sub.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    sub.set_defaults(run=cmd_stats)
 
     sub = command(
         "resume",

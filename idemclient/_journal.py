@@ -1610,6 +1610,32 @@ class Journal:
             )
             return cursor.rowcount
 
+    @dataclass(frozen=True, slots=True)
+    class Stats:
+        """What `stats()` counts: every state (zeros included) and the oldest pending
+        operation (`None`s if nothing is pending; its name is `None` if it is unnamed). A
+        pending operation past the retention counts as pending until a resume expires it."""
+
+        states: dict[str, int]
+        oldest_pending_name: str | None = None
+        oldest_pending_key: str | None = None
+        oldest_pending_created_at: datetime | None = None
+
+    def stats(self) -> Journal.Stats:
+        """Operations by state and the oldest pending one, in one aggregate query (one read
+        snapshot; no row is loaded): cheap for monitoring however large the journal."""
+        rows = self._read(
+            "count operations",
+            "SELECT state, COUNT(*), NULL, NULL, NULL FROM operations GROUP BY state "
+            "UNION ALL SELECT * FROM (SELECT NULL, 0, name, key, created_at FROM operations "
+            "WHERE state = 'pending' ORDER BY created_at, id LIMIT 1)",
+        )
+        states = dict.fromkeys(STATES, 0) | {r[0]: r[1] for r in rows if r[0] is not None}
+        oldest = next((r for r in rows if r[0] is None), None)
+        if oldest is None:
+            return Journal.Stats(states)
+        return Journal.Stats(states, oldest[2], oldest[3], _dt(oldest[4]))
+
 
 def _flush_loop(shared: _SharedFile, flush_delay: float) -> None:
     """The flusher thread of one file: writes the completions that the journals of this

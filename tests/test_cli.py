@@ -101,6 +101,70 @@ def test_show(populated: Path) -> None:
     assert cli("--journal", str(populated), "show", "nope")[0] == EXIT_INCOMPLETE
 
 
+def test_stats_table_and_json(populated: Path) -> None:
+    code, out, _ = cli("--journal", str(populated), "stats")
+    assert code == EXIT_OK
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert lines["pending"].split() == ["pending", "1"]
+    assert lines["completed"].split() == ["completed", "1"]
+    assert lines["parked"].split() == ["parked", "0"]
+    assert lines["total"].split() == ["total", "3"]
+    assert "charge-pending (key " in lines["oldest"]
+    assert str(populated) in lines["journal"]
+    code, out, _ = cli("--journal", str(populated), "stats", "--json")
+    assert code == EXIT_OK
+    data = json.loads(out)
+    assert data["states"] == {"pending": 1, "completed": 1, "conflict": 1, "expired": 0,
+                              "parked": 0, "abandoned": 0}  # fmt: skip
+    assert data["total"] == 3
+    with idemclient.Journal(populated) as journal:
+        pending = journal.get("charge-pending")
+    assert pending is not None
+    oldest = data["oldest_pending"]
+    assert (oldest["name"], oldest["key"]) == ("charge-pending", pending.key)
+    assert oldest["created_at"] == pending.created_at.isoformat()
+    assert 0 <= oldest["age_seconds"] < 600
+    wal = populated.with_name(populated.name + "-wal")
+    assert data["file_bytes"] == populated.stat().st_size > 0
+    assert data["wal_bytes"] == (wal.stat().st_size if wal.exists() else 0)
+    assert data["size_bytes"] == data["file_bytes"] + data["wal_bytes"]
+
+
+def test_stats_names_the_oldest_pending_by_age_not_by_insertion(journal_path: Path) -> None:
+    retry = idemclient.RetryPolicy(max_attempts=1)
+    with idemclient.Client(base_url=down_url(), journal=journal_path, retry=retry) as client:
+        for n in range(3):
+            with pytest.raises(idemclient.RetriesExhaustedError):
+                client.post("/charges", json={"n": n})  # unnamed: the key identifies it
+        client.journal.abandon(client.journal.pending()[0].key)
+        newest = client.journal.pending()[-1]
+        client.journal._connection().execute(
+            "UPDATE operations SET created_at = created_at - 7200 WHERE key = ?", (newest.key,)
+        )
+    data = json.loads(cli("--journal", str(journal_path), "stats", "--json")[1])
+    assert data["states"]["pending"] == 2
+    assert data["states"]["abandoned"] == 1
+    assert data["oldest_pending"]["name"] is None
+    assert data["oldest_pending"]["key"] == newest.key
+    assert data["oldest_pending"]["age_seconds"] >= 7200
+    out = cli("--journal", str(journal_path), "stats")[1]
+    assert f"oldest pending  {newest.key}, 2h old" in out
+
+
+def test_stats_without_a_journal_is_all_zeros_and_creates_nothing(journal_path: Path) -> None:
+    code, out, err = cli("--journal", str(journal_path), "stats", "--json")
+    assert code == EXIT_OK
+    assert "no journal at" in err
+    data = json.loads(out)
+    assert data["total"] == 0
+    assert data["oldest_pending"] is None
+    assert data["size_bytes"] == 0
+    assert not journal_path.exists()
+    with idemclient.Journal(journal_path) as journal:
+        assert journal.stats() == idemclient.Journal.Stats(dict.fromkeys(
+            ["pending", "completed", "conflict", "expired", "parked", "abandoned"], 0))  # fmt: skip
+
+
 def test_resume_dry_run_sends_nothing(populated: Path, server: IdempotentServer) -> None:
     before = server.effect_count
     code, out, _ = cli("--journal", str(populated), "resume", "--dry-run")
@@ -233,9 +297,10 @@ def test_purge(populated: Path) -> None:
 def test_corrupt_journal_exits_3_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.sqlite3"
     path.write_bytes(b"not a database at all" * 20)
-    code, _, err = cli("--journal", str(path), "list")
-    assert code == EXIT_JOURNAL
-    assert str(path) in err
+    for command in ("list", "stats"):
+        code, _, err = cli("--journal", str(path), command)
+        assert code == EXIT_JOURNAL
+        assert str(path) in err
     assert path.read_bytes() == b"not a database at all" * 20
 
 
@@ -390,7 +455,7 @@ def test_list_and_show_need_only_read_access(populated: Path) -> None:
             copy.chmod(0o644)
         before = {p.name: p.read_bytes() for p in shared.iterdir()}
         for args in (["list"], ["show", "charge-pending"], ["list", "--json"],
-                     ["resume", "--dry-run"], ["retention"]):  # fmt: skip
+                     ["resume", "--dry-run"], ["retention"], ["stats"]):  # fmt: skip
             result = subprocess.run(
                 [sys.executable, "-c", LOOK_AS_NOBODY, "--journal", str(journal), *args],
                 capture_output=True, text=True, timeout=60,
