@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
-from datetime import timedelta
+import termios
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 import idemclient
-from idemclient._cli import EXIT_INCOMPLETE, EXIT_JOURNAL, EXIT_OK, EXIT_USAGE, main
+from idemclient._cli import EXIT_INCOMPLETE, EXIT_JOURNAL, EXIT_OK, EXIT_USAGE, Progress, main
 from idemclient.testing import IdempotentServer
 
 
@@ -484,3 +489,151 @@ def test_show_keeps_repeated_response_headers(journal_path: Path) -> None:
     assert [line.split() for line in out.splitlines() if "X-Dup" in line] == [
         ["X-Dup:", "a"], ["X-Dup:", "b"],
     ]  # fmt: skip
+
+
+def pending_at(server: IdempotentServer, journal_path: Path, count: int) -> list[str]:
+    """`count` named operations left pending at `server` (each answered 503 once, and given
+    up after one attempt); their names."""
+    server.inject("status", status=503, times=count)
+    retry = idemclient.RetryPolicy(max_attempts=1)
+    names = [f"charge-{n:03d}" for n in range(count)]
+    with idemclient.Client(base_url=server.url, journal=journal_path, retry=retry) as client:
+        for name in names:
+            with idemclient.operation(name), pytest.raises(idemclient.RetriesExhaustedError):
+                client.post("/charges", json={"name": name})
+    return names
+
+
+def test_resume_progress_is_plain_lines_when_not_a_terminal(
+    journal_path: Path, server: IdempotentServer
+) -> None:
+    names = pending_at(server, journal_path, 5)
+    code, out, err = cli("--journal", str(journal_path), "resume")
+    assert code == EXIT_OK, err
+    assert err.splitlines() == [
+        f"[{n + 1}/5] {name}: completed (HTTP 201)" for n, name in enumerate(names)
+    ]
+    assert "\r" not in err
+    assert "\x1b" not in err
+    assert out.strip() == "resumed 5 operations: 5 completed"
+
+
+def test_resume_json_reports_each_operation(journal_path: Path, server: IdempotentServer) -> None:
+    names = pending_at(server, journal_path, 2)
+    code, out, _ = cli("--journal", str(journal_path), "resume", "--dry-run", "--json")
+    assert code == EXIT_OK
+    would = json.loads(out)
+    assert [op["name"] for op in would["send"]] == names
+    assert would["expire"] == []
+    assert would["other_origins"] == 0
+    server.inject("status", status=422, path="/charges", times=1)
+    code, out, err = cli("--journal", str(journal_path), "resume", "--json")
+    assert code == EXIT_INCOMPLETE
+    report = json.loads(out)
+    assert [(r["name"], r["outcome"], r["status"]) for r in report["results"]] == [
+        (names[0], "conflict", 422), (names[1], "completed", 201),
+    ]  # fmt: skip
+    assert report["counts"] == {"conflict": 1, "completed": 1}
+    assert report["skipped"] == []
+    assert len(err.splitlines()) == 2  # plain progress lines, also on a terminal
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def result(name: str, outcome: Any = "completed") -> idemclient.ResumeResult:
+    now = datetime.now(timezone.utc)
+    op = idemclient.Operation(name, f"k-{name}", "pending", "POST", "https://x/", 1, now, now,
+                              response_status=None, last_error=None)  # fmt: skip
+    return idemclient.ResumeResult(op, outcome)
+
+
+def test_progress_on_a_terminal_is_one_line_redrawn_and_throttled() -> None:
+    err, clock = io.StringIO(), FakeClock()
+    progress = Progress(4, err, live=True, interval=0.5, clock=clock).__enter__()
+    assert err.getvalue() == "\rresuming: 0/4 (0%)\x1b[K"
+    clock.now += 1.0
+    progress(result("a"))  # 1 done in 1 s: 3 left at 1/s
+    assert err.getvalue().endswith("\rresuming: 1/4 (25%), 1 ops/s, about 3s left\x1b[K")
+    before = err.getvalue()
+    clock.now += 0.1
+    progress(result("b"))  # within the interval: not redrawn
+    assert err.getvalue() == before
+    clock.now += 0.1
+    progress(result("c", "failed"))  # kept above the line, then the line again
+    assert err.getvalue()[len(before) :].startswith("\r\x1b[K[3/4] c: failed\n\rresuming: 3/4")
+    clock.now += 0.1
+    progress(result("d"))  # the last: always drawn
+    progress.__exit__(None, None, None)
+    assert "resuming: 4/4 (100%)" in err.getvalue().rsplit("\r", 2)[-2]
+    assert err.getvalue().endswith("\x1b[K\n")
+    assert "[1/4]" not in err.getvalue()  # completed ones are counted, not listed
+
+
+def test_progress_time_left_reads_in_minutes_and_hours() -> None:
+    err, clock = io.StringIO(), FakeClock()
+    progress = Progress(100_000, err, live=True, clock=clock)
+    clock.now += 10.0
+    progress(result("a"))
+    assert progress.line() == "resuming: 1/100000 (0%), 0.1 ops/s, about 277h46m left"
+    progress.done, clock.now = 99_900, 100.0 + 99_900  # 1 a second: 100 s left
+    assert progress.line() == "resuming: 99900/100000 (99%), 1 ops/s, about 1m40s left"
+    progress.done = 200_000  # 20 a second
+    assert progress.line().startswith("resuming: 200000/100000 (200%), 2 ops/s")
+
+
+def read_all(fd: int) -> bytes:
+    """What a pseudo-terminal's other end wrote, up to its close."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError as exc:  # Linux: EIO once the last writer has closed its end
+            if exc.errno != errno.EIO:
+                raise
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_resume_progress_on_a_real_terminal(journal_path: Path, server: IdempotentServer) -> None:
+    names = pending_at(server, journal_path, 30)
+    server.inject("status", status=422, path="/charges", times=1)  # the first is refused
+    primary, secondary = os.openpty()
+    try:
+        fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        env = {**os.environ, "TERM": "xterm"}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "idemclient", "--journal", str(journal_path), "resume"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=secondary, env=env,
+        )  # fmt: skip
+        os.close(secondary)
+        secondary = -1
+        screen = read_all(primary).decode()
+        out = process.stdout.read().decode() if process.stdout else ""
+        assert process.wait(timeout=60) == EXIT_INCOMPLETE
+    finally:
+        os.close(primary)
+        if secondary != -1:
+            os.close(secondary)
+        if process.stdout:
+            process.stdout.close()
+    draws = [d for d in screen.split("\r") if d.startswith("resuming:")]
+    assert draws[0] == "resuming: 0/30 (0%)\x1b[K"
+    assert draws[-1].startswith("resuming: 30/30 (100%), ")
+    assert "ops/s" in draws[-1]
+    assert all(len(d) < 100 for d in draws)
+    # what did not complete, and idemclient's warnings, have lines of their own above it
+    assert f"\r\x1b[K[1/30] {names[0]}: conflict: operation {names[0]} " in screen
+    assert f"\r\x1b[Kidemclient: operation {names[0]} (key " in screen
+    assert not any(f"{name}: completed" in screen for name in names)  # counted, not listed
+    assert screen.endswith("\x1b[K\r\n")  # the line is ended; the terminal adds \r to \n
+    assert "resumed 30 operations: 29 completed, 1 conflict" in out
+    assert server.effect_count == 29  # the refused one had none
