@@ -154,22 +154,16 @@ class OpenTelemetryHook:
         self.max_open_spans = max_open_spans
         self._tracer = trace.get_tracer("idemclient", _VERSION, tracer_provider)
         meter = metrics.get_meter("idemclient", _VERSION, meter_provider)
-        self._operations = meter.create_counter(
-            "idemclient.operations", unit="{operation}",
-            description="Journaled operations by how they ended",
-        )  # fmt: skip
-        self._retries = meter.create_counter(
-            "idemclient.retries", unit="{retry}",
-            description="Retry decisions: an attempt to be sent again with the same key",
-        )  # fmt: skip
-        self._attempts = meter.create_histogram(
-            "idemclient.operation.attempts", unit="{attempt}",
-            description="Attempts an operation had claimed when it ended (across reruns)",
-        )  # fmt: skip
-        self._duration = meter.create_histogram(
-            "idemclient.operation.duration", unit="s",
-            description="Time from an operation's registration to its final answer",
-        )  # fmt: skip
+        # each: name, unit (UCUM, {annotations} for counts), description
+        counter, histogram = meter.create_counter, meter.create_histogram
+        self._operations = counter("idemclient.operations", "{operation}",
+                                   "Journaled operations by how they ended")  # fmt: skip
+        self._retries = counter("idemclient.retries", "{retry}",
+                                "Attempts to be sent again, with the same key")  # fmt: skip
+        self._attempts = histogram("idemclient.operation.attempts", "{attempt}",
+                                   "Attempts an operation had claimed when it ended")  # fmt: skip
+        self._duration = histogram("idemclient.operation.duration", "s",
+                                   "From an operation's registration to its answer")  # fmt: skip
         self._lock = threading.Lock()
         # the open spans by key, least recently active first
         self._open: OrderedDict[str, _Open] = OrderedDict()

@@ -23,7 +23,7 @@ from opentelemetry.trace import StatusCode
 
 import idemclient
 from idemclient.otel import OpenTelemetryHook
-from idemclient.testing import IdempotentApp
+from idemclient.testing import IdempotentApp, set_testing
 
 
 @dataclass
@@ -326,17 +326,11 @@ def test_many_threads_share_one_hook(journal_path: Path, otel: Telemetry) -> Non
 async def test_async_operations(journal_path: Path, otel: Telemetry) -> None:
     app = IdempotentApp()
     app.inject("status", status=429)
-
-    async def no_sleep(seconds: float) -> None:
-        pass
-
-    async with idemclient.AsyncClient(
-        journal=journal_path,
-        transport=httpx.MockTransport(app.async_handler),
-        hooks=[otel.hook],
-        sleep=no_sleep,
-    ) as client:
-        await client.post("https://api.example/a", json={})
+    transport = httpx.MockTransport(app.async_handler)
+    with set_testing(True):  # no backoff sleeps
+        async with idemclient.AsyncClient(journal=journal_path, transport=transport,
+                                          hooks=[otel.hook]) as client:  # fmt: skip
+            await client.post("https://api.example/a", json={})
     (span,) = otel.finished()
     assert (span.attributes or {})["idemclient.attempts"] == 2
     assert otel.count("idemclient.retries", http__response__status_code=429) == 1
