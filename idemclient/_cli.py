@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -41,6 +44,7 @@ exit status:
 examples:
   idemclient list --state pending
   idemclient show charge-inv-042
+  idemclient stats --json
   idemclient resume --base-url https://api.example --header-from-env 'Authorization=API_AUTH'
   idemclient abandon charge-inv-042
   idemclient unpark charge-inv-042
@@ -235,6 +239,68 @@ def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _size(path: Path) -> int:
+    """A file's size in bytes; 0 if it is not there (a WAL file comes and goes)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _bytes(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Counts by state, the oldest pending operation and the file's size, for monitoring."""
+    journal = _open(args, read_only=True)
+    if journal is None:  # nothing journaled yet: all zeros, as a monitoring script expects
+        _missing(args, err)
+        path = Path(args.journal).expanduser() if args.journal else default_journal_path()
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        oldest_name, oldest_key, oldest_at = None, None, None
+    else:
+        with journal:
+            stats = journal.stats()
+        path, counts = journal.path, stats.states
+        oldest_name, oldest_key = stats.oldest_pending_name, stats.oldest_pending_key
+        oldest_at = stats.oldest_pending_created_at
+    file_bytes, wal_bytes = _size(path), _size(path.with_name(path.name + "-wal"))
+    now = datetime.now(timezone.utc)
+    if args.json:
+        oldest = None
+        if oldest_key is not None and oldest_at is not None:
+            oldest = {
+                "name": oldest_name,
+                "key": oldest_key,
+                "created_at": oldest_at.isoformat(),
+                "age_seconds": round((now - oldest_at).total_seconds(), 3),
+            }
+        data = {
+            "journal": str(path),
+            "states": counts,
+            "total": sum(counts.values()),
+            "oldest_pending": oldest,
+            "file_bytes": file_bytes,
+            "wal_bytes": wal_bytes,
+            "size_bytes": file_bytes + wal_bytes,
+        }
+        print(json.dumps(data, indent=2), file=out)
+        return EXIT_OK
+    rows = [[state, str(count)] for state, count in counts.items()]
+    rows.append(["total", str(sum(counts.values()))])
+    if oldest_key is not None and oldest_at is not None:
+        label = f"{oldest_name} (key {oldest_key})" if oldest_name else oldest_key
+        rows.append(["oldest pending", f"{label}, {_age(oldest_at, now)} old"])
+    size = f"{_bytes(file_bytes + wal_bytes)} ({_bytes(file_bytes)} + {_bytes(wal_bytes)} WAL)"
+    rows.append(["journal", f"{path}, {size}"])
+    _table(rows, out)
+    return EXIT_OK
+
+
 def _headers(args: argparse.Namespace, err: TextIO) -> dict[str, str]:
     headers: dict[str, str] = {}
     for item in args.header:
@@ -270,6 +336,142 @@ def _describe(result: ResumeResult) -> str:
     return f"{label}: {result.outcome}{reason}"
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+class Progress:
+    """How far a resume has got, on stderr. On a terminal: one line redrawn in place (`\r`),
+    with done/total, the rate and the time left, at most every `interval` seconds, and a
+    line of its own for each operation that did not complete. Elsewhere (a pipe, a log file,
+    `--json`): a plain line per operation, nothing redrawn."""
+
+    def __init__(
+        self,
+        total: int,
+        err: TextIO,
+        *,
+        live: bool,
+        interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total, self.err, self.live = total, err, live
+        self.interval, self.clock = interval, clock
+        self.done = 0
+        self.started = self.drawn = clock()
+        self._handler: logging.Handler | None = None
+        # a warning may come from the journal's flusher thread while a line is drawn
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> Progress:
+        """Draw the line; until `__exit__`, idemclient's log warnings (which would go to
+        stderr as Python's last resort) are written above it instead of through it."""
+        if self.live and self.total:
+            self._draw()
+            self._handler = _AboveTheLine(self)
+            logging.getLogger("idemclient").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handler is not None:
+            logging.getLogger("idemclient").removeHandler(self._handler)
+            self._handler = None
+        self.finish()
+
+    def above(self, text: str) -> None:
+        """Write a line of its own above the progress line, and draw the progress again."""
+        with self._lock:
+            self.err.write(f"\r\x1b[K{text}\n")
+            self._draw()
+
+    def __call__(self, result: ResumeResult) -> None:
+        self.done += 1
+        self.total = max(self.total, self.done)  # another process may have added one
+        line = f"[{self.done}/{self.total}] {_describe(result)}"
+        if not self.live:
+            print(line, file=self.err, flush=True)
+        elif result.outcome != "completed":  # kept on screen, above the progress line
+            self.above(line)
+        elif self.done == self.total or self.clock() - self.drawn >= self.interval:
+            self._draw()
+
+    def finish(self) -> None:
+        """End the progress line (on a terminal): the summary goes below it."""
+        if self.live and self.total:
+            self._draw()
+            self.err.write("\n")
+            self.err.flush()
+
+    def line(self) -> str:
+        elapsed = self.clock() - self.started
+        text = f"resuming: {self.done}/{self.total}"
+        if self.total:
+            text += f" ({100 * self.done // self.total}%)"
+        if self.done and elapsed > 0:
+            rate = self.done / elapsed
+            text += f", {rate:.0f} ops/s" if rate >= 10 else f", {rate:.2g} ops/s"
+            if self.done < self.total:
+                text += f", about {_duration((self.total - self.done) / rate)} left"
+        return text
+
+    def _draw(self) -> None:
+        with self._lock:
+            self._redraw()
+
+    def _redraw(self) -> None:
+        self.drawn = self.clock()
+        try:
+            width = os.get_terminal_size(self.err.fileno()).columns or 80  # 0: not set
+        except (OSError, ValueError, AttributeError):
+            width = 80
+        # never wider than the terminal: a wrapped line cannot be redrawn in place
+        self.err.write(f"\r{_short(self.line(), max(width - 1, 10))}\x1b[K")
+        self.err.flush()
+
+
+class _AboveTheLine(logging.Handler):
+    """idemclient's warnings, written above a progress line rather than through it."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__(logging.WARNING)
+        self.progress = progress
+        self.setFormatter(logging.Formatter("idemclient: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.progress.above(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def _live(err: TextIO) -> bool:
+    """Whether `err` is a terminal a person watches (not a pipe, a file, or TERM=dumb)."""
+    try:
+        return err.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
+
+
+def _result_json(result: ResumeResult) -> dict[str, Any]:
+    # a conflict's answer comes with its error (ConflictError.response)
+    response = result.response or getattr(result.error, "response", None)
+    return {
+        "name": result.operation.name,
+        "key": result.operation.key,
+        "outcome": result.outcome,
+        "status": response.status_code if response is not None else None,
+        "replayed": bool(response.extensions.get("idempotency", {}).get("replayed"))
+        if response is not None
+        else False,
+        "error": str(result.error) if result.error is not None else None,
+    }
+
+
 def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     headers = _headers(args, err)
     if args.base_url:
@@ -288,7 +490,7 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         with journal:
             sendable = {op.key for op in journal.pending()}
             pending = journal.operations("pending")
-        to_expire, others, sends = [], 0, 0
+        to_expire, others, sends = [], 0, []
         for op in pending:
             target = destination(op.url, base_url, moves)
             if target is None:
@@ -296,22 +498,29 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             elif op.key not in sendable:  # sent once, past the retention
                 to_expire.append(op)
             else:
-                sends += 1
-                label = op.name or op.key
-                print(f"would send: {label} {op.method} {target} (key {op.key})", file=out)
+                sends.append((op, target))
+        if args.json:
+            would = {
+                "send": [{"name": op.name, "key": op.key, "method": op.method, "url": str(url)}
+                         for op, url in sends],
+                "expire": [{"name": op.name, "key": op.key} for op in to_expire],
+                "other_origins": others,
+            }  # fmt: skip
+            print(json.dumps(would, indent=2), file=out)
+            return EXIT_OK
+        for op, target in sends:
+            label = op.name or op.key
+            print(f"would send: {label} {op.method} {target} (key {op.key})", file=out)
         for op in to_expire:
             print(f"would expire (past retention, not sent): {op.name or op.key}", file=out)
         untouched = f", {others} of other origins left untouched" if others else ""
-        print(f"{sends} to send, {len(to_expire)} to expire{untouched}", file=out)
+        print(f"{len(sends)} to send, {len(to_expire)} to expire{untouched}", file=out)
         return EXIT_OK
-    total = sum(destination(op.url, base_url, moves) is not None for op in journal.pending())
-    done = 0
-
-    def progress(result: ResumeResult) -> None:
-        nonlocal done
-        done += 1
-        print(f"[{done}/{total}] {_describe(result)}", file=err, flush=True)
-
+    # every pending operation of ours: the ones to send, and those past the retention
+    # (reported as expired, not sent)
+    pending = journal.operations("pending")
+    total = sum(destination(op.url, base_url, moves) is not None for op in pending)
+    progress = Progress(total, err, live=_live(err) and not args.json)
     client = Client(
         journal=journal,
         base_url=args.base_url or "",
@@ -320,11 +529,21 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         retry=RetryPolicy(max_attempts=args.attempts),
         follow_redirects=True,  # a 307/308 continues the operation at its new URL
     )
-    with client, journal:
+    with progress, client, journal:
         results = client.resume_pending(on_result=progress, rebase=rebase)
     counts: dict[str, int] = {}
     for result in results:
         counts[result.outcome] = counts.get(result.outcome, 0) + 1
+    code = EXIT_OK if all(r.outcome == "completed" for r in results) else EXIT_INCOMPLETE
+    if args.json:
+        report = {
+            "results": [_result_json(r) for r in results],
+            "counts": counts,
+            "skipped": [{"name": op.name, "key": op.key, "url": op.url}
+                        for op in results.skipped],
+        }  # fmt: skip
+        print(json.dumps(report, indent=2), file=out)
+        return code
     summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
     print(f"resumed {len(results)} operations" + (f": {summary}" if results else ""), file=out)
     if results.skipped:
@@ -336,7 +555,7 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "them with --rebase OLD=NEW",
             file=out,
         )
-    return EXIT_OK if all(r.outcome == "completed" for r in results) else EXIT_INCOMPLETE
+    return code
 
 
 def _rebase(items: list[str]) -> dict[str, str]:
@@ -448,6 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print JSON, for scripts")
     sub.set_defaults(run=cmd_show)
 
+    sub = command("stats", "count operations by state; the oldest pending one; the file's "
+                  "size (for monitoring)")  # fmt: skip
+    sub.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    sub.set_defaults(run=cmd_stats)
+
     sub = command(
         "resume",
         "resend every pending operation with its own key (the server replays what it did)",
@@ -467,6 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--attempts", type=parse_attempts, default=5, metavar="N",
                      help="attempts per operation, the first included (default: 5)")  # fmt: skip
     sub.add_argument("--dry-run", action="store_true", help="say what would be sent; send nothing")
+    sub.add_argument("--json", action="store_true",
+                     help="print the results as JSON, for scripts (progress on stderr stays "
+                     "plain lines)")  # fmt: skip
     sub.set_defaults(run=cmd_resume)
 
     for name, text in [

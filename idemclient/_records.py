@@ -134,3 +134,15 @@ class Registration:
     # attempt's boundary), and its content type
     body: bytes | None = None
     content_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    """What a journal's `stats()` counts: every state (zeros included) and the oldest pending
+    operation (`None`s if nothing is pending; its name is `None` if it is unnamed). A pending
+    operation past the retention counts as pending until a resume expires it."""
+
+    states: dict[str, int]
+    oldest_pending_name: str | None = None
+    oldest_pending_key: str | None = None
+    oldest_pending_created_at: datetime | None = None

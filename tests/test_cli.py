@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
-from datetime import timedelta
+import termios
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 import idemclient
-from idemclient._cli import EXIT_INCOMPLETE, EXIT_JOURNAL, EXIT_OK, EXIT_USAGE, main
+from idemclient._cli import EXIT_INCOMPLETE, EXIT_JOURNAL, EXIT_OK, EXIT_USAGE, Progress, main
 from idemclient.testing import IdempotentServer
 
 
@@ -99,6 +104,70 @@ def test_show(populated: Path) -> None:
     assert data["response"]["status"] == 201
     assert data["response"]["body_kept"] is True
     assert cli("--journal", str(populated), "show", "nope")[0] == EXIT_INCOMPLETE
+
+
+def test_stats_table_and_json(populated: Path) -> None:
+    code, out, _ = cli("--journal", str(populated), "stats")
+    assert code == EXIT_OK
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert lines["pending"].split() == ["pending", "1"]
+    assert lines["completed"].split() == ["completed", "1"]
+    assert lines["parked"].split() == ["parked", "0"]
+    assert lines["total"].split() == ["total", "3"]
+    assert "charge-pending (key " in lines["oldest"]
+    assert str(populated) in lines["journal"]
+    code, out, _ = cli("--journal", str(populated), "stats", "--json")
+    assert code == EXIT_OK
+    data = json.loads(out)
+    assert data["states"] == {"pending": 1, "completed": 1, "conflict": 1, "expired": 0,
+                              "parked": 0, "abandoned": 0}  # fmt: skip
+    assert data["total"] == 3
+    with idemclient.Journal(populated) as journal:
+        pending = journal.get("charge-pending")
+    assert pending is not None
+    oldest = data["oldest_pending"]
+    assert (oldest["name"], oldest["key"]) == ("charge-pending", pending.key)
+    assert oldest["created_at"] == pending.created_at.isoformat()
+    assert 0 <= oldest["age_seconds"] < 600
+    wal = populated.with_name(populated.name + "-wal")
+    assert data["file_bytes"] == populated.stat().st_size > 0
+    assert data["wal_bytes"] == (wal.stat().st_size if wal.exists() else 0)
+    assert data["size_bytes"] == data["file_bytes"] + data["wal_bytes"]
+
+
+def test_stats_names_the_oldest_pending_by_age_not_by_insertion(journal_path: Path) -> None:
+    retry = idemclient.RetryPolicy(max_attempts=1)
+    with idemclient.Client(base_url=down_url(), journal=journal_path, retry=retry) as client:
+        for n in range(3):
+            with pytest.raises(idemclient.RetriesExhaustedError):
+                client.post("/charges", json={"n": n})  # unnamed: the key identifies it
+        client.journal.abandon(client.journal.pending()[0].key)
+        newest = client.journal.pending()[-1]
+        client.journal._connection().execute(
+            "UPDATE operations SET created_at = created_at - 7200 WHERE key = ?", (newest.key,)
+        )
+    data = json.loads(cli("--journal", str(journal_path), "stats", "--json")[1])
+    assert data["states"]["pending"] == 2
+    assert data["states"]["abandoned"] == 1
+    assert data["oldest_pending"]["name"] is None
+    assert data["oldest_pending"]["key"] == newest.key
+    assert data["oldest_pending"]["age_seconds"] >= 7200
+    out = cli("--journal", str(journal_path), "stats")[1]
+    assert f"oldest pending  {newest.key}, 2h old" in out
+
+
+def test_stats_without_a_journal_is_all_zeros_and_creates_nothing(journal_path: Path) -> None:
+    code, out, err = cli("--journal", str(journal_path), "stats", "--json")
+    assert code == EXIT_OK
+    assert "no journal at" in err
+    data = json.loads(out)
+    assert data["total"] == 0
+    assert data["oldest_pending"] is None
+    assert data["size_bytes"] == 0
+    assert not journal_path.exists()
+    with idemclient.Journal(journal_path) as journal:
+        assert journal.stats() == idemclient.Journal.Stats(dict.fromkeys(
+            ["pending", "completed", "conflict", "expired", "parked", "abandoned"], 0))  # fmt: skip
 
 
 def test_resume_dry_run_sends_nothing(populated: Path, server: IdempotentServer) -> None:
@@ -233,9 +302,10 @@ def test_purge(populated: Path) -> None:
 def test_corrupt_journal_exits_3_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.sqlite3"
     path.write_bytes(b"not a database at all" * 20)
-    code, _, err = cli("--journal", str(path), "list")
-    assert code == EXIT_JOURNAL
-    assert str(path) in err
+    for command in ("list", "stats"):
+        code, _, err = cli("--journal", str(path), command)
+        assert code == EXIT_JOURNAL
+        assert str(path) in err
     assert path.read_bytes() == b"not a database at all" * 20
 
 
@@ -390,7 +460,7 @@ def test_list_and_show_need_only_read_access(populated: Path) -> None:
             copy.chmod(0o644)
         before = {p.name: p.read_bytes() for p in shared.iterdir()}
         for args in (["list"], ["show", "charge-pending"], ["list", "--json"],
-                     ["resume", "--dry-run"], ["retention"]):  # fmt: skip
+                     ["resume", "--dry-run"], ["retention"], ["stats"]):  # fmt: skip
             result = subprocess.run(
                 [sys.executable, "-c", LOOK_AS_NOBODY, "--journal", str(journal), *args],
                 capture_output=True, text=True, timeout=60,
@@ -419,3 +489,151 @@ def test_show_keeps_repeated_response_headers(journal_path: Path) -> None:
     assert [line.split() for line in out.splitlines() if "X-Dup" in line] == [
         ["X-Dup:", "a"], ["X-Dup:", "b"],
     ]  # fmt: skip
+
+
+def pending_at(server: IdempotentServer, journal_path: Path, count: int) -> list[str]:
+    """`count` named operations left pending at `server` (each answered 503 once, and given
+    up after one attempt); their names."""
+    server.inject("status", status=503, times=count)
+    retry = idemclient.RetryPolicy(max_attempts=1)
+    names = [f"charge-{n:03d}" for n in range(count)]
+    with idemclient.Client(base_url=server.url, journal=journal_path, retry=retry) as client:
+        for name in names:
+            with idemclient.operation(name), pytest.raises(idemclient.RetriesExhaustedError):
+                client.post("/charges", json={"name": name})
+    return names
+
+
+def test_resume_progress_is_plain_lines_when_not_a_terminal(
+    journal_path: Path, server: IdempotentServer
+) -> None:
+    names = pending_at(server, journal_path, 5)
+    code, out, err = cli("--journal", str(journal_path), "resume")
+    assert code == EXIT_OK, err
+    assert err.splitlines() == [
+        f"[{n + 1}/5] {name}: completed (HTTP 201)" for n, name in enumerate(names)
+    ]
+    assert "\r" not in err
+    assert "\x1b" not in err
+    assert out.strip() == "resumed 5 operations: 5 completed"
+
+
+def test_resume_json_reports_each_operation(journal_path: Path, server: IdempotentServer) -> None:
+    names = pending_at(server, journal_path, 2)
+    code, out, _ = cli("--journal", str(journal_path), "resume", "--dry-run", "--json")
+    assert code == EXIT_OK
+    would = json.loads(out)
+    assert [op["name"] for op in would["send"]] == names
+    assert would["expire"] == []
+    assert would["other_origins"] == 0
+    server.inject("status", status=422, path="/charges", times=1)
+    code, out, err = cli("--journal", str(journal_path), "resume", "--json")
+    assert code == EXIT_INCOMPLETE
+    report = json.loads(out)
+    assert [(r["name"], r["outcome"], r["status"]) for r in report["results"]] == [
+        (names[0], "conflict", 422), (names[1], "completed", 201),
+    ]  # fmt: skip
+    assert report["counts"] == {"conflict": 1, "completed": 1}
+    assert report["skipped"] == []
+    assert len(err.splitlines()) == 2  # plain progress lines, also on a terminal
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def result(name: str, outcome: Any = "completed") -> idemclient.ResumeResult:
+    now = datetime.now(timezone.utc)
+    op = idemclient.Operation(name, f"k-{name}", "pending", "POST", "https://x/", 1, now, now,
+                              response_status=None, last_error=None)  # fmt: skip
+    return idemclient.ResumeResult(op, outcome)
+
+
+def test_progress_on_a_terminal_is_one_line_redrawn_and_throttled() -> None:
+    err, clock = io.StringIO(), FakeClock()
+    progress = Progress(4, err, live=True, interval=0.5, clock=clock).__enter__()
+    assert err.getvalue() == "\rresuming: 0/4 (0%)\x1b[K"
+    clock.now += 1.0
+    progress(result("a"))  # 1 done in 1 s: 3 left at 1/s
+    assert err.getvalue().endswith("\rresuming: 1/4 (25%), 1 ops/s, about 3s left\x1b[K")
+    before = err.getvalue()
+    clock.now += 0.1
+    progress(result("b"))  # within the interval: not redrawn
+    assert err.getvalue() == before
+    clock.now += 0.1
+    progress(result("c", "failed"))  # kept above the line, then the line again
+    assert err.getvalue()[len(before) :].startswith("\r\x1b[K[3/4] c: failed\n\rresuming: 3/4")
+    clock.now += 0.1
+    progress(result("d"))  # the last: always drawn
+    progress.__exit__(None, None, None)
+    assert "resuming: 4/4 (100%)" in err.getvalue().rsplit("\r", 2)[-2]
+    assert err.getvalue().endswith("\x1b[K\n")
+    assert "[1/4]" not in err.getvalue()  # completed ones are counted, not listed
+
+
+def test_progress_time_left_reads_in_minutes_and_hours() -> None:
+    err, clock = io.StringIO(), FakeClock()
+    progress = Progress(100_000, err, live=True, clock=clock)
+    clock.now += 10.0
+    progress(result("a"))
+    assert progress.line() == "resuming: 1/100000 (0%), 0.1 ops/s, about 277h46m left"
+    progress.done, clock.now = 99_900, 100.0 + 99_900  # 1 a second: 100 s left
+    assert progress.line() == "resuming: 99900/100000 (99%), 1 ops/s, about 1m40s left"
+    progress.done = 200_000  # 20 a second
+    assert progress.line().startswith("resuming: 200000/100000 (200%), 2 ops/s")
+
+
+def read_all(fd: int) -> bytes:
+    """What a pseudo-terminal's other end wrote, up to its close."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError as exc:  # Linux: EIO once the last writer has closed its end
+            if exc.errno != errno.EIO:
+                raise
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_resume_progress_on_a_real_terminal(journal_path: Path, server: IdempotentServer) -> None:
+    names = pending_at(server, journal_path, 30)
+    server.inject("status", status=422, path="/charges", times=1)  # the first is refused
+    primary, secondary = os.openpty()
+    try:
+        fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        env = {**os.environ, "TERM": "xterm"}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "idemclient", "--journal", str(journal_path), "resume"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=secondary, env=env,
+        )  # fmt: skip
+        os.close(secondary)
+        secondary = -1
+        screen = read_all(primary).decode()
+        out = process.stdout.read().decode() if process.stdout else ""
+        assert process.wait(timeout=60) == EXIT_INCOMPLETE
+    finally:
+        os.close(primary)
+        if secondary != -1:
+            os.close(secondary)
+        if process.stdout:
+            process.stdout.close()
+    draws = [d for d in screen.split("\r") if d.startswith("resuming:")]
+    assert draws[0] == "resuming: 0/30 (0%)\x1b[K"
+    assert draws[-1].startswith("resuming: 30/30 (100%), ")
+    assert "ops/s" in draws[-1]
+    assert all(len(d) < 100 for d in draws)
+    # what did not complete, and idemclient's warnings, have lines of their own above it
+    assert f"\r\x1b[K[1/30] {names[0]}: conflict: operation {names[0]} " in screen
+    assert f"\r\x1b[Kidemclient: operation {names[0]} (key " in screen
+    assert not any(f"{name}: completed" in screen for name in names)  # counted, not listed
+    assert screen.endswith("\x1b[K\r\n")  # the line is ended; the terminal adds \r to \n
+    assert "resumed 30 operations: 29 completed, 1 conflict" in out
+    assert server.effect_count == 29  # the refused one had none

@@ -40,7 +40,7 @@ def test_every_exported_name_exists_and_public_names_are_exported() -> None:
     for name in idemclient.__all__:
         assert hasattr(idemclient, name), name
     public = {n for n in vars(idemclient) if not n.startswith("_")}
-    submodules = {"annotations", "testing", "httpx2", "journal"}
+    submodules = {"annotations", "testing", "httpx2", "journal", "otel"}
     assert public <= set(idemclient.__all__) | submodules
 
 

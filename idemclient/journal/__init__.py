@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 from idemclient._errors import JournalError
 from idemclient._records import (
     FINISHED,
+    JournalStats,
     Operation,
     Registration,
     RequestRecord,
@@ -176,6 +177,11 @@ class JournalBackend(Protocol):
     def get(self, name_or_key: str) -> Operation | None:
         """The operation with this name, else with this key (a name wins); `None` if neither
         is known."""
+        ...
+
+    def stats(self) -> JournalStats:
+        """Operations by state and the oldest pending one, from one aggregate read (cheap
+        however large the journal: for monitoring)."""
         ...
 
     def pending(self) -> list[Operation]:

@@ -37,6 +37,7 @@ from idemclient._errors import JournalError
 from idemclient._records import (
     FINISHED,
     STATES,
+    JournalStats,
     Operation,
     Registration,
     RequestRecord,
@@ -1412,6 +1413,24 @@ class Journal:
                 (*states, cutoff),
             )
             return cursor.rowcount
+
+    #: what `stats()` answers
+    Stats = JournalStats
+
+    def stats(self) -> JournalStats:
+        """Operations by state and the oldest pending one, in one aggregate query (one read
+        snapshot; no row is loaded): cheap for monitoring however large the journal."""
+        rows = self._read(
+            "count operations",
+            "SELECT state, COUNT(*), NULL, NULL, NULL FROM operations GROUP BY state "
+            "UNION ALL SELECT * FROM (SELECT NULL, 0, name, key, created_at FROM operations "
+            "WHERE state = 'pending' ORDER BY created_at, id LIMIT 1)",
+        )
+        states = dict.fromkeys(STATES, 0) | {r[0]: r[1] for r in rows if r[0] is not None}
+        oldest = next((r for r in rows if r[0] is None), None)
+        if oldest is None:
+            return JournalStats(states)
+        return JournalStats(states, oldest[2], oldest[3], utc(oldest[4]))
 
 
 def _flush_loop(shared: _SharedFile, flush_delay: float) -> None:
