@@ -33,7 +33,7 @@ from ._errors import (
 from ._policy import RetryPolicy
 from ._records import Operation
 from ._transport import AsyncIdempotentTransport, IdempotentTransport
-from .journal import Journal
+from .journal import Journal, PostgresJournal, open_journal
 
 __version__ = "0.1.0.dev0"
 
@@ -54,6 +54,7 @@ __all__ = [
     "OperationInProgressError",
     "OperationMismatchError",
     "OperationParkedError",
+    "PostgresJournal",
     "ResponseNotKeptError",
     "ResumeReport",
     "ResumeResult",
@@ -61,6 +62,7 @@ __all__ = [
     "RetryPolicy",
     "__version__",
     "aresume_pending",
+    "open_journal",
     "operation",
     "resume_pending",
     "wrap",

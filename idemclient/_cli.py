@@ -23,7 +23,8 @@ from ._core import DEFAULT_SECRETS
 from ._errors import JournalError
 from ._policy import RetryPolicy
 from ._records import STATES, Operation
-from .journal import Journal, default_journal_path
+from .journal import Journal, JournalBackend, PostgresJournal, default_journal_path
+from .journal._postgres import is_postgres_url, postgres_journal_exists, shown
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1  # resume left operations unfinished; an operation was not found
@@ -31,8 +32,17 @@ EXIT_USAGE = 2  # bad arguments (argparse's own code)
 EXIT_JOURNAL = 3  # the journal could not be opened, read or written
 EXIT_INTERRUPTED = 130
 
+
+def _default_sqlite() -> str:
+    try:
+        return str(default_journal_path())
+    except Exception:  # IDEMCLIENT_JOURNAL is a PostgreSQL URL
+        return "the default file in the user state directory"
+
+
 EPILOG = f"""\
-The journal is --journal PATH, else $IDEMCLIENT_JOURNAL, else {default_journal_path()}.
+The journal is --journal PATH (or a postgresql:// URL), else $IDEMCLIENT_JOURNAL, else
+{_default_sqlite()}.
 
 exit status:
   {EXIT_OK}    done
@@ -141,26 +151,47 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _open(args: argparse.Namespace, *, read_only: bool = False) -> Journal | None:
+def _location(args: argparse.Namespace) -> str | Path:
+    """Where the journal is: --journal, else $IDEMCLIENT_JOURNAL, else the default file; a
+    PostgreSQL URL as given, a path expanded."""
+    given = args.journal or os.environ.get("IDEMCLIENT_JOURNAL") or None
+    if is_postgres_url(given):
+        return str(given)
+    return Path(given).expanduser() if given else default_journal_path()
+
+
+def _open(args: argparse.Namespace, *, read_only: bool = False) -> JournalBackend | None:
     """The journal, or `None` if there is none yet (a command never creates one). Looking
     (`list`, `show`, a dry run) opens it read-only: a user who may read it but not write it
     can inspect it, and nothing is changed by looking."""
-    path = Path(args.journal).expanduser() if args.journal else default_journal_path()
-    if not path.exists():
+    location = _location(args)
+    if isinstance(location, str):
+        if not postgres_journal_exists(location):
+            return None
+        return PostgresJournal(location, read_only=read_only)
+    if not location.exists():
         return None
-    return Journal(path, read_only=read_only)
+    return Journal(location, read_only=read_only)
+
+
+def _shown_location(args: argparse.Namespace) -> str:
+    where = _location(args)
+    return shown(where) if isinstance(where, str) else str(where)
 
 
 def _missing(args: argparse.Namespace, err: TextIO) -> None:
-    path = args.journal or default_journal_path()
-    print(f"idemclient: no journal at {path} (nothing has been journaled there yet)", file=err)
+    where = _shown_location(args)
+    print(f"idemclient: no journal at {where} (nothing has been journaled there yet)", file=err)
 
 
 # -- commands ---------------------------------------------------------------------------
 
 
 def cmd_where(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    path = Path(args.journal).expanduser() if args.journal else default_journal_path()
+    path = _location(args)
+    if isinstance(path, str):
+        print(shown(path), file=out)
+        return EXIT_OK
     print(path, file=out)
     if not path.exists():
         print("idemclient: (the file does not exist yet)", file=err)
@@ -257,18 +288,24 @@ def _bytes(size: int) -> str:
 def cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Counts by state, the oldest pending operation and the file's size, for monitoring."""
     journal = _open(args, read_only=True)
+    location = _location(args)
+    file_bytes = wal_bytes = 0
     if journal is None:  # nothing journaled yet: all zeros, as a monitoring script expects
         _missing(args, err)
-        path = Path(args.journal).expanduser() if args.journal else default_journal_path()
         counts: dict[str, int] = dict.fromkeys(STATES, 0)
         oldest_name, oldest_key, oldest_at = None, None, None
     else:
         with journal:
             stats = journal.stats()
-        path, counts = journal.path, stats.states
+            if isinstance(journal, PostgresJournal):  # its tables' size on the server
+                file_bytes = journal.size_bytes()
+        counts = stats.states
         oldest_name, oldest_key = stats.oldest_pending_name, stats.oldest_pending_key
         oldest_at = stats.oldest_pending_created_at
-    file_bytes, wal_bytes = _size(path), _size(path.with_name(path.name + "-wal"))
+    if isinstance(location, Path):
+        file_bytes = _size(location)
+        wal_bytes = _size(location.with_name(location.name + "-wal"))
+    path = shown(location) if isinstance(location, str) else location
     now = datetime.now(timezone.utc)
     if args.json:
         oldest = None
@@ -585,7 +622,7 @@ def cmd_retention(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 journal.set_retention(args.set)
             except ValueError as exc:
                 raise UsageError(str(exc)) from exc
-            print(f"retention of {journal.path} is now {args.set}", file=out)
+            print(f"retention of {_shown_location(args)} is now {args.set}", file=out)
         else:
             print(journal.retention, file=out)
     return EXIT_OK

@@ -32,7 +32,7 @@ from ._transport import (
     JournalLike,
     open_journal_like,
 )
-from .journal import Journal, JournalBackend
+from .journal import JournalBackend
 
 __all__ = [
     "AsyncClient",
@@ -186,7 +186,7 @@ class _SyncClientMixin:
         ))  # fmt: skip
 
     @property
-    def journal(self) -> Journal:
+    def journal(self) -> JournalBackend:
         """The journal of this client's operations."""
         return _idempotent_transport(self).journal  # type: ignore[arg-type]
 
@@ -234,7 +234,7 @@ class _AsyncClientMixin:
         ))  # fmt: skip
 
     @property
-    def journal(self) -> Journal:
+    def journal(self) -> JournalBackend:
         """The journal of this client's operations."""
         return _idempotent_transport(self).journal  # type: ignore[arg-type]
 

@@ -47,7 +47,7 @@ from ._policy import Exhausted, Outcome, RetryPolicy, Verdict, classify_error, c
 from ._policy import is_replayed as server_replayed
 from ._records import Decision, Operation, Registration, RequestRecord, StoredResponse
 from .journal import JournalBackend
-from .journal._owner import current_owner
+from .journal._owner import DEFAULT_LEASE_MARGIN, current_owner
 
 logger = logging.getLogger("idemclient")
 
@@ -68,7 +68,6 @@ SECRET_HEADERS = frozenset(
 _DERIVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _MAX_NAME_LENGTH = 200
 _MAX_KEY_LENGTH = 255
-_LEASE_MARGIN = 30.0
 _DEFAULT_LEASE = 300.0
 
 
@@ -399,8 +398,8 @@ def lease_seconds(request: httpx.Request) -> float:
     if isinstance(timeout, dict):
         values = [v for v in timeout.values() if isinstance(v, (int, float))]
         if len(values) == len(timeout) and values:
-            return float(sum(values)) + _LEASE_MARGIN
-    return _DEFAULT_LEASE + _LEASE_MARGIN
+            return float(sum(values)) + DEFAULT_LEASE_MARGIN
+    return _DEFAULT_LEASE + DEFAULT_LEASE_MARGIN
 
 
 _owner_cache: tuple[int, str] | None = None

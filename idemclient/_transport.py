@@ -46,14 +46,16 @@ from ._errors import InvalidOperationError
 from ._family import AsyncTransport, SyncTransport, family
 from ._policy import RetryPolicy
 from ._records import Registration
-from .journal import Journal, JournalBackend, open_journal
+from .journal import JournalBackend, open_journal
 
 __all__ = ["AsyncIdempotentTransport", "IdempotentTransport"]
 
 DEFAULT_METHODS = ("POST", "PATCH")
 DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
 
-JournalLike = Journal | str | os.PathLike[str] | None
+#: a journal, or where one is: a path, a `postgresql://` URL, `None` (`$IDEMCLIENT_JOURNAL`,
+#: else the default SQLite file)
+JournalLike = JournalBackend | str | os.PathLike[str] | None
 
 
 def _too_large(limit: int) -> InvalidOperationError:
@@ -147,12 +149,12 @@ async def _aread_whole(response: httpx.Response) -> Received:
     return Received(response, raw)
 
 
-def open_journal_like(journal: JournalLike) -> tuple[Journal, bool]:
+def open_journal_like(journal: JournalLike) -> tuple[JournalBackend, bool]:
     """The journal to write to, and whether it was opened here (then it is the transport's
     or client's to close) rather than given."""
-    if isinstance(journal, Journal):
-        return journal, False
-    return open_journal(journal), True
+    if journal is None or isinstance(journal, (str, os.PathLike)):
+        return open_journal(journal), True
+    return journal, False
 
 
 class _Base:
@@ -193,7 +195,7 @@ class _Base:
         self._rng = rng
 
     @property
-    def journal(self) -> Journal:
+    def journal(self) -> JournalBackend:
         """The journal this transport writes to."""
         return self._journal
 

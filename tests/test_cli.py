@@ -143,6 +143,7 @@ def test_stats_names_the_oldest_pending_by_age_not_by_insertion(journal_path: Pa
                 client.post("/charges", json={"n": n})  # unnamed: the key identifies it
         client.journal.abandon(client.journal.pending()[0].key)
         newest = client.journal.pending()[-1]
+        assert isinstance(client.journal, idemclient.Journal)
         client.journal._connection().execute(
             "UPDATE operations SET created_at = created_at - 7200 WHERE key = ?", (newest.key,)
         )

@@ -86,6 +86,7 @@ def test_client_is_an_httpx_client_with_a_journal(journal_path: Path) -> None:
         journal=journal_path, transport=httpx.MockTransport(recorder), base_url="https://x"
     ) as client:
         assert isinstance(client, httpx.Client)
+        assert isinstance(client.journal, idemclient.Journal)
         assert client.journal.path == journal_path
         client.post("/a", json={})
         assert recorder.requests[0].headers["Idempotency-Key"]

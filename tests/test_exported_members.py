@@ -16,6 +16,8 @@ def test_all_is_exactly_the_public_surface() -> None:
             "InvalidOperationError",
             "Journal",
             "JournalError",
+            "PostgresJournal",
+            "open_journal",
             "Operation",
             "OperationAbandonedError",
             "OperationExpiredError",

@@ -76,6 +76,7 @@ def client_for(
 def journal_of(client: httpx.Client) -> Journal:
     transport = client._transport
     assert isinstance(transport, IdempotentTransport)
+    assert isinstance(transport.journal, Journal)
     return transport.journal
 
 

@@ -8,7 +8,10 @@ backend calls: a backend only stores.
 Backends:
 
 * `Journal` (`_sqlite.py`): one SQLite file, the embedded default.
-* PostgreSQL, for fleets: coming.
+* `PostgresJournal` (`_postgres.py`): PostgreSQL, for fleets (extra `idemclient[postgres]`).
+
+`open_journal` turns a location into one: a path, a `postgresql://` URL, or `None` for
+`$IDEMCLIENT_JOURNAL` (either kind), else the default SQLite file.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # Python 3.10 has no typing.Self
 
 from idemclient._errors import JournalError
 from idemclient._records import (
@@ -30,9 +36,17 @@ from idemclient._records import (
 )
 
 from ._decide import DEFAULT_PURGE_HORIZON
+from ._postgres import PostgresJournal, is_postgres_url
 from ._sqlite import Journal, default_journal_path
 
-__all__ = ["Journal", "JournalBackend", "default_journal_path", "open_journal"]
+__all__ = [
+    "Journal",
+    "JournalBackend",
+    "PostgresJournal",
+    "default_journal_path",
+    "is_postgres_url",
+    "open_journal",
+]
 
 
 class JournalBackend(Protocol):
@@ -158,6 +172,12 @@ class JournalBackend(Protocol):
         `JournalError`. Closing twice is harmless."""
         ...
 
+    def __enter__(self) -> Self:
+        """The journal itself, closed when the block ends."""
+        ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
     # -- reading back ---------------------------------------------------------------------
 
     def stored_request(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes, str]:
@@ -225,11 +245,21 @@ class JournalBackend(Protocol):
         ...
 
 
-def open_journal(path: str | os.PathLike[str] | None = None) -> Journal:
-    """The journal at `path`: an SQLite file (`None`: `$IDEMCLIENT_JOURNAL`, else the default
-    journal in the user state directory), created if need be.
+def open_journal(location: str | os.PathLike[str] | None = None, **options: Any) -> JournalBackend:
+    """The journal at `location`: a `postgresql://` (or `postgres://`) URL opens a
+    `PostgresJournal`, anything else an SQLite `Journal` file (created if need be); `None`
+    means `$IDEMCLIENT_JOURNAL` (a path or a URL), else the default SQLite journal in the
+    user state directory. `options` go to the backend's constructor.
 
-    The one place where the transports turn what they were given into a journal. (Once a
-    PostgreSQL URL is accepted too, it returns either backend, as a `JournalBackend`.)
+    The one place where what the transports, clients and the command line were given
+    becomes a journal.
+
+    Raises:
+        JournalError: it cannot be opened (for PostgreSQL without the driver installed, the
+            error names the extra to install).
     """
-    return Journal(path)
+    if location is None:
+        location = os.environ.get("IDEMCLIENT_JOURNAL") or None
+    if is_postgres_url(location):
+        return PostgresJournal(str(location), **options)
+    return Journal(location, **options)

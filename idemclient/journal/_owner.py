@@ -11,7 +11,11 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["HOST", "current_owner", "owner_alive"]
+__all__ = ["DEFAULT_LEASE_MARGIN", "HOST", "current_owner", "owner_alive"]
+
+#: seconds a lease outlasts its request's timeouts (`PostgresJournal(lease_margin=...)`
+#: changes it for holders on other hosts)
+DEFAULT_LEASE_MARGIN = 30.0
 
 
 def _process_start_time(pid: int) -> str | None:

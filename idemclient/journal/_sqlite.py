@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import json
 import logging
 import os
 import sqlite3
@@ -29,9 +28,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import platformdirs
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 from idemclient._errors import JournalError
 from idemclient._records import (
@@ -49,6 +51,14 @@ from idemclient._records import (
 from . import _decide
 from ._decide import DEFAULT_PURGE_HORIZON, DEFAULT_RETENTION
 from ._owner import owner_alive
+from ._rows import (
+    COLUMNS,
+    headers_from_json,
+    headers_json,
+    operation,
+    stored_response,
+    stored_row,
+)
 
 __all__ = ["SCHEMA_VERSION", "Journal", "default_journal_path"]
 
@@ -56,7 +66,7 @@ __all__ = ["SCHEMA_VERSION", "Journal", "default_journal_path"]
 SCHEMA_VERSION = 3
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
-_V2_COLUMNS = """
+_V2COLUMNS = """
     id              INTEGER PRIMARY KEY,
     name            TEXT,                   -- NULL for an unnamed operation
     key             TEXT NOT NULL UNIQUE,
@@ -82,8 +92,8 @@ _V2_COLUMNS = """
     -- previous_key: the key this one replaced (reissue)
     previous_key    TEXT"""
 # Version 2's table: version 1 journals are first upgraded to it, then to the current one.
-_TABLE_V2 = f"CREATE TABLE operations ({_V2_COLUMNS}\n)"
-_TABLE = f"""CREATE TABLE operations ({_V2_COLUMNS},
+_TABLE_V2 = f"CREATE TABLE operations ({_V2COLUMNS}\n)"
+_TABLE = f"""CREATE TABLE operations ({_V2COLUMNS},
     key_header      TEXT,                   -- the header that carries the key, and its style
     key_style       TEXT,                   -- (NULL: written before version 3)
     moved_fingerprint TEXT                  -- the request a 307/308 sent it on as
@@ -184,7 +194,7 @@ def _new_row(
 ) -> tuple[Any, ...]:
     return (
         record.name, record.key, record.method, record.url,
-        _headers_json(record.headers, record.headers_encoding),
+        headers_json(record.headers, record.headers_encoding),
         record.body, record.fingerprint, now, now, now, owner, now + lease_seconds,
         record.key_header, record.key_style,
     )  # fmt: skip
@@ -337,74 +347,13 @@ def default_journal_path() -> Path:
     """`$IDEMCLIENT_JOURNAL` if set, else `journal.sqlite3` in the user state directory."""
     env = os.environ.get("IDEMCLIENT_JOURNAL")
     if env:
+        if env.lower().startswith(("postgresql://", "postgres://")):
+            raise JournalError(
+                "IDEMCLIENT_JOURNAL names a PostgreSQL journal, and this is the SQLite one: "
+                "open it with idemclient.open_journal() or PostgresJournal"
+            )
         return Path(env).expanduser()
     return platformdirs.user_state_path("idemclient") / "journal.sqlite3"
-
-
-_COLUMNS = (
-    "name, key, state, method, url, attempts, created_at, updated_at, response_status, "
-    "last_error, fingerprint, first_sent_at, lease_owner, lease_expires, lease_version, "
-    "response_headers, response_body, response_body_kept, recoveries, previous_key, "
-    "key_header, key_style, moved_fingerprint"
-)
-
-
-def _operation(row: tuple[Any, ...]) -> Operation:
-    return Operation(
-        name=row[0],
-        key=row[1],
-        state=row[2],
-        method=row[3],
-        url=row[4],
-        attempts=row[5],
-        created_at=utc(row[6]),
-        updated_at=utc(row[7]),
-        response_status=row[8],
-        last_error=row[9],
-        recoveries=row[18],
-        previous_key=row[19],
-        key_header=row[20],
-        key_style=row[21],
-    )
-
-
-def _headers_json(headers: list[tuple[str, str]], encoding: str) -> str:
-    """A `headers` or `response_headers` column: a JSON list of [name, value] pairs, as it
-    always was, when the text is ASCII or UTF-8; else (iso-8859-1) an object that names the
-    encoding the text was decoded with, so that it encodes back to the very bytes.
-
-    A bare list is read as UTF-8. That is exact for every row written so far that was ASCII
-    or UTF-8, and gives iso-8859-1 rows written before the encoding was kept the same text
-    (their bytes cannot be told apart from UTF-8 ones: both decode to the same text).
-    """
-    if encoding in ("ascii", "utf-8"):
-        return json.dumps(headers)
-    return json.dumps({"encoding": encoding, "headers": headers})
-
-
-def _headers_from_json(text: str | None) -> tuple[list[tuple[str, str]], str]:
-    """`_headers_json` read back: the pairs and their encoding."""
-    stored: Any = json.loads(text or "[]")
-    encoding = "utf-8"
-    if isinstance(stored, dict):
-        encoding, stored = str(stored["encoding"]), stored["headers"]
-    return [(str(k), str(v)) for k, v in stored], encoding
-
-
-def _stored_response(row: tuple[Any, ...]) -> StoredResponse | None:
-    if row[8] is None:
-        return None
-    headers, encoding = _headers_from_json(row[15])
-    return StoredResponse(row[8], headers, bytes(row[16] or b""), bool(row[17]), encoding)
-
-
-def _stored_row(row: tuple[Any, ...]) -> _decide.StoredRow:
-    """A row of `_COLUMNS` as the registration rules read it."""
-    return _decide.StoredRow(
-        _operation(row), fingerprint=row[10], first_sent_at=row[11], lease_owner=row[12],
-        lease_expires=row[13], lease_version=row[14], moved_fingerprint=row[22],
-        response=_stored_response(row),
-    )  # fmt: skip
 
 
 class Journal:
@@ -834,7 +783,7 @@ class Journal:
                 _inherited.append(db)
         self._retired.clear()
 
-    def __enter__(self) -> Journal:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -845,13 +794,13 @@ class Journal:
     @staticmethod
     def _find(db: sqlite3.Connection, column: str, value: str) -> tuple[Any, ...] | None:
         row = db.execute(
-            f"SELECT {_COLUMNS} FROM operations WHERE {column} = ?", (value,)
+            f"SELECT {COLUMNS} FROM operations WHERE {column} = ?", (value,)
         ).fetchone()
         return cast("tuple[Any, ...] | None", row)
 
     def _row(self, db: sqlite3.Connection, column: str, value: str) -> _decide.StoredRow | None:
         row = self._find(db, column, value)
-        return _stored_row(row) if row is not None else None
+        return stored_row(row) if row is not None else None
 
     def _limits(self) -> _decide.Limits:
         return _decide.Limits(self.retention, self.max_recoveries, owner_alive)
@@ -1016,7 +965,7 @@ class Journal:
                     "SELECT body, headers FROM operations WHERE key = ?", (write.key,)
                 ).fetchone()
                 registration = _decide.with_stored_body(
-                    registration, body, bytes(stored_body), _headers_from_json(headers)[0]
+                    registration, body, bytes(stored_body), headers_from_json(headers)[0]
                 )
         elif isinstance(write, _decide.Expire):
             db.execute(_EXPIRE, (write.updated_at, write.key))
@@ -1049,7 +998,7 @@ class Journal:
                     path=str(self.path),
                 )
             decided = _decide.claim(
-                _stored_row(row), version, owner=owner, lease_seconds=lease_seconds,
+                stored_row(row), version, owner=owner, lease_seconds=lease_seconds,
                 last_error=last_error, now=now, limits=self._limits(),
             )  # fmt: skip
             return self._store(db, decided)
@@ -1109,7 +1058,7 @@ class Journal:
         body, kept = response.body, response.body_kept
         if len(body) > (self.max_stream_body if streamed else self.max_response_body):
             body, kept = b"", False
-        headers = _headers_json(response.headers, response.encoding)
+        headers = headers_json(response.headers, response.encoding)
         params = (state, self._clock(), response.status, headers, body, int(kept), key, version)
         shared = self._shared
         with shared.deferred_lock:
@@ -1253,14 +1202,14 @@ class Journal:
         if not rows:
             raise KeyError(key)
         method, url, headers, body = rows[0]
-        pairs, encoding = _headers_from_json(headers)
+        pairs, encoding = headers_from_json(headers)
         return method, url, pairs, bytes(body), encoding
 
     def _lookup(self, name_or_key: str) -> tuple[Any, ...] | None:
         """The row with this name, else with this key (a name wins over a key)."""
         rows = self._read(
             "look the operation up",
-            f"SELECT {_COLUMNS} FROM operations WHERE name = ? OR key = ? "
+            f"SELECT {COLUMNS} FROM operations WHERE name = ? OR key = ? "
             "ORDER BY name = ? DESC LIMIT 1",
             (name_or_key, name_or_key, name_or_key),
         )
@@ -1269,7 +1218,7 @@ class Journal:
     def stored_response(self, name_or_key: str) -> StoredResponse | None:
         """The journaled final response of an operation, if it has one."""
         row = self._lookup(name_or_key)
-        return _stored_response(row) if row is not None else None
+        return stored_response(row) if row is not None else None
 
     # -- inspection and upkeep ------------------------------------------------------------
 
@@ -1280,26 +1229,26 @@ class Journal:
         where, params = ("WHERE state = ?", (state,)) if state else ("", ())
         rows = self._read(
             "list operations",
-            f"SELECT {_COLUMNS} FROM operations {where} ORDER BY created_at, id",
+            f"SELECT {COLUMNS} FROM operations {where} ORDER BY created_at, id",
             params,
         )
-        return [_operation(r) for r in rows]
+        return [operation(r) for r in rows]
 
     def get(self, name_or_key: str) -> Operation | None:
         """The operation with this name, else with this key; `None` if neither is known."""
         row = self._lookup(name_or_key)
-        return _operation(row) if row is not None else None
+        return operation(row) if row is not None else None
 
     def pending(self) -> list[Operation]:
         """Operations a resume would send: pending, oldest first (expired ones excluded)."""
         cutoff = self._clock() - self.retention.total_seconds()
         rows = self._read(
             "list pending operations",
-            f"SELECT {_COLUMNS} FROM operations WHERE state = 'pending' "
+            f"SELECT {COLUMNS} FROM operations WHERE state = 'pending' "
             "AND (first_sent_at IS NULL OR first_sent_at >= ?) ORDER BY created_at, id",
             (cutoff,),
         )
-        return [_operation(r) for r in rows]
+        return [operation(r) for r in rows]
 
     def expire_stale(self, select: Callable[[Operation], bool] | None = None) -> list[Operation]:
         """Mark pending operations sent once and older than the retention as `expired` (only
@@ -1308,15 +1257,15 @@ class Journal:
         cutoff = now - self.retention.total_seconds()
         with self._write("expire stale operations") as db:
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM operations WHERE state = 'pending' "
+                f"SELECT {COLUMNS} FROM operations WHERE state = 'pending' "
                 "AND first_sent_at IS NOT NULL AND first_sent_at < ? ORDER BY created_at",
                 (cutoff,),
             ).fetchall()
-            keys = [r[1] for r in rows if select is None or select(_operation(r))]
+            keys = [r[1] for r in rows if select is None or select(operation(r))]
             for key in keys:
                 db.execute(_EXPIRE, (now, key))
             rows = [self._find(db, "key", key) for key in keys]
-        return [_operation(r) for r in rows if r is not None]
+        return [operation(r) for r in rows if r is not None]
 
     def abandon(self, name_or_key: str) -> Operation:
         """Mark a pending, expired or parked operation `abandoned`: it is never sent again.
@@ -1349,7 +1298,7 @@ class Journal:
             updated = self._find(db, "name", row[0]) if row[0] else None
             updated = updated or self._find(db, "key", row[1])
         assert updated is not None
-        return _operation(updated)
+        return operation(updated)
 
     def unpark(self, name_or_key: str) -> Operation:
         """Make a parked operation pending again, with its key: the next run or resume sends it.

@@ -29,7 +29,7 @@ def sync_api() -> None:
     ready = idemclient.Client(
         base_url="https://x", journal="j.sqlite3", hooks=[print], keep_headers=["X-Session-Locale"]
     )
-    assert_type(ready.journal, idemclient.Journal)
+    assert_type(ready.journal, JournalBackend)
     with idemclient.operation("charge-1"):
         response = ready.post("/charges", json={"amount": 5})
     assert_type(response, httpx.Response)
@@ -94,6 +94,6 @@ async def async_api() -> None:
 def journal_contract() -> None:
     # The SQLite journal keeps the journal contract that every backend keeps.
     backend: JournalBackend = idemclient.Journal("j.sqlite3")
-    assert_type(open_journal("j.sqlite3"), idemclient.Journal)
+    assert_type(open_journal("j.sqlite3"), JournalBackend)
     assert_type(backend.pending(), list[idemclient.Operation])
     assert_type(backend.closed, bool)

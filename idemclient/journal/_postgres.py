@@ -1,0 +1,802 @@
+"""The PostgreSQL journal, for fleets: the same contract as the SQLite one, shared by workers
+on many hosts.
+
+Its tables live in their own PostgreSQL schema (`idemclient` unless told otherwise),
+versioned in its `settings` table, created (or migrated forward) by whichever process comes
+first: creators take turns under a transaction-scoped advisory lock. A registration or claim
+is one transaction whose commit is synchronous (`synchronous_commit = on`) before the caller
+sends anything; completions are held in memory and written together in the background, like
+SQLite's (a lost one only means a resume gets the server's replay). Rows of a known operation
+are read `FOR UPDATE`, so two hosts never decide on one operation at once; a resume reads them
+`FOR UPDATE SKIP LOCKED`, so resumers on several hosts split one backlog instead of queueing
+behind each other. The registration rules are `_decide`'s, as for SQLite.
+
+psycopg 3 and psycopg-pool are imported only here (extra `idemclient[postgres]`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal, cast
+from urllib.parse import urlsplit, urlunsplit
+
+from idemclient._errors import JournalError
+from idemclient._records import (
+    FINISHED,
+    STATES,
+    Decision,
+    JournalStats,
+    Operation,
+    Registration,
+    RequestRecord,
+    State,
+    StoredResponse,
+    utc,
+)
+
+from . import _decide
+from ._decide import (
+    DEFAULT_PURGE_HORIZON,
+    DEFAULT_RETENTION,
+    ClaimUpdate,
+    Decided,
+    Expire,
+    Insert,
+    Limits,
+    Park,
+)
+from ._owner import DEFAULT_LEASE_MARGIN, owner_alive
+from ._rows import COLUMNS, headers_from_json, headers_json, operation, stored_response, stored_row
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+    from typing_extensions import Self
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "PostgresJournal",
+    "is_postgres_url",
+    "postgres_journal_exists",
+    "shown",
+]
+
+logger = logging.getLogger("idemclient")
+
+#: Bumped by every schema change; migrations go forward only.
+SCHEMA_VERSION = 1
+_EXTRA = "pip install 'idemclient[postgres]'"
+
+
+def is_postgres_url(text: object) -> bool:
+    """Whether a journal location is a PostgreSQL URL (`postgresql://` or `postgres://`)."""
+    return isinstance(text, str) and text.lower().startswith(("postgresql://", "postgres://"))
+
+
+def shown(dsn: str) -> str:
+    """The DSN as it may be shown (errors, the command line): no password."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+def postgres_journal_exists(dsn: str, schema: str = "idemclient") -> bool:
+    """Whether the database at `dsn` holds an idemclient journal (in `schema`). Raises
+    `JournalError` if it cannot be asked."""
+    driver, _ = _drivers()
+    try:
+        with driver.connect(dsn, connect_timeout=10, autocommit=True) as conn:
+            found = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".settings',)).fetchone()
+    except driver.Error as exc:
+        raise JournalError(f"journal {shown(dsn)}: could not connect to: {exc}") from exc
+    return found is not None and found[0] is not None
+
+
+def _drivers() -> tuple[Any, Any]:
+    try:
+        import psycopg
+        import psycopg_pool
+    except ImportError as exc:
+        raise JournalError(
+            f"a PostgreSQL journal needs psycopg 3 and psycopg-pool: {_EXTRA}"
+        ) from exc
+    return psycopg, psycopg_pool
+
+
+def _schema_sql(schema: str) -> list[str]:
+    q = f'"{schema}"'
+    return [
+        f"CREATE SCHEMA IF NOT EXISTS {q}",
+        f"""CREATE TABLE {q}.operations (
+            id              BIGSERIAL PRIMARY KEY,
+            name            TEXT,
+            key             TEXT NOT NULL UNIQUE,
+            state           TEXT NOT NULL,
+            method          TEXT NOT NULL,
+            url             TEXT NOT NULL,
+            headers         TEXT NOT NULL,
+            body            BYTEA NOT NULL,
+            fingerprint     TEXT NOT NULL,
+            attempts        INTEGER NOT NULL,
+            created_at      DOUBLE PRECISION NOT NULL,
+            updated_at      DOUBLE PRECISION NOT NULL,
+            first_sent_at   DOUBLE PRECISION,
+            lease_owner     TEXT,
+            lease_expires   DOUBLE PRECISION,
+            lease_version   INTEGER NOT NULL,
+            response_status INTEGER,
+            response_headers TEXT,
+            response_body   BYTEA,
+            response_body_kept INTEGER,
+            last_error      TEXT,
+            recoveries      INTEGER NOT NULL DEFAULT 0,
+            previous_key    TEXT,
+            key_header      TEXT,
+            key_style       TEXT,
+            moved_fingerprint TEXT
+        )""",
+        f"CREATE UNIQUE INDEX operations_name ON {q}.operations (name) WHERE name IS NOT NULL",
+        f"CREATE INDEX operations_pending ON {q}.operations (created_at, id) "
+        "WHERE state = 'pending'",
+        f"CREATE INDEX operations_finished ON {q}.operations (updated_at) WHERE state <> 'pending'",
+        f"CREATE TABLE {q}.settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ]
+
+
+#: every PostgresJournal not closed: their held completions are written at exit
+_open: weakref.WeakSet[PostgresJournal] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for journal in list(_open):
+        with contextlib.suppress(Exception):
+            journal.close()
+
+
+class PostgresJournal:
+    """The journal in PostgreSQL: one database shared by the workers of a fleet.
+
+    Args:
+        dsn: a `postgresql://` (or `postgres://`) URL, or a libpq connection string.
+        retention: how long the server keeps a key; a property of the journal, as for
+            SQLite: stored by whoever creates it (24 hours if not given), read when `None`,
+            changed only by `set_retention()`; a different value raises `ValueError`.
+        lease_margin: seconds added to a request's timeouts for the lease of its holder. A
+            holder on another host cannot be checked for liveness, so its operation waits
+            until that lease ends before another host takes it over.
+        schema: the PostgreSQL schema that holds the tables.
+        max_response_body, max_stream_body, max_recoveries, flush_delay: as for `Journal`.
+        pool_size: connections kept open at most (one per thread sending at the same time).
+        connect_timeout: seconds to wait for the server before `JournalError`.
+        read_only: inspect only: nothing is created, migrated or written.
+
+    Raises:
+        JournalError: the driver is missing (it names the extra), the server cannot be
+            reached, the user may not create or use the schema, or the schema comes from a
+            newer idemclient. Nothing is sent through a journal that could not be opened.
+
+    Example:
+        >>> journal = PostgresJournal("postgresql://app@db.internal/orders")
+        >>> client = idemclient.Client(journal=journal, base_url="https://api.example")
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        retention: timedelta | None = None,
+        lease_margin: float = 30.0,
+        schema: str = "idemclient",
+        max_response_body: int = 1024 * 1024,
+        max_stream_body: int = 16 * 1024 * 1024,
+        max_recoveries: int = 3,
+        flush_delay: float = 0.05,
+        pool_size: int = 32,
+        connect_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        read_only: bool = False,
+    ) -> None:
+        if retention is not None and retention <= timedelta(0):
+            raise ValueError("retention must be positive")
+        if not schema.replace("_", "").isalnum():
+            raise ValueError(f"schema must be a plain identifier, not {schema!r}")
+        if lease_margin < 0:
+            raise ValueError("lease_margin must not be negative")
+        self.dsn = dsn
+        self.path = shown(dsn)  # where it is, as errors and the CLI name it
+        self.schema = schema
+        self.lease_margin = lease_margin
+        self.max_response_body = max_response_body
+        self.max_stream_body = max_stream_body
+        self.max_recoveries = max_recoveries
+        self.flush_delay = flush_delay
+        self.read_only = read_only
+        self._clock = clock
+        self._table = f'"{schema}".operations'
+        self._settings = f'"{schema}".settings'
+        self._closed = False
+        self._held: list[tuple[Any, ...]] = []  # completions not written yet
+        self._held_lock = threading.Lock()
+        self._held_ready = threading.Condition(self._held_lock)
+        self._writing = threading.Lock()  # held while completions are being written
+        self._flusher: threading.Thread | None = None
+        driver, pools = _drivers()
+        self._errors: tuple[type[BaseException], ...] = (driver.Error, pools.PoolTimeout)
+        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = (
+            pools.ConnectionPool(
+                dsn, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
+                kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout))},
+                name="idemclient-journal",
+            )
+        )  # fmt: skip
+        try:
+            with self._as_journal_error("connect to"):
+                self._pool.open(wait=True, timeout=connect_timeout)
+            self.retention = self._open(retention)
+        except BaseException:
+            self._pool.close()
+            raise
+        _open.add(self)
+
+    def __repr__(self) -> str:
+        return f"<PostgresJournal {self.path!r} schema={self.schema!r}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- connections and errors -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _as_journal_error(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except JournalError:
+            raise
+        except self._errors as exc:
+            raise JournalError(
+                f"journal {self.path}: could not {action}: {exc}".rstrip(), path=self.path
+            ) from exc
+
+    @contextlib.contextmanager
+    def _connection(self, action: str) -> Iterator[psycopg.Connection[Any]]:
+        if self._closed:
+            raise JournalError(f"journal {self.path} is closed", path=self.path)
+        with self._as_journal_error(action), self._pool.connection() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _transaction(self, action: str, *, durable: bool = True) -> Iterator[Any]:
+        """A transaction; its commit waits for the server's WAL flush when `durable`."""
+        if self.read_only:
+            raise JournalError(f"journal {self.path} was opened read-only", path=self.path)
+        with self._connection(action) as conn, conn.transaction():
+            cur = conn.cursor()
+            cur.execute(f"SET LOCAL synchronous_commit = {'on' if durable else 'off'}")
+            yield cur
+
+    def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self.flush()  # this process sees its own answers
+        with self._connection(action) as conn:
+            return cast("list[tuple[Any, ...]]", conn.execute(sql, params).fetchall())
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _open(self, retention: timedelta | None) -> timedelta:
+        with self._connection("open the journal") as conn:
+            if self.read_only:
+                exists = conn.execute("SELECT to_regclass(%s)", (self._settings,)).fetchone()
+                if exists is None or exists[0] is None:
+                    raise JournalError(
+                        f"journal {self.path}: no idemclient journal in schema {self.schema!r}",
+                        path=self.path,
+                    )
+                return self._check(conn, retention)
+            with conn.transaction():
+                # creators (and migrators) take turns, whoever comes first creates
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._settings,))
+                exists = conn.execute("SELECT to_regclass(%s)", (self._settings,)).fetchone()
+                if exists is None or exists[0] is None:
+                    for statement in _schema_sql(self.schema):
+                        conn.execute(statement)
+                    kept = retention or DEFAULT_RETENTION
+                    conn.execute(
+                        f"INSERT INTO {self._settings} VALUES ('schema_version', %s), "
+                        "('retention_seconds', %s)",
+                        (str(SCHEMA_VERSION), repr(kept.total_seconds())),
+                    )
+                return self._check(conn, retention)
+
+    def _check(self, conn: psycopg.Connection[Any], retention: timedelta | None) -> timedelta:
+        settings = dict(conn.execute(f"SELECT name, value FROM {self._settings}").fetchall())
+        version = int(settings.get("schema_version", "0"))
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {self.path} (schema {self.schema!r}) was written by a newer "
+                f"idemclient (version {version}; this one knows up to {SCHEMA_VERSION}): "
+                "upgrade idemclient",
+                path=self.path,
+            )
+        stored = timedelta(seconds=float(settings["retention_seconds"]))
+        if retention is not None and abs(retention - stored) > timedelta(milliseconds=1):
+            raise ValueError(
+                f"journal {self.path} keeps a retention of {stored}, not {retention}: use "
+                "set_retention() (or `idemclient retention --set`) to change it"
+            )
+        return stored
+
+    def set_retention(self, retention: timedelta) -> None:
+        if retention <= timedelta(0):
+            raise ValueError("retention must be positive")
+        with self._transaction("set the retention") as cur:
+            cur.execute(
+                f"UPDATE {self._settings} SET value = %s WHERE name = 'retention_seconds'",
+                (repr(retention.total_seconds()),),
+            )
+        self.retention = retention
+
+    # -- one operation's life -------------------------------------------------------------
+
+    def _limits(self) -> Limits:
+        return Limits(self.retention, self.max_recoveries, owner_alive)
+
+    def _row(self, cur: Any, column: str, value: str, *, skip_locked: bool = False) -> Any:
+        lock = "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"
+        cur.execute(f"SELECT {COLUMNS} FROM {self._table} WHERE {column} = %s {lock}", (value,))
+        return cur.fetchone()
+
+    def _locked_elsewhere(self, cur: Any, column: str, value: str) -> Any:
+        """The row that `FOR UPDATE SKIP LOCKED` skipped: another resumer is claiming it."""
+        cur.execute(f"SELECT {COLUMNS} FROM {self._table} WHERE {column} = %s", (value,))
+        return cur.fetchone()
+
+    def register(self, record: RequestRecord, owner: str, lease_seconds: float) -> Registration:
+        (result,) = self.register_many([(record, owner, lease_seconds)])
+        if isinstance(result, JournalError):
+            raise result
+        return result
+
+    def register_many(
+        self, requests: Sequence[tuple[RequestRecord, str, float]]
+    ) -> list[Registration | JournalError]:
+        """Each registration its own durable transaction (a failed one stops only itself);
+        threads register at once on their own connections, and the server's group commit
+        lets their commits share WAL flushes."""
+        results: list[Registration | JournalError] = []
+        for record, owner, lease_seconds in requests:
+            try:
+                results.append(self._register_one(record, owner, lease_seconds))
+            except JournalError as exc:
+                results.append(exc)
+        return results
+
+    def _lease(self, lease_seconds: float) -> float:
+        """The lease asked for (the request's timeouts plus the default margin), with this
+        journal's `lease_margin` instead."""
+        return max(lease_seconds - DEFAULT_LEASE_MARGIN, 0.0) + self.lease_margin
+
+    def _register_one(
+        self, record: RequestRecord, owner: str, lease_seconds: float
+    ) -> Registration:
+        lease_seconds = self._lease(lease_seconds)
+        if record.resume or record.name is not None or record.key_given:
+            self.flush()  # it may be known, and have finished moments ago in this process
+        with self._transaction("register the operation") as cur:
+            now = self._clock()
+            if not record.resume and self._insert(cur, record, owner, lease_seconds, now):
+                return _decide.new_registration(record, now)
+            by_name, by_key = _decide.lookups(record)
+            name_row = key_row = None
+            looked: list[tuple[str, str]] = []
+            if by_name and record.name is not None:
+                name_row = self._row(cur, "name", record.name, skip_locked=record.resume)
+                looked.append(("name", record.name))
+            if by_key:
+                key_row = self._row(cur, "key", record.key, skip_locked=record.resume)
+                looked.append(("key", record.key))
+            if record.resume:  # a row skipped as locked: another resumer is claiming it
+                for (column, value), found in zip(looked, (name_row, key_row), strict=False):
+                    busy = found or self._locked_elsewhere(cur, column, value)
+                    if found is None and busy is not None:
+                        return Registration(
+                            Decision.IN_PROGRESS, operation(busy),
+                            detail="being claimed by another resumer",
+                        )  # fmt: skip
+            decided = _decide.register(
+                record,
+                stored_row(name_row) if name_row is not None else None,
+                stored_row(key_row) if key_row is not None else None,
+                owner=owner, lease_seconds=lease_seconds, now=now, limits=self._limits(),
+            )  # fmt: skip
+            if isinstance(decided.write, Insert):
+                if not self._insert(cur, record, owner, lease_seconds, now):
+                    raise JournalError(
+                        f"journal {self.path}: operation key {record.key!r} collides with another",
+                        path=self.path,
+                    )
+                return decided.registration
+            return self._store(cur, decided, record.body)
+
+    def _insert(
+        self, cur: Any, record: RequestRecord, owner: str, lease_seconds: float, now: float
+    ) -> bool:
+        """Insert a new operation, claimed; `False` if its name or key is taken (a row
+        another host is inserting at this moment is waited for, then counts as taken)."""
+        cur.execute(
+            f"INSERT INTO {self._table} (name, key, state, method, url, headers, body, "
+            "fingerprint, attempts, created_at, updated_at, first_sent_at, lease_owner, "
+            "lease_expires, lease_version, key_header, key_style) VALUES "
+            "(%s, %s, 'pending', %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, 1, %s, %s) "
+            "ON CONFLICT DO NOTHING",
+            (
+                record.name, record.key, record.method, record.url,
+                headers_json(record.headers, record.headers_encoding), record.body,
+                record.fingerprint, now, now, now, owner, now + lease_seconds,
+                record.key_header, record.key_style,
+            ),
+        )  # fmt: skip
+        return bool(cur.rowcount == 1)
+
+    def _store(self, cur: Any, decided: Decided, body: bytes = b"") -> Registration:
+        write, registration = decided.write, decided.registration
+        if isinstance(write, ClaimUpdate):
+            cur.execute(
+                f"UPDATE {self._table} SET attempts = %s, lease_version = %s, lease_owner = %s, "
+                "lease_expires = %s, updated_at = %s, recoveries = %s, first_sent_at = %s, "
+                "url = %s, fingerprint = %s, last_error = %s WHERE key = %s",
+                (
+                    write.attempts, write.lease_version, write.lease_owner, write.lease_expires,
+                    write.updated_at, write.recoveries, write.first_sent_at, write.url,
+                    write.fingerprint, write.last_error, write.key,
+                ),
+            )  # fmt: skip
+            if write.compare_body:
+                cur.execute(f"SELECT body, headers FROM {self._table} WHERE key = %s", (write.key,))
+                stored_body, headers = cur.fetchone()
+                registration = _decide.with_stored_body(
+                    registration, body, bytes(stored_body), headers_from_json(headers)[0]
+                )
+        elif isinstance(write, Expire):
+            cur.execute(
+                f"UPDATE {self._table} SET state = 'expired', updated_at = %s, "
+                "lease_owner = NULL, lease_expires = NULL WHERE key = %s",
+                (write.updated_at, write.key),
+            )
+        elif isinstance(write, Park):
+            cur.execute(
+                f"UPDATE {self._table} SET state = 'parked', recoveries = %s, updated_at = %s, "
+                "lease_owner = NULL, lease_expires = NULL, last_error = %s WHERE key = %s",
+                (write.recoveries, write.updated_at, write.reason, write.key),
+            )
+        else:
+            assert write is None, write
+        return registration
+
+    def claim(
+        self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
+    ) -> Registration:
+        lease_seconds = self._lease(lease_seconds)
+        self.flush()  # another holder in this process may have finished it
+        with self._transaction("claim the next attempt") as cur:
+            row = self._row(cur, "key", key)
+            if row is None:
+                raise JournalError(
+                    f"journal {self.path}: operation with key {key!r} is no longer in the "
+                    "journal; not resent",
+                    path=self.path,
+                )
+            decided = _decide.claim(
+                stored_row(row), version, owner=owner, lease_seconds=lease_seconds,
+                last_error=last_error, now=self._clock(), limits=self._limits(),
+            )  # fmt: skip
+            return self._store(cur, decided)
+
+    def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
+        with self._transaction("give the unsent operation back", durable=False) as cur:
+            if fresh:
+                cur.execute(
+                    f"DELETE FROM {self._table} WHERE key = %s AND lease_version = %s "
+                    "AND state = 'pending'",
+                    (key, version),
+                )
+            else:
+                cur.execute(
+                    f"UPDATE {self._table} SET first_sent_at = CASE WHEN attempts <= 1 THEN "
+                    "NULL ELSE first_sent_at END, attempts = GREATEST(attempts - 1, 0), "
+                    "lease_owner = NULL, lease_expires = NULL, lease_version = lease_version + 1, "
+                    "updated_at = %s, last_error = 'cancelled before it was sent' "
+                    "WHERE key = %s AND lease_version = %s AND state = 'pending'",
+                    (self._clock(), key, version),
+                )
+
+    def release(
+        self,
+        key: str,
+        version: int,
+        last_error: str | None,
+        *,
+        moved_fingerprint: str | None = None,
+        never_sent: bool = False,
+    ) -> bool:
+        with self._transaction("release the operation", durable=False) as cur:
+            cur.execute(
+                f"UPDATE {self._table} SET lease_owner = NULL, lease_expires = NULL, "
+                "updated_at = %s, last_error = %s, "
+                "moved_fingerprint = COALESCE(%s, moved_fingerprint), "
+                "first_sent_at = CASE WHEN %s THEN NULL ELSE first_sent_at END "
+                "WHERE key = %s AND lease_version = %s",
+                (self._clock(), last_error, moved_fingerprint, never_sent, key, version),
+            )
+            return bool(cur.rowcount == 1)
+
+    # -- completions: held, written together ------------------------------------------------
+
+    def finish(
+        self,
+        key: str,
+        version: int,
+        state: Literal["completed", "conflict"],
+        response: StoredResponse,
+        *,
+        streamed: bool = False,
+    ) -> None:
+        """Record the final response, soon: held in memory and written with others by a
+        background thread within `flush_delay` (no network I/O on the caller's path), and
+        before any read through this journal, by `flush()`, `close()` and at exit."""
+        body, kept = response.body, response.body_kept
+        if len(body) > (self.max_stream_body if streamed else self.max_response_body):
+            body, kept = b"", False
+        headers = headers_json(response.headers, response.encoding)
+        params = (state, self._clock(), response.status, headers, body, int(kept), key, version)
+        with self._held_lock:
+            if self._closed:
+                raise JournalError(
+                    f"journal {self.path} is closed: the answer for key {key} was not "
+                    "recorded; the operation stays pending (a resume gets the server's replay)",
+                    path=self.path,
+                )
+            self._held.append(params)
+            self._held_ready.notify()
+            if self._flusher is None or not self._flusher.is_alive():
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="idemclient-journal-flush pg", daemon=True
+                )
+                self._flusher.start()
+
+    def flush(self) -> None:
+        """Write the held completions now; when it returns, every completion held before the
+        call is committed (one being written by the flusher included)."""
+        with self._writing:
+            with self._held_lock:
+                items, self._held = self._held, []
+            if not items:
+                return
+            try:
+                with self._transaction("record responses", durable=False) as cur:
+                    cur.executemany(
+                        f"UPDATE {self._table} SET state = %s, updated_at = %s, "
+                        "response_status = %s, response_headers = %s, response_body = %s, "
+                        "response_body_kept = %s, lease_owner = NULL, lease_expires = NULL, "
+                        "last_error = NULL WHERE key = %s AND lease_version = %s "
+                        "AND state = 'pending'",
+                        items,
+                    )
+            except BaseException:
+                with self._held_lock:  # not written: kept for the next try
+                    self._held[:0] = items
+                raise
+
+    def _flush_loop(self) -> None:
+        delay = self.flush_delay
+        while True:
+            with self._held_lock:
+                while not self._held:
+                    if self._closed or not self._held_ready.wait(timeout=30.0):
+                        self._flusher = None
+                        return
+            time.sleep(delay)
+            try:
+                self.flush()
+            except JournalError as exc:
+                if self._closed:
+                    return
+                if delay == self.flush_delay:
+                    logger.warning("journal %s: could not write responses: %s", self.path, exc)
+                delay = min(delay * 2 or 0.05, 5.0)
+            else:
+                delay = self.flush_delay
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                self.flush()
+        finally:
+            with self._held_lock:
+                self._closed = True
+                self._held_ready.notify_all()
+            self._pool.close()
+            _open.discard(self)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- reading back ---------------------------------------------------------------------
+
+    def stored_request(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes, str]:
+        rows = self._read(
+            "read the stored request",
+            f"SELECT method, url, headers, body FROM {self._table} WHERE key = %s",
+            (key,),
+        )
+        if not rows:
+            raise KeyError(key)
+        method, url, headers, body = rows[0]
+        pairs, encoding = headers_from_json(headers)
+        return method, url, pairs, bytes(body), encoding
+
+    def request_of(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes]:
+        method, url, headers, body, _ = self.stored_request(key)
+        return method, url, headers, body
+
+    def _lookup(self, name_or_key: str) -> tuple[Any, ...] | None:
+        rows = self._read(
+            "look the operation up",
+            f"SELECT {COLUMNS} FROM {self._table} WHERE name = %s OR key = %s "
+            "ORDER BY (name IS NOT DISTINCT FROM %s) DESC LIMIT 1",
+            (name_or_key, name_or_key, name_or_key),
+        )
+        return rows[0] if rows else None
+
+    def stored_response(self, name_or_key: str) -> StoredResponse | None:
+        row = self._lookup(name_or_key)
+        return stored_response(row) if row is not None else None
+
+    def operations(self, state: State | None = None) -> list[Operation]:
+        if state is not None and state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        where, params = ("WHERE state = %s", (state,)) if state else ("", ())
+        rows = self._read(
+            "list operations",
+            f"SELECT {COLUMNS} FROM {self._table} {where} ORDER BY created_at, id",
+            params,
+        )
+        return [operation(r) for r in rows]
+
+    def get(self, name_or_key: str) -> Operation | None:
+        row = self._lookup(name_or_key)
+        return operation(row) if row is not None else None
+
+    def pending(self) -> list[Operation]:
+        cutoff = self._clock() - self.retention.total_seconds()
+        rows = self._read(
+            "list pending operations",
+            f"SELECT {COLUMNS} FROM {self._table} WHERE state = 'pending' "
+            "AND (first_sent_at IS NULL OR first_sent_at >= %s) ORDER BY created_at, id",
+            (cutoff,),
+        )
+        return [operation(r) for r in rows]
+
+    def size_bytes(self) -> int:
+        """The journal's tables on the server, indexes included, in bytes."""
+        rows = self._read(
+            "measure the journal",
+            "SELECT pg_total_relation_size(%s) + pg_total_relation_size(%s)",
+            (self._table, self._settings),
+        )
+        return int(rows[0][0])
+
+    def stats(self) -> JournalStats:
+        rows = self._read(
+            "count operations",
+            f"SELECT state, COUNT(*), NULL, NULL, NULL FROM {self._table} GROUP BY state "
+            "UNION ALL (SELECT NULL, 0, name, key, created_at FROM "
+            f"{self._table} WHERE state = 'pending' ORDER BY created_at, id LIMIT 1)",
+        )
+        states = dict.fromkeys(STATES, 0) | {r[0]: r[1] for r in rows if r[0] is not None}
+        oldest = next((r for r in rows if r[0] is None), None)
+        if oldest is None:
+            return JournalStats(states)
+        return JournalStats(states, oldest[2], oldest[3], utc(oldest[4]))
+
+    # -- upkeep ---------------------------------------------------------------------------
+
+    def expire_stale(self, select: Callable[[Operation], bool] | None = None) -> list[Operation]:
+        now = self._clock()
+        cutoff = now - self.retention.total_seconds()
+        with self._transaction("expire stale operations") as cur:
+            cur.execute(
+                f"SELECT {COLUMNS} FROM {self._table} WHERE state = 'pending' "
+                "AND first_sent_at IS NOT NULL AND first_sent_at < %s ORDER BY created_at "
+                "FOR UPDATE SKIP LOCKED",
+                (cutoff,),
+            )
+            ops = [operation(r) for r in cur.fetchall()]
+            chosen = [op for op in ops if select is None or select(op)]
+            keys = [op.key for op in chosen]
+            if keys:
+                cur.execute(
+                    f"UPDATE {self._table} SET state = 'expired', updated_at = %s, "
+                    "lease_owner = NULL, lease_expires = NULL WHERE key = ANY(%s) "
+                    f"RETURNING {COLUMNS}",
+                    (now, keys),
+                )
+                return sorted((operation(r) for r in cur.fetchall()), key=lambda o: o.created_at)
+        return []
+
+    def _change_state(
+        self, name_or_key: str, verb: str, allowed: tuple[State, ...], sets: str, *params: Any
+    ) -> Operation:
+        with self._transaction(f"{verb} the operation") as cur:
+            row = self._row(cur, "name", name_or_key) or self._row(cur, "key", name_or_key)
+            if row is None:
+                raise KeyError(name_or_key)
+            if row[2] not in allowed:
+                raise ValueError(
+                    f"operation {name_or_key!r} is {row[2]}: only {', '.join(allowed)} "
+                    f"operations can be given to {verb}"
+                )
+            cur.execute(
+                f"UPDATE {self._table} SET {sets} WHERE key = %s RETURNING {COLUMNS}",
+                (*params, row[1]),
+            )
+            return operation(cur.fetchone())
+
+    def abandon(self, name_or_key: str) -> Operation:
+        return self._change_state(
+            name_or_key, "abandon", ("pending", "expired", "parked"),
+            "state = 'abandoned', updated_at = %s, lease_owner = NULL, lease_expires = NULL",
+            self._clock(),
+        )  # fmt: skip
+
+    def unpark(self, name_or_key: str) -> Operation:
+        return self._change_state(
+            name_or_key, "unpark", ("parked",),
+            "state = 'pending', recoveries = 0, updated_at = %s, "
+            "last_error = 'unparked by a person'",
+            self._clock(),
+        )  # fmt: skip
+
+    def reissue(self, name_or_key: str) -> Operation:
+        return self._change_state(
+            name_or_key, "reissue", ("expired",),
+            "state = 'pending', previous_key = key, key = %s, attempts = 0, "
+            "first_sent_at = NULL, recoveries = 0, lease_owner = NULL, lease_expires = NULL, "
+            "updated_at = %s, last_error = 'reissued with a new key by a person'",
+            str(uuid.uuid4()), self._clock(),
+        )  # fmt: skip
+
+    def purge(
+        self, older_than: timedelta = DEFAULT_PURGE_HORIZON, *, states: tuple[State, ...] = FINISHED
+    ) -> int:
+        if older_than < self.retention:
+            raise ValueError(
+                f"older_than ({older_than}) must not be shorter than the retention "
+                f"({self.retention})"
+            )
+        bad = [s for s in states if s not in FINISHED]
+        if bad:
+            raise ValueError(f"only finished states can be purged, not {', '.join(bad)}")
+        cutoff = self._clock() - older_than.total_seconds()
+        with self._transaction("purge operations", durable=False) as cur:
+            cur.execute(
+                f"DELETE FROM {self._table} WHERE state = ANY(%s) AND updated_at < %s",
+                (list(states), cutoff),
+            )
+            return int(cur.rowcount)

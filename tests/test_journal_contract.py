@@ -1,0 +1,269 @@
+"""The journal contract (`idemclient.journal.JournalBackend`), run against every backend:
+SQLite, and PostgreSQL on a throwaway server. The same decisions, the same fencing, the same
+upkeep, whichever stores the rows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idemclient import JournalError
+from idemclient._records import Decision, RequestRecord, StoredResponse
+from idemclient.journal import JournalBackend, open_journal
+from idemclient.journal._owner import current_owner
+
+LEASE = 60.0
+START = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record(
+    name: str | None = "op-1",
+    key: str = "key-1",
+    body: bytes = b'{"amount": 5}',
+    *,
+    key_given: bool = False,
+    resume: bool = False,
+) -> RequestRecord:
+    return RequestRecord(
+        name=name, key=key, key_given=key_given, method="POST",
+        url="https://api.example/charges", headers=[("content-type", "application/json")],
+        body=body, fingerprint=f"fp-{body!r}", resume=resume,
+    )  # fmt: skip
+
+
+def dead_owner() -> str:
+    """The owner string of a process of this host that has exited."""
+    code = "from idemclient.journal._owner import current_owner; print(current_owner())"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+OK = StoredResponse(201, [("content-type", "application/json")], b'{"id": 1}')
+
+Opener = Callable[..., JournalBackend]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens journals at one location of the backend under test (the same one each call)."""
+    if request.param == "sqlite":
+        location = str(tmp_path / "journal.sqlite3")
+    else:
+        location = request.getfixturevalue("pg_dsn")
+    opened: list[JournalBackend] = []
+
+    def open_(**options: Any) -> JournalBackend:
+        journal = open_journal(location, **options)
+        opened.append(journal)
+        return journal
+
+    yield open_
+    for journal in opened:
+        journal.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def journal(opener: Opener, clock: Clock) -> JournalBackend:
+    return opener(clock=clock)
+
+
+def test_a_new_operation_is_inserted_claimed_and_fresh(journal: JournalBackend) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    assert (reg.decision, reg.lease_version, reg.fresh) == (Decision.SEND, 1, True)
+    op = journal.get("op-1")
+    assert op is not None
+    assert (op.key, op.state, op.attempts) == ("key-1", "pending", 1)
+    assert journal.stored_request("key-1")[3] == b'{"amount": 5}'
+
+
+def test_a_live_holder_keeps_it_and_its_answer_is_replayed(journal: JournalBackend) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    again = journal.register(record(), current_owner(), LEASE)
+    assert again.decision is Decision.IN_PROGRESS
+    journal.finish("key-1", reg.lease_version, "completed", OK)
+    done = journal.register(record(), current_owner(), LEASE)  # a read sees held answers
+    assert done.decision is Decision.COMPLETED
+    assert done.response == OK
+    assert journal.stored_response("op-1") == OK
+
+
+def test_another_request_under_a_known_name_or_key_is_a_mismatch(journal: JournalBackend) -> None:
+    journal.register(record(), current_owner(), LEASE)
+    other = journal.register(record(body=b"{}"), current_owner(), LEASE)
+    assert other.decision is Decision.MISMATCH
+    by_key = journal.register(record(name=None, body=b"{}", key_given=True), current_owner(), LEASE)
+    assert by_key.decision is Decision.MISMATCH
+
+
+def test_a_vanished_holder_is_taken_over_and_fenced_out(journal: JournalBackend) -> None:
+    dead = dead_owner()
+    first = journal.register(record(), dead, LEASE)
+    second = journal.register(record(), current_owner(), LEASE)
+    assert (second.decision, second.lease_version) == (Decision.SEND, first.lease_version + 1)
+    assert second.operation.recoveries == 1
+    # the old holder's writes change nothing now
+    assert journal.release("key-1", first.lease_version, "late") is False
+    journal.finish("key-1", first.lease_version, "completed", OK)
+    journal.flush()
+    op = journal.get("key-1")
+    assert op is not None
+    assert op.state == "pending"
+    stale = journal.claim("key-1", first.lease_version, current_owner(), LEASE, None)
+    assert stale.decision is Decision.IN_PROGRESS
+
+
+def test_a_holder_on_another_host_is_waited_out_until_its_lease_ends(
+    journal: JournalBackend, clock: Clock
+) -> None:
+    journal.register(record(), "far-away-host:123:456", LEASE)
+    held = journal.register(record(), current_owner(), LEASE)
+    assert held.decision is Decision.IN_PROGRESS
+    clock.now += LEASE + 1
+    taken = journal.register(record(), current_owner(), LEASE)
+    assert taken.decision is Decision.SEND
+    assert taken.operation.attempts == 2
+
+
+def test_claims_release_and_unclaim(journal: JournalBackend) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    nxt = journal.claim("key-1", reg.lease_version, current_owner(), LEASE, "HTTP 503")
+    assert (nxt.decision, nxt.operation.attempts) == (Decision.SEND, 2)
+    assert journal.release("key-1", nxt.lease_version, "gave up") is True
+    again = journal.register(record(), current_owner(), LEASE)
+    assert (again.decision, again.operation.attempts) == (Decision.SEND, 3)
+    journal.unclaim("key-1", again.lease_version, fresh=False)
+    op = journal.get("key-1")
+    assert op is not None
+    assert (op.attempts, op.last_error) == (2, "cancelled before it was sent")
+    fresh = journal.register(record(name="op-2", key="key-2"), current_owner(), LEASE)
+    journal.unclaim("key-2", fresh.lease_version, fresh=True)
+    assert journal.get("key-2") is None
+
+
+def test_past_the_retention_a_sent_operation_expires(journal: JournalBackend, clock: Clock) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.release("key-1", reg.lease_version, "lost")
+    clock.now += 25 * 3600
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.EXPIRED
+    assert [op.state for op in journal.operations()] == ["expired"]
+    reissued = journal.reissue("op-1")
+    assert (reissued.state, reissued.previous_key, reissued.attempts) == ("pending", "key-1", 0)
+
+
+def test_a_never_sent_operation_does_not_expire(journal: JournalBackend, clock: Clock) -> None:
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.release("key-1", reg.lease_version, "refused", never_sent=True)
+    clock.now += 25 * 3600
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.SEND
+
+
+def test_an_operation_whose_holders_keep_vanishing_is_parked(journal: JournalBackend) -> None:
+    dead = dead_owner()
+    for _ in range(4):  # the first claim, then three recoveries
+        assert journal.register(record(), dead, LEASE).decision is Decision.SEND
+    parked = journal.register(record(), current_owner(), LEASE)
+    assert parked.decision is Decision.PARKED
+    assert journal.unpark("op-1").state == "pending"
+    assert journal.register(record(), current_owner(), LEASE).decision is Decision.SEND
+
+
+def test_expire_stale_pending_and_abandon(journal: JournalBackend, clock: Clock) -> None:
+    for i in range(3):
+        reg = journal.register(record(f"op-{i}", f"key-{i}"), current_owner(), LEASE)
+        journal.release(f"key-{i}", reg.lease_version, "lost")
+    clock.now += 25 * 3600
+    assert [op.name for op in journal.pending()] == []
+    expired = journal.expire_stale(lambda op: op.name != "op-1")
+    assert [op.name for op in expired] == ["op-0", "op-2"]
+    assert [op.state for op in journal.operations()] == ["expired", "pending", "expired"]
+    assert journal.abandon("op-1").state == "abandoned"
+    with pytest.raises(ValueError, match="abandoned"):
+        journal.abandon("op-1")
+    with pytest.raises(KeyError):
+        journal.abandon("nobody")
+
+
+def test_purge_deletes_only_finished_rows_past_the_horizon(
+    journal: JournalBackend, clock: Clock
+) -> None:
+    done = journal.register(record("done", "k-done"), current_owner(), LEASE)
+    journal.finish("k-done", done.lease_version, "completed", OK)
+    journal.register(record("waiting", "k-waiting"), current_owner(), LEASE)
+    journal.flush()
+    with pytest.raises(ValueError, match="retention"):
+        journal.purge(timedelta(hours=1))
+    clock.now += 31 * 86400
+    assert journal.purge() == 1
+    assert [op.name for op in journal.operations()] == ["waiting"]
+
+
+def test_the_retention_belongs_to_the_journal(opener: Opener) -> None:
+    first = opener(retention=timedelta(hours=2))
+    assert first.retention == timedelta(hours=2)
+    assert opener().retention == timedelta(hours=2)  # read from where it is stored
+    with pytest.raises(ValueError, match="retention"):
+        opener(retention=timedelta(hours=3))
+    first.set_retention(timedelta(hours=5))
+    assert opener().retention == timedelta(hours=5)
+
+
+def test_a_large_answer_keeps_status_and_headers_only(opener: Opener) -> None:
+    journal = opener(max_response_body=4)
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.finish("key-1", reg.lease_version, "completed", OK)
+    stored = journal.stored_response("key-1")
+    assert stored is not None
+    assert (stored.status, stored.body, stored.body_kept) == (201, b"", False)
+
+
+def test_threads_registering_one_name_at_once_send_it_once(opener: Opener) -> None:
+    journals = [opener() for _ in range(4)]
+    results: list[Decision] = []
+    lock = threading.Lock()
+
+    def work(journal: JournalBackend) -> None:
+        for _ in range(5):
+            decision = journal.register(record(), current_owner(), LEASE).decision
+            with lock:
+                results.append(decision)
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in journals]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 20
+    assert results.count(Decision.SEND) == 1
+    assert set(results) == {Decision.SEND, Decision.IN_PROGRESS}
+
+
+def test_a_closed_journal_refuses_a_late_answer(opener: Opener) -> None:
+    journal = opener()
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.close()
+    assert journal.closed
+    with pytest.raises(JournalError):
+        journal.finish("key-1", reg.lease_version, "completed", OK)
+    with pytest.raises(JournalError):
+        journal.register(record("op-2", "key-2"), current_owner(), LEASE)
