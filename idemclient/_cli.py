@@ -101,6 +101,17 @@ def parse_seconds(text: str) -> float:
 _MAX_TIMEOUT = 86400.0
 
 
+def parse_concurrency(text: str) -> int:
+    """How many operations a resume sends at once: 1 to 256."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid concurrency {text!r}") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 256, not {value}")
+    return value
+
+
 def parse_attempts(text: str) -> int:
     """A count of attempts: at least 1, the first attempt included."""
     try:
@@ -567,7 +578,9 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         follow_redirects=True,  # a 307/308 continues the operation at its new URL
     )
     with progress, client, journal:
-        results = client.resume_pending(on_result=progress, rebase=rebase)
+        results = client.resume_pending(
+            on_result=progress, rebase=rebase, concurrency=args.concurrency
+        )
     counts: dict[str, int] = {}
     for result in results:
         counts[result.outcome] = counts.get(result.outcome, 0) + 1
@@ -727,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="timeout of each request (default: 30)")  # fmt: skip
     sub.add_argument("--attempts", type=parse_attempts, default=5, metavar="N",
                      help="attempts per operation, the first included (default: 5)")  # fmt: skip
+    sub.add_argument("--concurrency", type=parse_concurrency, default=1, metavar="N",
+                     help="operations sent at once (default: 1); resumers on several hosts "
+                     "may share one journal")  # fmt: skip
     sub.add_argument("--dry-run", action="store_true", help="say what would be sent; send nothing")
     sub.add_argument("--json", action="store_true",
                      help="print the results as JSON, for scripts (progress on stderr stays "

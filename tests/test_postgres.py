@@ -1,0 +1,174 @@
+"""The PostgreSQL journal as users reach it: a `postgresql://` URL wherever a journal path
+goes, and bad input (no driver, no server, no rights, a newer schema, the server stopped
+mid-batch), each a clear `JournalError` with nothing sent and nothing lost."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import idemclient
+from idemclient import JournalError, PostgresJournal, RetryPolicy, open_journal
+from idemclient.testing import IdempotentServer
+
+from .pgserver import PostgresServer
+from .test_cli import cli
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_a_url_opens_it_wherever_a_journal_path_goes(
+    pg_dsn: str, server: IdempotentServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`journal=URL` of a client: a lost answer is one effect, a rerun of a named operation
+    replays from PostgreSQL; `$IDEMCLIENT_JOURNAL` and the CLI read the same rows."""
+    server.inject("drop_after_acting", times=1)
+    with idemclient.Client(base_url=server.url, journal=pg_dsn) as client:
+        assert isinstance(client.journal, PostgresJournal)
+        with idemclient.operation("charge-1"):
+            first = client.post("/charges", json={"amount": 5})
+        with idemclient.operation("charge-1"):
+            again = client.post("/charges", json={"amount": 5})
+    assert again.extensions["idempotency"]["replayed"] is True
+    assert again.json() == first.json()
+    assert (server.effect_count, server.request_count) == (1, 2)
+    monkeypatch.setenv("IDEMCLIENT_JOURNAL", pg_dsn)
+    with open_journal() as journal:
+        assert [(op.name, op.state) for op in journal.operations()] == [("charge-1", "completed")]
+    code, out, err = cli("list", "--json")
+    assert code == 0, err
+    assert [op["name"] for op in json.loads(out)] == ["charge-1"]
+    code, out, err = cli("stats", "--json")
+    assert code == 0, err
+    stats = json.loads(out)
+    assert stats["states"]["completed"] == 1
+    assert stats["size_bytes"] > 0
+
+
+@pytest.mark.anyio
+async def test_the_async_client_on_postgres(pg_dsn: str, server: IdempotentServer) -> None:
+    server.inject("status", status=503, times=2)
+    async with idemclient.AsyncClient(
+        base_url=server.url, journal=pg_dsn, retry=RetryPolicy(base_delay=0.01)
+    ) as client:
+        response = await client.post("/orders", json={"n": 1})
+    assert response.extensions["idempotency"]["attempts"] == 3
+    assert server.effect_count == 1
+
+
+def test_the_cli_resumes_a_postgres_journal_with_concurrency(
+    pg_dsn: str, server: IdempotentServer
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    with idemclient.Client(base_url=down, journal=pg_dsn, retry=RetryPolicy(max_attempts=1)) as c:
+        for i in range(6):
+            with idemclient.operation(f"op-{i}"), pytest.raises(idemclient.RetriesExhaustedError):
+                c.post(f"/ops/{i}", json={"i": i})
+    code, out, err = cli(
+        "--journal", pg_dsn, "resume", "--rebase", f"{down}={server.url}", "--concurrency", "3"
+    )
+    assert code == 0, err
+    assert "resumed 6 operations: 6 completed" in out
+    assert server.effect_count == 6
+    with pytest.raises(SystemExit) as usage:
+        cli("--journal", pg_dsn, "resume", "--concurrency", "0")
+    assert usage.value.code == 2
+
+
+def test_an_unreachable_server_fails_closed(server: IdempotentServer) -> None:
+    dsn = f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/nothing"
+    with pytest.raises(JournalError) as caught:
+        idemclient.Client(base_url=server.url, journal=PostgresJournal(dsn, connect_timeout=2))
+    assert "s3cret" not in str(caught.value)
+    assert "***" in str(caught.value)
+    assert server.request_count == 0
+
+
+def test_without_the_driver_idemclient_imports_and_a_url_names_the_extra(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['psycopg'] = None; sys.modules['psycopg_pool'] = None\n"
+        "import idemclient\n"
+        "try:\n"
+        "    idemclient.open_journal('postgresql://127.0.0.1/x')\n"
+        "except idemclient.JournalError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'idemclient[postgres]'" in out.stdout
+
+
+def test_a_schema_from_a_newer_idemclient_is_refused(pg_dsn: str) -> None:
+    PostgresJournal(pg_dsn).close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE idemclient.settings SET value = '99' WHERE name = 'schema_version'")
+    with pytest.raises(JournalError, match="newer idemclient"):
+        PostgresJournal(pg_dsn)
+
+
+def test_a_user_without_rights_gets_a_journal_error(pg_dsn: str) -> None:
+    PostgresJournal(pg_dsn).close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS reader")
+        conn.execute("CREATE ROLE reader LOGIN")
+    reader = pg_dsn.replace("postgres@", "reader@")
+    try:
+        with pytest.raises(JournalError, match="permission denied"):
+            PostgresJournal(reader)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("DROP OWNED BY reader")
+            conn.execute("DROP ROLE reader")
+
+
+def test_many_processes_creating_the_schema_at_once(pg_dsn: str) -> None:
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            PostgresJournal(pg_dsn).close()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+
+
+def test_the_server_stopped_mid_batch_sends_nothing_unrecorded(
+    own_postgres: PostgresServer, server: IdempotentServer
+) -> None:
+    """pg_ctl stop in the middle of a batch: every request the server saw has its row; the
+    next operation fails with JournalError, unsent; after a restart the batch finishes."""
+    dsn = own_postgres.create_database()
+    journal = PostgresJournal(dsn, connect_timeout=2)
+    with idemclient.Client(base_url=server.url, journal=journal) as client:
+        for i in range(3):
+            with idemclient.operation(f"op-{i}"):
+                client.post(f"/ops/{i}", json={"i": i})
+        own_postgres.stop("immediate")
+        with idemclient.operation("op-3"), pytest.raises(JournalError):
+            client.post("/ops/3", json={"i": 3})
+        assert server.request_count == 3  # nothing went out without its committed row
+        own_postgres.start()
+        for i in range(5):  # the script, run again: the first three replay
+            with idemclient.operation(f"op-{i}"):
+                client.post(f"/ops/{i}", json={"i": i})
+        states = {op.name: op.state for op in client.journal.operations()}
+    assert states == {f"op-{i}": "completed" for i in range(5)}
+    assert server.effect_count == 5
+    assert server.duplicates() == 0
