@@ -31,6 +31,7 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m benchmarks.bench --scale
+	$(BIN)/python -m benchmarks.postgres
 
 # Long, bounded runs with printed figures (not part of `make test`).
 stress: $(STAMP)

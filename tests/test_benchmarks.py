@@ -34,3 +34,13 @@ def test_a_delayed_server_and_a_choice_of_scenarios(capsys: pytest.CaptureFixtur
 def test_unknown_scenarios_are_refused() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--scenarios", "sequential,fibers"])
+
+
+def test_the_postgres_benchmark_runs(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import postgres
+
+    assert postgres.main(["--quick", "--dsn", pg_dsn]) == 0
+    out = capsys.readouterr().out
+    assert "idemclient postgres" in out
+    assert "WAL flushes per operation" in out
+    assert "of the ideal" in out
