@@ -381,8 +381,8 @@ def _resume_requests(
     report = ResumeReport([ResumeResult(op, "expired") for op in journal.expire_stale(mine)])
     requests = []
     skipped = []
-    for op in journal.operations("pending"):  # ours past the retention were expired just now
-        method, url, texts, body, encoding = journal.stored_request(op.key)
+    # ours past the retention were expired just now; one read for all of them
+    for op, (method, url, texts, body, encoding) in journal.pending_requests():
         # as bytes: a header value that is not ASCII goes out as it first did
         headers = [(k.encode(encoding), v.encode(encoding)) for k, v in texts]
         target = destination(url, client.base_url, moves)

@@ -189,6 +189,14 @@ class JournalBackend(Protocol):
         """The journaled final response of an operation (by name, else key), if it has one."""
         ...
 
+    def pending_requests(
+        self,
+    ) -> list[tuple[Operation, tuple[str, str, list[tuple[str, str]], bytes, str]]]:
+        """Every pending operation (those past the retention included) with its stored
+        request (as `stored_request` gives it), oldest first, in one read: what a resume
+        sends."""
+        ...
+
     def operations(self, state: State | None = None) -> list[Operation]:
         """Every operation, oldest first; only those in `state` if given (`ValueError` for a
         state that does not exist)."""

@@ -54,7 +54,15 @@ from ._decide import (
     Park,
 )
 from ._owner import DEFAULT_LEASE_MARGIN, owner_alive
-from ._rows import COLUMNS, headers_from_json, headers_json, operation, stored_response, stored_row
+from ._rows import (
+    COLUMNS,
+    headers_from_json,
+    headers_json,
+    operation,
+    stored_request,
+    stored_response,
+    stored_row,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -70,6 +78,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("idemclient")
+
+#: completions written by one statement (8 parameters each, far below PostgreSQL's limit)
+_ROWS_PER_STATEMENT = 500
+_FINISH_ROW = "(%s::text, %s::float8, %s::int, %s::text, %s::bytea, %s::int, %s::text, %s::int)"
 
 #: Bumped by every schema change; migrations go forward only.
 SCHEMA_VERSION = 1
@@ -237,7 +249,13 @@ class PostgresJournal:
         self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = (
             pools.ConnectionPool(
                 dsn, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
-                kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout))},
+                kwargs={
+                    "autocommit": True,
+                    "connect_timeout": max(1, int(connect_timeout)),
+                    # every commit waits for its WAL flush unless a write says otherwise,
+                    # whatever the server's or the role's default
+                    "options": "-c synchronous_commit=on",
+                },
                 name="idemclient-journal",
             )
         )  # fmt: skip
@@ -284,7 +302,8 @@ class PostgresJournal:
             raise JournalError(f"journal {self.path} was opened read-only", path=self.path)
         with self._connection(action) as conn, conn.transaction():
             cur = conn.cursor()
-            cur.execute(f"SET LOCAL synchronous_commit = {'on' if durable else 'off'}")
+            if not durable:  # the session's commits are synchronous (`options`)
+                cur.execute("SET LOCAL synchronous_commit = off")
             yield cur
 
     def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -393,10 +412,15 @@ class PostgresJournal:
         lease_seconds = self._lease(lease_seconds)
         if record.resume or record.name is not None or record.key_given:
             self.flush()  # it may be known, and have finished moments ago in this process
+        if not record.resume:  # the common case, a new operation: one INSERT, committed
+            if self.read_only:
+                raise JournalError(f"journal {self.path} was opened read-only", path=self.path)
+            with self._connection("register the operation") as conn:
+                now = self._clock()
+                if self._insert(conn.cursor(), record, owner, lease_seconds, now):
+                    return _decide.new_registration(record, now)
         with self._transaction("register the operation") as cur:
             now = self._clock()
-            if not record.resume and self._insert(cur, record, owner, lease_seconds, now):
-                return _decide.new_registration(record, now)
             by_name, by_key = _decide.lookups(record)
             name_row = key_row = None
             looked: list[tuple[str, str]] = []
@@ -578,21 +602,29 @@ class PostgresJournal:
     def flush(self) -> None:
         """Write the held completions now; when it returns, every completion held before the
         call is committed (one being written by the flusher included)."""
+        if not self._held and not self._writing.locked():
+            return  # nothing held, nothing being written: no lock for the readers to share
         with self._writing:
             with self._held_lock:
                 items, self._held = self._held, []
             if not items:
                 return
             try:
-                with self._transaction("record responses", durable=False) as cur:
-                    cur.executemany(
-                        f"UPDATE {self._table} SET state = %s, updated_at = %s, "
-                        "response_status = %s, response_headers = %s, response_body = %s, "
-                        "response_body_kept = %s, lease_owner = NULL, lease_expires = NULL, "
-                        "last_error = NULL WHERE key = %s AND lease_version = %s "
-                        "AND state = 'pending'",
-                        items,
-                    )
+                with self._connection("record responses") as conn:
+                    for start in range(0, len(items), _ROWS_PER_STATEMENT):
+                        chunk = items[start : start + _ROWS_PER_STATEMENT]
+                        conn.execute(  # one statement, one round trip, for the whole chunk
+                            f"UPDATE {self._table} AS t SET state = v.state, "
+                            "updated_at = v.updated_at, response_status = v.status, "
+                            "response_headers = v.headers, response_body = v.body, "
+                            "response_body_kept = v.kept, lease_owner = NULL, "
+                            "lease_expires = NULL, last_error = NULL FROM (VALUES "
+                            + ", ".join([_FINISH_ROW] * len(chunk))
+                            + ") AS v(state, updated_at, status, headers, body, kept, key, "
+                            "version) WHERE t.key = v.key AND t.lease_version = v.version "
+                            "AND t.state = 'pending'",
+                            [value for params in chunk for value in params],
+                        )
             except BaseException:
                 with self._held_lock:  # not written: kept for the next try
                     self._held[:0] = items
@@ -654,6 +686,16 @@ class PostgresJournal:
     def request_of(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes]:
         method, url, headers, body, _ = self.stored_request(key)
         return method, url, headers, body
+
+    def pending_requests(
+        self,
+    ) -> list[tuple[Operation, tuple[str, str, list[tuple[str, str]], bytes, str]]]:
+        rows = self._read(
+            "read the pending requests",
+            f"SELECT {COLUMNS}, headers, body FROM {self._table} WHERE state = 'pending' "
+            "ORDER BY created_at, id",
+        )
+        return [(operation(r), stored_request(r)) for r in rows]
 
     def _lookup(self, name_or_key: str) -> tuple[Any, ...] | None:
         rows = self._read(

@@ -15,6 +15,7 @@ __all__ = [
     "headers_from_json",
     "headers_json",
     "operation",
+    "stored_request",
     "stored_response",
     "stored_row",
 ]
@@ -83,3 +84,10 @@ def stored_row(row: tuple[Any, ...]) -> _decide.StoredRow:
         lease_expires=row[13], lease_version=row[14], moved_fingerprint=row[22],
         response=stored_response(row),
     )  # fmt: skip
+
+
+def stored_request(row: tuple[Any, ...]) -> tuple[str, str, list[tuple[str, str]], bytes, str]:
+    """The stored request of a row of `COLUMNS` followed by the `headers` and `body` columns:
+    method, URL, headers, body and the headers' encoding."""
+    pairs, encoding = headers_from_json(row[-2])
+    return row[3], row[4], pairs, bytes(row[-1]), encoding

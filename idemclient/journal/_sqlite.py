@@ -56,6 +56,7 @@ from ._rows import (
     headers_from_json,
     headers_json,
     operation,
+    stored_request,
     stored_response,
     stored_row,
 )
@@ -1204,6 +1205,17 @@ class Journal:
         method, url, headers, body = rows[0]
         pairs, encoding = headers_from_json(headers)
         return method, url, pairs, bytes(body), encoding
+
+    def pending_requests(
+        self,
+    ) -> list[tuple[Operation, tuple[str, str, list[tuple[str, str]], bytes, str]]]:
+        """The pending operations with their stored requests, oldest first, in one read."""
+        rows = self._read(
+            "read the pending requests",
+            f"SELECT {COLUMNS}, headers, body FROM operations WHERE state = 'pending' "
+            "ORDER BY created_at, id",
+        )
+        return [(operation(r), stored_request(r)) for r in rows]
 
     def _lookup(self, name_or_key: str) -> tuple[Any, ...] | None:
         """The row with this name, else with this key (a name wins over a key)."""
