@@ -7,6 +7,7 @@ performs the operation once. See the README for the guarantees and the limits.
 
 from __future__ import annotations
 
+from ._budget import RetryBudget
 from ._client import (
     AsyncClient,
     Client,
@@ -58,6 +59,7 @@ __all__ = [
     "ResumeReport",
     "ResumeResult",
     "RetriesExhaustedError",
+    "RetryBudget",
     "RetryPolicy",
     "__version__",
     "aresume_pending",

@@ -30,6 +30,7 @@ import anyio.to_thread
 import httpx
 import tenacity
 
+from ._budget import RetryBudget
 from ._errors import (
     ConflictError,
     IdempotencyError,
@@ -693,6 +694,7 @@ EventKind = Literal[
     "sending",
     "answered",
     "retrying",
+    "retry_denied",
     "recording",
     "completed",
     "conflict",
@@ -711,6 +713,8 @@ class Event:
     * `sending`: an attempt is durably claimed and is about to be sent.
     * `answered`: the attempt got a response (`status`) or a transport error (`error`).
     * `retrying`: a retry will be sent with the same key after `delay` seconds.
+    * `retry_denied`: a retry was due (after the answer `status` or `error`), but the
+      transport's `RetryBudget` was spent: it is not made, and `gave_up` follows.
     * `recording`: the final response (`status`) is about to be written to the journal.
     * `completed` / `conflict`: the final response is recorded (`conflict`: a 422-like
       refusal); the write is batched, within the journal's `flush_delay` (see
@@ -1079,10 +1083,18 @@ def _retry_loop(
     rng: random.Random | None,
     attempt: Callable[[], Generator[Step, Any, Outcome]],
     on_sleep: Callable[[Outcome, float], Generator[Step, Any, None]],
+    budget: RetryBudget | None = None,
+    on_denied: Callable[[Outcome, str], Generator[Step, Any, None]] | None = None,
 ) -> Generator[Step, Any, Outcome | Exhausted]:
     """Attempt; if that asks for a retry, drive a tenacity controller until it hands back a
-    value. Most operations succeed at once, and build no controller at all."""
+    value. Most operations succeed at once, and build no controller at all.
+
+    With a `budget`, the first attempt is deposited in it and each retry the policy decides
+    on is withdrawn from it before its backoff; a retry the budget refuses is not made (nor
+    waited for): `on_denied` is told, and the loop ends `Exhausted`."""
     start = clock()
+    if budget is not None:
+        budget.deposit()
     last: Outcome = yield from attempt()
     if last.verdict is not Verdict.RETRY:
         return last
@@ -1096,6 +1108,15 @@ def _retry_loop(
             last = yield from attempt()
             state.set_result(last)
         elif isinstance(do, tenacity.DoSleep):
+            if budget is not None and not budget.try_withdraw():
+                reason = (
+                    f"the retry budget was spent (retries are limited to {budget.ratio:.0%} of "
+                    f"first attempts plus {budget.min_per_second:g} a second, over "
+                    f"{budget.window:g}s)"
+                )
+                if on_denied is not None:
+                    yield from on_denied(last, reason)
+                return Exhausted(last, reason)
             yield from on_sleep(last, float(do))
             state.prepare_for_next_attempt()
             yield Sleep(float(do))
@@ -1131,6 +1152,7 @@ def keyed_flow(
     hand_back: bool = False,
     empty_replays: bool = False,
     emit: Callable[[Event], object] | None = None,
+    budget: RetryBudget | None = None,
 ) -> Generator[Step, Any, httpx.Response]:
     """A journaled operation: register and claim, send, retry with the same key, record.
 
@@ -1253,9 +1275,16 @@ def keyed_flow(
         )  # fmt: skip
         yield from event("retrying", delay=seconds, error=outcome.error)
 
+    def on_denied(outcome: Outcome, reason: str) -> Generator[Step, Any, None]:
+        logger.warning(
+            "operation %s (key %s): %s, not retried: %s", label, op.key, outcome.reason, reason
+        )
+        status = outcome.response.status_code if outcome.response is not None else None
+        yield from event("retry_denied", status=status, error=outcome.error)
+
     settled = False
     try:
-        result = yield from _retry_loop(policy, clock, rng, attempt, on_sleep)
+        result = yield from _retry_loop(policy, clock, rng, attempt, on_sleep, budget, on_denied)
         if isinstance(result, Exhausted):
             last = result.last
             if last.response is not None:
@@ -1379,6 +1408,7 @@ def plain_flow(
     wall_clock: Callable[[], float],
     rng: random.Random | None = None,
     secret: Callable[[str], bool] = DEFAULT_SECRETS,
+    budget: RetryBudget | None = None,
 ) -> Generator[Step, Any, httpx.Response]:
     """An unjournaled request (GET, PUT, DELETE, ...): retried on transient failures only.
 
@@ -1405,7 +1435,12 @@ def plain_flow(
         logger.info("%s %s: %s, retrying in %.2fs", request.method, url, outcome.reason, seconds)
         yield from ()
 
-    result = yield from _retry_loop(policy, clock, rng, attempt, on_sleep)
+    def on_denied(outcome: Outcome, reason: str) -> Generator[Step, Any, None]:
+        url = stored_url(request.url, secret)
+        logger.warning("%s %s: %s, not retried: %s", request.method, url, outcome.reason, reason)
+        yield from ()
+
+    result = yield from _retry_loop(policy, clock, rng, attempt, on_sleep, budget, on_denied)
     last = result.last if isinstance(result, Exhausted) else result
     if last.response is not None:
         return last.response

@@ -26,6 +26,7 @@ def test_all_is_exactly_the_public_surface() -> None:
             "ResumeReport",
             "ResumeResult",
             "RetriesExhaustedError",
+            "RetryBudget",
             "RetryPolicy",
             "__version__",
             "aresume_pending",
