@@ -17,7 +17,7 @@ from ._client import (
     resume_pending,
     wrap,
 )
-from ._core import Event, operation
+from ._core import Event, operation, unjournaled
 from ._errors import (
     ConflictError,
     IdempotencyError,
@@ -65,5 +65,6 @@ __all__ = [
     "aresume_pending",
     "operation",
     "resume_pending",
+    "unjournaled",
     "wrap",
 ]

@@ -37,11 +37,13 @@ from ._core import (
     Sleep,
     Step,
     Unsent,
+    is_unjournaled,
     keyed_flow,
     logger,
     perform,
     plain_flow,
     plan,
+    request_policy,
 )
 from ._errors import InvalidOperationError
 from ._family import AsyncTransport, SyncTransport, family
@@ -220,6 +222,11 @@ class _Base:
                 logger.exception("idemclient hook %r failed on %s", hook, event.kind)
 
     def _keyed(self, request: httpx.Request) -> bool:
+        """Whether the request is journaled: its method is, and it is not `unjournaled()`.
+        Checks the request's extensions (`TypeError`) before anything is read or sent."""
+        if is_unjournaled(request):
+            return False
+        request_policy(request, self.settings.policy)  # a wrong type fails here, early
         return request.method.upper() in self.settings.methods
 
     def _keyed_flow(
@@ -228,7 +235,7 @@ class _Base:
         return keyed_flow(
             plan(request, body, self.settings, place),
             self._journal,
-            testing_mode().apply(self.settings.policy),
+            testing_mode().apply(request_policy(request, self.settings.policy)),
             self._clock,
             self._wall_clock,
             self._rng,
@@ -240,7 +247,10 @@ class _Base:
         )
 
     def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
-        policy = testing_mode().apply(self.settings.policy)
+        if is_unjournaled(request):  # sent once, on purpose: no retry rules apply
+            policy = self.settings.policy.replace(max_attempts=1)
+        else:
+            policy = testing_mode().apply(request_policy(request, self.settings.policy))
         return plain_flow(
             request, policy, self._clock, self._wall_clock, self._rng, self.settings.secrets,
             self.retry_budget,

@@ -32,6 +32,7 @@ def test_all_is_exactly_the_public_surface() -> None:
             "aresume_pending",
             "operation",
             "resume_pending",
+            "unjournaled",
             "wrap",
         ]
     )

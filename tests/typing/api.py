@@ -64,6 +64,12 @@ def sync_api() -> None:
     assert_type(budget.denied, int)
     assert_type(budget.try_withdraw(), bool)
 
+    once = idemclient.RetryPolicy(max_attempts=1)
+    ready.post("/refunds", json={}, extensions=once.extensions())
+    ready.post("/events", json={}, extensions=idemclient.unjournaled())
+    with idemclient.operation("refund-1", retry=once):
+        ready.post("/refunds", json={})
+
     try:
         ready.post("/charges", json={})
     except idemclient.ConflictError as exc:
