@@ -6,6 +6,7 @@ import concurrent.futures
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -124,20 +125,26 @@ def always_503(counter: list[int]) -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
 
+def failing_client(
+    journal: Path, requests: list[int], budget: RetryBudget | None, **options: Any
+) -> idemclient.Client:
+    """A client of a server that answers 503 to everything, never sleeping."""
+    return idemclient.Client(
+        journal=journal,
+        base_url="https://api.example",
+        transport=always_503(requests),
+        sleep=lambda seconds: None,
+        retry_budget=budget,
+        **options,
+    )
+
+
 def test_a_storm_of_503s_stays_within_the_budget_and_loses_nothing(journal_path: Path) -> None:
     clock = FakeClock()
     budget = RetryBudget(clock=clock)  # 20%, 10 a second, over 10 s
     requests: list[int] = []
     operations, threads = 200, 8
-    with (
-        set_testing(True),
-        idemclient.Client(
-            journal=journal_path,
-            base_url="https://api.example",
-            transport=always_503(requests),
-            retry_budget=budget,
-        ) as client,
-    ):
+    with set_testing(True), failing_client(journal_path, requests, budget) as client:
 
         def charge(number: int) -> str:
             clock.now += 0.01  # 200 operations over 2 s of the fake clock
@@ -170,14 +177,7 @@ def test_a_denied_retry_is_an_event_and_a_warning(
     events: list[Event] = []
     requests: list[int] = []
     budget = RetryBudget(0.0, min_per_second=0.1, window=10, clock=FakeClock())  # 1 retry
-    with idemclient.Client(
-        journal=journal_path,
-        base_url="https://api.example",
-        transport=always_503(requests),
-        hooks=[events.append],
-        sleep=lambda s: None,
-        retry_budget=budget,
-    ) as client:
+    with failing_client(journal_path, requests, budget, hooks=[events.append]) as client:
         caplog.set_level(logging.WARNING, "idemclient")
         with pytest.raises(RetriesExhaustedError, match="the retry budget was spent"):
             client.post("/charges", json={})
@@ -195,13 +195,7 @@ def test_a_plain_request_returns_its_last_answer_when_the_budget_is_spent(
 ) -> None:
     requests: list[int] = []
     budget = RetryBudget(0.0, min_per_second=0.0, clock=FakeClock())
-    with idemclient.Client(
-        journal=journal_path,
-        base_url="https://api.example",
-        transport=always_503(requests),
-        sleep=lambda s: None,
-        retry_budget=budget,
-    ) as client:
+    with failing_client(journal_path, requests, budget) as client:
         response = client.get("/status")
     assert response.status_code == 503
     assert len(requests) == 1
@@ -209,15 +203,7 @@ def test_a_plain_request_returns_its_last_answer_when_the_budget_is_spent(
 
 def test_no_budget_retries_as_the_policy_says(journal_path: Path) -> None:
     requests: list[int] = []
-    with (
-        set_testing(True),
-        idemclient.Client(
-            journal=journal_path,
-            base_url="https://api.example",
-            transport=always_503(requests),
-            retry_budget=None,
-        ) as client,
-    ):
+    with failing_client(journal_path, requests, None) as client:
         for _ in range(50):
             with pytest.raises(RetriesExhaustedError):
                 client.post("/charges", json={})
