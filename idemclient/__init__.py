@@ -7,6 +7,7 @@ performs the operation once. See the README for the guarantees and the limits.
 
 from __future__ import annotations
 
+from ._budget import RetryBudget
 from ._client import (
     AsyncClient,
     Client,
@@ -16,7 +17,7 @@ from ._client import (
     resume_pending,
     wrap,
 )
-from ._core import Event, operation
+from ._core import Event, operation, unjournaled
 from ._errors import (
     ConflictError,
     IdempotencyError,
@@ -59,11 +60,13 @@ __all__ = [
     "ResumeReport",
     "ResumeResult",
     "RetriesExhaustedError",
+    "RetryBudget",
     "RetryPolicy",
     "__version__",
     "aresume_pending",
     "open_journal",
     "operation",
     "resume_pending",
+    "unjournaled",
     "wrap",
 ]

@@ -12,6 +12,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
+from ._budget import OWN_BUDGET, BudgetOption, own_budget
 from ._core import OPERATION_EXTENSION, RESUME_EXTENSION, Event, stored_url
 from ._errors import (
     ConflictError,
@@ -62,6 +63,10 @@ def _wrap_transports(client: AnyHttpClient, options: dict[str, Any]) -> None:
     if isinstance(current, (IdempotentTransport, AsyncIdempotentTransport)):
         raise ValueError("this client is already wrapped by idemclient")
     journal, opened = open_journal_like(options.pop("journal", None))
+    # one budget for the client's transports, mounted ones included
+    options["retry_budget"] = own_budget(
+        options.pop("retry_budget", OWN_BUDGET), options.get("clock")
+    )
     sync_kind, async_kind = _transport_classes(client)
     kind: Callable[..., _Idempotent] = async_kind if _is_async(client) else sync_kind
     main = kind(current, journal=journal, **options)
@@ -110,8 +115,9 @@ def wrap(client: AnyClient, **options: Any) -> AnyClient:
     Its transport and mounted transports are wrapped in place, so base URL, headers, auth,
     cookies, timeouts, proxies and event hooks keep working, and requests, responses and errors
     stay in the client's own family. `options` are those of `IdempotentTransport` (`journal`,
-    `retry`, `methods`, `key_header`, `hand_back`, ...); `hand_back` is on by default for the
-    SDKs' own clients (openai, anthropic, stripe), so that they raise their own error types.
+    `retry`, `methods`, `key_header`, `hand_back`, `retry_budget`, ...); `hand_back` is on by
+    default for the SDKs' own clients (openai, anthropic, stripe), so that they raise their
+    own error types. The client's transports share one journal and one retry budget.
 
     Example:
         >>> client = idemclient.wrap(httpx.Client(base_url=..., headers={"Authorization": ...}))
@@ -122,8 +128,9 @@ def wrap(client: AnyClient, **options: Any) -> AnyClient:
     inner = _stripe_clients(client)
     if inner:  # stripe.HTTPXClient: its own sync and async httpx clients, on one journal
         journal, _ = open_journal_like(options.pop("journal", None))
+        budget = own_budget(options.pop("retry_budget", OWN_BUDGET), options.get("clock"))
         for http_client in inner:
-            _wrap_transports(http_client, {**options, "journal": journal})
+            _wrap_transports(http_client, {**options, "journal": journal, "retry_budget": budget})
         return client
     _is_async(client)  # a client of either family, or TypeError
     _wrap_transports(client, options)  # type: ignore[arg-type]
@@ -175,6 +182,7 @@ class _SyncClientMixin:
         hooks: Sequence[Callable[[Event], object]] = (),
         empty_replays: bool = False,
         hand_back: bool = False,
+        retry_budget: BudgetOption = OWN_BUDGET,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -182,7 +190,7 @@ class _SyncClientMixin:
             journal=journal, retry=retry, methods=methods, key_header=key_header,
             key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
             max_body_size=max_body_size, sleep=sleep, hooks=hooks, empty_replays=empty_replays,
-            hand_back=hand_back,
+            hand_back=hand_back, retry_budget=retry_budget,
         ))  # fmt: skip
 
     @property
@@ -223,6 +231,7 @@ class _AsyncClientMixin:
         hooks: Sequence[Callable[[Event], object]] = (),
         empty_replays: bool = False,
         hand_back: bool = False,
+        retry_budget: BudgetOption = OWN_BUDGET,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -230,7 +239,7 @@ class _AsyncClientMixin:
             journal=journal, retry=retry, methods=methods, key_header=key_header,
             key_style=key_style, secret_headers=secret_headers, keep_headers=keep_headers,
             max_body_size=max_body_size, sleep=sleep, hooks=hooks, empty_replays=empty_replays,
-            hand_back=hand_back,
+            hand_back=hand_back, retry_budget=retry_budget,
         ))  # fmt: skip
 
     @property

@@ -30,6 +30,7 @@ import anyio.to_thread
 import httpx
 import tenacity
 
+from ._budget import RetryBudget
 from ._errors import (
     ConflictError,
     IdempotencyError,
@@ -43,7 +44,15 @@ from ._errors import (
     RetriesExhaustedError,
 )
 from ._family import error_kind, family
-from ._policy import Exhausted, Outcome, RetryPolicy, Verdict, classify_error, classify_response
+from ._policy import (
+    RETRY_EXTENSION,
+    Exhausted,
+    Outcome,
+    RetryPolicy,
+    Verdict,
+    classify_error,
+    classify_response,
+)
 from ._policy import is_replayed as server_replayed
 from ._records import Decision, Operation, Registration, RequestRecord, StoredResponse
 from .journal import JournalBackend
@@ -58,6 +67,8 @@ OPERATION_EXTENSION = "idempotency_operation"
 RESUME_EXTENSION = "idempotency_resume"
 #: Response extension describing the operation.
 RESPONSE_EXTENSION = "idempotency"
+#: Request extension that sends a request unjournaled, once, on purpose (`unjournaled()`).
+UNJOURNALED_EXTENSION = "idempotency_unjournaled"
 
 #: Never journaled, whatever `keep_headers` says: the names that always carry credentials.
 #: Every other credential is recognised by its name (`looks_secret`).
@@ -235,10 +246,12 @@ def parse_key(value: str) -> str:
 
 
 class _Scope:
-    """The names handed out inside one `operation()` block: name, name#2, name#3, ..."""
+    """The names handed out inside one `operation()` block: name, name#2, name#3, ...; and
+    the block's retry policy, if it has one (its own, or an enclosing block's)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, policy: RetryPolicy | None = None) -> None:
         self.name = name
+        self.policy = policy
         # next() on a count is atomic under the GIL, and holds no lock that a fork() could
         # leave held in the child
         self._counter = itertools.count(1)
@@ -282,17 +295,28 @@ class operation:
     answered from the journal without sending; an interrupted one is resent with its key.
     Works with `with` and `async with`, in threads and tasks (a context variable).
 
+    `retry` is the `RetryPolicy` of the requests sent in the block (journaled or not; nested
+    blocks without one of their own keep it), in place of the transport's: the way to give
+    one call of an SDK, which passes no extensions, a policy of its own. A request's own
+    policy (`extensions=RetryPolicy(...).extensions()`) wins over it.
+
     Example:
         >>> with idemclient.operation(f"charge-{invoice.id}"):
         ...     r = client.post("/charges", json={"amount": 500})
+        >>> with idemclient.operation("refund-7", retry=RetryPolicy(max_attempts=2)):
+        ...     stripe.refunds.create(...)
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, retry: RetryPolicy | None = None) -> None:
         self.name = check_name(name)
+        self.retry = check_policy(retry, "operation(retry=...)")
         self._tokens: list[contextvars.Token[_Scope | None]] = []
 
     def __enter__(self) -> operation:
-        self._tokens.append(_scope.set(_Scope(self.name)))
+        policy = self.retry
+        if policy is None and (outer := _scope.get()) is not None:
+            policy = outer.policy
+        self._tokens.append(_scope.set(_Scope(self.name, policy)))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -305,7 +329,68 @@ class operation:
         self.__exit__()
 
     def __repr__(self) -> str:
-        return f"operation({self.name!r})"
+        retry = f", retry={self.retry!r}" if self.retry is not None else ""
+        return f"operation({self.name!r}{retry})"
+
+
+def check_policy(policy: object, where: str) -> RetryPolicy | None:
+    """`policy` if it is a `RetryPolicy` (or `None`), else a `TypeError` that says where."""
+    if policy is not None and not isinstance(policy, RetryPolicy):
+        raise TypeError(
+            f"{where} takes an idemclient.RetryPolicy, not {type(policy).__name__} "
+            f"({policy!r}); nothing was sent"
+        )
+    return policy
+
+
+def unjournaled() -> dict[str, Any]:
+    """The request extensions that send one request **unjournaled, once**, on purpose.
+
+    Such a request gets no Idempotency-Key, no journal row and no retry, whatever its method:
+    if its answer is lost, nothing can tell whether the server acted, and nothing resends it.
+    For requests that must not be keyed (an endpoint that refuses the header, a call whose
+    repetition is harmless and whose journaling is not wanted). It takes no name of an
+    `operation()` block.
+
+    Example:
+        >>> client.post("/telemetry", json=..., extensions=idemclient.unjournaled())
+    """
+    return {UNJOURNALED_EXTENSION: True}
+
+
+def is_unjournaled(request: httpx.Request) -> bool:
+    """Whether the request was marked `unjournaled()`. Raises `TypeError` for a mark that is
+    not `True`, `InvalidOperationError` for one beside an operation name or a retry policy."""
+    mark = request.extensions.get(UNJOURNALED_EXTENSION)
+    if mark is None or mark is False:
+        return False
+    if mark is not True:
+        raise TypeError(
+            f"the request extension {UNJOURNALED_EXTENSION!r} takes True "
+            f"(extensions=idemclient.unjournaled()), not {mark!r}; nothing was sent"
+        )
+    for other in (OPERATION_EXTENSION, RETRY_EXTENSION):
+        if request.extensions.get(other) is not None:
+            raise InvalidOperationError(
+                f"an unjournaled request is sent once, unnamed: it cannot also have "
+                f"{other!r}; nothing was sent"
+            )
+    return True
+
+
+def request_policy(request: httpx.Request, default: RetryPolicy) -> RetryPolicy:
+    """The policy for this request: its own (the request extension), else its
+    `operation()` block's, else `default` (the transport's). Raises `TypeError` for an
+    extension that is not a `RetryPolicy`, before anything is sent."""
+    own = check_policy(
+        request.extensions.get(RETRY_EXTENSION), f"the request extension {RETRY_EXTENSION!r}"
+    )
+    if own is not None:
+        return own
+    scope = _scope.get()
+    if scope is not None and scope.policy is not None:
+        return scope.policy
+    return default
 
 
 # -- what to send and what to journal -------------------------------------------------------
@@ -692,6 +777,7 @@ EventKind = Literal[
     "sending",
     "answered",
     "retrying",
+    "retry_denied",
     "recording",
     "completed",
     "conflict",
@@ -710,6 +796,8 @@ class Event:
     * `sending`: an attempt is durably claimed and is about to be sent.
     * `answered`: the attempt got a response (`status`) or a transport error (`error`).
     * `retrying`: a retry will be sent with the same key after `delay` seconds.
+    * `retry_denied`: a retry was due (after the answer `status` or `error`), but the
+      transport's `RetryBudget` was spent: it is not made, and `gave_up` follows.
     * `recording`: the final response (`status`) is about to be written to the journal.
     * `completed` / `conflict`: the final response is recorded (`conflict`: a 422-like
       refusal); the write is batched, within the journal's `flush_delay` (see
@@ -1078,10 +1166,18 @@ def _retry_loop(
     rng: random.Random | None,
     attempt: Callable[[], Generator[Step, Any, Outcome]],
     on_sleep: Callable[[Outcome, float], Generator[Step, Any, None]],
+    budget: RetryBudget | None = None,
+    on_denied: Callable[[Outcome, str], Generator[Step, Any, None]] | None = None,
 ) -> Generator[Step, Any, Outcome | Exhausted]:
     """Attempt; if that asks for a retry, drive a tenacity controller until it hands back a
-    value. Most operations succeed at once, and build no controller at all."""
+    value. Most operations succeed at once, and build no controller at all.
+
+    With a `budget`, the first attempt is deposited in it and each retry the policy decides
+    on is withdrawn from it before its backoff; a retry the budget refuses is not made (nor
+    waited for): `on_denied` is told, and the loop ends `Exhausted`."""
     start = clock()
+    if budget is not None:
+        budget.deposit()
     last: Outcome = yield from attempt()
     if last.verdict is not Verdict.RETRY:
         return last
@@ -1095,6 +1191,15 @@ def _retry_loop(
             last = yield from attempt()
             state.set_result(last)
         elif isinstance(do, tenacity.DoSleep):
+            if budget is not None and not budget.try_withdraw():
+                reason = (
+                    f"the retry budget was spent (retries are limited to {budget.ratio:.0%} of "
+                    f"first attempts plus {budget.min_per_second:g} a second, over "
+                    f"{budget.window:g}s)"
+                )
+                if on_denied is not None:
+                    yield from on_denied(last, reason)
+                return Exhausted(last, reason)
             yield from on_sleep(last, float(do))
             state.prepare_for_next_attempt()
             yield Sleep(float(do))
@@ -1130,6 +1235,7 @@ def keyed_flow(
     hand_back: bool = False,
     empty_replays: bool = False,
     emit: Callable[[Event], object] | None = None,
+    budget: RetryBudget | None = None,
 ) -> Generator[Step, Any, httpx.Response]:
     """A journaled operation: register and claim, send, retry with the same key, record.
 
@@ -1252,9 +1358,16 @@ def keyed_flow(
         )  # fmt: skip
         yield from event("retrying", delay=seconds, error=outcome.error)
 
+    def on_denied(outcome: Outcome, reason: str) -> Generator[Step, Any, None]:
+        logger.warning(
+            "operation %s (key %s): %s, not retried: %s", label, op.key, outcome.reason, reason
+        )
+        status = outcome.response.status_code if outcome.response is not None else None
+        yield from event("retry_denied", status=status, error=outcome.error)
+
     settled = False
     try:
-        result = yield from _retry_loop(policy, clock, rng, attempt, on_sleep)
+        result = yield from _retry_loop(policy, clock, rng, attempt, on_sleep, budget, on_denied)
         if isinstance(result, Exhausted):
             last = result.last
             if last.response is not None:
@@ -1378,6 +1491,7 @@ def plain_flow(
     wall_clock: Callable[[], float],
     rng: random.Random | None = None,
     secret: Callable[[str], bool] = DEFAULT_SECRETS,
+    budget: RetryBudget | None = None,
 ) -> Generator[Step, Any, httpx.Response]:
     """An unjournaled request (GET, PUT, DELETE, ...): retried on transient failures only.
 
@@ -1404,7 +1518,12 @@ def plain_flow(
         logger.info("%s %s: %s, retrying in %.2fs", request.method, url, outcome.reason, seconds)
         yield from ()
 
-    result = yield from _retry_loop(policy, clock, rng, attempt, on_sleep)
+    def on_denied(outcome: Outcome, reason: str) -> Generator[Step, Any, None]:
+        url = stored_url(request.url, secret)
+        logger.warning("%s %s: %s, not retried: %s", request.method, url, outcome.reason, reason)
+        yield from ()
+
+    result = yield from _retry_loop(policy, clock, rng, attempt, on_sleep, budget, on_denied)
     last = result.last if isinstance(result, Exhausted) else result
     if last.response is not None:
         return last.response

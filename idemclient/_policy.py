@@ -31,6 +31,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import tenacity
@@ -40,6 +41,7 @@ from ._family import error_kind
 __all__ = [
     "DEFAULT_MAX_RETRY_AFTER",
     "MAX_HINT_SECONDS",
+    "RETRY_EXTENSION",
     "RETRY_STATUS_CODES",
     "UNSETTLED_STATUS_CODES",
     "Exhausted",
@@ -51,6 +53,8 @@ __all__ = [
     "parse_retry_after",
 ]
 
+#: Request extension carrying the `RetryPolicy` of one request (`RetryPolicy.extensions()`).
+RETRY_EXTENSION = "idempotency_retry"
 #: Statuses that ask for a retry (409: the IETF draft's "request with this key in flight").
 RETRY_STATUS_CODES: frozenset[int] = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 #: A Retry-After longer than this ends the attempts (the operation stays pending).
@@ -217,9 +221,13 @@ class RetryPolicy:
         max_retry_after: a `Retry-After` longer than this ends the attempts; the operation
             stays pending and can be resumed later.
 
+    One policy serves a whole transport or client (`retry=`), an `operation(name, retry=...)`
+    block, or one request (`extensions=policy.extensions()`); the nearest one applies.
+
     Example:
         >>> RetryPolicy(max_attempts=3, deadline=30.0)
         RetryPolicy(max_attempts=3, base_delay=0.5, ...)
+        >>> client.post("/charges", json=..., extensions=RetryPolicy(deadline=5.0).extensions())
     """
 
     max_attempts: int = 5
@@ -238,6 +246,17 @@ class RetryPolicy:
         if self.deadline is not None and self.deadline <= 0:
             raise ValueError("deadline must be positive seconds, or None")
         object.__setattr__(self, "retry_statuses", frozenset(self.retry_statuses))
+
+    def extensions(self) -> dict[str, Any]:
+        """The request extensions that give one request this policy, for httpx's
+        `extensions=` (`{"idempotency_retry": self}`): it wins over the policy of the
+        `operation()` block and of the transport.
+
+        Example:
+            >>> once_more = RetryPolicy(max_attempts=2)
+            >>> client.post("/refunds", json=..., extensions=once_more.extensions())
+        """
+        return {RETRY_EXTENSION: self}
 
     def replace(self, **changes: object) -> RetryPolicy:
         """A copy with some fields changed (`dataclasses.replace`)."""

@@ -22,6 +22,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import httpx
 
+from ._budget import OWN_BUDGET, BudgetOption, own_budget
 from ._config import testing_mode
 from ._core import (
     JOURNAL_STEPS,
@@ -36,11 +37,13 @@ from ._core import (
     Sleep,
     Step,
     Unsent,
+    is_unjournaled,
     keyed_flow,
     logger,
     perform,
     plain_flow,
     plan,
+    request_policy,
 )
 from ._errors import InvalidOperationError
 from ._family import AsyncTransport, SyncTransport, family
@@ -176,6 +179,7 @@ class _Base:
         hooks: Sequence[Callable[[Event], object]],
         hand_back: bool,
         empty_replays: bool,
+        retry_budget: BudgetOption,
     ) -> None:
         self._hooks = tuple(hooks)
         self.hand_back = hand_back
@@ -193,6 +197,7 @@ class _Base:
         self._clock = clock or time.monotonic
         self._wall_clock = time.time
         self._rng = rng
+        self.retry_budget = own_budget(retry_budget, self._clock)
 
     @property
     def journal(self) -> JournalBackend:
@@ -219,6 +224,11 @@ class _Base:
                 logger.exception("idemclient hook %r failed on %s", hook, event.kind)
 
     def _keyed(self, request: httpx.Request) -> bool:
+        """Whether the request is journaled: its method is, and it is not `unjournaled()`.
+        Checks the request's extensions (`TypeError`) before anything is read or sent."""
+        if is_unjournaled(request):
+            return False
+        request_policy(request, self.settings.policy)  # a wrong type fails here, early
         return request.method.upper() in self.settings.methods
 
     def _keyed_flow(
@@ -227,7 +237,7 @@ class _Base:
         return keyed_flow(
             plan(request, body, self.settings, place),
             self._journal,
-            testing_mode().apply(self.settings.policy),
+            testing_mode().apply(request_policy(request, self.settings.policy)),
             self._clock,
             self._wall_clock,
             self._rng,
@@ -235,13 +245,18 @@ class _Base:
             hand_back=self.hand_back,
             empty_replays=self.empty_replays,
             emit=self._emit if self._hooks else None,
+            budget=self.retry_budget,
         )
 
     def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
-        policy = testing_mode().apply(self.settings.policy)
+        if is_unjournaled(request):  # sent once, on purpose: no retry rules apply
+            policy = self.settings.policy.replace(max_attempts=1)
+        else:
+            policy = testing_mode().apply(request_policy(request, self.settings.policy))
         return plain_flow(
-            request, policy, self._clock, self._wall_clock, self._rng, self.settings.secrets
-        )
+            request, policy, self._clock, self._wall_clock, self._rng, self.settings.secrets,
+            self.retry_budget,
+        )  # fmt: skip
 
 
 T = TypeVar("T")
@@ -385,11 +400,11 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         max_body_size: the largest request body that is journaled; a larger one is refused
             with `InvalidOperationError` before anything is sent.
         sleep: called with the seconds to wait between attempts (tests pass a recorder).
-        clock: monotonic seconds, for the policy's deadline.
+        clock: monotonic seconds, for the policy's deadline and the transport's own budget.
         hooks: callables given each `Event` of a journaled operation (registered, sending,
-            answered, retrying, recording, completed, conflict, gave_up, replayed): the place
-            to count retries or trace attempts, since retries inside a transport are hidden
-            from httpx's own event hooks.
+            answered, retrying, retry_denied, recording, completed, conflict, gave_up,
+            replayed): the place to count retries or trace attempts, since retries inside a
+            transport are hidden from httpx's own event hooks.
         hand_back: under an SDK (set by `wrap()` for the openai, anthropic and stripe
             clients), answer as plain httpx would instead of raising idemclient's errors, so
             that the SDK raises the types its users catch: when the attempts run out, the
@@ -400,6 +415,10 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         empty_replays: replay an operation whose answer was too large to keep
             (`Journal(max_response_body=...)`) with its status and headers and an empty body,
             instead of raising `ResponseNotKeptError`.
+        retry_budget: a `RetryBudget` bounding the retries of this transport (share one
+            between transports to bound them together); left out, the transport has one of
+            its own (retries up to 20% of first attempts, plus 10 a second, over 10 s, on
+            `clock`); `None` for no budget. A retry the budget refuses is not made.
 
     Example:
         >>> client = httpx.Client(transport=IdempotentTransport(journal="billing.sqlite3"))
@@ -424,6 +443,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         hooks: Sequence[Callable[[Event], object]] = (),
         hand_back: bool = False,
         empty_replays: bool = False,
+        retry_budget: BudgetOption = OWN_BUDGET,
     ) -> None:
         super().__init__(
             journal=journal,
@@ -439,6 +459,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             hooks=hooks,
             hand_back=hand_back,
             empty_replays=empty_replays,
+            retry_budget=retry_budget,
         )
         # None: made at the first request, in its family (httpx or httpx2's HTTPTransport)
         self._transport = transport
@@ -531,6 +552,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         hooks: Sequence[Callable[[Event], object]] = (),
         hand_back: bool = False,
         empty_replays: bool = False,
+        retry_budget: BudgetOption = OWN_BUDGET,
     ) -> None:
         super().__init__(
             journal=journal,
@@ -546,6 +568,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             hooks=hooks,
             hand_back=hand_back,
             empty_replays=empty_replays,
+            retry_budget=retry_budget,
         )
         # None: made at the first request, in its family (httpx or httpx2's transport)
         self._transport = transport

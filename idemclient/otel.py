@@ -92,7 +92,8 @@ class OpenTelemetryHook:
     before the span) and ends at `completed`, `conflict` or `gave_up`. An operation answered
     from the journal (`replayed`) gets a span of its own, started and ended at once. Each
     attempt adds the span events `sending` and `answered` (status or error type), each retry
-    decision `retrying` (with `idemclient.retry.delay` in seconds), and the final answer
+    decision `retrying` (with `idemclient.retry.delay` in seconds), a retry the retry budget
+    refused `retry_denied` (then the span ends as `gave_up`), and the final answer
     `recording`. Attributes: `http.request.method`, `url.full` (without user info and
     without any query parameter named like a credential, idemclient's own rule),
     `server.address`, `server.port`, `http.response.status_code`, `error.type` (a transport
@@ -113,8 +114,9 @@ class OpenTelemetryHook:
 
     **Metrics.** `idemclient.operations` (counter, by `idemclient.outcome`: completed,
     conflict, gave_up, replayed, unfinished), `idemclient.retries` (counter, by status or
-    error type), `idemclient.operation.attempts` (histogram of the attempts an operation had
-    claimed when it ended; not for replays, which send nothing) and
+    error type), `idemclient.retries.denied` (counter of retries the retry budget refused, by
+    status or error type), `idemclient.operation.attempts` (histogram of the attempts an
+    operation had claimed when it ended; not for replays, which send nothing) and
     `idemclient.operation.duration` (histogram, seconds from `registered` to the final
     event). Every metric carries `http.request.method` and `server.address`; none carries a
     key, a name or a URL, whose values are unbounded. A final event whose span had already
@@ -160,6 +162,8 @@ class OpenTelemetryHook:
                                    "Journaled operations by how they ended")  # fmt: skip
         self._retries = counter("idemclient.retries", "{retry}",
                                 "Attempts to be sent again, with the same key")  # fmt: skip
+        self._denied = counter("idemclient.retries.denied", "{retry}",
+                               "Retries not made: the retry budget was spent")  # fmt: skip
         self._attempts = histogram("idemclient.operation.attempts", "{attempt}",
                                    "Attempts an operation had claimed when it ended")  # fmt: skip
         self._duration = histogram("idemclient.operation.duration", "s",
@@ -192,7 +196,7 @@ class OpenTelemetryHook:
                     current.status = event.status if event.status is not None else current.status
                 else:
                     self._open.move_to_end(event.key)
-                    if kind == "retrying" and not answer:
+                    if kind in ("retrying", "retry_denied") and not answer:
                         answer = _last_answer(current)
                     self._event(current, event, answer, now_ns)
         for opened, outcome in ending:
@@ -207,6 +211,8 @@ class OpenTelemetryHook:
             self._end(replay, "replayed", measure=False)
         elif kind == "retrying":
             self._retries.add(1, {**labels, **answer})
+        elif kind == "retry_denied":
+            self._denied.add(1, {**labels, **answer})
         elif kind in _FINAL:
             if current is not None:
                 self._end(current, _FINAL[kind])
@@ -255,7 +261,7 @@ class OpenTelemetryHook:
         self, opened: _Open, event: Event, answer: dict[str, str | int], now_ns: int
     ) -> None:
         attributes: dict[str, str | int | float] = {"idemclient.attempt": event.attempt}
-        if event.kind in ("answered", "retrying", "recording"):
+        if event.kind in ("answered", "retrying", "retry_denied", "recording"):
             attributes.update(answer)
         if event.kind == "answered":
             opened.status = event.status

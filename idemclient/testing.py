@@ -598,7 +598,10 @@ class set_testing:
 
     While on, idemclient never sleeps between attempts (Retry-After included), and, with
     `max_attempts`, makes at most that many attempts per operation. Everything else (keys,
-    journal, classification) works as in production. Call it, or use it as a context manager
+    journal, classification, the retry budget) works as in production: a transport's own
+    `RetryBudget` lets 100 retries through whatever the traffic, and a test that fails
+    every request on purpose sees retries cut as production would (`retry_budget=None` on
+    the client turns that off). Call it, or use it as a context manager
     that restores the previous mode on exit.
 
     Example:

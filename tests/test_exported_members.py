@@ -28,11 +28,13 @@ def test_all_is_exactly_the_public_surface() -> None:
             "ResumeReport",
             "ResumeResult",
             "RetriesExhaustedError",
+            "RetryBudget",
             "RetryPolicy",
             "__version__",
             "aresume_pending",
             "operation",
             "resume_pending",
+            "unjournaled",
             "wrap",
         ]
     )

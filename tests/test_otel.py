@@ -201,6 +201,27 @@ def test_giving_up_is_an_error_span(journal_path: Path, otel: Telemetry) -> None
     assert otel.count("idemclient.retries") == 1
 
 
+def test_a_retry_the_budget_refused_is_a_span_event_and_a_metric(
+    journal_path: Path, otel: Telemetry
+) -> None:
+    app = IdempotentApp()
+    app.inject("status", status=503, times=5)
+    budget = idemclient.RetryBudget(0.0, min_per_second=0.1, window=10.0)  # one retry
+    with (
+        client_for(app, journal_path, otel.hook, retry_budget=budget) as client,
+        pytest.raises(idemclient.RetriesExhaustedError, match="retry budget"),
+    ):
+        client.post("/charges", json={})
+    (span,) = otel.finished()
+    assert [e.name for e in span.events] == ["sending", "answered", "retrying", "sending",
+                                             "answered", "retry_denied"]  # fmt: skip
+    assert (span.events[-1].attributes or {})["http.response.status_code"] == 503
+    assert (span.attributes or {})["idemclient.outcome"] == "gave_up"
+    assert otel.count("idemclient.retries") == 1
+    assert otel.count("idemclient.retries.denied", http__response__status_code=503) == 1
+    assert otel.count("idemclient.operations", idemclient__outcome="gave_up") == 1
+
+
 def test_credentials_never_reach_a_span(journal_path: Path, otel: Telemetry) -> None:
     app = IdempotentApp()
     with client_for(app, journal_path, otel.hook) as client:

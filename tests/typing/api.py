@@ -55,6 +55,21 @@ def sync_api() -> None:
     policy = idemclient.RetryPolicy().replace(deadline=10.0)
     assert_type(policy, idemclient.RetryPolicy)
 
+    budget = idemclient.RetryBudget(0.1, min_per_second=5.0, window=30.0, clock=lambda: 0.0)
+    idemclient.Client(retry_budget=budget)
+    idemclient.Client(retry_budget=None)
+    idemclient.IdempotentTransport(retry_budget=budget)
+    idemclient.wrap(httpx.Client(), retry_budget=budget)
+    assert_type(budget.balance, int)
+    assert_type(budget.denied, int)
+    assert_type(budget.try_withdraw(), bool)
+
+    once = idemclient.RetryPolicy(max_attempts=1)
+    ready.post("/refunds", json={}, extensions=once.extensions())
+    ready.post("/events", json={}, extensions=idemclient.unjournaled())
+    with idemclient.operation("refund-1", retry=once):
+        ready.post("/refunds", json={})
+
     try:
         ready.post("/charges", json={})
     except idemclient.ConflictError as exc:
