@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest stress bench clean
+.PHONY: demo fleet-demo test lint typecheck pytest stress bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python examples/crash_and_resume.py
+
+# Four workers on four hosts share a PostgreSQL journal; two are killed; a fifth host resumes.
+# Needs the PostgreSQL server binaries (initdb, pg_ctl, postgres); it says how to get them.
+fleet-demo: $(STAMP)
+	$(BIN)/python examples/fleet_demo.py
 
 test: lint typecheck pytest
 
