@@ -27,14 +27,14 @@ WINDOWS = {
 
 
 def child_command(
-    server: IdempotentServer, journal: Path, count: int, kill: str, victim: int, mode: str
+    server: IdempotentServer, journal: Path | str, count: int, kill: str, victim: int, mode: str
 ) -> list[str]:
     return [sys.executable, str(CHILD), server.url, str(journal), str(count), kill, str(victim),
             mode]  # fmt: skip
 
 
 def run_child(
-    server: IdempotentServer, journal: Path, count: int, kill: str, victim: int, mode: str
+    server: IdempotentServer, journal: Path | str, count: int, kill: str, victim: int, mode: str
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         child_command(server, journal, count, kill, victim, mode),
@@ -46,11 +46,12 @@ def run_child(
     return result
 
 
-def check_exactly_once(server: IdempotentServer, journal_path: Path, count: int) -> None:
-    """Each operation acted on once by the server, completed in the journal, same key."""
+def check_exactly_once(server: IdempotentServer, journal_path: Path | str, count: int) -> None:
+    """Each operation acted on once by the server, completed in the journal, same key. The
+    journal is a path (SQLite) or a URL (PostgreSQL)."""
     per_path = Counter(e.path for e in server.effects)
     assert per_path == Counter({f"/ops/{i}": 1 for i in range(count)}), per_path
-    with idemclient.Journal(journal_path) as journal:
+    with idemclient.open_journal(journal_path) as journal:
         ops = {op.name or op.key: op for op in journal.operations()}
     assert sorted(ops) == sorted(f"op-{i}" for i in range(count))
     assert {op.state for op in ops.values()} == {"completed"}
