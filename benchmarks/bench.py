@@ -450,6 +450,23 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(
+    results: dict[tuple[str, str], list[Sample]], scenarios: list[str], names: list[str]
+) -> list[list[str]]:
+    """The table of medians, each variant against bare httpx in the same scenario."""
+    rows = [["scenario", "variant", "ops/s", "p50 ms", "p99 ms", "vs httpx"]]
+    for scenario in scenarios:
+        base = statistics.median(s.ops_per_second for s in results[(scenario, "httpx")])
+        for name in names:
+            samples = results[(scenario, name)]
+            ops = statistics.median(s.ops_per_second for s in samples)
+            p50 = statistics.median(s.percentile(0.50) for s in samples) * 1000
+            p99 = statistics.median(s.percentile(0.99) for s in samples) * 1000
+            rows.append([scenario, name, f"{ops:,.0f}", f"{p50:.3f}", f"{p99:.3f}",
+                         f"{ops / base:.2f}x"])  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="idemclient side-by-side benchmark")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny and fast")
@@ -493,16 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in order:
                     sample = measure(variant, kinds[scenario], url, args.ops, args.workers)
                     results.setdefault((scenario, variant.name), []).append(sample)
-        rows = [["scenario", "variant", "ops/s", "p50 ms", "p99 ms", "vs httpx"]]
-        for scenario in scenarios:
-            base = statistics.median(s.ops_per_second for s in results[(scenario, "httpx")])
-            for variant in found:
-                samples = results[(scenario, variant.name)]
-                ops = statistics.median(s.ops_per_second for s in samples)
-                p50 = statistics.median(s.percentile(0.50) for s in samples) * 1000
-                p99 = statistics.median(s.percentile(0.99) for s in samples) * 1000
-                rows.append([scenario, variant.name, f"{ops:,.0f}", f"{p50:.3f}", f"{p99:.3f}",
-                             f"{ops / base:.2f}x"])  # fmt: skip
+        rows = side_by_side(results, scenarios, [v.name for v in found])
         print()
         print(f"{args.ops} POSTs per measurement, medians of {args.repetitions} repetitions")
         print(table(rows))

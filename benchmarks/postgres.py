@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ from .bench import (
     run_sequential,
     run_tasks,
     run_threads,
+    side_by_side,
     table,
 )
 
@@ -185,16 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                             while opened:
                                 opened.pop().close()
                         results.setdefault((scenario, variant.name), []).append(sample)
-            rows = [["scenario", "variant", "ops/s", "p50 ms", "p99 ms", "vs httpx"]]
-            for scenario in kinds:
-                base = statistics.median(s.ops_per_second for s in results[(scenario, "httpx")])
-                for variant in found:
-                    samples = results[(scenario, variant.name)]
-                    ops = statistics.median(s.ops_per_second for s in samples)
-                    p50 = statistics.median(s.percentile(0.5) for s in samples) * 1000
-                    p99 = statistics.median(s.percentile(0.99) for s in samples) * 1000
-                    rows.append([scenario, variant.name, f"{ops:,.0f}", f"{p50:.3f}",
-                                 f"{p99:.3f}", f"{ops / base:.2f}x"])  # fmt: skip
+            rows = side_by_side(results, list(kinds), [v.name for v in found])
             print(f"\n{args.ops} POSTs per measurement, medians of {args.repetitions} repetitions")
             print(table(rows))
             wal: list[list[str]] = [["threads", "WAL flushes per operation"]]

@@ -4,8 +4,6 @@ upkeep, whichever stores the rows."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -15,43 +13,13 @@ from typing import Any
 import pytest
 
 from idemclient import JournalError
-from idemclient._records import Decision, RequestRecord, StoredResponse
+from idemclient._records import Decision, StoredResponse
 from idemclient.journal import JournalBackend, open_journal
 from idemclient.journal._owner import current_owner
 
+from .test_journal import Clock, dead_owner, record
+
 LEASE = 60.0
-START = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def record(
-    name: str | None = "op-1",
-    key: str = "key-1",
-    body: bytes = b'{"amount": 5}',
-    *,
-    key_given: bool = False,
-    resume: bool = False,
-) -> RequestRecord:
-    return RequestRecord(
-        name=name, key=key, key_given=key_given, method="POST",
-        url="https://api.example/charges", headers=[("content-type", "application/json")],
-        body=body, fingerprint=f"fp-{body!r}", resume=resume,
-    )  # fmt: skip
-
-
-def dead_owner() -> str:
-    """The owner string of a process of this host that has exited."""
-    code = "from idemclient.journal._owner import current_owner; print(current_owner())"
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
 
 
 OK = StoredResponse(201, [("content-type", "application/json")], b'{"id": 1}')
