@@ -166,6 +166,7 @@ def test_the_server_stopped_mid_batch_sends_nothing_unrecorded(
         with idemclient.operation("op-3"), pytest.raises(JournalError):
             client.post("/ops/3", json={"i": 3})
         assert server.request_count == 3  # nothing went out without its committed row
+    journal.close()  # its pool would go on trying to reach the stopped server
     own_postgres.start()
     # A completion is written without waiting for its WAL flush: the crash may have lost the
     # last ones, which then look held by this (live) process until their leases end. An
