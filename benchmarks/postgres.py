@@ -18,6 +18,7 @@ Speed is never asserted by the test suite; this only prints.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import time
 import uuid
@@ -149,6 +150,23 @@ def resume_backlog(url: str, dsn: str, operations: int, concurrency: int) -> flo
     return seconds
 
 
+def bare_backlog(url: str, operations: int, concurrency: int) -> float:
+    """The same POSTs sent by bare httpx from `concurrency` threads: what this machine's
+    HTTP stack can do at all, the ceiling a resume is measured against beside the ideal."""
+    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
+    with httpx.Client(base_url=url, limits=limits) as client:
+
+        def one(i: int) -> None:
+            key = {"Idempotency-Key": f"bare-{i}"}
+            client.post("/charges", content=b'{"amount": 500}', headers=key).raise_for_status()
+
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(concurrency)))  # warm the connections
+            started = time.perf_counter()
+            list(pool.map(one, range(concurrency, concurrency + operations)))
+            return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="idemclient on PostgreSQL, side by side")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny and fast")
@@ -197,13 +215,22 @@ def main(argv: list[str] | None = None) -> int:
             print(table(wal))
         with local_server(args.latency) as slow:
             seconds = resume_backlog(slow, make_database(), args.backlog, args.concurrency)
+            bare_seconds = bare_backlog(slow, args.backlog, args.concurrency)
         ideal = args.backlog * args.latency / 1000 / args.concurrency
         print(
             f"\nbacklog: {args.backlog:,} pending operations resumed at concurrency "
-            f"{args.concurrency} against a server answering in {args.latency:g} ms: "
-            f"{seconds:.2f} s; ideal (operations x latency / concurrency) {ideal:.2f} s: "
-            f"{ideal / seconds:.2f}x of the ideal"
+            f"{args.concurrency} against a server answering in {args.latency:g} ms "
+            f"(ideal: operations x latency / concurrency = {ideal:.2f} s)"
         )
+        print(
+            table([
+                ["sender", "seconds", "x of the ideal", "x of bare httpx"],
+                ["bare httpx, same POSTs", f"{bare_seconds:.2f}", f"{ideal / bare_seconds:.2f}",
+                 "1.00"],
+                ["idemclient resume", f"{seconds:.2f}", f"{ideal / seconds:.2f}",
+                 f"{bare_seconds / seconds:.2f}"],
+            ])
+        )  # fmt: skip
     return 0
 
 

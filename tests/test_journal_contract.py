@@ -235,3 +235,66 @@ def test_a_closed_journal_refuses_a_late_answer(opener: Opener) -> None:
         journal.finish("key-1", reg.lease_version, "completed", OK)
     with pytest.raises(JournalError):
         journal.register(record("op-2", "key-2"), current_owner(), LEASE)
+
+
+def test_an_answer_held_in_memory_is_seen_through_every_journal_of_the_process(
+    opener: Opener, clock: Clock
+) -> None:
+    """Completions wait in memory for the flusher (an hour here): every read and decision
+    through any journal of this process on the same store sees them all the same."""
+    mine, other = opener(clock=clock, flush_delay=3600), opener(clock=clock, flush_delay=3600)
+    reg = mine.register(record(), current_owner(), LEASE)
+    late = mine.register(record("op-2", "key-2"), dead_owner(), LEASE)
+    mine.finish("key-1", reg.lease_version, "completed", OK)
+    taken = other.register(record("op-2", "key-2"), current_owner(), LEASE)
+    mine.finish("key-2", late.lease_version, "completed", OK)  # fenced out: taken over
+    for journal in (other, mine):
+        op = journal.get("op-1")
+        assert op is not None
+        assert (op.state, op.response_status) == ("completed", 201)
+        assert journal.stored_response("key-1") == OK
+        again = journal.register(record(), current_owner(), LEASE)
+        assert (again.decision, again.response) == (Decision.COMPLETED, OK)
+        assert (
+            journal.claim("key-1", reg.lease_version, current_owner(), LEASE, None).decision
+            is Decision.COMPLETED
+        )
+        stale = journal.get("op-2")
+        assert stale is not None
+        assert (stale.state, stale.attempts) == ("pending", 2)
+    with pytest.raises(ValueError, match="completed"):
+        other.abandon("op-1")
+    assert taken.lease_version == late.lease_version + 1
+    third = mine.register(record("op-3", "key-3"), current_owner(), LEASE)
+    clock.now += 25 * 3600  # all past the retention
+    mine.finish("key-3", third.lease_version, "completed", OK)
+    # only the unanswered one expires: a held answer means it is finished, not stale
+    assert [op.name for op in other.expire_stale()] == ["op-2"]
+    assert [op.state for op in other.operations()] == ["completed", "expired", "completed"]
+
+
+def test_a_resume_decides_on_the_row_as_it_is_now_not_as_the_backlog_read_it(
+    opener: Opener,
+) -> None:
+    mine, other = opener(), opener()
+    for i in (1, 2, 3):
+        reg = mine.register(record(f"op-{i}", f"key-{i}"), current_owner(), LEASE)
+        mine.release(f"key-{i}", reg.lease_version, "lost")
+    backlog = mine.pending_requests()  # what a resume reads first, then claims one by one
+    assert [op.name for op, _ in backlog] == ["op-1", "op-2", "op-3"]
+    assert other.register(record("op-1", "key-1"), "far-away-host:1:2", LEASE).decision is (
+        Decision.SEND
+    )
+    other.abandon("op-2")
+
+    def resumed(i: int) -> Decision:
+        again = record(f"op-{i}", f"key-{i}", key_given=True, resume=True)
+        return mine.register(again, current_owner(), LEASE).decision
+
+    assert resumed(1) is Decision.IN_PROGRESS  # another host holds it now
+    assert resumed(2) is Decision.ABANDONED
+    assert resumed(3) is Decision.SEND
+    assert resumed(3) is Decision.IN_PROGRESS  # claimed once, by the first
+    op = mine.get("op-3")
+    assert op is not None
+    assert op.attempts == 2

@@ -83,6 +83,21 @@ logger = logging.getLogger("idemclient")
 _ROWS_PER_STATEMENT = 500
 _FINISH_ROW = "(%s::text, %s::float8, %s::int, %s::text, %s::bytea, %s::int, %s::text, %s::int)"
 
+_CLAIM = (
+    "UPDATE {table} SET attempts = %s, lease_version = %s, lease_owner = %s, "
+    "lease_expires = %s, updated_at = %s, recoveries = %s, first_sent_at = %s, url = %s, "
+    "fingerprint = %s, last_error = %s WHERE key = %s"
+)
+
+
+def _claim_values(write: ClaimUpdate) -> tuple[Any, ...]:
+    return (
+        write.attempts, write.lease_version, write.lease_owner, write.lease_expires,
+        write.updated_at, write.recoveries, write.first_sent_at, write.url, write.fingerprint,
+        write.last_error, write.key,
+    )  # fmt: skip
+
+
 #: Bumped by every schema change; migrations go forward only.
 SCHEMA_VERSION = 1
 _EXTRA = "pip install 'idemclient[postgres]'"
@@ -227,6 +242,7 @@ class PostgresJournal:
         if lease_margin < 0:
             raise ValueError("lease_margin must not be negative")
         self.dsn = dsn
+        self._identity = (dsn, schema)  # journals of this process on the same tables
         self.path = shown(dsn)  # where it is, as errors and the CLI name it
         self.schema = schema
         self.lease_margin = lease_margin
@@ -240,6 +256,12 @@ class PostgresJournal:
         self._settings = f'"{schema}".settings'
         self._closed = False
         self._held: list[tuple[Any, ...]] = []  # completions not written yet
+        # every completion not committed yet (held, or being written), by key: what a read
+        # of one operation lays over the row it reads (see `_as_written`)
+        self._unwritten: dict[str, tuple[Any, ...]] = {}
+        # the rows of the last `pending_requests`, with their row versions (`xmin`): what a
+        # resume's claim of one of them compares against instead of locking it (`_claim_seen`)
+        self._seen: dict[str, tuple[tuple[Any, ...], str]] = {}
         self._held_lock = threading.Lock()
         self._held_ready = threading.Condition(self._held_lock)
         self._writing = threading.Lock()  # held while completions are being written
@@ -306,10 +328,48 @@ class PostgresJournal:
                 cur.execute("SET LOCAL synchronous_commit = off")
             yield cur
 
-    def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        self.flush()  # this process sees its own answers
+    def _read(
+        self, action: str, sql: str, params: Sequence[Any] = (), *, flush: bool = True
+    ) -> list[tuple[Any, ...]]:
+        """Rows read; for a list (`flush`), the completions of this process written first,
+        so that it sees its own answers. A read of one operation need not wait for them: it
+        lays them over the row instead (`_as_written`)."""
+        if flush:
+            for journal in self._siblings():
+                journal.flush()
         with self._connection(action) as conn:
             return cast("list[tuple[Any, ...]]", conn.execute(sql, params).fetchall())
+
+    def _siblings(self) -> list[PostgresJournal]:
+        """The open journals of this process on these tables, this one first."""
+        return [self] + [j for j in list(_open) if j is not self and j._identity == self._identity]
+
+    def _unwritten_of(self, key: str | None = None) -> list[tuple[Any, ...]]:
+        """The completions (of `key`, else all) that this process holds, not committed yet,
+        by any of its journals on these tables."""
+        found: list[tuple[Any, ...]] = []
+        for journal in self._siblings():
+            with journal._held_lock:
+                if key is None:
+                    found.extend(journal._unwritten.values())
+                elif (params := journal._unwritten.get(key)) is not None:
+                    found.append(params)
+        return found
+
+    @staticmethod
+    def _as_written(row: Any, unwritten: Sequence[tuple[Any, ...]]) -> Any:
+        """A row of `COLUMNS` as it is once the completions of this process are written:
+        the one fenced to this row's lease version, if it is still pending, is laid over it
+        (what the batched UPDATE in `flush` will do to it, and only that)."""
+        if row is None or row[2] != "pending":
+            return row
+        for state, updated_at, status, headers, body, kept, key, version in unwritten:
+            if key == row[1] and version == row[14]:
+                row = list(row)
+                row[2], row[7], row[8], row[9] = state, updated_at, status, None
+                row[12], row[13], row[15], row[16], row[17] = None, None, headers, body, kept
+                return tuple(row)
+        return row
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -372,9 +432,13 @@ class PostgresJournal:
         return Limits(self.retention, self.max_recoveries, owner_alive)
 
     def _row(self, cur: Any, column: str, value: str, *, skip_locked: bool = False) -> Any:
+        """The row, locked for this transaction, as it is once this process's completions
+        are written. Those are looked up after the read: a completion of this row cannot be
+        committed in between, its UPDATE waits for the lock this read takes."""
         lock = "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"
         cur.execute(f"SELECT {COLUMNS} FROM {self._table} WHERE {column} = %s {lock}", (value,))
-        return cur.fetchone()
+        row = cur.fetchone()
+        return None if row is None else self._as_written(row, self._unwritten_of(row[1]))
 
     def _locked_elsewhere(self, cur: Any, column: str, value: str) -> Any:
         """The row that `FOR UPDATE SKIP LOCKED` skipped: another resumer is claiming it."""
@@ -410,8 +474,8 @@ class PostgresJournal:
         self, record: RequestRecord, owner: str, lease_seconds: float
     ) -> Registration:
         lease_seconds = self._lease(lease_seconds)
-        if record.resume or record.name is not None or record.key_given:
-            self.flush()  # it may be known, and have finished moments ago in this process
+        # A known operation that finished moments ago in this process is read as finished
+        # (`_row` lays its completion over the row): no wait for the flusher.
         if not record.resume:  # the common case, a new operation: one INSERT, committed
             if self.read_only:
                 raise JournalError(f"journal {self.path} was opened read-only", path=self.path)
@@ -419,6 +483,11 @@ class PostgresJournal:
                 now = self._clock()
                 if self._insert(conn.cursor(), record, owner, lease_seconds, now):
                     return _decide.new_registration(record, now)
+        seen = self._seen.pop(record.key, None) if record.resume else None
+        if seen is not None:
+            claimed = self._claim_seen(record, owner, lease_seconds, *seen)
+            if claimed is not None:
+                return claimed
         with self._transaction("register the operation") as cur:
             now = self._clock()
             by_name, by_key = _decide.lookups(record)
@@ -453,6 +522,37 @@ class PostgresJournal:
                 return decided.registration
             return self._store(cur, decided, record.body)
 
+    def _claim_seen(
+        self, record: RequestRecord, owner: str, lease_seconds: float, row: Any, xmin: str
+    ) -> Registration | None:
+        """Claim a resumed operation as `pending_requests` read it: one UPDATE, committed,
+        that changes the row only if no one has written it since (its `xmin`, the
+        transaction that wrote this version of the row, is the same). `None` when the row
+        changed, or the rules decided anything but a plain claim: the caller then decides
+        on the row read again, locked (`FOR UPDATE SKIP LOCKED`).
+
+        Two resumers that read the same backlog both try; one UPDATE wins, the other's finds
+        a newer row and changes nothing, and its caller sees the winner's live lease."""
+        stored = stored_row(self._as_written(row, self._unwritten_of(row[1])))
+        if stored.operation.state != "pending" or self.read_only:
+            return None
+        by_name, by_key = _decide.lookups(record)
+        if by_name and stored.operation.name != record.name:
+            return None
+        decided = _decide.register(
+            record, stored if by_name else None, stored if by_key else None,
+            owner=owner, lease_seconds=lease_seconds, now=self._clock(), limits=self._limits(),
+        )  # fmt: skip
+        write = decided.write
+        if not isinstance(write, ClaimUpdate) or write.compare_body:
+            return None
+        with self._connection("claim the operation") as conn:
+            cur = conn.execute(
+                _CLAIM.format(table=self._table) + " AND xmin = %s::xid",
+                (*_claim_values(write), xmin),
+            )
+            return decided.registration if cur.rowcount == 1 else None
+
     def _insert(
         self, cur: Any, record: RequestRecord, owner: str, lease_seconds: float, now: float
     ) -> bool:
@@ -476,16 +576,7 @@ class PostgresJournal:
     def _store(self, cur: Any, decided: Decided, body: bytes = b"") -> Registration:
         write, registration = decided.write, decided.registration
         if isinstance(write, ClaimUpdate):
-            cur.execute(
-                f"UPDATE {self._table} SET attempts = %s, lease_version = %s, lease_owner = %s, "
-                "lease_expires = %s, updated_at = %s, recoveries = %s, first_sent_at = %s, "
-                "url = %s, fingerprint = %s, last_error = %s WHERE key = %s",
-                (
-                    write.attempts, write.lease_version, write.lease_owner, write.lease_expires,
-                    write.updated_at, write.recoveries, write.first_sent_at, write.url,
-                    write.fingerprint, write.last_error, write.key,
-                ),
-            )  # fmt: skip
+            cur.execute(_CLAIM.format(table=self._table), _claim_values(write))
             if write.compare_body:
                 cur.execute(f"SELECT body, headers FROM {self._table} WHERE key = %s", (write.key,))
                 stored_body, headers = cur.fetchone()
@@ -512,7 +603,7 @@ class PostgresJournal:
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
     ) -> Registration:
         lease_seconds = self._lease(lease_seconds)
-        self.flush()  # another holder in this process may have finished it
+        # another holder in this process may have finished it: `_row` sees that
         with self._transaction("claim the next attempt") as cur:
             row = self._row(cur, "key", key)
             if row is None:
@@ -592,6 +683,7 @@ class PostgresJournal:
                     path=self.path,
                 )
             self._held.append(params)
+            self._unwritten[key] = params
             self._held_ready.notify()
             if self._flusher is None or not self._flusher.is_alive():
                 self._flusher = threading.Thread(
@@ -629,6 +721,10 @@ class PostgresJournal:
                 with self._held_lock:  # not written: kept for the next try
                     self._held[:0] = items
                 raise
+            with self._held_lock:  # committed: the rows say it now
+                for params in items:
+                    if self._unwritten.get(params[6]) is params:
+                        del self._unwritten[params[6]]
 
     def _flush_loop(self) -> None:
         delay = self.flush_delay
@@ -676,6 +772,7 @@ class PostgresJournal:
             "read the stored request",
             f"SELECT method, url, headers, body FROM {self._table} WHERE key = %s",
             (key,),
+            flush=False,  # a request never changes with its answer
         )
         if not rows:
             raise KeyError(key)
@@ -692,19 +789,24 @@ class PostgresJournal:
     ) -> list[tuple[Operation, tuple[str, str, list[tuple[str, str]], bytes, str]]]:
         rows = self._read(
             "read the pending requests",
-            f"SELECT {COLUMNS}, headers, body FROM {self._table} WHERE state = 'pending' "
-            "ORDER BY created_at, id",
+            f"SELECT {COLUMNS}, xmin::text, headers, body FROM {self._table} "
+            "WHERE state = 'pending' ORDER BY created_at, id",
         )
+        n = len(COLUMNS.split(","))
+        self._seen = {r[1]: (r[:n], r[n]) for r in rows}
         return [(operation(r), stored_request(r)) for r in rows]
 
     def _lookup(self, name_or_key: str) -> tuple[Any, ...] | None:
+        # taken before the read: one committed in between is in the row read
+        unwritten = self._unwritten_of()
         rows = self._read(
             "look the operation up",
             f"SELECT {COLUMNS} FROM {self._table} WHERE name = %s OR key = %s "
             "ORDER BY (name IS NOT DISTINCT FROM %s) DESC LIMIT 1",
             (name_or_key, name_or_key, name_or_key),
+            flush=False,
         )
-        return rows[0] if rows else None
+        return self._as_written(rows[0], unwritten) if rows else None
 
     def stored_response(self, name_or_key: str) -> StoredResponse | None:
         row = self._lookup(name_or_key)
@@ -769,8 +871,9 @@ class PostgresJournal:
                 "FOR UPDATE SKIP LOCKED",
                 (cutoff,),
             )
-            ops = [operation(r) for r in cur.fetchall()]
-            chosen = [op for op in ops if select is None or select(op)]
+            # not one whose answer this process holds: it is finished, not stale
+            rows = [r for r in cur.fetchall() if r == self._as_written(r, self._unwritten_of(r[1]))]
+            chosen = [op for op in map(operation, rows) if select is None or select(op)]
             keys = [op.key for op in chosen]
             if keys:
                 cur.execute(
