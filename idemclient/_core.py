@@ -55,7 +55,7 @@ from ._policy import (
 )
 from ._policy import is_replayed as server_replayed
 from ._records import Decision, Operation, Registration, RequestRecord, StoredResponse
-from .journal import JournalBackend
+from .journal import AsyncJournalSteps, JournalBackend
 from .journal._owner import DEFAULT_LEASE_MARGIN, current_owner
 
 logger = logging.getLogger("idemclient")
@@ -748,6 +748,27 @@ def perform(step: JournalStep, journal: JournalBackend) -> Any:
     if isinstance(step, Finish):
         return journal.finish(step.key, step.version, step.state, step.response)
     return journal.unclaim(step.key, step.version, fresh=step.fresh)
+
+
+async def aperform(step: JournalStep, journal: AsyncJournalSteps) -> Any:
+    """`perform` for a backend with native async I/O (no `Finish`: that one is in memory)."""
+    if isinstance(step, Register):
+        (result,) = await journal.aregister_many([(step.record, step.owner, step.lease_seconds)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+    if isinstance(step, Claim):
+        return await journal.aclaim(
+            step.key, step.version, step.owner, step.lease_seconds, step.last_error
+        )
+    if isinstance(step, Release):
+        return await journal.arelease(
+            step.key, step.version, step.reason, moved_fingerprint=step.moved_fingerprint,
+            never_sent=step.never_sent,
+        )  # fmt: skip
+    if isinstance(step, Unclaim):
+        return await journal.aunclaim(step.key, step.version, fresh=step.fresh)
+    raise TypeError(f"not an async journal step: {step!r}")
 
 
 @dataclass(frozen=True, slots=True)

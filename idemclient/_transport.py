@@ -14,7 +14,15 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Sequence,
+)
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -37,6 +45,7 @@ from ._core import (
     Sleep,
     Step,
     Unsent,
+    aperform,
     is_unjournaled,
     keyed_flow,
     logger,
@@ -45,11 +54,11 @@ from ._core import (
     plan,
     request_policy,
 )
-from ._errors import InvalidOperationError
+from ._errors import InvalidOperationError, JournalError
 from ._family import AsyncTransport, SyncTransport, family
 from ._policy import RetryPolicy
-from ._records import Registration
-from .journal import JournalBackend, open_journal
+from ._records import Registration, RequestRecord
+from .journal import AsyncJournalSteps, JournalBackend, open_journal
 
 __all__ = ["AsyncIdempotentTransport", "IdempotentTransport"]
 
@@ -277,7 +286,20 @@ async def _see_through(fn: Callable[[], T]) -> tuple[T, BaseException | None]:
     except RuntimeError:  # not asyncio (trio): anyio's shield is enough
         with anyio.CancelScope(shield=True):
             return await anyio.to_thread.run_sync(fn), None
-    future = loop.run_in_executor(None, fn)
+    return await _shielded(loop.run_in_executor(None, fn))
+
+
+async def _see_through_async(
+    call: Callable[[], Coroutine[Any, Any, T]],
+) -> tuple[T, BaseException | None]:
+    """`_see_through` for a journal call of a backend with native async I/O, on asyncio: it
+    runs as a task of its own, which a cancellation of the caller does not reach."""
+    return await _shielded(asyncio.get_running_loop().create_task(call()))
+
+
+async def _shielded(future: asyncio.Future[T]) -> tuple[T, BaseException | None]:
+    """Await `future` to its end through every cancellation of the caller: its result, and
+    the first cancellation that arrived."""
     cancelled: BaseException | None = None
     with anyio.CancelScope(shield=True):
         while True:
@@ -290,6 +312,14 @@ async def _see_through(fn: Callable[[], T]) -> tuple[T, BaseException | None]:
             else:
                 return result, cancelled
     raise AssertionError("unreachable")  # for mypy: the loop above returns or raises
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return False
+    return True
 
 
 class _Slot:
@@ -305,7 +335,8 @@ class _Slot:
 
 class _AsyncRegistrar:
     """Registrations of concurrent tasks go to the journal together: one trip to a worker
-    thread and one commit for all that are waiting, instead of one each.
+    thread (or, on PostgreSQL, one statement on the loop) and one commit for all that are
+    waiting, instead of one each.
 
     A task's cancellation affects that task only: the batch it leads is committed and
     answered all the same, and the next waiting task takes the lead. A task cancelled while
@@ -351,9 +382,7 @@ class _AsyncRegistrar:
                 batch, self._waiting = self._waiting, []
                 try:
                     requests = [(s.step.record, s.step.owner, s.step.lease_seconds) for s in batch]
-                    results, cancelled = await _see_through(
-                        functools.partial(self._journal.register_many, requests)
-                    )
+                    results, cancelled = await self._commit(requests)
                 except BaseException as exc:  # register_many itself failed: tell everyone
                     for waiting in batch:
                         waiting.value = exc
@@ -366,6 +395,16 @@ class _AsyncRegistrar:
             self._busy = False
             self._hand_over()
         return cancelled
+
+    async def _commit(
+        self, requests: list[tuple[RequestRecord, str, float]]
+    ) -> tuple[list[Registration | JournalError], BaseException | None]:
+        """One batch, seen through: on the loop for a journal with native async I/O under
+        asyncio, else in a worker thread."""
+        journal = self._journal
+        if isinstance(journal, AsyncJournalSteps) and _on_asyncio():
+            return await _see_through_async(functools.partial(journal.aregister_many, requests))
+        return await _see_through(functools.partial(journal.register_many, requests))
 
     def _hand_over(self) -> None:
         """Wake a waiting task to lead, if nobody leads."""
@@ -524,10 +563,11 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
 class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
     """The async twin of `IdempotentTransport`, over an `httpx.AsyncBaseTransport`.
 
-    Journal calls run in a worker thread (`anyio.to_thread`), shielded from cancellation so
-    that a journal write is never left half done. Same arguments as `IdempotentTransport`,
-    with `transport=None` meaning the requests' family's `AsyncHTTPTransport()` and an async
-    `sleep`.
+    Journal calls run in a worker thread (`anyio.to_thread`), or, for a journal with native
+    async I/O (`PostgresJournal`) under asyncio, on the event loop in a task of their own;
+    either way shielded from cancellation so that a journal write is never left half done.
+    Same arguments as `IdempotentTransport`, with `transport=None` meaning the requests'
+    family's `AsyncHTTPTransport()` and an async `sleep`.
 
     Example:
         >>> client = httpx.AsyncClient(transport=AsyncIdempotentTransport())
@@ -588,12 +628,15 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         if isinstance(step, Emit):
             self._emit(step.event)
             return None, None
-        if isinstance(step, Register):
-            return await self._registrar.register(step)
         if isinstance(step, Finish):  # in memory, no I/O: on the event loop
             return perform(step, self._journal), None
-        if isinstance(step, JOURNAL_STEPS):  # the journal's store: seen through, off the loop
-            return await _see_through(functools.partial(perform, step, self._journal))
+        if isinstance(step, Register):
+            return await self._registrar.register(step)
+        if isinstance(step, JOURNAL_STEPS):  # the journal's store: seen through
+            journal = self._journal
+            if isinstance(journal, AsyncJournalSteps) and _on_asyncio():  # on the loop
+                return await _see_through_async(functools.partial(aperform, step, journal))
+            return await _see_through(functools.partial(perform, step, journal))  # off it
         if isinstance(step, Send):
             if self._transport is None:
                 self._transport = family(step.request).AsyncHTTPTransport()

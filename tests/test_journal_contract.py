@@ -298,3 +298,26 @@ def test_a_resume_decides_on_the_row_as_it_is_now_not_as_the_backlog_read_it(
     op = mine.get("op-3")
     assert op is not None
     assert op.attempts == 2
+
+
+def test_registrations_made_together_decide_as_one_by_one(journal: JournalBackend) -> None:
+    """What the async transport commits for tasks that wait together: new operations go in
+    at once, and one whose name an earlier one of the batch took, or a known one, is decided
+    as it would be alone."""
+    known = journal.register(record("known", "k-known"), current_owner(), LEASE)
+    journal.finish("k-known", known.lease_version, "completed", OK)
+    results = journal.register_many(
+        [
+            (record("a", "k-a"), current_owner(), LEASE),
+            (record("b", "k-b"), current_owner(), LEASE),
+            (record("a", "k-a2"), current_owner(), LEASE),  # taken by the first: ours, live
+            (record("known", "k-other"), current_owner(), LEASE),  # answered: replayed
+            (record("b", "k-b3", body=b"{}"), current_owner(), LEASE),  # not the same request
+        ]
+    )
+    decisions = [r.decision if not isinstance(r, Exception) else r for r in results]
+    assert decisions == [
+        Decision.SEND, Decision.SEND, Decision.IN_PROGRESS, Decision.COMPLETED, Decision.MISMATCH,
+    ]  # fmt: skip
+    assert [op.name for op in journal.operations()] == ["known", "a", "b"]
+    assert [op.key for op in journal.operations()] == ["k-known", "k-a", "k-b"]

@@ -12,6 +12,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -22,6 +23,8 @@ from idemclient import (
     Journal,
     OperationAbandonedError,
     OperationExpiredError,
+    PostgresJournal,
+    open_journal,
 )
 
 
@@ -175,8 +178,18 @@ def test_a_forked_child_starts_with_clean_locks_and_queues(tmp_path: Path) -> No
     assert result.stdout.split("\n")[:3] == ["child 201", "parent 0", "child-op completed"]
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request: pytest.FixtureRequest, journal_path: Path) -> str:
+    """A journal of either backend (PostgreSQL: the async transport uses its native async
+    connections, no worker thread)."""
+    if request.param == "sqlite":
+        return str(journal_path)
+    dsn: str = request.getfixturevalue("pg_dsn")
+    return dsn
+
+
 @pytest.mark.anyio
-async def test_a_timeout_cancels_only_its_own_task(journal_path: Path) -> None:
+async def test_a_timeout_cancels_only_its_own_task(location: str) -> None:
     """400 concurrent named POSTs, every tenth under a 1 ms `asyncio.wait_for`: the others
     all succeed (none fails with CancelledError because a leader of its batch was cancelled),
     and each timed-out operation can be sent again at once by this same process."""
@@ -189,7 +202,7 @@ async def test_a_timeout_cancels_only_its_own_task(journal_path: Path) -> None:
         return httpx.Response(201, json={"path": request.url.path})
 
     async with idemclient.AsyncClient(
-        journal=journal_path, transport=httpx.MockTransport(server), base_url="https://x",
+        journal=location, transport=httpx.MockTransport(server), base_url="https://x",
     ) as client:  # fmt: skip
 
         async def post(i: int) -> httpx.Response:
@@ -216,10 +229,55 @@ async def test_a_timeout_cancels_only_its_own_task(journal_path: Path) -> None:
             response = await post(i)
             assert response.status_code == 201
     assert all(count == 1 for count in acted.values())  # one effect per key
-    with Journal(journal_path) as journal:
+    with open_journal(location) as journal:
         states = {op.name: op.state for op in journal.operations()}
     assert len(states) == 400
     assert set(states.values()) == {"completed"}
+
+
+@pytest.mark.anyio
+async def test_a_task_cancelled_during_its_postgres_registration_leaves_no_trace(
+    pg_dsn: str,
+) -> None:
+    """The same on PostgreSQL, whose registration runs on the event loop (a task of its
+    own): cancelled while it commits, the task waits for the commit, gives the operation
+    back and raises; nothing was sent."""
+    sent: list[httpx.Request] = []
+
+    async def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(201)
+
+    journal = PostgresJournal(pg_dsn)
+    entered, release = asyncio.Event(), asyncio.Event()
+    original = journal.aregister_many
+
+    async def slow_aregister_many(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await release.wait()
+        return await original(*args, **kwargs)
+
+    journal.aregister_many = slow_aregister_many  # type: ignore[method-assign]
+    async with idemclient.AsyncClient(
+        journal=journal, transport=httpx.MockTransport(server), base_url="https://x"
+    ) as client:
+        for extensions in ({}, {"idempotency_operation": "n-1"}):
+            entered.clear()
+            release.clear()
+            task = asyncio.ensure_future(client.post("/p", json={}, extensions=extensions))
+            await asyncio.wait_for(entered.wait(), timeout=10)
+            task.cancel()
+            await asyncio.sleep(0.01)
+            assert not task.done()  # seen through: waiting for the registration
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert sent == []
+        assert await anyio.to_thread.run_sync(journal.operations) == []  # given back
+        journal.aregister_many = original  # type: ignore[method-assign]
+        again = await client.post("/p", json={}, extensions={"idempotency_operation": "n-1"})
+        assert again.status_code == 201
+    await anyio.to_thread.run_sync(journal.close)
 
 
 @pytest.mark.anyio

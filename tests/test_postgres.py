@@ -4,6 +4,7 @@ mid-batch), each a clear `JournalError` with nothing sent and nothing lost."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -67,6 +69,51 @@ async def test_the_async_client_on_postgres(pg_dsn: str, server: IdempotentServe
         response = await client.post("/orders", json={"n": 1})
     assert response.extensions["idempotency"]["attempts"] == 3
     assert server.effect_count == 1
+
+
+@pytest.mark.anyio
+async def test_the_async_transport_writes_to_postgres_on_the_event_loop(
+    pg_dsn: str, server: IdempotentServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under asyncio, registrations, claims and releases go through psycopg's async
+    connections: no worker thread (neither the loop's executor nor anyio's) is asked for."""
+    import anyio.to_thread
+
+    def no_thread(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a journal call went to a worker thread")
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "run_in_executor", no_thread)
+    monkeypatch.setattr(anyio.to_thread, "run_sync", no_thread)
+    journal = PostgresJournal(pg_dsn)
+    transport = idemclient.AsyncIdempotentTransport(
+        journal=journal, retry=RetryPolicy(base_delay=0.0, max_attempts=2)
+    )
+    client = httpx.AsyncClient(base_url=server.url, transport=transport)
+    try:
+        server.inject("status", status=503, times=1)
+        with idemclient.operation("charge-1"):  # register, then claim a retry
+            first = await client.post("/charges", json={"amount": 5})
+        with idemclient.operation("charge-1"):  # a known operation: replayed
+            again = await client.post("/charges", json={"amount": 5})
+        server.inject("status", status=503, times=2)
+        with idemclient.operation("charge-2"), pytest.raises(idemclient.RetriesExhaustedError):
+            await client.post("/charges", json={"amount": 6})  # released, pending
+        orders = [client.post("/orders", json={"n": i}) for i in range(8)]
+        answers = await asyncio.gather(*orders)  # registrations at once, each its own
+    finally:
+        monkeypatch.undo()  # closing hands the journal's close to a thread
+        await client.aclose()
+        await anyio.to_thread.run_sync(journal.close)
+    assert first.extensions["idempotency"]["attempts"] == 2
+    assert again.extensions["idempotency"]["replayed"] is True
+    assert [a.status_code for a in answers] == [201] * 8
+    with PostgresJournal(pg_dsn) as check:
+        charge_2 = check.get("charge-2")
+        assert charge_2 is not None
+        assert (charge_2.state, charge_2.attempts) == ("pending", 2)
+        assert check.stats().states["completed"] == 9
+    assert server.effect_count == 9  # charge-2 only ever got 503s
 
 
 def test_the_cli_resumes_a_postgres_journal_with_concurrency(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # Python 3.10 has no typing.Self
@@ -40,6 +40,7 @@ from ._postgres import PostgresJournal, is_postgres_url
 from ._sqlite import Journal, default_journal_path
 
 __all__ = [
+    "AsyncJournalSteps",
     "Journal",
     "JournalBackend",
     "PostgresJournal",
@@ -250,6 +251,45 @@ class JournalBackend(Protocol):
     def set_retention(self, retention: timedelta) -> None:
         """Change the journal's retention for every client that opens it from now on
         (`ValueError` unless positive)."""
+        ...
+
+
+@runtime_checkable
+class AsyncJournalSteps(Protocol):
+    """What a backend with native async I/O adds: the writes of one operation's life as
+    coroutines of the running asyncio loop, so that the async transport makes them without a
+    worker thread (`PostgresJournal`, on psycopg's async connections). Each keeps the
+    guarantees of its sync twin in `JournalBackend` exactly; the transport runs each in a task
+    of its own and sees it through, whatever cancels the caller meanwhile. A backend without
+    them (SQLite) is called in a worker thread."""
+
+    async def aregister_many(
+        self, requests: Sequence[tuple[RequestRecord, str, float]]
+    ) -> list[Registration | JournalError]:
+        """`JournalBackend.register_many`: what the async transport commits for the
+        registrations of its tasks that wait together."""
+        ...
+
+    async def aclaim(
+        self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
+    ) -> Registration:
+        """`JournalBackend.claim`."""
+        ...
+
+    async def arelease(
+        self,
+        key: str,
+        version: int,
+        last_error: str | None,
+        *,
+        moved_fingerprint: str | None = None,
+        never_sent: bool = False,
+    ) -> bool:
+        """`JournalBackend.release`."""
+        ...
+
+    async def aunclaim(self, key: str, version: int, *, fresh: bool) -> None:
+        """`JournalBackend.unclaim`."""
         ...
 
 

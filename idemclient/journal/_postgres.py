@@ -11,11 +11,16 @@ are read `FOR UPDATE`, so two hosts never decide on one operation at once; a res
 `FOR UPDATE SKIP LOCKED`, so resumers on several hosts split one backlog instead of queueing
 behind each other. The registration rules are `_decide`'s, as for SQLite.
 
+Each journal call is a flow: a generator of the statements to run (`_Sql`), carried out
+by `_run` on a connection of the pool, or by `_arun` on an async connection of the running
+event loop, so the async transport needs no worker thread and the SQL is written once.
+
 psycopg 3 and psycopg-pool are imported only here (extra `idemclient[postgres]`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
@@ -23,9 +28,10 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from idemclient._errors import JournalError
@@ -83,6 +89,101 @@ logger = logging.getLogger("idemclient")
 _ROWS_PER_STATEMENT = 500
 _FINISH_ROW = "(%s::text, %s::float8, %s::int, %s::text, %s::bytea, %s::int, %s::text, %s::int)"
 
+
+@dataclass(frozen=True, slots=True)
+class _Sql:
+    """One statement of a flow (`_run`, `_arun`): the flow gets back its rows (none for a
+    statement that returns none) and its row count."""
+
+    text: str
+    params: Sequence[Any] = ()
+
+
+_Result = tuple[list[tuple[Any, ...]], int]
+_BEGIN, _COMMIT, _ROLLBACK = _Sql("BEGIN"), _Sql("COMMIT"), _Sql("ROLLBACK")
+_RELAXED = _Sql("SET LOCAL synchronous_commit = off")  # the session's commits are synchronous
+T = TypeVar("T")
+#: the statements of one journal call, the same for a connection and an async connection
+_Flow = Generator[_Sql, _Result, T]
+
+
+def _drive(conn: psycopg.Connection[Any], flow: _Flow[T]) -> T:
+    """Run a flow's statements on a connection (autocommit: a flow says BEGIN and COMMIT);
+    a transaction the flow leaves open by raising is rolled back."""
+    in_transaction = False
+    try:
+        sql = next(flow)
+        while True:
+            cur = conn.execute(sql.text, sql.params)
+            in_transaction = sql is _BEGIN or (in_transaction and sql not in (_COMMIT, _ROLLBACK))
+            sql = flow.send((cur.fetchall() if cur.description else [], cur.rowcount))
+    except StopIteration as stop:
+        return cast("T", stop.value)
+    except BaseException:
+        if in_transaction and not conn.closed:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+        raise
+    finally:
+        flow.close()
+
+
+async def _adrive(conn: psycopg.AsyncConnection[Any], flow: _Flow[T]) -> T:
+    """`_drive` on an async connection."""
+    in_transaction = False
+    try:
+        sql = next(flow)
+        while True:
+            cur = await conn.execute(sql.text, sql.params)
+            in_transaction = sql is _BEGIN or (in_transaction and sql not in (_COMMIT, _ROLLBACK))
+            rows = await cur.fetchall() if cur.description else []
+            sql = flow.send((rows, cur.rowcount))
+    except StopIteration as stop:
+        return cast("T", stop.value)
+    except BaseException:
+        if in_transaction and not conn.closed:
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+        raise
+    finally:
+        flow.close()
+
+
+def _one(sql: _Sql) -> _Flow[int]:
+    """One statement: its row count."""
+    _, count = yield sql
+    return count
+
+
+def _in_transaction(body: _Flow[T], *, durable: bool = True) -> _Flow[T]:
+    """`body` in one transaction, committed (synchronously, when `durable`)."""
+    yield _BEGIN
+    if not durable:
+        yield _RELAXED
+    result = yield from body
+    yield _COMMIT
+    return result
+
+
+class _LoopConnections:
+    """The async connections of one journal in one event loop (an async connection belongs
+    to the loop that opened it): the idle ones, and permits for at most `pool_size` at once."""
+
+    def __init__(self, size: int) -> None:
+        self.idle: list[psycopg.AsyncConnection[Any]] = []
+        self.permits = asyncio.Semaphore(size)
+
+
+def _finish_all(connections: list[psycopg.AsyncConnection[Any]]) -> None:
+    """Close async connections from any thread, without their loop (no await: the client
+    side of the socket is closed at once; the server ends the session)."""
+    while connections:
+        conn = connections.pop()  # held until closed: its last reference would warn
+        with contextlib.suppress(Exception):
+            conn.pgconn.finish()
+
+
+_INSERT_ROW = "(%s, %s, 'pending', %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, 1, %s, %s)"
 _CLAIM = (
     "UPDATE {table} SET attempts = %s, lease_version = %s, lease_owner = %s, "
     "lease_expires = %s, updated_at = %s, recoveries = %s, first_sent_at = %s, url = %s, "
@@ -266,7 +367,14 @@ class PostgresJournal:
         self._held_ready = threading.Condition(self._held_lock)
         self._writing = threading.Lock()  # held while completions are being written
         self._flusher: threading.Thread | None = None
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopConnections] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._async_lock = threading.Lock()
         driver, pools = _drivers()
+        self._driver = driver
         self._errors: tuple[type[BaseException], ...] = (driver.Error, pools.PoolTimeout)
         self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = (
             pools.ConnectionPool(
@@ -317,16 +425,53 @@ class PostgresJournal:
         with self._as_journal_error(action), self._pool.connection() as conn:
             yield conn
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise JournalError(f"journal {self.path} was opened read-only", path=self.path)
+
     @contextlib.contextmanager
     def _transaction(self, action: str, *, durable: bool = True) -> Iterator[Any]:
         """A transaction; its commit waits for the server's WAL flush when `durable`."""
-        if self.read_only:
-            raise JournalError(f"journal {self.path} was opened read-only", path=self.path)
+        self._writable()
         with self._connection(action) as conn, conn.transaction():
             cur = conn.cursor()
             if not durable:  # the session's commits are synchronous (`options`)
                 cur.execute("SET LOCAL synchronous_commit = off")
             yield cur
+
+    def _run(self, action: str, flow: _Flow[T]) -> T:
+        """Carry a flow out on a connection of the pool."""
+        with self._connection(action) as conn:
+            return _drive(conn, flow)
+
+    async def _arun(self, action: str, flow: _Flow[T]) -> T:
+        """Carry a flow out on an async connection of the running loop: no worker thread."""
+        if self._closed:
+            flow.close()
+            raise JournalError(f"journal {self.path} is closed", path=self.path)
+        loop = asyncio.get_running_loop()
+        with self._async_lock:
+            mine = self._async.get(loop)
+            if mine is None:
+                mine = self._async[loop] = _LoopConnections(self._pool_size)
+                weakref.finalize(loop, _finish_all, mine.idle)
+        with self._as_journal_error(action):
+            async with mine.permits:
+                conn = mine.idle.pop() if mine.idle else await self._aconnect()
+                try:
+                    return await _adrive(conn, flow)
+                finally:
+                    if conn.broken or conn.closed or self._closed:
+                        _finish_all([conn])
+                    else:
+                        mine.idle.append(conn)
+
+    async def _aconnect(self) -> psycopg.AsyncConnection[Any]:
+        conn: psycopg.AsyncConnection[Any] = await self._driver.AsyncConnection.connect(
+            self.dsn, autocommit=True, connect_timeout=max(1, int(self._connect_timeout)),
+            options="-c synchronous_commit=on",
+        )  # fmt: skip
+        return conn
 
     def _read(
         self, action: str, sql: str, params: Sequence[Any] = (), *, flush: bool = True
@@ -431,19 +576,20 @@ class PostgresJournal:
     def _limits(self) -> Limits:
         return Limits(self.retention, self.max_recoveries, owner_alive)
 
-    def _row(self, cur: Any, column: str, value: str, *, skip_locked: bool = False) -> Any:
+    def _row(self, column: str, value: str, *, skip_locked: bool = False) -> _Flow[Any]:
         """The row, locked for this transaction, as it is once this process's completions
         are written. Those are looked up after the read: a completion of this row cannot be
         committed in between, its UPDATE waits for the lock this read takes."""
         lock = "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"
-        cur.execute(f"SELECT {COLUMNS} FROM {self._table} WHERE {column} = %s {lock}", (value,))
-        row = cur.fetchone()
-        return None if row is None else self._as_written(row, self._unwritten_of(row[1]))
+        rows, _ = yield _Sql(
+            f"SELECT {COLUMNS} FROM {self._table} WHERE {column} = %s {lock}", (value,)
+        )
+        return self._as_written(rows[0], self._unwritten_of(rows[0][1])) if rows else None
 
-    def _locked_elsewhere(self, cur: Any, column: str, value: str) -> Any:
+    def _locked_elsewhere(self, column: str, value: str) -> _Flow[Any]:
         """The row that `FOR UPDATE SKIP LOCKED` skipped: another resumer is claiming it."""
-        cur.execute(f"SELECT {COLUMNS} FROM {self._table} WHERE {column} = %s", (value,))
-        return cur.fetchone()
+        rows, _ = yield _Sql(f"SELECT {COLUMNS} FROM {self._table} WHERE {column} = %s", (value,))
+        return rows[0] if rows else None
 
     def register(self, record: RequestRecord, owner: str, lease_seconds: float) -> Registration:
         (result,) = self.register_many([(record, owner, lease_seconds)])
@@ -454,77 +600,122 @@ class PostgresJournal:
     def register_many(
         self, requests: Sequence[tuple[RequestRecord, str, float]]
     ) -> list[Registration | JournalError]:
-        """Each registration its own durable transaction (a failed one stops only itself);
-        threads register at once on their own connections, and the server's group commit
-        lets their commits share WAL flushes."""
-        results: list[Registration | JournalError] = []
-        for record, owner, lease_seconds in requests:
-            try:
-                results.append(self._register_one(record, owner, lease_seconds))
-            except JournalError as exc:
-                results.append(exc)
-        return results
+        """New operations inserted together: one statement, one synchronous commit (rows
+        already taken are decided alone); every other registration its own durable
+        transaction. A failed one stops only itself. Threads register at once on their own
+        connections, and the server's group commit lets their commits share WAL flushes."""
+        results: list[Registration | JournalError | None] = [None] * len(requests)
+        with contextlib.suppress(JournalError):  # then each is tried alone, for its own error
+            self._run("register the operations", self._insert_new(requests, results))
+        for i, (record, owner, lease_seconds) in enumerate(requests):
+            if results[i] is None:
+                flow = self._register(record, owner, lease_seconds)
+                try:
+                    results[i] = self._run("register the operation", flow)
+                except JournalError as exc:
+                    results[i] = exc
+        return cast("list[Registration | JournalError]", results)
+
+    async def aregister_many(
+        self, requests: Sequence[tuple[RequestRecord, str, float]]
+    ) -> list[Registration | JournalError]:
+        """`register_many` on async connections of the running loop (`AsyncJournalSteps`)."""
+        results: list[Registration | JournalError | None] = [None] * len(requests)
+        with contextlib.suppress(JournalError):
+            await self._arun("register the operations", self._insert_new(requests, results))
+        for i, (record, owner, lease_seconds) in enumerate(requests):
+            if results[i] is None:
+                flow = self._register(record, owner, lease_seconds)
+                try:
+                    results[i] = await self._arun("register the operation", flow)
+                except JournalError as exc:
+                    results[i] = exc
+        return cast("list[Registration | JournalError]", results)
+
+    def _insert_new(
+        self,
+        requests: Sequence[tuple[RequestRecord, str, float]],
+        results: list[Registration | JournalError | None],
+    ) -> _Flow[None]:
+        """Insert the new operations among `requests` (two or more) in one statement: each
+        inserted one's `results` entry becomes its registration. One whose name or key is
+        taken (by a row, or by an earlier one of the batch) is left to `_register`."""
+        batch: dict[str, tuple[int, RequestRecord, str, float]] = {}
+        for i, (record, owner, lease_seconds) in enumerate(requests):
+            if not record.resume and record.key not in batch:
+                batch[record.key] = (i, record, owner, self._lease(lease_seconds))
+        if len(batch) < 2:
+            return  # one alone: `_register` inserts it as cheaply
+        self._writable()
+        now = self._clock()
+        inserted = yield from self._insert([item[1:] for item in batch.values()], now)
+        for key in inserted:
+            i, record, _, _ = batch[key]
+            results[i] = _decide.new_registration(record, now)
 
     def _lease(self, lease_seconds: float) -> float:
         """The lease asked for (the request's timeouts plus the default margin), with this
         journal's `lease_margin` instead."""
         return max(lease_seconds - DEFAULT_LEASE_MARGIN, 0.0) + self.lease_margin
 
-    def _register_one(
+    def _register(
         self, record: RequestRecord, owner: str, lease_seconds: float
-    ) -> Registration:
+    ) -> _Flow[Registration]:
+        self._writable()
         lease_seconds = self._lease(lease_seconds)
         # A known operation that finished moments ago in this process is read as finished
         # (`_row` lays its completion over the row): no wait for the flusher.
         if not record.resume:  # the common case, a new operation: one INSERT, committed
-            if self.read_only:
-                raise JournalError(f"journal {self.path} was opened read-only", path=self.path)
-            with self._connection("register the operation") as conn:
-                now = self._clock()
-                if self._insert(conn.cursor(), record, owner, lease_seconds, now):
-                    return _decide.new_registration(record, now)
+            now = self._clock()
+            if (yield from self._insert([(record, owner, lease_seconds)], now)):
+                return _decide.new_registration(record, now)
         seen = self._seen.pop(record.key, None) if record.resume else None
         if seen is not None:
-            claimed = self._claim_seen(record, owner, lease_seconds, *seen)
+            claimed = yield from self._claim_seen(record, owner, lease_seconds, *seen)
             if claimed is not None:
                 return claimed
-        with self._transaction("register the operation") as cur:
-            now = self._clock()
-            by_name, by_key = _decide.lookups(record)
-            name_row = key_row = None
-            looked: list[tuple[str, str]] = []
-            if by_name and record.name is not None:
-                name_row = self._row(cur, "name", record.name, skip_locked=record.resume)
-                looked.append(("name", record.name))
-            if by_key:
-                key_row = self._row(cur, "key", record.key, skip_locked=record.resume)
-                looked.append(("key", record.key))
-            if record.resume:  # a row skipped as locked: another resumer is claiming it
-                for (column, value), found in zip(looked, (name_row, key_row), strict=False):
-                    busy = found or self._locked_elsewhere(cur, column, value)
-                    if found is None and busy is not None:
-                        return Registration(
-                            Decision.IN_PROGRESS, operation(busy),
-                            detail="being claimed by another resumer",
-                        )  # fmt: skip
-            decided = _decide.register(
-                record,
-                stored_row(name_row) if name_row is not None else None,
-                stored_row(key_row) if key_row is not None else None,
-                owner=owner, lease_seconds=lease_seconds, now=now, limits=self._limits(),
-            )  # fmt: skip
-            if isinstance(decided.write, Insert):
-                if not self._insert(cur, record, owner, lease_seconds, now):
-                    raise JournalError(
-                        f"journal {self.path}: operation key {record.key!r} collides with another",
-                        path=self.path,
-                    )
-                return decided.registration
-            return self._store(cur, decided, record.body)
+        return (yield from _in_transaction(self._register_known(record, owner, lease_seconds)))
+
+    def _register_known(
+        self, record: RequestRecord, owner: str, lease_seconds: float
+    ) -> _Flow[Registration]:
+        """The registration of an operation that may be known: decided on its rows, locked."""
+        now = self._clock()
+        by_name, by_key = _decide.lookups(record)
+        name_row = key_row = None
+        looked: list[tuple[str, str]] = []
+        if by_name and record.name is not None:
+            name_row = yield from self._row("name", record.name, skip_locked=record.resume)
+            looked.append(("name", record.name))
+        if by_key:
+            key_row = yield from self._row("key", record.key, skip_locked=record.resume)
+            looked.append(("key", record.key))
+        if record.resume:  # a row skipped as locked: another resumer is claiming it
+            for (column, value), found in zip(looked, (name_row, key_row), strict=False):
+                busy = found or (yield from self._locked_elsewhere(column, value))
+                if found is None and busy is not None:
+                    return Registration(
+                        Decision.IN_PROGRESS, operation(busy),
+                        detail="being claimed by another resumer",
+                    )  # fmt: skip
+        decided = _decide.register(
+            record,
+            stored_row(name_row) if name_row is not None else None,
+            stored_row(key_row) if key_row is not None else None,
+            owner=owner, lease_seconds=lease_seconds, now=now, limits=self._limits(),
+        )  # fmt: skip
+        if isinstance(decided.write, Insert):
+            if not (yield from self._insert([(record, owner, lease_seconds)], now)):
+                raise JournalError(
+                    f"journal {self.path}: operation key {record.key!r} collides with another",
+                    path=self.path,
+                )
+            return decided.registration
+        return (yield from self._store(decided, record.body))
 
     def _claim_seen(
         self, record: RequestRecord, owner: str, lease_seconds: float, row: Any, xmin: str
-    ) -> Registration | None:
+    ) -> _Flow[Registration | None]:
         """Claim a resumed operation as `pending_requests` read it: one UPDATE, committed,
         that changes the row only if no one has written it since (its `xmin`, the
         transaction that wrote this version of the row, is the same). `None` when the row
@@ -546,51 +737,55 @@ class PostgresJournal:
         write = decided.write
         if not isinstance(write, ClaimUpdate) or write.compare_body:
             return None
-        with self._connection("claim the operation") as conn:
-            cur = conn.execute(
-                _CLAIM.format(table=self._table) + " AND xmin = %s::xid",
-                (*_claim_values(write), xmin),
-            )
-            return decided.registration if cur.rowcount == 1 else None
+        _, count = yield _Sql(
+            _CLAIM.format(table=self._table) + " AND xmin = %s::xid", (*_claim_values(write), xmin)
+        )
+        return decided.registration if count == 1 else None
 
     def _insert(
-        self, cur: Any, record: RequestRecord, owner: str, lease_seconds: float, now: float
-    ) -> bool:
-        """Insert a new operation, claimed; `False` if its name or key is taken (a row
-        another host is inserting at this moment is waited for, then counts as taken)."""
-        cur.execute(
-            f"INSERT INTO {self._table} (name, key, state, method, url, headers, body, "
-            "fingerprint, attempts, created_at, updated_at, first_sent_at, lease_owner, "
-            "lease_expires, lease_version, key_header, key_style) VALUES "
-            "(%s, %s, 'pending', %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, 1, %s, %s) "
-            "ON CONFLICT DO NOTHING",
-            (
+        self, items: Sequence[tuple[RequestRecord, str, float]], now: float
+    ) -> _Flow[set[str]]:
+        """Insert new operations (record, owner, lease seconds), claimed: the keys of those
+        inserted. One whose name or key is taken is not (a row another host is inserting at
+        this moment is waited for, then counts as taken)."""
+        values: list[Any] = []
+        for record, owner, lease_seconds in items:
+            values += (
                 record.name, record.key, record.method, record.url,
                 headers_json(record.headers, record.headers_encoding), record.body,
                 record.fingerprint, now, now, now, owner, now + lease_seconds,
                 record.key_header, record.key_style,
-            ),
-        )  # fmt: skip
-        return bool(cur.rowcount == 1)
+            )  # fmt: skip
+        rows, _ = yield _Sql(
+            f"INSERT INTO {self._table} (name, key, state, method, url, headers, body, "
+            "fingerprint, attempts, created_at, updated_at, first_sent_at, lease_owner, "
+            "lease_expires, lease_version, key_header, key_style) VALUES "
+            + ", ".join([_INSERT_ROW] * len(items))
+            + " ON CONFLICT DO NOTHING RETURNING key",
+            values,
+        )
+        return {row[0] for row in rows}
 
-    def _store(self, cur: Any, decided: Decided, body: bytes = b"") -> Registration:
+    def _store(self, decided: Decided, body: bytes = b"") -> _Flow[Registration]:
         write, registration = decided.write, decided.registration
         if isinstance(write, ClaimUpdate):
-            cur.execute(_CLAIM.format(table=self._table), _claim_values(write))
+            yield _Sql(_CLAIM.format(table=self._table), _claim_values(write))
             if write.compare_body:
-                cur.execute(f"SELECT body, headers FROM {self._table} WHERE key = %s", (write.key,))
-                stored_body, headers = cur.fetchone()
+                rows, _ = yield _Sql(
+                    f"SELECT body, headers FROM {self._table} WHERE key = %s", (write.key,)
+                )
+                stored_body, headers = rows[0]
                 registration = _decide.with_stored_body(
                     registration, body, bytes(stored_body), headers_from_json(headers)[0]
                 )
         elif isinstance(write, Expire):
-            cur.execute(
+            yield _Sql(
                 f"UPDATE {self._table} SET state = 'expired', updated_at = %s, "
                 "lease_owner = NULL, lease_expires = NULL WHERE key = %s",
                 (write.updated_at, write.key),
             )
         elif isinstance(write, Park):
-            cur.execute(
+            yield _Sql(
                 f"UPDATE {self._table} SET state = 'parked', recoveries = %s, updated_at = %s, "
                 "lease_owner = NULL, lease_expires = NULL, last_error = %s WHERE key = %s",
                 (write.recoveries, write.updated_at, write.reason, write.key),
@@ -602,39 +797,65 @@ class PostgresJournal:
     def claim(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
     ) -> Registration:
+        flow = self._claim(key, version, owner, lease_seconds, last_error)
+        return self._run("claim the next attempt", flow)
+
+    async def aclaim(
+        self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
+    ) -> Registration:
+        """`claim` on an async connection of the running loop (`AsyncJournalSteps`)."""
+        flow = self._claim(key, version, owner, lease_seconds, last_error)
+        return await self._arun("claim the next attempt", flow)
+
+    def _claim(
+        self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
+    ) -> _Flow[Registration]:
+        self._writable()
         lease_seconds = self._lease(lease_seconds)
+        return _in_transaction(self._claim_locked(key, version, owner, lease_seconds, last_error))
+
+    def _claim_locked(
+        self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
+    ) -> _Flow[Registration]:
         # another holder in this process may have finished it: `_row` sees that
-        with self._transaction("claim the next attempt") as cur:
-            row = self._row(cur, "key", key)
-            if row is None:
-                raise JournalError(
-                    f"journal {self.path}: operation with key {key!r} is no longer in the "
-                    "journal; not resent",
-                    path=self.path,
-                )
-            decided = _decide.claim(
-                stored_row(row), version, owner=owner, lease_seconds=lease_seconds,
-                last_error=last_error, now=self._clock(), limits=self._limits(),
-            )  # fmt: skip
-            return self._store(cur, decided)
+        row = yield from self._row("key", key)
+        if row is None:
+            raise JournalError(
+                f"journal {self.path}: operation with key {key!r} is no longer in the "
+                "journal; not resent",
+                path=self.path,
+            )
+        decided = _decide.claim(
+            stored_row(row), version, owner=owner, lease_seconds=lease_seconds,
+            last_error=last_error, now=self._clock(), limits=self._limits(),
+        )  # fmt: skip
+        return (yield from self._store(decided))
 
     def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
-        with self._transaction("give the unsent operation back", durable=False) as cur:
-            if fresh:
-                cur.execute(
-                    f"DELETE FROM {self._table} WHERE key = %s AND lease_version = %s "
-                    "AND state = 'pending'",
-                    (key, version),
-                )
-            else:
-                cur.execute(
-                    f"UPDATE {self._table} SET first_sent_at = CASE WHEN attempts <= 1 THEN "
-                    "NULL ELSE first_sent_at END, attempts = GREATEST(attempts - 1, 0), "
-                    "lease_owner = NULL, lease_expires = NULL, lease_version = lease_version + 1, "
-                    "updated_at = %s, last_error = 'cancelled before it was sent' "
-                    "WHERE key = %s AND lease_version = %s AND state = 'pending'",
-                    (self._clock(), key, version),
-                )
+        self._run("give the unsent operation back", self._unclaim(key, version, fresh))
+
+    async def aunclaim(self, key: str, version: int, *, fresh: bool) -> None:
+        """`unclaim` on an async connection of the running loop (`AsyncJournalSteps`)."""
+        await self._arun("give the unsent operation back", self._unclaim(key, version, fresh))
+
+    def _unclaim(self, key: str, version: int, fresh: bool) -> _Flow[None]:
+        self._writable()
+        if fresh:
+            sql = _Sql(
+                f"DELETE FROM {self._table} WHERE key = %s AND lease_version = %s "
+                "AND state = 'pending'",
+                (key, version),
+            )
+        else:
+            sql = _Sql(
+                f"UPDATE {self._table} SET first_sent_at = CASE WHEN attempts <= 1 THEN "
+                "NULL ELSE first_sent_at END, attempts = GREATEST(attempts - 1, 0), "
+                "lease_owner = NULL, lease_expires = NULL, lease_version = lease_version + 1, "
+                "updated_at = %s, last_error = 'cancelled before it was sent' "
+                "WHERE key = %s AND lease_version = %s AND state = 'pending'",
+                (self._clock(), key, version),
+            )
+        yield from _in_transaction(_one(sql), durable=False)
 
     def release(
         self,
@@ -645,16 +866,41 @@ class PostgresJournal:
         moved_fingerprint: str | None = None,
         never_sent: bool = False,
     ) -> bool:
-        with self._transaction("release the operation", durable=False) as cur:
-            cur.execute(
-                f"UPDATE {self._table} SET lease_owner = NULL, lease_expires = NULL, "
-                "updated_at = %s, last_error = %s, "
-                "moved_fingerprint = COALESCE(%s, moved_fingerprint), "
-                "first_sent_at = CASE WHEN %s THEN NULL ELSE first_sent_at END "
-                "WHERE key = %s AND lease_version = %s",
-                (self._clock(), last_error, moved_fingerprint, never_sent, key, version),
-            )
-            return bool(cur.rowcount == 1)
+        flow = self._release(key, version, last_error, moved_fingerprint, never_sent)
+        return self._run("release the operation", flow)
+
+    async def arelease(
+        self,
+        key: str,
+        version: int,
+        last_error: str | None,
+        *,
+        moved_fingerprint: str | None = None,
+        never_sent: bool = False,
+    ) -> bool:
+        """`release` on an async connection of the running loop (`AsyncJournalSteps`)."""
+        flow = self._release(key, version, last_error, moved_fingerprint, never_sent)
+        return await self._arun("release the operation", flow)
+
+    def _release(
+        self,
+        key: str,
+        version: int,
+        last_error: str | None,
+        moved_fingerprint: str | None,
+        never_sent: bool,
+    ) -> _Flow[bool]:
+        self._writable()
+        sql = _Sql(
+            f"UPDATE {self._table} SET lease_owner = NULL, lease_expires = NULL, "
+            "updated_at = %s, last_error = %s, "
+            "moved_fingerprint = COALESCE(%s, moved_fingerprint), "
+            "first_sent_at = CASE WHEN %s THEN NULL ELSE first_sent_at END "
+            "WHERE key = %s AND lease_version = %s",
+            (self._clock(), last_error, moved_fingerprint, never_sent, key, version),
+        )
+        count = yield from _in_transaction(_one(sql), durable=False)
+        return count == 1
 
     # -- completions: held, written together ------------------------------------------------
 
@@ -757,6 +1003,9 @@ class PostgresJournal:
                 self._closed = True
                 self._held_ready.notify_all()
             self._pool.close()
+            with self._async_lock:
+                for mine in list(self._async.values()):
+                    _finish_all(mine.idle)
             _open.discard(self)
 
     def __enter__(self) -> Self:
@@ -888,20 +1137,28 @@ class PostgresJournal:
     def _change_state(
         self, name_or_key: str, verb: str, allowed: tuple[State, ...], sets: str, *params: Any
     ) -> Operation:
-        with self._transaction(f"{verb} the operation") as cur:
-            row = self._row(cur, "name", name_or_key) or self._row(cur, "key", name_or_key)
-            if row is None:
-                raise KeyError(name_or_key)
-            if row[2] not in allowed:
-                raise ValueError(
-                    f"operation {name_or_key!r} is {row[2]}: only {', '.join(allowed)} "
-                    f"operations can be given to {verb}"
-                )
-            cur.execute(
-                f"UPDATE {self._table} SET {sets} WHERE key = %s RETURNING {COLUMNS}",
-                (*params, row[1]),
+        self._writable()
+        flow = _in_transaction(self._changed(name_or_key, verb, allowed, sets, params))
+        return self._run(f"{verb} the operation", flow)
+
+    def _changed(
+        self, name_or_key: str, verb: str, allowed: tuple[State, ...], sets: str, params: Any
+    ) -> _Flow[Operation]:
+        row = (yield from self._row("name", name_or_key)) or (
+            yield from self._row("key", name_or_key)
+        )
+        if row is None:
+            raise KeyError(name_or_key)
+        if row[2] not in allowed:
+            raise ValueError(
+                f"operation {name_or_key!r} is {row[2]}: only {', '.join(allowed)} "
+                f"operations can be given to {verb}"
             )
-            return operation(cur.fetchone())
+        rows, _ = yield _Sql(
+            f"UPDATE {self._table} SET {sets} WHERE key = %s RETURNING {COLUMNS}",
+            (*params, row[1]),
+        )
+        return operation(rows[0])
 
     def abandon(self, name_or_key: str) -> Operation:
         return self._change_state(
