@@ -116,6 +116,67 @@ async def test_the_async_transport_writes_to_postgres_on_the_event_loop(
     assert server.effect_count == 9  # charge-2 only ever got 503s
 
 
+FORK_CHILD = """
+import os, signal, sys, threading, time
+import httpx
+import idemclient
+
+signal.alarm(30)  # a hang fails the test instead of stalling it
+transport = httpx.MockTransport(lambda request: httpx.Response(201))
+client = idemclient.Client(journal=sys.argv[1], transport=transport, base_url="https://x")
+client.post("/warm-up", json={})  # a pooled connection, the flusher thread
+journal = client.journal
+# At the fork a thread of the parent writes answers (holding the lock), and an answer of
+# the parent's is held in memory.
+held = threading.Event()
+
+def holder():
+    with journal._writing:
+        held.set()
+        time.sleep(0.3)
+
+threading.Thread(target=holder, daemon=True).start()
+held.wait()
+with idemclient.operation("parent-1"):
+    client.post("/parent", json={})
+pid = os.fork()
+if pid == 0:
+    try:
+        with idemclient.operation("child-op"):
+            response = client.post("/child", json={"child": True})
+        client.journal.flush()
+        print("child", response.status_code, flush=True)
+        client.close()  # closes the child's journal: not the parent's connections
+        os._exit(0)
+    except BaseException as exc:
+        print("child failed:", repr(exc), flush=True)
+        os._exit(1)
+_, status = os.waitpid(pid, 0)
+print("parent", os.waitstatus_to_exitcode(status), flush=True)
+with idemclient.operation("parent-2"):  # the parent's connections still work
+    client.post("/parent-2", json={})
+print(*(f"{op.name} {op.state}" for op in journal.operations()), sep=chr(10), flush=True)
+client.close()
+"""
+
+
+def test_a_forked_child_uses_connections_of_its_own(pg_dsn: str, tmp_path: Path) -> None:
+    """gunicorn --preload and multiprocessing's fork start method fork a process whose
+    journal is open: the child must not use (nor close) the parent's connections, hang on a
+    lock held at the fork, or write the parent's answers."""
+    script = tmp_path / "fork_child.py"
+    script.write_text(FORK_CHILD)
+    result = subprocess.run(
+        [sys.executable, str(script), pg_dsn], capture_output=True, text=True, timeout=90
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["child 201", "parent 0"]
+    states = sorted(result.stdout.split("\n")[2:-1])
+    assert states == [
+        "None completed", "child-op completed", "parent-1 completed", "parent-2 completed",
+    ]  # fmt: skip
+
+
 def test_the_cli_resumes_a_postgres_journal_with_concurrency(
     pg_dsn: str, server: IdempotentServer
 ) -> None:

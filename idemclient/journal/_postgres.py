@@ -24,6 +24,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -293,6 +294,20 @@ def _flush_at_exit() -> None:
             journal.close()
 
 
+#: what a forked child inherited (pools, async connections): never used, never closed, for
+#: closing one would end the parent's session on the server through the shared socket
+_inherited: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    for journal in list(_open):
+        journal._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class PostgresJournal:
     """The journal in PostgreSQL: one database shared by the workers of a fleet.
 
@@ -374,21 +389,9 @@ class PostgresJournal:
         )
         self._async_lock = threading.Lock()
         driver, pools = _drivers()
-        self._driver = driver
+        self._driver, self._pools = driver, pools
         self._errors: tuple[type[BaseException], ...] = (driver.Error, pools.PoolTimeout)
-        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = (
-            pools.ConnectionPool(
-                dsn, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
-                kwargs={
-                    "autocommit": True,
-                    "connect_timeout": max(1, int(connect_timeout)),
-                    # every commit waits for its WAL flush unless a write says otherwise,
-                    # whatever the server's or the role's default
-                    "options": "-c synchronous_commit=on",
-                },
-                name="idemclient-journal",
-            )
-        )  # fmt: skip
+        self._pool = self._new_pool()
         try:
             with self._as_journal_error("connect to"):
                 self._pool.open(wait=True, timeout=connect_timeout)
@@ -400,6 +403,38 @@ class PostgresJournal:
 
     def __repr__(self) -> str:
         return f"<PostgresJournal {self.path!r} schema={self.schema!r}>"
+
+    def _new_pool(self) -> psycopg_pool.ConnectionPool[psycopg.Connection[Any]]:
+        pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = self._pools.ConnectionPool(
+            self.dsn, min_size=1, max_size=self._pool_size, open=False,
+            timeout=self._connect_timeout,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": max(1, int(self._connect_timeout)),
+                # every commit waits for its WAL flush unless a write says otherwise,
+                # whatever the server's or the role's default
+                "options": "-c synchronous_commit=on",
+            },
+            name="idemclient-journal",
+        )  # fmt: skip
+        return pool
+
+    def _after_fork(self) -> None:
+        """In a forked child (gunicorn --preload, multiprocessing's fork): connections of its
+        own, fresh locks, and none of the parent's held answers (the parent writes them).
+        The parent's connections are left untouched: their sockets are the parent's."""
+        _inherited.append((self._pool, self._async))
+        self._async = weakref.WeakKeyDictionary()
+        self._async_lock = threading.Lock()
+        self._held, self._unwritten = [], {}
+        self._held_lock = threading.Lock()
+        self._held_ready = threading.Condition(self._held_lock)
+        self._writing = threading.Lock()
+        self._flusher = None
+        if self._closed:
+            return
+        self._pool = self._new_pool()
+        self._pool.open(wait=False)  # connects in the background, on first need at the latest
 
     @property
     def closed(self) -> bool:
