@@ -27,7 +27,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,21 +36,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 from idemclient._errors import JournalError
 from idemclient._records import (
-    FINISHED,
-    STATES,
     Decision,
-    JournalStats,
     Operation,
     Registration,
     RequestRecord,
     State,
     StoredResponse,
-    utc,
 )
 
 from . import _decide
 from ._decide import (
-    DEFAULT_PURGE_HORIZON,
     DEFAULT_RETENTION,
     ClaimUpdate,
     Decided,
@@ -61,13 +55,12 @@ from ._decide import (
     Park,
 )
 from ._owner import DEFAULT_LEASE_MARGIN, owner_alive
+from ._readback import ReadBack
 from ._rows import (
     COLUMNS,
     headers_from_json,
     headers_json,
     operation,
-    stored_request,
-    stored_response,
     stored_row,
 )
 
@@ -308,7 +301,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class PostgresJournal:
+class PostgresJournal(ReadBack):
     """The journal in PostgreSQL: one database shared by the workers of a fleet.
 
     Args:
@@ -1051,76 +1044,6 @@ class PostgresJournal:
 
     # -- reading back ---------------------------------------------------------------------
 
-    def stored_request(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes, str]:
-        rows = self._read(
-            "read the stored request",
-            f"SELECT method, url, headers, body FROM {self._table} WHERE key = %s",
-            (key,),
-            flush=False,  # a request never changes with its answer
-        )
-        if not rows:
-            raise KeyError(key)
-        method, url, headers, body = rows[0]
-        pairs, encoding = headers_from_json(headers)
-        return method, url, pairs, bytes(body), encoding
-
-    def request_of(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes]:
-        method, url, headers, body, _ = self.stored_request(key)
-        return method, url, headers, body
-
-    def pending_requests(
-        self,
-    ) -> list[tuple[Operation, tuple[str, str, list[tuple[str, str]], bytes, str]]]:
-        rows = self._read(
-            "read the pending requests",
-            f"SELECT {COLUMNS}, xmin::text, headers, body FROM {self._table} "
-            "WHERE state = 'pending' ORDER BY created_at, id",
-        )
-        n = len(COLUMNS.split(","))
-        self._seen = {r[1]: (r[:n], r[n]) for r in rows}
-        return [(operation(r), stored_request(r)) for r in rows]
-
-    def _lookup(self, name_or_key: str) -> tuple[Any, ...] | None:
-        # taken before the read: one committed in between is in the row read
-        unwritten = self._unwritten_of()
-        rows = self._read(
-            "look the operation up",
-            f"SELECT {COLUMNS} FROM {self._table} WHERE name = %s OR key = %s "
-            "ORDER BY (name IS NOT DISTINCT FROM %s) DESC LIMIT 1",
-            (name_or_key, name_or_key, name_or_key),
-            flush=False,
-        )
-        return self._as_written(rows[0], unwritten) if rows else None
-
-    def stored_response(self, name_or_key: str) -> StoredResponse | None:
-        row = self._lookup(name_or_key)
-        return stored_response(row) if row is not None else None
-
-    def operations(self, state: State | None = None) -> list[Operation]:
-        if state is not None and state not in STATES:
-            raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
-        where, params = ("WHERE state = %s", (state,)) if state else ("", ())
-        rows = self._read(
-            "list operations",
-            f"SELECT {COLUMNS} FROM {self._table} {where} ORDER BY created_at, id",
-            params,
-        )
-        return [operation(r) for r in rows]
-
-    def get(self, name_or_key: str) -> Operation | None:
-        row = self._lookup(name_or_key)
-        return operation(row) if row is not None else None
-
-    def pending(self) -> list[Operation]:
-        cutoff = self._clock() - self.retention.total_seconds()
-        rows = self._read(
-            "list pending operations",
-            f"SELECT {COLUMNS} FROM {self._table} WHERE state = 'pending' "
-            "AND (first_sent_at IS NULL OR first_sent_at >= %s) ORDER BY created_at, id",
-            (cutoff,),
-        )
-        return [operation(r) for r in rows]
-
     def size_bytes(self) -> int:
         """The journal's tables on the server, indexes included, in bytes."""
         rows = self._read(
@@ -1129,19 +1052,6 @@ class PostgresJournal:
             (self._table, self._settings),
         )
         return int(rows[0][0])
-
-    def stats(self) -> JournalStats:
-        rows = self._read(
-            "count operations",
-            f"SELECT state, COUNT(*), NULL, NULL, NULL FROM {self._table} GROUP BY state "
-            "UNION ALL (SELECT NULL, 0, name, key, created_at FROM "
-            f"{self._table} WHERE state = 'pending' ORDER BY created_at, id LIMIT 1)",
-        )
-        states = dict.fromkeys(STATES, 0) | {r[0]: r[1] for r in rows if r[0] is not None}
-        oldest = next((r for r in rows if r[0] is None), None)
-        if oldest is None:
-            return JournalStats(states)
-        return JournalStats(states, oldest[2], oldest[3], utc(oldest[4]))
 
     # -- upkeep ---------------------------------------------------------------------------
 
@@ -1195,45 +1105,31 @@ class PostgresJournal:
         )
         return operation(rows[0])
 
-    def abandon(self, name_or_key: str) -> Operation:
-        return self._change_state(
-            name_or_key, "abandon", ("pending", "expired", "parked"),
-            "state = 'abandoned', updated_at = %s, lease_owner = NULL, lease_expires = NULL",
-            self._clock(),
-        )  # fmt: skip
+    # -- what `ReadBack` asks of a backend ----------------------------------------------
 
-    def unpark(self, name_or_key: str) -> Operation:
-        return self._change_state(
-            name_or_key, "unpark", ("parked",),
-            "state = 'pending', recoveries = 0, updated_at = %s, "
-            "last_error = 'unparked by a person'",
-            self._clock(),
-        )  # fmt: skip
+    _mark = "%s"
+    _backlog_columns = ", xmin::text"
 
-    def reissue(self, name_or_key: str) -> Operation:
-        return self._change_state(
-            name_or_key, "reissue", ("expired",),
-            "state = 'pending', previous_key = key, key = %s, attempts = 0, "
-            "first_sent_at = NULL, recoveries = 0, lease_owner = NULL, lease_expires = NULL, "
-            "updated_at = %s, last_error = 'reissued with a new key by a person'",
-            str(uuid.uuid4()), self._clock(),
-        )  # fmt: skip
+    def _saw_backlog(self, rows: list[tuple[Any, ...]]) -> None:
+        """Kept, with their row versions (`xmin`): what a resume's claim of one of them
+        compares against instead of locking it (`_claim_seen`)."""
+        n = len(COLUMNS.split(","))
+        self._seen = {r[1]: (r[:n], r[n]) for r in rows}
 
-    def purge(
-        self, older_than: timedelta = DEFAULT_PURGE_HORIZON, *, states: tuple[State, ...] = FINISHED
-    ) -> int:
-        if older_than < self.retention:
-            raise ValueError(
-                f"older_than ({older_than}) must not be shorter than the retention "
-                f"({self.retention})"
-            )
-        bad = [s for s in states if s not in FINISHED]
-        if bad:
-            raise ValueError(f"only finished states can be purged, not {', '.join(bad)}")
-        cutoff = self._clock() - older_than.total_seconds()
-        with self._transaction("purge operations", durable=False) as cur:
-            cur.execute(
-                f"DELETE FROM {self._table} WHERE state = ANY(%s) AND updated_at < %s",
-                (list(states), cutoff),
-            )
-            return int(cur.rowcount)
+    def _read_operation(
+        self, action: str, sql: str, params: Sequence[Any]
+    ) -> tuple[Any, ...] | None:
+        """Without waiting for the flusher: the completions of this process, taken before
+        the read (one committed in between is in the row read), are laid over the row."""
+        unwritten = self._unwritten_of()
+        rows = self._read(action, sql, params, flush=False)
+        if not rows:
+            return None
+        row: tuple[Any, ...] = self._as_written(rows[0], unwritten)
+        return row
+
+    def _write_statement(self, action: str, sql: str, params: Sequence[Any]) -> int:
+        for journal in self._siblings():  # held completions first: a purge must see them
+            journal.flush()
+        self._writable()
+        return self._run(action, _in_transaction(_one(_Sql(sql, params)), durable=False))

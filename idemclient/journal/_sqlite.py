@@ -22,7 +22,6 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,27 +36,23 @@ if TYPE_CHECKING:
 
 from idemclient._errors import JournalError
 from idemclient._records import (
-    FINISHED,
-    STATES,
     JournalStats,
     Operation,
     Registration,
     RequestRecord,
     State,
     StoredResponse,
-    utc,
 )
 
 from . import _decide
-from ._decide import DEFAULT_PURGE_HORIZON, DEFAULT_RETENTION
+from ._decide import DEFAULT_RETENTION
 from ._owner import owner_alive
+from ._readback import ReadBack
 from ._rows import (
     COLUMNS,
     headers_from_json,
     headers_json,
     operation,
-    stored_request,
-    stored_response,
     stored_row,
 )
 
@@ -357,7 +352,7 @@ def default_journal_path() -> Path:
     return platformdirs.user_state_path("idemclient") / "journal.sqlite3"
 
 
-class Journal:
+class Journal(ReadBack):
     """The durable record of operations: one SQLite file in WAL mode.
 
     Args:
@@ -737,7 +732,7 @@ class Journal:
         with self._errors_as_journal_error(action), self._shared.write_lock:
             return self._connection(relaxed).execute(sql, params).rowcount
 
-    def _read(self, action: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         # This process sees its own answers, held by any journal of it on the file (a
         # read-only one has none of its own: a writable one writes them).
         writer = self if not self.read_only else self._shared.any_open()
@@ -1188,79 +1183,7 @@ class Journal:
         )
         return changed == 1
 
-    def request_of(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes]:
-        """The stored request of an operation: method, URL, headers (no secrets), body."""
-        method, url, headers, body, _ = self.stored_request(key)
-        return method, url, headers, body
-
-    def stored_request(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes, str]:
-        """`request_of`, and the encoding that turns the headers back into their bytes."""
-        rows = self._read(
-            "read the stored request",
-            "SELECT method, url, headers, body FROM operations WHERE key = ?",
-            (key,),
-        )
-        if not rows:
-            raise KeyError(key)
-        method, url, headers, body = rows[0]
-        pairs, encoding = headers_from_json(headers)
-        return method, url, pairs, bytes(body), encoding
-
-    def pending_requests(
-        self,
-    ) -> list[tuple[Operation, tuple[str, str, list[tuple[str, str]], bytes, str]]]:
-        """The pending operations with their stored requests, oldest first, in one read."""
-        rows = self._read(
-            "read the pending requests",
-            f"SELECT {COLUMNS}, headers, body FROM operations WHERE state = 'pending' "
-            "ORDER BY created_at, id",
-        )
-        return [(operation(r), stored_request(r)) for r in rows]
-
-    def _lookup(self, name_or_key: str) -> tuple[Any, ...] | None:
-        """The row with this name, else with this key (a name wins over a key)."""
-        rows = self._read(
-            "look the operation up",
-            f"SELECT {COLUMNS} FROM operations WHERE name = ? OR key = ? "
-            "ORDER BY name = ? DESC LIMIT 1",
-            (name_or_key, name_or_key, name_or_key),
-        )
-        return rows[0] if rows else None
-
-    def stored_response(self, name_or_key: str) -> StoredResponse | None:
-        """The journaled final response of an operation, if it has one."""
-        row = self._lookup(name_or_key)
-        return stored_response(row) if row is not None else None
-
     # -- inspection and upkeep ------------------------------------------------------------
-
-    def operations(self, state: State | None = None) -> list[Operation]:
-        """Every operation, oldest first; only those in `state` if given."""
-        if state is not None and state not in STATES:
-            raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
-        where, params = ("WHERE state = ?", (state,)) if state else ("", ())
-        rows = self._read(
-            "list operations",
-            f"SELECT {COLUMNS} FROM operations {where} ORDER BY created_at, id",
-            params,
-        )
-        return [operation(r) for r in rows]
-
-    def get(self, name_or_key: str) -> Operation | None:
-        """The operation with this name, else with this key; `None` if neither is known."""
-        row = self._lookup(name_or_key)
-        return operation(row) if row is not None else None
-
-    def pending(self) -> list[Operation]:
-        """Operations a resume would send: pending, oldest first (expired ones excluded)."""
-        cutoff = self._clock() - self.retention.total_seconds()
-        rows = self._read(
-            "list pending operations",
-            f"SELECT {COLUMNS} FROM operations WHERE state = 'pending' "
-            "AND (first_sent_at IS NULL OR first_sent_at >= ?) ORDER BY created_at, id",
-            (cutoff,),
-        )
-        return [operation(r) for r in rows]
 
     def expire_stale(self, select: Callable[[Operation], bool] | None = None) -> list[Operation]:
         """Mark pending operations sent once and older than the retention as `expired` (only
@@ -1279,24 +1202,29 @@ class Journal:
             rows = [self._find(db, "key", key) for key in keys]
         return [operation(r) for r in rows if r is not None]
 
-    def abandon(self, name_or_key: str) -> Operation:
-        """Mark a pending, expired or parked operation `abandoned`: it is never sent again.
+    #: what `stats()` answers
+    Stats = JournalStats
 
-        Raises:
-            KeyError: no operation has this name or key.
-            ValueError: the operation is already finished (completed, conflict, abandoned).
-        """
-        return self._change_state(
-            name_or_key, "abandon", ("pending", "expired", "parked"),
-            "UPDATE operations SET state = 'abandoned', updated_at = ?, lease_owner = NULL, "
-            "lease_expires = NULL WHERE key = ?",
-            self._clock(),
-        )  # fmt: skip
+    # -- what `ReadBack` asks of a backend ----------------------------------------------
+
+    _table = "operations"
+    _mark = "?"
+
+    def _read_operation(
+        self, action: str, sql: str, params: Sequence[Any]
+    ) -> tuple[Any, ...] | None:
+        rows = self._read(action, sql, params)
+        return rows[0] if rows else None
+
+    def _write_statement(self, action: str, sql: str, params: Sequence[Any]) -> int:
+        with self._write(action) as db:  # held completions are written in it first
+            return db.execute(sql, params).rowcount
 
     def _change_state(
-        self, name_or_key: str, verb: str, allowed: tuple[State, ...], sql: str, *params: Any
+        self, name_or_key: str, verb: str, allowed: tuple[State, ...], sets: str, *params: Any
     ) -> Operation:
-        """Run `sql` (`?` params, then the key) on an operation in one of `allowed` states."""
+        """`UPDATE ... SET sets` (`?` params, then the key) on an operation in one of
+        `allowed` states."""
         with self._write(f"{verb} the operation") as db:
             row = self._find(db, "name", name_or_key) or self._find(db, "key", name_or_key)
             if row is None:
@@ -1306,92 +1234,11 @@ class Journal:
                     f"operation {name_or_key!r} is {row[2]}: only {', '.join(allowed)} "
                     f"operations can be given to {verb}"
                 )
-            db.execute(sql, (*params, row[1]))
+            db.execute(f"UPDATE operations SET {sets} WHERE key = ?", (*params, row[1]))
             updated = self._find(db, "name", row[0]) if row[0] else None
             updated = updated or self._find(db, "key", row[1])
         assert updated is not None
         return operation(updated)
-
-    def unpark(self, name_or_key: str) -> Operation:
-        """Make a parked operation pending again, with its key: the next run or resume sends it.
-
-        Raises:
-            KeyError: no operation has this name or key.
-            ValueError: the operation is not parked.
-        """
-        return self._change_state(
-            name_or_key, "unpark", ("parked",),
-            "UPDATE operations SET state = 'pending', recoveries = 0, updated_at = ?, "
-            "last_error = 'unparked by a person' WHERE key = ?",
-            self._clock(),
-        )  # fmt: skip
-
-    def reissue(self, name_or_key: str) -> Operation:
-        """Give an expired operation a new key, so that it can be sent again.
-
-        Only for a person who has checked that the server did not perform it: the server
-        may have forgotten the old key, so the new key does not protect against a duplicate
-        of the first send. The old key is kept as `previous_key`; the name stays.
-
-        Raises:
-            KeyError: no operation has this name or key.
-            ValueError: the operation is not expired.
-        """
-        return self._change_state(
-            name_or_key, "reissue", ("expired",),
-            "UPDATE operations SET state = 'pending', previous_key = key, key = ?, "
-            "attempts = 0, first_sent_at = NULL, recoveries = 0, lease_owner = NULL, "
-            "lease_expires = NULL, updated_at = ?, last_error = 'reissued with a new key by "
-            "a person' WHERE key = ?",
-            str(uuid.uuid4()), self._clock(),
-        )  # fmt: skip
-
-    def purge(
-        self,
-        older_than: timedelta = DEFAULT_PURGE_HORIZON,
-        *,
-        states: tuple[State, ...] = FINISHED,
-    ) -> int:
-        """Delete finished operations last updated more than `older_than` ago; the count.
-
-        Only `completed`, `conflict` and `abandoned` rows can be purged, and never sooner than
-        the retention: a rerun of a named operation must find its answer after the server has
-        forgotten the key. Pending and expired rows are never purged.
-        """
-        if older_than < self.retention:
-            raise ValueError(
-                f"older_than ({older_than}) must not be shorter than the retention "
-                f"({self.retention})"
-            )
-        bad = [s for s in states if s not in FINISHED]
-        if bad:
-            raise ValueError(f"only finished states can be purged, not {', '.join(bad)}")
-        cutoff = self._clock() - older_than.total_seconds()
-        marks = ", ".join("?" for _ in states)
-        with self._write("purge operations") as db:
-            cursor = db.execute(
-                f"DELETE FROM operations WHERE state IN ({marks}) AND updated_at < ?",
-                (*states, cutoff),
-            )
-            return cursor.rowcount
-
-    #: what `stats()` answers
-    Stats = JournalStats
-
-    def stats(self) -> JournalStats:
-        """Operations by state and the oldest pending one, in one aggregate query (one read
-        snapshot; no row is loaded): cheap for monitoring however large the journal."""
-        rows = self._read(
-            "count operations",
-            "SELECT state, COUNT(*), NULL, NULL, NULL FROM operations GROUP BY state "
-            "UNION ALL SELECT * FROM (SELECT NULL, 0, name, key, created_at FROM operations "
-            "WHERE state = 'pending' ORDER BY created_at, id LIMIT 1)",
-        )
-        states = dict.fromkeys(STATES, 0) | {r[0]: r[1] for r in rows if r[0] is not None}
-        oldest = next((r for r in rows if r[0] is None), None)
-        if oldest is None:
-            return JournalStats(states)
-        return JournalStats(states, oldest[2], oldest[3], utc(oldest[4]))
 
 
 def _flush_loop(shared: _SharedFile, flush_delay: float) -> None:

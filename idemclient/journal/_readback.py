@@ -1,0 +1,239 @@
+"""What both backends answer the same way: reading operations back, and the upkeep a person
+or the command line asks for. Written once, in SQL that SQLite and PostgreSQL both accept;
+a backend gives its table, its parameter mark, and how it reads and writes (its own
+connections, transactions and locks)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from idemclient._records import (
+    FINISHED,
+    STATES,
+    JournalStats,
+    Operation,
+    State,
+    StoredResponse,
+    utc,
+)
+
+from ._decide import DEFAULT_PURGE_HORIZON
+from ._rows import COLUMNS, headers_from_json, operation, stored_request, stored_response
+
+__all__ = ["ReadBack"]
+
+Row = tuple[Any, ...]
+
+
+class ReadBack:
+    """The read-back and upkeep methods of `JournalBackend`, for a backend that gives:
+
+    * `_table`: the operations table as SQL names it; `_mark`: its parameter mark;
+    * `_read(action, sql, params)`: rows, with the completions this process holds written
+      first (a list must show them);
+    * `_read_operation(action, sql, params)`: the first row (of `COLUMNS`) of an operation
+      as this process sees it (its held completion included, written or laid over);
+    * `_change_state(name_or_key, verb, allowed, sets, *params)`: `UPDATE ... SET sets` on an
+      operation found by name, else key, in one of `allowed` states, in one transaction;
+    * `_write_statement(action, sql, params)`: one statement in a transaction of its own:
+      its row count;
+    * `_saw_backlog(rows)`: told the rows of `pending_requests`, read with `_backlog_columns`
+      after `COLUMNS` (a backend that claims against what it read keeps them).
+    """
+
+    retention: timedelta
+    _table: str
+    _mark: str
+    _backlog_columns = ""
+    _clock: Callable[[], float]
+
+    def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        raise NotImplementedError
+
+    def _read_operation(self, action: str, sql: str, params: Sequence[Any]) -> Row | None:
+        raise NotImplementedError
+
+    def _change_state(
+        self, name_or_key: str, verb: str, allowed: tuple[State, ...], sets: str, *params: Any
+    ) -> Operation:
+        raise NotImplementedError
+
+    def _write_statement(self, action: str, sql: str, params: Sequence[Any]) -> int:
+        raise NotImplementedError
+
+    def _saw_backlog(self, rows: list[Row]) -> None:
+        """Nothing to keep, unless a backend says otherwise."""
+
+    # -- reading back ---------------------------------------------------------------------
+
+    def request_of(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes]:
+        """The stored request of an operation: method, URL, headers (no secrets), body."""
+        method, url, headers, body, _ = self.stored_request(key)
+        return method, url, headers, body
+
+    def stored_request(self, key: str) -> tuple[str, str, list[tuple[str, str]], bytes, str]:
+        """`request_of`, and the encoding that turns the headers back into their bytes."""
+        rows = self._read(
+            "read the stored request",
+            f"SELECT method, url, headers, body FROM {self._table} WHERE key = {self._mark}",
+            (key,),
+        )
+        if not rows:
+            raise KeyError(key)
+        method, url, headers, body = rows[0]
+        pairs, encoding = headers_from_json(headers)
+        return method, url, pairs, bytes(body), encoding
+
+    def pending_requests(
+        self,
+    ) -> list[tuple[Operation, tuple[str, str, list[tuple[str, str]], bytes, str]]]:
+        """The pending operations with their stored requests, oldest first, in one read."""
+        rows = self._read(
+            "read the pending requests",
+            f"SELECT {COLUMNS}{self._backlog_columns}, headers, body FROM {self._table} "
+            "WHERE state = 'pending' ORDER BY created_at, id",
+        )
+        self._saw_backlog(rows)
+        return [(operation(r), stored_request(r)) for r in rows]
+
+    def _lookup(self, name_or_key: str) -> Row | None:
+        """The row with this name, else with this key (a name wins over a key)."""
+        m = self._mark
+        return self._read_operation(
+            "look the operation up",
+            f"SELECT {COLUMNS} FROM {self._table} WHERE name = {m} OR key = {m} "
+            f"ORDER BY CASE WHEN name = {m} THEN 0 ELSE 1 END LIMIT 1",
+            (name_or_key, name_or_key, name_or_key),
+        )
+
+    def stored_response(self, name_or_key: str) -> StoredResponse | None:
+        """The journaled final response of an operation, if it has one."""
+        row = self._lookup(name_or_key)
+        return stored_response(row) if row is not None else None
+
+    def get(self, name_or_key: str) -> Operation | None:
+        """The operation with this name, else with this key; `None` if neither is known."""
+        row = self._lookup(name_or_key)
+        return operation(row) if row is not None else None
+
+    def operations(self, state: State | None = None) -> list[Operation]:
+        """Every operation, oldest first; only those in `state` if given."""
+        if state is not None and state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        where, params = (f"WHERE state = {self._mark}", (state,)) if state else ("", ())
+        rows = self._read(
+            "list operations",
+            f"SELECT {COLUMNS} FROM {self._table} {where} ORDER BY created_at, id",
+            params,
+        )
+        return [operation(r) for r in rows]
+
+    def pending(self) -> list[Operation]:
+        """Operations a resume would send: pending, oldest first (expired ones excluded)."""
+        cutoff = self._clock() - self.retention.total_seconds()
+        rows = self._read(
+            "list pending operations",
+            f"SELECT {COLUMNS} FROM {self._table} WHERE state = 'pending' "
+            f"AND (first_sent_at IS NULL OR first_sent_at >= {self._mark}) "
+            "ORDER BY created_at, id",
+            (cutoff,),
+        )
+        return [operation(r) for r in rows]
+
+    def stats(self) -> JournalStats:
+        """Operations by state and the oldest pending one, in one aggregate query (one read
+        snapshot; no row is loaded): cheap for monitoring however large the journal."""
+        rows = self._read(
+            "count operations",
+            f"SELECT state, COUNT(*), NULL, NULL, NULL FROM {self._table} GROUP BY state "
+            "UNION ALL SELECT * FROM (SELECT NULL, 0, name, key, created_at FROM "
+            f"{self._table} WHERE state = 'pending' ORDER BY created_at, id LIMIT 1) AS oldest",
+        )
+        states = dict.fromkeys(STATES, 0) | {r[0]: r[1] for r in rows if r[0] is not None}
+        oldest = next((r for r in rows if r[0] is None), None)
+        if oldest is None:
+            return JournalStats(states)
+        return JournalStats(states, oldest[2], oldest[3], utc(oldest[4]))
+
+    # -- upkeep ---------------------------------------------------------------------------
+
+    def abandon(self, name_or_key: str) -> Operation:
+        """Mark a pending, expired or parked operation `abandoned`: it is never sent again.
+
+        Raises:
+            KeyError: no operation has this name or key.
+            ValueError: the operation is already finished (completed, conflict, abandoned).
+        """
+        return self._change_state(
+            name_or_key, "abandon", ("pending", "expired", "parked"),
+            f"state = 'abandoned', updated_at = {self._mark}, lease_owner = NULL, "
+            "lease_expires = NULL",
+            self._clock(),
+        )  # fmt: skip
+
+    def unpark(self, name_or_key: str) -> Operation:
+        """Make a parked operation pending again, with its key: the next run or resume sends it.
+
+        Raises:
+            KeyError: no operation has this name or key.
+            ValueError: the operation is not parked.
+        """
+        return self._change_state(
+            name_or_key, "unpark", ("parked",),
+            f"state = 'pending', recoveries = 0, updated_at = {self._mark}, "
+            "last_error = 'unparked by a person'",
+            self._clock(),
+        )  # fmt: skip
+
+    def reissue(self, name_or_key: str) -> Operation:
+        """Give an expired operation a new key, so that it can be sent again.
+
+        Only for a person who has checked that the server did not perform it: the server
+        may have forgotten the old key, so the new key does not protect against a duplicate
+        of the first send. The old key is kept as `previous_key`; the name stays.
+
+        Raises:
+            KeyError: no operation has this name or key.
+            ValueError: the operation is not expired.
+        """
+        m = self._mark
+        return self._change_state(
+            name_or_key, "reissue", ("expired",),
+            f"state = 'pending', previous_key = key, key = {m}, attempts = 0, "
+            "first_sent_at = NULL, recoveries = 0, lease_owner = NULL, lease_expires = NULL, "
+            f"updated_at = {m}, last_error = 'reissued with a new key by a person'",
+            str(uuid.uuid4()), self._clock(),
+        )  # fmt: skip
+
+    def purge(
+        self,
+        older_than: timedelta = DEFAULT_PURGE_HORIZON,
+        *,
+        states: tuple[State, ...] = FINISHED,
+    ) -> int:
+        """Delete finished operations last updated more than `older_than` ago; the count.
+
+        Only `completed`, `conflict` and `abandoned` rows can be purged, and never sooner than
+        the retention: a rerun of a named operation must find its answer after the server has
+        forgotten the key. Pending and expired rows are never purged.
+        """
+        if older_than < self.retention:
+            raise ValueError(
+                f"older_than ({older_than}) must not be shorter than the retention "
+                f"({self.retention})"
+            )
+        bad = [s for s in states if s not in FINISHED]
+        if bad:
+            raise ValueError(f"only finished states can be purged, not {', '.join(bad)}")
+        if not states:
+            return 0
+        cutoff = self._clock() - older_than.total_seconds()
+        marks = ", ".join(self._mark for _ in states)
+        return self._write_statement(
+            "purge operations",
+            f"DELETE FROM {self._table} WHERE state IN ({marks}) AND updated_at < {self._mark}",
+            (*states, cutoff),
+        )
