@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import os
 import platform
 import re
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -101,6 +103,86 @@ def _journal(path: Path, durability: str) -> idemclient.Journal:
     return journal
 
 
+class FloorWrite:
+    """The floor of a journaled POST: one autocommit INSERT of a journal-sized row (key,
+    request, headers as JSON, timestamps; a unique key) into a WAL SQLite file with raw
+    sqlite3, before the send; nothing else. What the design requires, and what idemclient
+    is measured against (issue: what it adds beyond its one durable write)."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.path, self.synchronous = path, synchronous.upper()
+        self.local = threading.local()
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self.local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.execute("PRAGMA busy_timeout=10000")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS floor (id INTEGER PRIMARY KEY, key TEXT NOT NULL "
+                "UNIQUE, state TEXT, method TEXT, url TEXT, headers TEXT, body BLOB, "
+                "attempts INTEGER, created_at REAL, updated_at REAL, lease_owner TEXT, "
+                "lease_expires REAL)"
+            )
+            self.local.db = db
+        return db
+
+    def write(self, request: httpx.Request) -> None:
+        now = time.time()
+        headers = json.dumps([[k, v] for k, v in request.headers.items()])
+        self._db().execute(
+            "INSERT INTO floor (key, state, method, url, headers, body, attempts, created_at, "
+            "updated_at, lease_owner, lease_expires) VALUES (?, 'pending', ?, ?, ?, ?, 1, ?, ?, "
+            "?, ?)",
+            (str(uuid.uuid4()), request.method, str(request.url), headers, request.content,
+             now, now, "host:1:2", now + 60),
+        )  # fmt: skip
+
+
+class FloorTransport(httpx.BaseTransport):
+    def __init__(self, floor: FloorWrite) -> None:
+        self.floor, self.inner = floor, httpx.HTTPTransport(limits=_limits())
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.floor.write(request)
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class AsyncFloorTransport(httpx.AsyncBaseTransport):
+    """The async floor: the same INSERT, made on the event loop (the least it can cost)."""
+
+    def __init__(self, floor: FloorWrite) -> None:
+        self.floor, self.inner = floor, httpx.AsyncHTTPTransport(limits=_limits())
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.floor.write(request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def floors() -> list[Variant]:
+    found = []
+    for durability in ("normal", "full"):
+
+        def sync(url: str, path: Path, durability: str = durability) -> httpx.Client:
+            floor = FloorWrite(path / f"floor-{durability}.sqlite3", durability)
+            return httpx.Client(base_url=url, transport=FloorTransport(floor))
+
+        def async_(url: str, path: Path, durability: str = durability) -> httpx.AsyncClient:
+            floor = FloorWrite(path / f"floor-{durability}.sqlite3", durability)
+            return httpx.AsyncClient(base_url=url, transport=AsyncFloorTransport(floor))
+
+        found.append(Variant(f"floor {durability}", sync, async_))
+    return found
+
+
 def variants() -> list[Variant]:
     found = [
         Variant(
@@ -145,7 +227,7 @@ def variants() -> list[Variant]:
             return idemclient.wrap(client, journal=_journal(path, durability))
 
         found.append(Variant(f"idemclient {durability}", sync, async_))
-    return found
+    return found + floors()
 
 
 # -- one measurement --------------------------------------------------------------------
@@ -219,8 +301,9 @@ def measure(variant: Variant, scenario: str, url: str, ops: int, workers: int) -
     with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
         path = Path(tmp)
         try:
-            if scenario == "tasks":
-                return run_tasks(lambda: variant.async_(url, path), ops, workers)
+            if scenario in ("tasks", "async"):
+                count = workers if scenario == "tasks" else 1
+                return run_tasks(lambda: variant.async_(url, path), ops, count)
             with variant.sync(url, path) as client:
                 for _ in range(20):  # warm the connection(s) and the journal
                     client.post("/charges", json=BODY)
@@ -304,9 +387,12 @@ class _TimedJournal(idemclient.Journal):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.register_seconds: list[float] = []
+        self.marks: list[tuple[str, float]] | None = None  # `stages` notes when it begins
 
     def register(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
+        if self.marks is not None:
+            self.marks.append(("register", started))
         try:
             return super().register(*args, **kwargs)
         finally:
@@ -344,6 +430,60 @@ def breakdown(url: str, ops: int, repetitions: int = 3) -> list[list[str]]:
         rows.append([kind, f"{total * 1000:.3f}", f"{(total - bare) * 1000:.3f}",
                      f"{write * 1000:.3f}", f"{(total - bare - write) * 1000:.3f}"])  # fmt: skip
     return rows
+
+
+class _Entry(httpx.BaseTransport):
+    """Notes when a request enters idemclient's transport and when its response leaves."""
+
+    def __init__(self, inner: httpx.BaseTransport, marks: list[tuple[str, float]]) -> None:
+        self.inner, self.marks = inner, marks
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.marks.append(("enter", time.perf_counter()))
+        try:
+            return self.inner.handle_request(request)
+        finally:
+            self.marks.append(("leave", time.perf_counter()))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+#: a stage: from one mark to the next, named for what happens between them
+STAGES = [
+    ("plan (key, headers, policy, journal record)", "enter", "register"),
+    ("register (the durable write)", "register", "registered"),
+    ("until the send", "registered", "sending"),
+    ("send and read (the wire, httpx)", "sending", "answered"),
+    ("classify and record (in memory)", "answered", "completed"),
+    ("return to the caller", "completed", "leave"),
+]
+
+
+def stages(url: str, ops: int, durability: str) -> list[list[str]]:
+    """Sequential: microseconds per operation in each stage of a journaled POST, from the
+    transport's events and the journal's registration, medians over the operations."""
+    marks: list[tuple[str, float]] = []
+    with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
+        journal = _TimedJournal(Path(tmp) / "journal.sqlite3", durability=durability)
+        journal.marks = marks
+        transport = idemclient.IdempotentTransport(
+            journal=journal, hooks=[lambda e: marks.append((e.kind, time.perf_counter()))]
+        )
+        with httpx.Client(base_url=url, transport=_Entry(transport, marks)) as client:
+            for _ in range(20):
+                client.post("/charges", json=BODY)
+            per_stage: dict[str, list[float]] = {name: [] for name, _, _ in STAGES}
+            for _ in range(ops):
+                marks.clear()
+                client.post("/charges", json=BODY).raise_for_status()
+                at = dict(marks)
+                for name, start, end in STAGES:
+                    if start in at and end in at:
+                        per_stage[name].append(at[end] - at[start])
+        journal.close()
+    return [[name, f"{statistics.median(v) * 1e6:.0f}" if v else "n/a"]
+            for name, v in per_stage.items()]  # fmt: skip
 
 
 # -- scale ------------------------------------------------------------------------------
@@ -467,6 +607,27 @@ def side_by_side(
     return rows
 
 
+def against_floors(
+    results: dict[tuple[str, str], list[Sample]], scenarios: list[str]
+) -> list[list[str]]:
+    """idemclient against the floor of the same durability, and against bare httpx: each
+    ratio taken within one repetition (the variants alternate), then the median."""
+    rows = [["scenario", "durability", "floor vs httpx", "idemclient vs floor",
+             "idemclient vs httpx"]]  # fmt: skip
+
+    def ratio(scenario: str, top: str, bottom: str) -> float:
+        pairs = zip(results[(scenario, top)], results[(scenario, bottom)], strict=True)
+        return statistics.median(a.ops_per_second / b.ops_per_second for a, b in pairs)
+
+    for scenario in scenarios:
+        for durability in ("normal", "full"):
+            idem, floor = f"idemclient {durability}", f"floor {durability}"
+            rows.append([scenario, durability, f"{ratio(scenario, floor, 'httpx'):.2f}x",
+                         f"{ratio(scenario, idem, floor):.2f}x",
+                         f"{ratio(scenario, idem, 'httpx'):.2f}x"])  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="idemclient side-by-side benchmark")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny and fast")
@@ -481,13 +642,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the server answers MS milliseconds late, as a remote API would (default 0)",
     )  # fmt: skip
     parser.add_argument(
-        "--scenarios", default="sequential,threads,tasks",
-        help="comma-separated: sequential, threads, tasks (default: all)",
+        "--scenarios", default="sequential,async,threads,tasks",
+        help="comma-separated: sequential, async (one task), threads, tasks (default: all)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    if not chosen or set(chosen) - {"sequential", "threads", "tasks"}:
-        parser.error("--scenarios takes sequential, threads and tasks")
+    if not chosen or set(chosen) - {"sequential", "async", "threads", "tasks"}:
+        parser.error("--scenarios takes sequential, async, threads and tasks")
     if args.quick:
         args.ops, args.repetitions, args.workers = 64, 1, 4
         args.rows, args.memory_ops = 2000, 200
@@ -498,8 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"disk: one 4 KiB write + fdatasync takes {fsync * 1000:.3f} ms")
     if args.server_delay:
         print(f"server: answers {args.server_delay:g} ms after each request")
-    kinds = {"sequential": "sequential", f"{args.workers} threads": "threads",
-             f"{args.workers} tasks": "tasks"}  # fmt: skip
+    kinds = {"sequential": "sequential", "async sequential": "async",
+             f"{args.workers} threads": "threads", f"{args.workers} tasks": "tasks"}  # fmt: skip
     scenarios = [label for label, kind in kinds.items() if kind in chosen]
     found = variants()
     results: dict[tuple[str, str], list[Sample]] = {}
@@ -514,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"{args.ops} POSTs per measurement, medians of {args.repetitions} repetitions")
         print(table(rows))
+        print("\nagainst the floors (bare httpx + one INSERT into a WAL SQLite file, raw "
+              "sqlite3), medians of the per-repetition ratios:")  # fmt: skip
+        print(table(against_floors(results, scenarios)))
         if "sequential" in chosen:
             rtt = statistics.median(s.percentile(0.5) for s in results[("sequential", "httpx")])
             ideal = 1 / (rtt + fsync)
@@ -534,6 +698,12 @@ def main(argv: list[str] | None = None) -> int:
         if "sequential" in chosen:
             print("\nwhere the time goes, sequential (bare httpx: the round trip), medians:")
             print(table(breakdown(url, args.ops, 1 if args.quick else 3)))
+            print("\nstages of a journaled POST, sequential, microseconds per operation "
+                  "(medians):")  # fmt: skip
+            by = {d: stages(url, args.ops, d) for d in ("normal", "full")}
+            print(table([["stage", "normal", "full"]] + [
+                [name, a, b] for (name, a), (_, b) in zip(by["normal"], by["full"], strict=True)
+            ]))  # fmt: skip
         if args.scale or args.quick:
             print()
             extra = scale(url, args.rows, args.ops) + memory(url, args.memory_ops)

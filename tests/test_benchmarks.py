@@ -17,6 +17,10 @@ def test_quick_benchmark_prints_every_table(capsys: pytest.CaptureFixture[str]) 
     assert "resident memory" in out
     assert "where the time goes" in out
     assert "durable write" in out
+    assert "against the floors" in out
+    assert "floor full" in out
+    assert "async sequential" in out
+    assert "register (the durable write)" in out
 
 
 def test_a_delayed_server_and_a_choice_of_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
