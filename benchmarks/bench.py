@@ -491,7 +491,7 @@ def stages(url: str, ops: int, durability: str) -> list[list[str]]:
 
 def prefill(path: Path, rows: int, pending: int) -> None:
     """A journal with `rows` finished operations and `pending` pending ones, written fast."""
-    idemclient.Journal(path).close()
+    idemclient.Journal(path, auto_purge=None).close()
     now = time.time() - 3600
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA synchronous = OFF")
@@ -523,7 +523,7 @@ def scale(url: str, rows: int, ops: int) -> list[tuple[str, str]]:
         samples: dict[str, list[Sample]] = {label: [] for label in labels}
         for rep in range(5):  # alternating, so that a slow moment hits both
             for label in labels if rep % 2 == 0 else reversed(list(labels)):
-                journal = idemclient.Journal(labels[label], durability="normal")
+                journal = idemclient.Journal(labels[label], durability="normal", auto_purge=None)
                 with idemclient.Client(base_url=url, journal=journal) as client:
                     samples[label].append(run_sequential(client, ops))
                 journal.close()
@@ -535,7 +535,7 @@ def scale(url: str, rows: int, ops: int) -> list[tuple[str, str]]:
             out.append((f"ms per operation (normal), journal {label}", f"{ms:.3f}"))
         first, second = per_op.values()
         out.append(("cost at size / cost empty", f"{second / first:.2f}x"))
-        with idemclient.Journal(full) as journal:
+        with idemclient.Journal(full, auto_purge=None) as journal:
             times = []
             for _ in range(5):
                 t = time.perf_counter()

@@ -53,7 +53,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 def journal(opener: Opener, clock: Clock) -> JournalBackend:
-    return opener(clock=clock)
+    # no automatic purge: a test that moves the clock on purges by hand
+    return opener(clock=clock, auto_purge=None)
 
 
 def test_a_new_operation_is_inserted_claimed_and_fresh(journal: JournalBackend) -> None:
@@ -321,3 +322,54 @@ def test_registrations_made_together_decide_as_one_by_one(journal: JournalBacken
     ]  # fmt: skip
     assert [op.name for op in journal.operations()] == ["known", "a", "b"]
     assert [op.key for op in journal.operations()] == ["k-known", "k-a", "k-b"]
+
+
+def _looked(journal: JournalBackend) -> JournalBackend:
+    """The journal once its upkeep thread has made its first pass (bounded: 10 s)."""
+    assert journal._upkeep_ran.wait(10)  # type: ignore[attr-defined]
+    return journal
+
+
+def test_the_daily_purge_runs_at_open_once_a_day_and_spares_unfinished_rows(
+    opener: Opener, clock: Clock
+) -> None:
+    setup = opener(clock=clock, auto_purge=None)
+    for name in ("done", "dropped", "waiting", "stale"):
+        reg = setup.register(record(name, f"k-{name}"), current_owner(), LEASE)
+        if name == "done":
+            setup.finish("k-done", reg.lease_version, "completed", OK)
+        else:
+            setup.release(f"k-{name}", reg.lease_version, "lost", never_sent=name == "waiting")
+    setup.abandon("dropped")
+    clock.now += 25 * 3600
+    assert [op.name for op in setup.expire_stale()] == ["stale"]
+    clock.now += 31 * 86400
+    assert setup.purge_if_due() is None  # turned off
+    assert len(setup.operations()) == 4
+    opened = _looked(opener(clock=clock))  # the upkeep thread purged as the journal opened
+    assert [op.name for op in opened.operations()] == ["waiting", "stale"]
+    # once a day for the whole journal: not again today, through any journal of it
+    finished = setup.register(record("later", "k-later"), current_owner(), LEASE)
+    setup.finish("k-later", finished.lease_version, "completed", OK)
+    clock.now += 3600
+    assert opened.purge_if_due() is None
+    assert _looked(opener(clock=clock)).purge_if_due() is None
+    clock.now += 32 * 86400
+    assert opened.purge_if_due() == 1  # the day is over: "later" is 32 days old
+    assert [op.name for op in opened.operations()] == ["waiting", "stale"]
+
+
+def test_the_automatic_purge_keeps_what_the_retention_protects(
+    opener: Opener, clock: Clock
+) -> None:
+    journal = opener(clock=clock, auto_purge=None, retention=timedelta(days=40))
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.finish("key-1", reg.lease_version, "completed", OK)
+    journal.flush()
+    clock.now += 35 * 86400  # past `auto_purge`, within the retention
+    shorter = _looked(opener(clock=clock, auto_purge=timedelta(hours=1)))
+    assert [op.name for op in shorter.operations()] == ["op-1"]
+    clock.now += 6 * 86400
+    assert shorter.purge_if_due() == 1
+    with pytest.raises(ValueError, match="auto_purge"):
+        opener(auto_purge=timedelta(0))

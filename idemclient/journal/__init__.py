@@ -74,6 +74,9 @@ class JournalBackend(Protocol):
     max_response_body: int
     #: the same for an answer the caller streamed (`finish(..., streamed=True)`)
     max_stream_body: int
+    #: finished operations older than this (never less than the retention) are purged
+    #: automatically, once a day per journal, off the callers' paths; `None`: never
+    auto_purge: timedelta | None
 
     @property
     def closed(self) -> bool:
@@ -246,6 +249,15 @@ class JournalBackend(Protocol):
         """Delete finished operations (only `completed`, `conflict`, `abandoned`) last updated
         more than `older_than` ago; the count. `ValueError` for a horizon shorter than the
         retention or a state that is not finished. Pending and expired ones are never purged."""
+        ...
+
+    def purge_if_due(self) -> int | None:
+        """The automatic purge, if no journal on this store did it in the last day: `purge`
+        with `auto_purge` as the horizon (never less than the retention); the count, or
+        `None` when not due or off. One conditional write decides who does it, so many
+        processes sharing a journal purge once a day between them. Called by the journal's
+        own upkeep thread (at open, then hourly); pending, expired and parked operations
+        are never purged."""
         ...
 
     def set_retention(self, retention: timedelta) -> None:

@@ -46,6 +46,7 @@ from idemclient._records import (
 
 from . import _decide
 from ._decide import (
+    DEFAULT_PURGE_HORIZON,
     DEFAULT_RETENTION,
     ClaimUpdate,
     Decided,
@@ -55,7 +56,7 @@ from ._decide import (
     Park,
 )
 from ._owner import DEFAULT_LEASE_MARGIN, owner_alive
-from ._readback import ReadBack
+from ._readback import ReadBack, checked_auto_purge
 from ._rows import (
     COLUMNS,
     headers_from_json,
@@ -313,7 +314,8 @@ class PostgresJournal(ReadBack):
             holder on another host cannot be checked for liveness, so its operation waits
             until that lease ends before another host takes it over.
         schema: the PostgreSQL schema that holds the tables.
-        max_response_body, max_stream_body, max_recoveries, flush_delay: as for `Journal`.
+        max_response_body, max_stream_body, max_recoveries, flush_delay, auto_purge: as for
+            `Journal` (the daily purge is done by one process of the fleet a day).
         pool_size: connections kept open at most (one per thread sending at the same time).
         connect_timeout: seconds to wait for the server before `JournalError`.
         read_only: inspect only: nothing is created, migrated or written.
@@ -343,7 +345,9 @@ class PostgresJournal(ReadBack):
         connect_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
         read_only: bool = False,
+        auto_purge: timedelta | None = DEFAULT_PURGE_HORIZON,
     ) -> None:
+        self.auto_purge = None if read_only else checked_auto_purge(auto_purge)
         if retention is not None and retention <= timedelta(0):
             raise ValueError("retention must be positive")
         if not schema.replace("_", "").isalnum():
@@ -362,7 +366,7 @@ class PostgresJournal(ReadBack):
         self.read_only = read_only
         self._clock = clock
         self._table = f'"{schema}".operations'
-        self._settings = f'"{schema}".settings'
+        self._settings = self._settings_table = f'"{schema}".settings'
         self._closed = False
         self._held: list[tuple[Any, ...]] = []  # completions not written yet
         # every completion not committed yet (held, or being written), by key: what a read
@@ -393,6 +397,7 @@ class PostgresJournal(ReadBack):
             self._pool.close()
             raise
         _open.add(self)
+        self._start_upkeep()
 
     def __repr__(self) -> str:
         return f"<PostgresJournal {self.path!r} schema={self.schema!r}>"
@@ -1023,6 +1028,7 @@ class PostgresJournal(ReadBack):
     def close(self) -> None:
         if self._closed:
             return
+        self._stop_upkeep()
         try:
             if not self.read_only:
                 self.flush()

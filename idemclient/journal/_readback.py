@@ -5,7 +5,10 @@ connections, transactions and locks)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -23,9 +26,43 @@ from idemclient._records import (
 from ._decide import DEFAULT_PURGE_HORIZON
 from ._rows import COLUMNS, headers_from_json, operation, stored_request, stored_response
 
-__all__ = ["ReadBack"]
+__all__ = ["ReadBack", "checked_auto_purge"]
 
 Row = tuple[Any, ...]
+logger = logging.getLogger("idemclient")
+
+#: how often a journal's upkeep thread looks whether the daily purge is due, in seconds
+UPKEEP_EVERY = 3600.0
+_DAY = 86400.0
+
+
+def _stamp(seconds: float) -> str:
+    """A time as the settings table keeps it: whole seconds, zero-padded, so that the text
+    compares as the number does in both engines."""
+    return f"{max(0, int(seconds)):012d}"
+
+
+def checked_auto_purge(auto_purge: timedelta | None) -> timedelta | None:
+    if auto_purge is not None and auto_purge <= timedelta(0):
+        raise ValueError("auto_purge must be positive, or None to turn the automatic purge off")
+    return auto_purge
+
+
+def _upkeep(ref: weakref.ref[ReadBack], stop: threading.Event) -> None:
+    """The upkeep thread of one journal: the daily purge, looked at now and every hour,
+    until the journal is closed or dropped. Never on a caller's path."""
+    while True:
+        journal = ref()
+        if journal is None or journal._upkeep_stop.is_set():
+            return
+        try:
+            journal.purge_if_due()
+        except Exception as exc:  # the journal unreachable a while: next hour
+            logger.debug("journal %s: the automatic purge did not run: %s", journal, exc)
+        journal._upkeep_ran.set()
+        del journal
+        if stop.wait(UPKEEP_EVERY):
+            return
 
 
 class ReadBack:
@@ -45,10 +82,16 @@ class ReadBack:
     """
 
     retention: timedelta
+    #: finished operations older than this (never less than the retention) are purged
+    #: automatically once a day; `None`: never (the journal's `auto_purge=` argument)
+    auto_purge: timedelta | None = None
     _table: str
+    _settings_table: str
     _mark: str
     _backlog_columns = ""
     _clock: Callable[[], float]
+    _upkeep_stop: threading.Event
+    _upkeep_ran: threading.Event  # set once the upkeep thread has looked (for tests)
 
     def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         raise NotImplementedError
@@ -237,3 +280,45 @@ class ReadBack:
             f"DELETE FROM {self._table} WHERE state IN ({marks}) AND updated_at < {self._mark}",
             (*states, cutoff),
         )
+
+    def purge_if_due(self) -> int | None:
+        """The automatic purge: finished operations last updated more than `auto_purge` ago
+        (never less than the retention) deleted, if no journal on this store did it within
+        the last day; the count, or `None` when it was not due (or `auto_purge` is `None`).
+
+        The time of the last purge is kept in the journal itself, and taken with one
+        conditional write: of many processes sharing a journal, one purges a day. Pending,
+        expired and parked operations are never purged. The journal's upkeep thread calls
+        this when the journal opens and every hour after; a caller need not.
+        """
+        if self.auto_purge is None:
+            return None
+        now, m, settings = self._clock(), self._mark, self._settings_table
+        due = self._write_statement(
+            "schedule the daily purge",
+            f"INSERT INTO {settings} (name, value) VALUES ('last_purge', {m}) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value "
+            f"WHERE settings.value < {m}",
+            (_stamp(now), _stamp(now - _DAY)),
+        )
+        if due != 1:
+            return None
+        purged = self.purge(max(self.auto_purge, self.retention))
+        if purged:
+            logger.info("journal %s: purged %d finished operations (automatic)", self, purged)
+        return purged
+
+    def _start_upkeep(self) -> None:
+        """Start the upkeep thread, unless `auto_purge` is `None`."""
+        self._upkeep_stop, self._upkeep_ran = threading.Event(), threading.Event()
+        if self.auto_purge is None:
+            return
+        threading.Thread(
+            target=_upkeep, args=(weakref.ref(self), self._upkeep_stop),
+            name="idemclient-journal-upkeep", daemon=True,
+        ).start()  # fmt: skip
+
+    def _stop_upkeep(self) -> None:
+        stop = getattr(self, "_upkeep_stop", None)
+        if stop is not None:
+            stop.set()

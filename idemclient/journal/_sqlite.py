@@ -45,9 +45,9 @@ from idemclient._records import (
 )
 
 from . import _decide
-from ._decide import DEFAULT_RETENTION
+from ._decide import DEFAULT_PURGE_HORIZON, DEFAULT_RETENTION
 from ._owner import owner_alive
-from ._readback import ReadBack
+from ._readback import ReadBack, checked_auto_purge
 from ._rows import (
     COLUMNS,
     headers_from_json,
@@ -383,6 +383,11 @@ class Journal(ReadBack):
         read_only: open an existing journal for inspection only (`operations`, `get`,
             `pending`, `stored_response`): nothing is created, upgraded or written, so a user
             who may read the file but not write it can look into it.
+        auto_purge: finished operations (completed, conflict, abandoned) last updated longer
+            ago than this (30 days; never less than the retention) are deleted automatically,
+            at most once a day per journal file (whichever process comes first), by a
+            background thread: when the journal opens and hourly after. Pending, expired and
+            parked operations are never purged. `None` turns it off (`purge()` by hand).
 
     Raises:
         JournalError: the file cannot be created or opened, is not an SQLite database, is
@@ -407,7 +412,9 @@ class Journal(ReadBack):
         flush_delay: float = 0.05,
         clock: Callable[[], float] = time.time,
         read_only: bool = False,
+        auto_purge: timedelta | None = DEFAULT_PURGE_HORIZON,
     ) -> None:
+        self.auto_purge = None if read_only else checked_auto_purge(auto_purge)
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
         if retention is not None and retention <= timedelta(0):
@@ -440,6 +447,7 @@ class Journal(ReadBack):
         if not read_only:  # the journals that may write what any of them holds
             self._shared.journals.add(self)
         _open_journals.add(self)
+        self._start_upkeep()
 
     def __repr__(self) -> str:
         return f"<Journal {str(self.path)!r} durability={self.durability!r}>"
@@ -746,6 +754,7 @@ class Journal(ReadBack):
         raises `JournalError`."""
         if self._closed:
             return
+        self._stop_upkeep()
         shared = self._shared
         with shared.deferred_lock:
             # From here on the flusher no longer writes through this journal, and a late
@@ -1208,6 +1217,7 @@ class Journal(ReadBack):
     # -- what `ReadBack` asks of a backend ----------------------------------------------
 
     _table = "operations"
+    _settings_table = "settings"
     _mark = "?"
 
     def _read_operation(
