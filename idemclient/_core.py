@@ -1289,7 +1289,13 @@ def keyed_flow(
     request = the_plan.request_with_key(op)
     if reg.decision is Decision.COMPLETED:
         stored = reg.response
-        if stored is not None and not stored.body_kept and not empty_replays:
+        if stored is None:  # reconciled: it happened, and no answer was given to keep
+            raise ResponseNotKeptError(
+                f"operation {label} (key {op.key}) completed before, but no answer of it was "
+                f"kept ({op.last_error or 'recorded without one'}): nothing was sent",
+                operation=op,
+            )
+        if not stored.body_kept and not empty_replays:
             size = dict((k.lower(), v) for k, v in stored.headers).get("content-length")
             body = f"the {size} bytes of its answer were" if size else "its answer was"
             raise ResponseNotKeptError(

@@ -14,12 +14,15 @@ from typing import Literal
 __all__ = [
     "FINISHED",
     "STATES",
+    "VERDICTS",
     "Decision",
     "Operation",
     "Registration",
     "RequestRecord",
     "State",
     "StoredResponse",
+    "Verdict",
+    "VerdictKind",
     "utc",
 ]
 
@@ -146,3 +149,23 @@ class JournalStats:
     oldest_pending_name: str | None = None
     oldest_pending_key: str | None = None
     oldest_pending_created_at: datetime | None = None
+
+
+#: what a reconciliation found about an expired operation (`JournalBackend.reconcile`)
+VERDICTS = ("happened", "not_happened", "unknown", "error")
+VerdictKind = Literal["happened", "not_happened", "unknown", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One decision on an expired operation, as the journal keeps it: what was found
+    (`happened`, `not_happened`, `unknown`, or `error`: the check itself failed), who or what
+    decided (a reconcile function's qualified name, "a person"), when, and any detail. `key`
+    is the operation's key at that moment (a reissue gives it a new one)."""
+
+    key: str
+    name: str | None
+    verdict: VerdictKind
+    decided_by: str
+    decided_at: datetime
+    detail: str | None = None

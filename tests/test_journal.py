@@ -359,7 +359,8 @@ def test_a_version_1_journal_is_upgraded_with_its_operations(journal_path: Path)
         again = journal.register(record(name="charge-1", key="k-4", key_given=True), "o", LEASE)
         assert again.decision is Decision.MISMATCH
     with sqlite3.connect(journal_path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.execute("SELECT count(*) FROM decisions").fetchone() == (0,)  # version 4
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }

@@ -373,3 +373,51 @@ def test_the_automatic_purge_keeps_what_the_retention_protects(
     assert shorter.purge_if_due() == 1
     with pytest.raises(ValueError, match="auto_purge"):
         opener(auto_purge=timedelta(0))
+
+
+def _expired(journal: JournalBackend, clock: Clock, *names: str) -> None:
+    for name in names:
+        reg = journal.register(record(name, f"k-{name}"), current_owner(), LEASE)
+        journal.release(f"k-{name}", reg.lease_version, "read timeout")
+    clock.now += 25 * 3600
+    assert sorted(op.name or "" for op in journal.expire_stale()) == sorted(names)
+
+
+def test_reconciling_an_expired_operation_acts_on_the_verdict_and_keeps_it(
+    journal: JournalBackend, clock: Clock
+) -> None:
+    _expired(journal, clock, "paid", "lost", "unsure", "answered")
+    found = journal.reconcile("paid", "happened", "billing.check", detail="charge ch_1 found")
+    assert (found.state, found.response_status) == ("completed", None)
+    assert journal.register(record("paid", "k-paid"), current_owner(), LEASE).decision is (
+        Decision.COMPLETED
+    )
+    answer = StoredResponse(200, [("content-type", "application/json")], b'{"id": "ch_2"}')
+    done = journal.reconcile("answered", "happened", "billing.check", response=answer)
+    assert journal.stored_response("answered") == answer
+    assert done.response_status == 200
+    again = journal.reconcile("lost", "not_happened", "billing.check")
+    assert (again.state, again.previous_key, again.attempts) == ("pending", "k-lost", 0)
+    assert again.key != "k-lost"
+    assert [op.name for op in journal.pending()] == ["lost"]  # the next resume sends it
+    for verdict in ("unknown", "error"):
+        still = journal.reconcile("unsure", verdict, "billing.check", detail="API down")
+        assert still.state == "expired"
+    trail = journal.decisions("unsure")
+    assert [(v.verdict, v.decided_by, v.detail) for v in trail] == [
+        ("unknown", "billing.check", "API down"), ("error", "billing.check", "API down"),
+    ]  # fmt: skip
+    assert trail[0].decided_at == trail[1].decided_at  # the journal's clock
+    lost = journal.decisions(again.key)  # found under its new key, decided under the old
+    assert [(v.key, v.verdict) for v in lost] == [("k-lost", "not_happened")]
+    with pytest.raises(ValueError, match="expired"):
+        journal.reconcile("paid", "happened", "billing.check")  # completed now: not expired
+    with pytest.raises(ValueError, match="verdict"):
+        journal.reconcile("unsure", "maybe", "billing.check")  # type: ignore[arg-type]
+    with pytest.raises(KeyError):
+        journal.decisions("nobody")
+    clock.now += 31 * 86400
+    assert journal.purge() == 2  # the two completed; their decisions go with them
+    assert journal.decisions("unsure") != []
+    with pytest.raises(KeyError):
+        journal.decisions("paid")

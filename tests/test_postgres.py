@@ -226,6 +226,26 @@ def test_a_schema_from_a_newer_idemclient_is_refused(pg_dsn: str) -> None:
         PostgresJournal(pg_dsn)
 
 
+def test_a_version_1_schema_is_brought_forward(pg_dsn: str) -> None:
+    """A journal made by the idemclient of the first PostgreSQL release (schema 1, no
+    decisions table) is upgraded by the next process that opens it, its rows kept."""
+    with PostgresJournal(pg_dsn) as journal, idemclient.operation("kept"):
+        transport = httpx.MockTransport(lambda request: httpx.Response(201))
+        with idemclient.Client(journal=journal, transport=transport) as client:
+            client.post("https://x/charges", json={})
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE idemclient.decisions")
+        conn.execute("UPDATE idemclient.settings SET value = '1' WHERE name = 'schema_version'")
+    with PostgresJournal(pg_dsn) as journal:
+        assert [(op.name, op.state) for op in journal.operations()] == [("kept", "completed")]
+        assert journal.decisions("kept") == []
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        version = conn.execute(
+            "SELECT value FROM idemclient.settings WHERE name = 'schema_version'"
+        ).fetchone()
+    assert version == ("2",)
+
+
 def test_a_user_without_rights_gets_a_journal_error(pg_dsn: str) -> None:
     PostgresJournal(pg_dsn).close()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:

@@ -33,6 +33,8 @@ from idemclient._records import (
     RequestRecord,
     State,
     StoredResponse,
+    Verdict,
+    VerdictKind,
 )
 
 from ._decide import DEFAULT_PURGE_HORIZON
@@ -249,6 +251,27 @@ class JournalBackend(Protocol):
         """Delete finished operations (only `completed`, `conflict`, `abandoned`) last updated
         more than `older_than` ago; the count. `ValueError` for a horizon shorter than the
         retention or a state that is not finished. Pending and expired ones are never purged."""
+        ...
+
+    def reconcile(
+        self,
+        name_or_key: str,
+        verdict: VerdictKind,
+        decided_by: str,
+        *,
+        response: StoredResponse | None = None,
+        detail: str | None = None,
+    ) -> Operation:
+        """Decide on an `expired` operation, and journal who decided what and when, in one
+        durable transaction: `happened` makes it `completed` (with `response` as its answer,
+        else none kept), `not_happened` reissues it (a new key, pending, never sent),
+        `unknown` and `error` leave it expired. `KeyError` if unknown, `ValueError` if it is
+        not expired or the verdict is not one of `VERDICTS`."""
+        ...
+
+    def decisions(self, name_or_key: str) -> list[Verdict]:
+        """The decisions journaled on an operation, under any key it had, oldest first
+        (`KeyError` if unknown)."""
         ...
 
     def purge_if_due(self) -> int | None:

@@ -56,7 +56,7 @@ from ._decide import (
     Park,
 )
 from ._owner import DEFAULT_LEASE_MARGIN, owner_alive
-from ._readback import ReadBack, checked_auto_purge
+from ._readback import Also, ReadBack, checked_auto_purge
 from ._rows import (
     COLUMNS,
     headers_from_json,
@@ -195,7 +195,7 @@ def _claim_values(write: ClaimUpdate) -> tuple[Any, ...]:
 
 
 #: Bumped by every schema change; migrations go forward only.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _EXTRA = "pip install 'idemclient[postgres]'"
 
 
@@ -274,7 +274,23 @@ def _schema_sql(schema: str) -> list[str]:
         "WHERE state = 'pending'",
         f"CREATE INDEX operations_finished ON {q}.operations (updated_at) WHERE state <> 'pending'",
         f"CREATE TABLE {q}.settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        *_v1_to_v2(schema),
     ]
+
+
+def _v1_to_v2(schema: str) -> list[str]:
+    """Version 2 keeps the decisions taken on expired operations (`reconcile`)."""
+    q = f'"{schema}"'
+    return [
+        f"CREATE TABLE {q}.decisions (id BIGSERIAL PRIMARY KEY, key TEXT NOT NULL, name TEXT, "
+        "verdict TEXT NOT NULL, decided_by TEXT NOT NULL, decided_at DOUBLE PRECISION NOT "
+        "NULL, detail TEXT)",
+        f"CREATE INDEX decisions_key ON {q}.decisions (key)",
+    ]
+
+
+#: from version N to N + 1: the statements, run under the creators' advisory lock
+_MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: _v1_to_v2}
 
 
 #: every PostgresJournal not closed: their held completions are written at exit
@@ -367,6 +383,7 @@ class PostgresJournal(ReadBack):
         self._clock = clock
         self._table = f'"{schema}".operations'
         self._settings = self._settings_table = f'"{schema}".settings'
+        self._decisions_table = f'"{schema}".decisions'
         self._closed = False
         self._held: list[tuple[Any, ...]] = []  # completions not written yet
         # every completion not committed yet (held, or being written), by key: what a read
@@ -574,7 +591,25 @@ class PostgresJournal(ReadBack):
                         "('retention_seconds', %s)",
                         (str(SCHEMA_VERSION), repr(kept.total_seconds())),
                     )
+                self._migrate(conn)
                 return self._check(conn, retention)
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        """Bring an older schema forward (in the caller's transaction, under its lock)."""
+        found = conn.execute(
+            f"SELECT value FROM {self._settings} WHERE name = 'schema_version'"
+        ).fetchone()
+        version = int(found[0]) if found else 0
+        if not 1 <= version < SCHEMA_VERSION:
+            return  # current, or newer: `_check` says so
+        for step in range(version, SCHEMA_VERSION):
+            logger.info("journal %s: upgrading from schema version %d", self.path, step)
+            for statement in _MIGRATIONS[step](self.schema):
+                conn.execute(statement)
+        conn.execute(
+            f"UPDATE {self._settings} SET value = %s WHERE name = 'schema_version'",
+            (str(SCHEMA_VERSION),),
+        )
 
     def _check(self, conn: psycopg.Connection[Any], retention: timedelta | None) -> timedelta:
         settings = dict(conn.execute(f"SELECT name, value FROM {self._settings}").fetchall())
@@ -1086,14 +1121,26 @@ class PostgresJournal(ReadBack):
         return []
 
     def _change_state(
-        self, name_or_key: str, verb: str, allowed: tuple[State, ...], sets: str, *params: Any
+        self,
+        name_or_key: str,
+        verb: str,
+        allowed: tuple[State, ...],
+        sets: str,
+        *params: Any,
+        also: Also | None = None,
     ) -> Operation:
         self._writable()
-        flow = _in_transaction(self._changed(name_or_key, verb, allowed, sets, params))
+        flow = _in_transaction(self._changed(name_or_key, verb, allowed, sets, params, also))
         return self._run(f"{verb} the operation", flow)
 
     def _changed(
-        self, name_or_key: str, verb: str, allowed: tuple[State, ...], sets: str, params: Any
+        self,
+        name_or_key: str,
+        verb: str,
+        allowed: tuple[State, ...],
+        sets: str,
+        params: Any,
+        also: Also | None,
     ) -> _Flow[Operation]:
         row = (yield from self._row("name", name_or_key)) or (
             yield from self._row("key", name_or_key)
@@ -1109,6 +1156,8 @@ class PostgresJournal(ReadBack):
             f"UPDATE {self._table} SET {sets} WHERE key = %s RETURNING {COLUMNS}",
             (*params, row[1]),
         )
+        if also is not None:
+            yield _Sql(*also(row))
         return operation(rows[0])
 
     # -- what `ReadBack` asks of a backend ----------------------------------------------

@@ -16,19 +16,31 @@ from typing import Any
 from idemclient._records import (
     FINISHED,
     STATES,
+    VERDICTS,
     JournalStats,
     Operation,
     State,
     StoredResponse,
+    Verdict,
+    VerdictKind,
     utc,
 )
 
 from ._decide import DEFAULT_PURGE_HORIZON
-from ._rows import COLUMNS, headers_from_json, operation, stored_request, stored_response
+from ._rows import (
+    COLUMNS,
+    headers_from_json,
+    headers_json,
+    operation,
+    stored_request,
+    stored_response,
+)
 
 __all__ = ["ReadBack", "checked_auto_purge"]
 
 Row = tuple[Any, ...]
+#: a statement to run in the same transaction, made from the operation's row as it was
+Also = Callable[[Row], tuple[str, Sequence[Any]]]
 logger = logging.getLogger("idemclient")
 
 #: how often a journal's upkeep thread looks whether the daily purge is due, in seconds
@@ -73,8 +85,9 @@ class ReadBack:
       first (a list must show them);
     * `_read_operation(action, sql, params)`: the first row (of `COLUMNS`) of an operation
       as this process sees it (its held completion included, written or laid over);
-    * `_change_state(name_or_key, verb, allowed, sets, *params)`: `UPDATE ... SET sets` on an
-      operation found by name, else key, in one of `allowed` states, in one transaction;
+    * `_change_state(name_or_key, verb, allowed, sets, *params, also=None)`: `UPDATE ... SET
+      sets` on an operation found by name, else key, in one of `allowed` states, and the
+      statement `also` makes of its row, in one transaction;
     * `_write_statement(action, sql, params)`: one statement in a transaction of its own:
       its row count;
     * `_saw_backlog(rows)`: told the rows of `pending_requests`, read with `_backlog_columns`
@@ -87,6 +100,8 @@ class ReadBack:
     auto_purge: timedelta | None = None
     _table: str
     _settings_table: str
+    _decisions_table: str
+    max_response_body: int
     _mark: str
     _backlog_columns = ""
     _clock: Callable[[], float]
@@ -100,7 +115,13 @@ class ReadBack:
         raise NotImplementedError
 
     def _change_state(
-        self, name_or_key: str, verb: str, allowed: tuple[State, ...], sets: str, *params: Any
+        self,
+        name_or_key: str,
+        verb: str,
+        allowed: tuple[State, ...],
+        sets: str,
+        *params: Any,
+        also: Also | None = None,
     ) -> Operation:
         raise NotImplementedError
 
@@ -275,11 +296,20 @@ class ReadBack:
             return 0
         cutoff = self._clock() - older_than.total_seconds()
         marks = ", ".join(self._mark for _ in states)
-        return self._write_statement(
+        purged = self._write_statement(
             "purge operations",
             f"DELETE FROM {self._table} WHERE state IN ({marks}) AND updated_at < {self._mark}",
             (*states, cutoff),
         )
+        if purged:  # and the decisions on operations no longer kept
+            self._write_statement(
+                "purge decisions",
+                f"DELETE FROM {self._decisions_table} WHERE decided_at < {self._mark} AND NOT "
+                f"EXISTS (SELECT 1 FROM {self._table} AS o WHERE o.key = "
+                f"{self._decisions_table}.key OR o.previous_key = {self._decisions_table}.key)",
+                (cutoff,),
+            )
+        return purged
 
     def purge_if_due(self) -> int | None:
         """The automatic purge: finished operations last updated more than `auto_purge` ago
@@ -322,3 +352,84 @@ class ReadBack:
         stop = getattr(self, "_upkeep_stop", None)
         if stop is not None:
             stop.set()
+
+    # -- reconciling expired operations ---------------------------------------------------
+
+    def reconcile(
+        self,
+        name_or_key: str,
+        verdict: VerdictKind,
+        decided_by: str,
+        *,
+        response: StoredResponse | None = None,
+        detail: str | None = None,
+    ) -> Operation:
+        """Decide on an expired operation and journal the decision, in one transaction.
+
+        `happened`: it is `completed`, with `response` as its answer (a rerun replays it)
+        or, without one, with none kept (a rerun raises `ResponseNotKeptError`).
+        `not_happened`: it is reissued (a new key, pending, never sent: the next resume or
+        rerun sends it). `unknown` and `error` (the check failed): it stays expired. Each
+        decision is kept with `decided_by`, the time and `detail` (`decisions()`).
+
+        Raises:
+            KeyError: no operation has this name or key.
+            ValueError: the operation is not expired, or `verdict` is not one of `VERDICTS`.
+        """
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
+        m, now = self._mark, self._clock()
+        said = f"{decided_by} found that it {verdict.replace('_', ' ')}"
+        if verdict in ("unknown", "error"):
+            said = f"{decided_by} could not tell whether it happened ({verdict})"
+        if detail:
+            said += f": {detail}"
+
+        def audit(row: Row) -> tuple[str, Sequence[Any]]:
+            return (
+                f"INSERT INTO {self._decisions_table} (key, name, verdict, decided_by, "
+                f"decided_at, detail) VALUES ({m}, {m}, {m}, {m}, {m}, {m})",
+                (row[1], row[0], verdict, decided_by, now, detail),
+            )
+
+        freed = "lease_owner = NULL, lease_expires = NULL"
+        if verdict == "happened" and response is not None:
+            body, kept = response.body, response.body_kept
+            if len(body) > self.max_response_body:
+                body, kept = b"", False
+            sets = (
+                f"state = 'completed', updated_at = {m}, response_status = {m}, "
+                f"response_headers = {m}, response_body = {m}, response_body_kept = {m}, "
+                f"{freed}, last_error = {m}"
+            )
+            headers = headers_json(response.headers, response.encoding)
+            params: tuple[Any, ...] = (now, response.status, headers, body, int(kept), said)
+        elif verdict == "happened":
+            sets = f"state = 'completed', updated_at = {m}, {freed}, last_error = {m}"
+            params = (now, said)
+        elif verdict == "not_happened":
+            sets = (
+                f"state = 'pending', previous_key = key, key = {m}, attempts = 0, "
+                f"first_sent_at = NULL, recoveries = 0, {freed}, updated_at = {m}, "
+                f"last_error = {m}"
+            )
+            params = (str(uuid.uuid4()), now, f"reissued with a new key: {said}")
+        else:
+            sets, params = f"updated_at = {m}, last_error = {m}", (now, said)
+        return self._change_state(name_or_key, "reconcile", ("expired",), sets, *params, also=audit)
+
+    def decisions(self, name_or_key: str) -> list[Verdict]:
+        """The decisions journaled on an operation (under any of its keys), oldest first.
+        `KeyError` if no operation has this name or key."""
+        row = self._lookup(name_or_key)
+        if row is None:
+            raise KeyError(name_or_key)
+        m = self._mark
+        rows = self._read(
+            "read the decisions",
+            f"SELECT key, name, verdict, decided_by, decided_at, detail FROM "
+            f"{self._decisions_table} WHERE key = {m} OR key = {m} OR name = {m} "
+            "ORDER BY decided_at, id",
+            (row[1], row[19] or row[1], row[0]),
+        )
+        return [Verdict(r[0], r[1], r[2], r[3], utc(r[4]), r[5]) for r in rows]

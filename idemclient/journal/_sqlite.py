@@ -47,7 +47,7 @@ from idemclient._records import (
 from . import _decide
 from ._decide import DEFAULT_PURGE_HORIZON, DEFAULT_RETENTION
 from ._owner import owner_alive
-from ._readback import ReadBack, checked_auto_purge
+from ._readback import Also, ReadBack, checked_auto_purge
 from ._rows import (
     COLUMNS,
     headers_from_json,
@@ -59,7 +59,7 @@ from ._rows import (
 __all__ = ["SCHEMA_VERSION", "Journal", "default_journal_path"]
 
 #: Bumped by every schema change; migrations go forward only (`_MIGRATIONS`).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _V2COLUMNS = """
@@ -96,6 +96,12 @@ _TABLE = f"""CREATE TABLE operations ({_V2COLUMNS},
 )"""
 # Properties of the file that every client, resumer and the CLI must agree on (the retention).
 _SETTINGS_TABLE = "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+# Decisions on expired operations (reconcile): who or what decided, when, what was found.
+_DECISIONS = (
+    "CREATE TABLE decisions (id INTEGER PRIMARY KEY, key TEXT NOT NULL, name TEXT, "
+    "verdict TEXT NOT NULL, decided_by TEXT NOT NULL, decided_at REAL NOT NULL, detail TEXT)",
+    "CREATE INDEX decisions_key ON decisions (key)",
+)
 # Names are unique among named operations; unnamed ones (most, in bulk use) stay out of the
 # index, which spares each of their inserts an index write. Resume and expiry scan only
 # pending rows, and purge only finished ones: that stays cheap however large the journal grows.
@@ -114,6 +120,12 @@ def _create(db: sqlite3.Connection, table: str = _TABLE) -> None:
 
 def _create_settings(db: sqlite3.Connection) -> None:
     db.execute(_SETTINGS_TABLE)
+
+
+def _v3_to_v4(db: sqlite3.Connection) -> None:
+    """Version 4 keeps the decisions taken on expired operations (`Journal.reconcile`)."""
+    for statement in _DECISIONS:
+        db.execute(statement)
 
 
 def _v1_to_v2(db: sqlite3.Connection) -> None:
@@ -137,7 +149,11 @@ def _v2_to_v3(db: sqlite3.Connection) -> None:
 
 
 #: from version N to N + 1, in the caller's transaction
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _v1_to_v2,
+    2: _v2_to_v3,
+    3: _v3_to_v4,
+}
 
 
 # A new operation, claimed: the parameters are `_new_row`'s.
@@ -574,6 +590,7 @@ class Journal(ReadBack):
                     )
                 _create(db)
                 _create_settings(db)
+                _v3_to_v4(db)
             else:
                 for version in range(current, SCHEMA_VERSION):
                     logger.info("journal %s: upgrading from schema version %d", self.path, version)
@@ -1218,6 +1235,7 @@ class Journal(ReadBack):
 
     _table = "operations"
     _settings_table = "settings"
+    _decisions_table = "decisions"
     _mark = "?"
 
     def _read_operation(
@@ -1231,10 +1249,16 @@ class Journal(ReadBack):
             return db.execute(sql, params).rowcount
 
     def _change_state(
-        self, name_or_key: str, verb: str, allowed: tuple[State, ...], sets: str, *params: Any
+        self,
+        name_or_key: str,
+        verb: str,
+        allowed: tuple[State, ...],
+        sets: str,
+        *params: Any,
+        also: Also | None = None,
     ) -> Operation:
         """`UPDATE ... SET sets` (`?` params, then the key) on an operation in one of
-        `allowed` states."""
+        `allowed` states, and the statement `also` makes of its row, in one transaction."""
         with self._write(f"{verb} the operation") as db:
             row = self._find(db, "name", name_or_key) or self._find(db, "key", name_or_key)
             if row is None:
@@ -1245,6 +1269,8 @@ class Journal(ReadBack):
                     f"operations can be given to {verb}"
                 )
             db.execute(f"UPDATE operations SET {sets} WHERE key = ?", (*params, row[1]))
+            if also is not None:
+                db.execute(*also(row))
             updated = self._find(db, "name", row[0]) if row[0] else None
             updated = updated or self._find(db, "key", row[1])
         assert updated is not None
