@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -14,11 +15,18 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import httpx
 
-from ._client import Client, ResumeResult, destination, parse_origin, rebase_map
+from ._client import (
+    Client,
+    ResumeResult,
+    destination,
+    parse_origin,
+    rebase_map,
+    reconcile_expired,
+)
 from ._core import DEFAULT_SECRETS
 from ._errors import JournalError
 from ._policy import RetryPolicy
@@ -253,6 +261,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     with journal:
         op = journal.get(args.operation)
         stored = journal.stored_response(args.operation) if op is not None else None
+        decided = journal.decisions(args.operation) if op is not None else []
     if op is None:
         print(f"idemclient: no operation named or keyed {args.operation!r}", file=err)
         return EXIT_INCOMPLETE
@@ -265,6 +274,11 @@ def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "body_bytes": len(stored.body),
             "body_kept": stored.body_kept,
         }
+    data["decisions"] = [
+        {"verdict": v.verdict, "decided_by": v.decided_by, "decided_at": v.decided_at.isoformat(),
+         "detail": v.detail, "key": v.key}
+        for v in decided
+    ]  # fmt: skip
     if args.json:
         print(json.dumps(data, indent=2), file=out)
         return EXIT_OK
@@ -278,6 +292,10 @@ def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         for name, value in stored.headers:
             print(f"{'':<14}{name}: {value}", file=out)
+    for v in decided:
+        detail = f": {v.detail}" if v.detail else ""
+        print(f"{'decided:':<14}{v.decided_at:%Y-%m-%d %H:%M:%S} {v.verdict.replace('_', ' ')} by "
+              f"{v.decided_by} (key {v.key}){detail}", file=out)  # fmt: skip
     return EXIT_OK
 
 
@@ -608,6 +626,50 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return code
 
 
+def _function(text: str) -> Callable[..., Any]:
+    """`module:function` (dots after the colon reach attributes), imported; `UsageError`
+    naming what is wrong otherwise."""
+    module_name, colon, attribute = text.partition(":")
+    if not colon or not module_name or not attribute:
+        raise UsageError(f"--with takes module:function, not {text!r}")
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--with: cannot import {module_name!r}: {exc}") from exc
+    for part in attribute.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise UsageError(f"--with: {module_name!r} has no {attribute!r}") from None
+    if not callable(found):
+        raise UsageError(f"--with: {text} is not a function")
+    return cast("Callable[..., Any]", found)
+
+
+def cmd_reconcile(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Ask a function about each expired operation; act on and journal its answers."""
+    function = _function(args.with_)
+    headers = _headers(args, err)
+    journal = _open(args)
+    if journal is None:
+        _missing(args, err)
+        return EXIT_OK
+    client = Client(journal=journal, base_url=args.base_url or "", headers=headers,
+                    timeout=args.timeout)  # fmt: skip
+    said = {"reconciled": "completed", "reissued": "reissued with a new key, pending: the "
+            "next resume sends it", "expired": "still expired"}  # fmt: skip
+    with client, journal:
+        results = reconcile_expired(client, function)
+        for result in results:
+            op = result.operation
+            last = journal.decisions(op.key)[-1]
+            detail = f" {last.detail}" if last.detail else ""
+            print(f"{op.name or op.key}: {last.verdict.replace('_', ' ')} ({last.decided_by})"
+                  f"{detail}: {said[result.outcome]}", file=out)  # fmt: skip
+    print(f"reconciled {len(results)} expired operations", file=out)
+    return EXIT_OK if all(r.outcome != "expired" for r in results) else EXIT_INCOMPLETE
+
+
 def _rebase(items: list[str]) -> dict[str, str]:
     """`--rebase OLD=NEW` arguments as a mapping of origins (checked)."""
     moves: dict[str, str] = {}
@@ -748,6 +810,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the results as JSON, for scripts (progress on stderr stays "
                      "plain lines)")  # fmt: skip
     sub.set_defaults(run=cmd_resume)
+
+    sub = command(
+        "reconcile",
+        "ask a function of yours whether the API acted on each expired operation: completed, "
+        "reissued for the next resume, or left expired; each decision is journaled",
+    )
+    sub.add_argument("--with", dest="with_", required=True, metavar="MODULE:FUNCTION",
+                     help="function(operation, client) returning 'happened' (or the response "
+                     "to record), 'not_happened' or 'unknown'")  # fmt: skip
+    sub.add_argument("--base-url", metavar="URL",
+                     help="only the operations sent to this scheme://host[:port]")  # fmt: skip
+    sub.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'",
+                     help="add a header to the client the function gets")  # fmt: skip
+    sub.add_argument("--header-from-env", action="append", default=[], metavar="Name=ENVVAR",
+                     help="add a header whose value is in an environment variable")  # fmt: skip
+    sub.add_argument("--timeout", type=parse_seconds, default=30.0, metavar="SECONDS",
+                     help="timeout of each request of the function (default: 30)")  # fmt: skip
+    sub.set_defaults(run=cmd_reconcile)
 
     for name, text in [
         ("abandon", "mark a pending, expired or parked operation abandoned: never sent again"),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import itertools
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import httpx
 
@@ -24,7 +26,7 @@ from ._errors import (
 )
 from ._family import error_kind, family, is_family_object
 from ._policy import RetryPolicy
-from ._records import Operation
+from ._records import Operation, StoredResponse, VerdictKind
 from ._transport import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS,
@@ -45,7 +47,12 @@ __all__ = [
     "wrap",
 ]
 
-Outcome = Literal["completed", "conflict", "expired", "in_progress", "parked", "failed"]
+Outcome = Literal[
+    "completed", "conflict", "expired", "in_progress", "parked", "failed", "reconciled", "reissued"
+]
+#: a reconcile function's answer: what it found out about an expired operation
+Found = Literal["happened", "not_happened", "unknown"] | httpx.Response
+Reconcile = Callable[[Operation, Any], Any]
 AnyClient = TypeVar("AnyClient")
 if TYPE_CHECKING:
     import httpx2
@@ -204,12 +211,13 @@ class _SyncClientMixin:
         on_result: Callable[[ResumeResult], object] | None = None,
         rebase: Mapping[str, str] | None = None,
         concurrency: int = 1,
+        reconcile: Callable[[Operation, Any], Found] | None = None,
     ) -> ResumeReport:
         """Finish the interrupted operations addressed to this client's API (see
         `idemclient.resume_pending`)."""
         return resume_pending(
             self,  # type: ignore[arg-type]
-            on_result=on_result, rebase=rebase, concurrency=concurrency,
+            on_result=on_result, rebase=rebase, concurrency=concurrency, reconcile=reconcile,
         )  # fmt: skip
 
 
@@ -253,12 +261,13 @@ class _AsyncClientMixin:
         on_result: Callable[[ResumeResult], object] | None = None,
         rebase: Mapping[str, str] | None = None,
         concurrency: int = 1,
+        reconcile: Callable[[Operation, Any], Found | Awaitable[Found]] | None = None,
     ) -> ResumeReport:
         """Finish the interrupted operations addressed to this client's API (see
         `idemclient.resume_pending`)."""
         return await aresume_pending(
             self,  # type: ignore[arg-type]
-            on_result=on_result, rebase=rebase, concurrency=concurrency,
+            on_result=on_result, rebase=rebase, concurrency=concurrency, reconcile=reconcile,
         )  # fmt: skip
 
     async def resume_pending(
@@ -267,10 +276,11 @@ class _AsyncClientMixin:
         on_result: Callable[[ResumeResult], object] | None = None,
         rebase: Mapping[str, str] | None = None,
         concurrency: int = 1,
+        reconcile: Callable[[Operation, Any], Found | Awaitable[Found]] | None = None,
     ) -> ResumeReport:
         """The same as `aresume_pending()`, under the sync client's name."""
         return await self.aresume_pending(
-            on_result=on_result, rebase=rebase, concurrency=concurrency
+            on_result=on_result, rebase=rebase, concurrency=concurrency, reconcile=reconcile
         )
 
 
@@ -306,7 +316,10 @@ class ResumeResult:
     """What `resume_pending` did with one operation.
 
     `outcome` is `completed` (the server answered; `response` holds it), `conflict` (422),
-    `expired` (sent once and past the retention: not resent, a person decides),
+    `expired` (sent once and past the retention: not resent, a person or a reconcile
+    function decides), `reconciled` (expired, and the reconcile function found that it
+    happened: completed without a send), `reissued` (expired, and found not to have
+    happened: a new key, and sent by this resume, whose own result follows),
     `in_progress` (another live process holds it), `parked` (its sends kept ending with the
     process gone: a person decides), or `failed` (retries ran out, a transport error, or an
     answer that is not the operation's: a 401, a redirect not followed; it stays pending).
@@ -371,7 +384,12 @@ def destination(
 
 
 def _resume_requests(
-    client: Any, rebase: Mapping[str, str] | None
+    client: Any,
+    rebase: Mapping[str, str] | None,
+    reconcile: Reconcile | None = None,
+    settle: Callable[[Any], Any] = lambda found: found,
+    *,
+    send: bool = True,
 ) -> tuple[JournalBackend, ResumeReport, list[tuple[Operation, httpx.Request]]]:
     """The pending operations this client resumes, as requests to send; the expired ones.
 
@@ -387,7 +405,14 @@ def _resume_requests(
     def mine(op: Operation) -> bool:
         return destination(op.url, base_url, moves) is not None
 
-    report = ResumeReport([ResumeResult(op, "expired") for op in journal.expire_stale(mine)])
+    expired = journal.expire_stale(mine)
+    if reconcile is None:
+        report = ResumeReport([ResumeResult(op, "expired") for op in expired])
+    else:  # every expired one of this client's, this run's and earlier ones
+        ours = [op for op in journal.operations("expired") if mine(op)]
+        report = ResumeReport(_reconciled(journal, ours, reconcile, client, settle, transport))
+    if not send:
+        return journal, report, []
     requests = []
     skipped = []
     # ours past the retention were expired just now; one read for all of them
@@ -421,6 +446,62 @@ def _resume_requests(
         requests.append((op, request))
     report.skipped = tuple(skipped)
     return journal, report, requests
+
+
+def _reconciled(
+    journal: JournalBackend,
+    expired: Sequence[Operation],
+    reconcile: Reconcile,
+    client: Any,
+    settle: Callable[[Any], Any],
+    transport: Any,
+) -> list[ResumeResult]:
+    """Ask `reconcile` about each expired operation, and act on and journal each answer."""
+    decided_by = _name_of(reconcile)
+    results = []
+    for op in expired:
+        response: StoredResponse | None = None
+        detail: str | None = None
+        error: Exception | None = None
+        verdict: VerdictKind
+        try:
+            found = settle(reconcile(op, client))
+            if hasattr(found, "status_code") and hasattr(found, "headers"):
+                response, verdict = _answer(found, transport.settings.secrets), "happened"
+            elif found in ("happened", "not_happened", "unknown"):
+                verdict = found
+            else:
+                raise TypeError(
+                    f"{decided_by} returned {found!r}: a reconcile function returns "
+                    '"happened" (or the response to record), "not_happened" or "unknown"'
+                )
+        except Exception as exc:  # the check failed: it stays expired, said so
+            error, verdict, detail = exc, "error", f"{type(exc).__name__}: {exc}"
+        after = journal.reconcile(op.key, verdict, decided_by, response=response, detail=detail)
+        outcome: Outcome = {"happened": "reconciled", "not_happened": "reissued"}.get(
+            verdict, "expired"
+        )  # type: ignore[assignment]
+        results.append(ResumeResult(after, outcome, None, error))
+    return results
+
+
+def _name_of(fn: Callable[..., Any]) -> str:
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}.{name}" if module and name else repr(fn)
+
+
+def _answer(response: Any, secret: Callable[[str], bool]) -> StoredResponse:
+    """A response a reconcile function found, as journaled: its body as read (decoded), so
+    without the headers that described the encoded one, and without credentials."""
+    body: bytes = response.content  # raises if the body was not read
+    encoding = response.headers.encoding
+    dropped = ("content-encoding", "content-length", "transfer-encoding")
+    headers = [
+        (name, v.decode(encoding))
+        for k, v in response.headers.raw
+        if (name := k.decode(encoding)).lower() not in dropped and not secret(name.lower())
+    ]
+    return StoredResponse(response.status_code, headers, body, encoding=encoding)
 
 
 def _result(
@@ -469,6 +550,7 @@ def resume_pending(
     on_result: Callable[[ResumeResult], object] | None = None,
     rebase: Mapping[str, str] | None = None,
     concurrency: int = 1,
+    reconcile: Callable[[Operation, Any], Found] | None = None,
 ) -> ResumeReport:
     """Resend the pending operations addressed to this client's API, through the client.
 
@@ -493,6 +575,15 @@ def resume_pending(
     `on_result` is called with each `ResumeResult` as soon as it is known (for progress);
     the report lists them in that order.
 
+    `reconcile(operation, client)` is asked about each expired operation of this client's
+    API (one the server may have forgotten: a resend could act twice), before anything is
+    sent. It asks the API whether the operation happened (by its key, a reference, its
+    metadata) and returns `"happened"` (or the `httpx.Response` to record as its answer):
+    it becomes `completed` without a send; `"not_happened"`: it is reissued with a new key
+    and sent by this resume; `"unknown"`: it stays expired. An exception (or any other
+    answer) leaves it expired too. Each decision is journaled with the function's name and
+    the time (`journal.decisions(name)`, `idemclient show`).
+
     Raises:
         JournalError: the journal cannot be read or written (stops: what is being sent
             finishes, nothing more is started).
@@ -501,7 +592,7 @@ def resume_pending(
             `concurrency` is below 1.
     """
     _check_concurrency(concurrency)
-    journal, results, requests = _resume_requests(client, rebase)
+    journal, results, requests = _resume_requests(client, rebase, reconcile)
     sender: Any = client  # either family's client; its requests are its own
     _report(results, on_result)
 
@@ -539,6 +630,30 @@ def resume_pending(
     return results
 
 
+def reconcile_expired(
+    client: SyncHttpClient,
+    reconcile: Callable[[Operation, Any], Found],
+    *,
+    rebase: Mapping[str, str] | None = None,
+) -> ResumeReport:
+    """Only the first step of `resume_pending(client, reconcile=...)`: expire what is past
+    the retention, and ask `reconcile` about every expired operation of this client's API.
+    Nothing is sent: an operation found not to have happened is reissued, pending, for the
+    next resume. What the command line's `idemclient reconcile --with` runs."""
+    return _resume_requests(client, rebase, reconcile, send=False)[1]
+
+
+def _on_the_loop(found: Any) -> Any:
+    """In the worker thread of `aresume_pending`: an awaitable answer, awaited on the loop."""
+    if not inspect.isawaitable(found):
+        return found
+
+    async def wait() -> Any:
+        return await found
+
+    return anyio.from_thread.run(wait)
+
+
 def _check_concurrency(concurrency: int) -> None:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be a whole number of at least 1, not {concurrency!r}")
@@ -558,11 +673,15 @@ async def aresume_pending(
     on_result: Callable[[ResumeResult], object] | None = None,
     rebase: Mapping[str, str] | None = None,
     concurrency: int = 1,
+    reconcile: Callable[[Operation, Any], Found | Awaitable[Found]] | None = None,
 ) -> ResumeReport:
     """The async twin of `resume_pending`: up to `concurrency` operations at once, as tasks;
-    journal reads run in a worker thread."""
+    journal reads run in a worker thread. `reconcile` may be an async function (it gets the
+    async client), and runs on the event loop."""
     _check_concurrency(concurrency)
-    journal, results, requests = await anyio.to_thread.run_sync(_resume_requests, client, rebase)
+    journal, results, requests = await anyio.to_thread.run_sync(
+        _resume_requests, client, rebase, reconcile, _on_the_loop
+    )
     sender: Any = client  # either family's client; its requests are its own
     _report(results, on_result)
 
