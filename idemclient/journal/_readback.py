@@ -11,7 +11,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from idemclient._records import (
     FINISHED,
@@ -108,25 +108,23 @@ class ReadBack:
     _upkeep_stop: threading.Event
     _upkeep_ran: threading.Event  # set once the upkeep thread has looked (for tests)
 
-    def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # what each backend defines (see the class docstring)
 
-    def _read_operation(self, action: str, sql: str, params: Sequence[Any]) -> Row | None:
-        raise NotImplementedError
+        def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
 
-    def _change_state(
-        self,
-        name_or_key: str,
-        verb: str,
-        allowed: tuple[State, ...],
-        sets: str,
-        *params: Any,
-        also: Also | None = None,
-    ) -> Operation:
-        raise NotImplementedError
+        def _read_operation(self, action: str, sql: str, params: Sequence[Any]) -> Row | None: ...
 
-    def _write_statement(self, action: str, sql: str, params: Sequence[Any]) -> int:
-        raise NotImplementedError
+        def _change_state(
+            self,
+            name_or_key: str,
+            verb: str,
+            allowed: tuple[State, ...],
+            sets: str,
+            *params: Any,
+            also: Also | None = None,
+        ) -> Operation: ...
+
+        def _write_statement(self, action: str, sql: str, params: Sequence[Any]) -> int: ...
 
     def _saw_backlog(self, rows: list[Row]) -> None:
         """Nothing to keep, unless a backend says otherwise."""
