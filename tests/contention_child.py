@@ -2,6 +2,9 @@
 
 Run by tests/test_concurrency.py:  python tests/contention_child.py URL JOURNAL COUNT SEED
 
+JOURNAL is an SQLite path or a PostgreSQL URL (then each process may play a host of its own,
+set by the test in `IDEMCLIENT_HOST`).
+
 Two threads each go through operations op-0 .. op-<COUNT-1> in a shuffled order. An operation
 another holder has in flight (OperationInProgressError) is put back and tried again later,
 a bounded number of times. Any other error ends the process with a message: a "database is
@@ -16,12 +19,17 @@ import threading
 import time
 
 import idemclient
+from idemclient.journal import JournalBackend
 
 
 def main(argv: list[str]) -> int:
     url, journal_path, count_text, seed_text = argv
     count, seed = int(count_text), int(seed_text)
-    journal = idemclient.Journal(journal_path, busy_timeout=30.0)
+    journal: JournalBackend
+    if journal_path.startswith(("postgresql://", "postgres://")):
+        journal = idemclient.PostgresJournal(journal_path)
+    else:
+        journal = idemclient.Journal(journal_path, busy_timeout=30.0)
     retry = idemclient.RetryPolicy(base_delay=0.01, max_delay=0.05, max_attempts=20)
     client = idemclient.Client(base_url=url, journal=journal, retry=retry, timeout=10.0)
     errors: list[str] = []

@@ -1,4 +1,6 @@
-"""Several processes and threads on one journal; a paused holder taken over."""
+"""Several processes and threads on one journal; a paused holder taken over. On PostgreSQL
+each process plays a host of its own (`IDEMCLIENT_HOST`): a holder on another host cannot be
+checked for liveness, only waited for."""
 
 from __future__ import annotations
 
@@ -10,30 +12,49 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 import idemclient
 from idemclient.testing import IdempotentServer
 
 HERE = Path(__file__).parent
+BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 
 
+def journal_for(backend: str, request: pytest.FixtureRequest, journal_path: Path) -> str:
+    if backend == "postgres":
+        dsn: str = request.getfixturevalue("pg_dsn")
+        return dsn
+    return str(journal_path)
+
+
+def as_host(number: int) -> dict[str, str]:
+    """The environment of a child process playing host number `number`."""
+    return {**os.environ, "IDEMCLIENT_HOST": f"host-{number}"}
+
+
+@BACKENDS
 def test_processes_and_threads_share_one_journal(
-    server: IdempotentServer, journal_path: Path
+    server: IdempotentServer, request: pytest.FixtureRequest, journal_path: Path, backend: str
 ) -> None:
+    """The same named batch started on four processes (four hosts on PostgreSQL) at once."""
+    journal = journal_for(backend, request, journal_path)
     count, processes = 30, 4
-    idemclient.Journal(journal_path).close()  # created once, then shared
+    idemclient.open_journal(journal).close()  # created once, then shared
     children = [
         subprocess.Popen(
             [
                 sys.executable,
                 str(HERE / "contention_child.py"),
                 server.url,
-                str(journal_path),
+                journal,
                 str(count),
                 str(seed),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=as_host(seed),
         )
         for seed in range(processes)
     ]
@@ -51,8 +72,8 @@ def test_processes_and_threads_share_one_journal(
     sent = sum(int(o[1]) for o in outputs)
     replayed = sum(int(o[2]) for o in outputs)
     assert sent + replayed == count * processes * 2
-    with idemclient.Journal(journal_path) as journal:
-        ops = journal.operations()
+    with idemclient.open_journal(journal) as opened:
+        ops = opened.operations()
     assert len(ops) == count
     assert {op.state for op in ops} == {"completed"}
     keys = {e.path: e.key for e in server.effects}
@@ -71,17 +92,24 @@ print(response.status_code, flush=True)
 """
 
 
+@BACKENDS
 def test_a_paused_holder_taken_over_cannot_overwrite(
-    server: IdempotentServer, journal_path: Path, tmp_path: Path
+    server: IdempotentServer,
+    request: pytest.FixtureRequest,
+    journal_path: Path,
+    tmp_path: Path,
+    backend: str,
 ) -> None:
-    """SIGSTOP the holder mid-request; once its lease has expired another process takes
-    the operation over; when the first wakes up, its late write is fenced out."""
+    """SIGSTOP the holder mid-request; once its lease has expired another process (on
+    PostgreSQL, on another host) takes the operation over; when the first wakes up, its late
+    write is fenced out."""
+    journal = journal_for(backend, request, journal_path)
     script = tmp_path / "paused.py"
     script.write_text(PAUSED_CHILD)
     server.inject("slow_after_acting", seconds=0.5)
     child = subprocess.Popen(
-        [sys.executable, str(script), server.url, str(journal_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, str(script), server.url, journal],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=as_host(0),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 15
@@ -89,7 +117,7 @@ def test_a_paused_holder_taken_over_cannot_overwrite(
             time.sleep(0.005)
         os.kill(child.pid, signal.SIGSTOP)
         # A second process whose clock says the holder's lease ran out long ago.
-        later = idemclient.Journal(journal_path, clock=lambda: time.time() + 3600)
+        later = idemclient.open_journal(journal, clock=lambda: time.time() + 3600)
         with (
             idemclient.Client(base_url=server.url, journal=later, timeout=10.0) as client,
             idemclient.operation("paused-op"),
@@ -104,9 +132,9 @@ def test_a_paused_holder_taken_over_cannot_overwrite(
     assert child.returncode == 0, err
     assert out.strip() == "201"  # the woken holder still hands its caller the answer
     assert server.effect_count == 1
-    with idemclient.Journal(journal_path) as journal:
-        op = journal.get("paused-op")
-        stored = journal.stored_response("paused-op")
+    with idemclient.open_journal(journal) as opened:
+        op = opened.get("paused-op")
+        stored = opened.stored_response("paused-op")
     assert op is not None
     assert stored is not None
     assert (op.state, op.attempts) == ("completed", 2)
@@ -114,16 +142,19 @@ def test_a_paused_holder_taken_over_cannot_overwrite(
     assert {k.lower(): v for k, v in stored.headers}["idempotent-replayed"] == "true"
 
 
+@BACKENDS
 def test_several_resumes_at_once_perform_each_operation_once(
-    server: IdempotentServer, journal_path: Path
+    server: IdempotentServer, request: pytest.FixtureRequest, journal_path: Path, backend: str
 ) -> None:
-    """Operators (or cron) run `idemclient resume` three times at once on one journal."""
+    """Operators (or cron) run `idemclient resume` three times at once on one journal (on
+    PostgreSQL from three hosts)."""
+    journal = journal_for(backend, request, journal_path)
     down = IdempotentServer()
     down_url = down.url
     down.stop()
     count = 12
     with idemclient.Client(
-        base_url=down_url, journal=journal_path, retry=idemclient.RetryPolicy(max_attempts=1)
+        base_url=down_url, journal=journal, retry=idemclient.RetryPolicy(max_attempts=1)
     ) as client:
         for i in range(count):
             try:
@@ -139,7 +170,7 @@ def test_several_resumes_at_once_perform_each_operation_once(
                 "-m",
                 "idemclient",
                 "--journal",
-                str(journal_path),
+                journal,
                 "resume",
                 "--rebase",
                 f"{down_url}={server.url}",
@@ -147,8 +178,9 @@ def test_several_resumes_at_once_perform_each_operation_once(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=as_host(number),
         )
-        for _ in range(3)
+        for number in range(3)
     ]
     for process in resumes:
         _, err = process.communicate(timeout=120)
@@ -157,5 +189,5 @@ def test_several_resumes_at_once_perform_each_operation_once(
     assert Counter(e.path for e in server.effects) == Counter(
         {f"/ops/{i}": 1 for i in range(count)}
     )
-    with idemclient.Journal(journal_path) as journal:
-        assert {op.state for op in journal.operations()} == {"completed"}
+    with idemclient.open_journal(journal) as opened:
+        assert {op.state for op in opened.operations()} == {"completed"}

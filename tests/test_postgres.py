@@ -116,6 +116,55 @@ async def test_the_async_transport_writes_to_postgres_on_the_event_loop(
     assert server.effect_count == 9  # charge-2 only ever got 503s
 
 
+def written_state(dsn: str, name: str) -> str:
+    """The state the row of operation `name` says: what another process would read."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT state FROM idemclient.operations WHERE name = %s", (name,))
+        found = row.fetchone()
+    assert found is not None
+    return str(found[0])
+
+
+@pytest.mark.anyio
+async def test_a_later_write_carries_the_answers_held_before_it(pg_dsn: str) -> None:
+    """An answer is held in memory for the flusher; the next transaction of the journal (here
+    a retry's claim) writes it too, so that a process killed moments later does not lose it
+    (a rerun would otherwise take that operation for a recovery from a crash, and a crash
+    loop would park operations that had their answers). Sync and async."""
+    answers = iter([httpx.Response(201), httpx.Response(503), httpx.Response(201)] * 2)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return next(answers)
+
+    retry = RetryPolicy(base_delay=0.0)
+    with PostgresJournal(pg_dsn, flush_delay=3600.0) as journal:  # no flusher in time
+        transport = idemclient.IdempotentTransport(
+            httpx.MockTransport(handler), journal=journal, retry=retry
+        )
+        with httpx.Client(transport=transport, base_url="https://api.example") as client:
+            with idemclient.operation("first"):
+                client.post("/a", json={})
+            assert written_state(pg_dsn, "first") == "pending"  # held
+            with idemclient.operation("second"):
+                client.post("/b", json={})  # registered, 503, claimed again: carries "first"
+            assert written_state(pg_dsn, "first") == "completed"
+            assert written_state(pg_dsn, "second") == "pending"  # held in its turn
+        # (closing the client wrote "second": a caller's journal is flushed, not closed)
+
+        async_transport = idemclient.AsyncIdempotentTransport(
+            httpx.MockTransport(handler), journal=journal, retry=retry
+        )
+        async with httpx.AsyncClient(
+            transport=async_transport, base_url="https://api.example"
+        ) as async_client:
+            with idemclient.operation("third"):
+                await async_client.post("/c", json={})  # its registration: an INSERT
+            assert written_state(pg_dsn, "third") == "pending"
+            with idemclient.operation("fourth"):
+                await async_client.post("/d", json={})  # its retry's claim carries "third"
+            assert written_state(pg_dsn, "third") == "completed"
+
+
 FORK_CHILD = """
 import os, signal, sys, threading, time
 import httpx

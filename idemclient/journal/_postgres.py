@@ -150,16 +150,6 @@ def _one(sql: _Sql) -> _Flow[int]:
     return count
 
 
-def _in_transaction(body: _Flow[T], *, durable: bool = True) -> _Flow[T]:
-    """`body` in one transaction, committed (synchronously, when `durable`)."""
-    yield _BEGIN
-    if not durable:
-        yield _RELAXED
-    result = yield from body
-    yield _COMMIT
-    return result
-
-
 class _LoopConnections:
     """The async connections of one journal in one event loop (an async connection belongs
     to the loop that opened it): the idle ones, and permits for at most `pool_size` at once."""
@@ -742,7 +732,7 @@ class PostgresJournal(ReadBack):
             claimed = yield from self._claim_seen(record, owner, lease_seconds, *seen)
             if claimed is not None:
                 return claimed
-        return (yield from _in_transaction(self._register_known(record, owner, lease_seconds)))
+        return (yield from self._carrying(self._register_known(record, owner, lease_seconds)))
 
     def _register_known(
         self, record: RequestRecord, owner: str, lease_seconds: float
@@ -880,7 +870,7 @@ class PostgresJournal(ReadBack):
     ) -> _Flow[Registration]:
         self._writable()
         lease_seconds = self._lease(lease_seconds)
-        return _in_transaction(self._claim_locked(key, version, owner, lease_seconds, last_error))
+        return self._carrying(self._claim_locked(key, version, owner, lease_seconds, last_error))
 
     def _claim_locked(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
@@ -923,7 +913,7 @@ class PostgresJournal(ReadBack):
                 "WHERE key = %s AND lease_version = %s AND state = 'pending'",
                 (self._clock(), key, version),
             )
-        yield from _in_transaction(_one(sql), durable=False)
+        yield from self._carrying(_one(sql), durable=False)
 
     def release(
         self,
@@ -967,7 +957,7 @@ class PostgresJournal(ReadBack):
             "WHERE key = %s AND lease_version = %s",
             (self._clock(), last_error, moved_fingerprint, never_sent, key, version),
         )
-        count = yield from _in_transaction(_one(sql), durable=False)
+        count = yield from self._carrying(_one(sql), durable=False)
         return count == 1
 
     # -- completions: held, written together ------------------------------------------------
@@ -1017,28 +1007,81 @@ class PostgresJournal(ReadBack):
                 return
             try:
                 with self._connection("record responses") as conn:
-                    for start in range(0, len(items), _ROWS_PER_STATEMENT):
-                        chunk = items[start : start + _ROWS_PER_STATEMENT]
-                        conn.execute(  # one statement, one round trip, for the whole chunk
-                            f"UPDATE {self._table} AS t SET state = v.state, "
-                            "updated_at = v.updated_at, response_status = v.status, "
-                            "response_headers = v.headers, response_body = v.body, "
-                            "response_body_kept = v.kept, lease_owner = NULL, "
-                            "lease_expires = NULL, last_error = NULL FROM (VALUES "
-                            + ", ".join([_FINISH_ROW] * len(chunk))
-                            + ") AS v(state, updated_at, status, headers, body, kept, key, "
-                            "version) WHERE t.key = v.key AND t.lease_version = v.version "
-                            "AND t.state = 'pending'",
-                            [value for params in chunk for value in params],
-                        )
+                    for sql in self._finish_statements(items):
+                        conn.execute(sql.text, sql.params)  # one round trip for a chunk
             except BaseException:
                 with self._held_lock:  # not written: kept for the next try
                     self._held[:0] = items
                 raise
-            with self._held_lock:  # committed: the rows say it now
-                for params in items:
-                    if self._unwritten.get(params[6]) is params:
-                        del self._unwritten[params[6]]
+            self._written(items)
+
+    def _finish_statements(
+        self, items: Sequence[tuple[Any, ...]], *, waitless: bool = False
+    ) -> list[_Sql]:
+        """The statements that write held completions (`finish`'s parameters), up to 500 a
+        statement, each returning the keys it wrote. Each is fenced (the same lease version,
+        still pending), so that writing one again, or after another holder took the
+        operation over, changes nothing. A `waitless` one skips the rows other transactions
+        have locked (they stay held, for the flusher), so that it never waits while its
+        transaction holds locks: a carried write takes part in no deadlock."""
+        skip = (
+            f" AND t.key IN (SELECT key FROM {self._table} WHERE key = ANY(%s::text[]) "
+            "FOR UPDATE SKIP LOCKED)"
+        )
+        statements = []
+        for start in range(0, len(items), _ROWS_PER_STATEMENT):
+            chunk = items[start : start + _ROWS_PER_STATEMENT]
+            params: list[Any] = [value for row in chunk for value in row]
+            if waitless:
+                params.append([row[6] for row in chunk])
+            statements.append(
+                _Sql(
+                    f"UPDATE {self._table} AS t SET state = v.state, updated_at = v.updated_at, "
+                    "response_status = v.status, response_headers = v.headers, "
+                    "response_body = v.body, response_body_kept = v.kept, lease_owner = NULL, "
+                    "lease_expires = NULL, last_error = NULL FROM (VALUES "
+                    + ", ".join([_FINISH_ROW] * len(chunk))
+                    + ") AS v(state, updated_at, status, headers, body, kept, key, version) "
+                    "WHERE t.key = v.key AND t.lease_version = v.version AND t.state = 'pending'"
+                    + (skip if waitless else "")
+                    + " RETURNING t.key",
+                    params,
+                )
+            )
+        return statements
+
+    def _carrying(self, body: _Flow[T], *, durable: bool = True) -> _Flow[T]:
+        """`body` in one transaction, committed (synchronously, when `durable`), that also
+        writes the completions this journal holds: a process killed moments after its
+        answers arrived keeps those a later write carried (else a rerun would take each for
+        a recovery from a crash, and in a crash loop park operations that had their answers).
+
+        The carried completions are written after the body, without waiting for a row lock
+        (`waitless`); until the commit they stay held, and `flush()` writes them too if it is
+        called meanwhile (again, harmlessly: the write is fenced)."""
+        yield _BEGIN
+        if not durable:
+            yield _RELAXED
+        result = yield from body
+        with self._held_lock:
+            carried = list(self._held)
+        written: set[str] = set()
+        for sql in self._finish_statements(carried, waitless=True):
+            rows, _ = yield sql
+            written.update(row[0] for row in rows)
+        yield _COMMIT
+        if written:
+            self._written([params for params in carried if params[6] in written])
+        return result
+
+    def _written(self, items: Sequence[tuple[Any, ...]]) -> None:
+        """Completions committed (or fenced out): no longer held, and the rows say them."""
+        done = {id(params) for params in items}
+        with self._held_lock:
+            self._held = [params for params in self._held if id(params) not in done]
+            for params in items:
+                if self._unwritten.get(params[6]) is params:
+                    del self._unwritten[params[6]]
 
     def _flush_loop(self) -> None:
         delay = self.flush_delay
@@ -1130,7 +1173,7 @@ class PostgresJournal(ReadBack):
         also: Also | None = None,
     ) -> Operation:
         self._writable()
-        flow = _in_transaction(self._changed(name_or_key, verb, allowed, sets, params, also))
+        flow = self._carrying(self._changed(name_or_key, verb, allowed, sets, params, also))
         return self._run(f"{verb} the operation", flow)
 
     def _changed(
@@ -1187,4 +1230,4 @@ class PostgresJournal(ReadBack):
         for journal in self._siblings():  # held completions first: a purge must see them
             journal.flush()
         self._writable()
-        return self._run(action, _in_transaction(_one(_Sql(sql, params)), durable=False))
+        return self._run(action, self._carrying(_one(_Sql(sql, params)), durable=False))
