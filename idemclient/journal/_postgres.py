@@ -663,8 +663,9 @@ class PostgresJournal(ReadBack):
         transaction. A failed one stops only itself. Threads register at once on their own
         connections, and the server's group commit lets their commits share WAL flushes."""
         results: list[Registration | JournalError | None] = [None] * len(requests)
-        with contextlib.suppress(JournalError):  # then each is tried alone, for its own error
-            self._run("register the operations", self._insert_new(requests, results))
+        if len(requests) > 1:  # (one alone: `_register` inserts it as cheaply)
+            with contextlib.suppress(JournalError):  # then each is tried alone, for its error
+                self._run("register the operations", self._insert_new(requests, results))
         for i, (record, owner, lease_seconds) in enumerate(requests):
             if results[i] is None:
                 flow = self._register(record, owner, lease_seconds)
@@ -679,8 +680,9 @@ class PostgresJournal(ReadBack):
     ) -> list[Registration | JournalError]:
         """`register_many` on async connections of the running loop (`AsyncJournalSteps`)."""
         results: list[Registration | JournalError | None] = [None] * len(requests)
-        with contextlib.suppress(JournalError):
-            await self._arun("register the operations", self._insert_new(requests, results))
+        if len(requests) > 1:
+            with contextlib.suppress(JournalError):
+                await self._arun("register the operations", self._insert_new(requests, results))
         for i, (record, owner, lease_seconds) in enumerate(requests):
             if results[i] is None:
                 flow = self._register(record, owner, lease_seconds)
