@@ -9,11 +9,14 @@ the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
+import queue
 import random
 import threading
 import time
+import weakref
 from collections.abc import (
     AsyncIterable,
     Awaitable,
@@ -23,7 +26,7 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -271,21 +274,117 @@ class _Base:
 T = TypeVar("T")
 
 
-async def _see_through(fn: Callable[[], T]) -> tuple[T, BaseException | None]:
+class _JournalThread:
+    """The thread that makes one journal's blocking calls for the async transports: each call
+    is queued with the future of its loop, made in order, and its outcome handed back on
+    the loop. Cheaper than a trip through the loop's executor (no pool bookkeeping, no
+    wrapping of one future in another), and the journal's connection stays warm on it. A
+    journal without native async I/O writes one transaction at a time anyway (SQLite: one
+    writer per file), so one thread loses nothing to a pool of them.
+
+    The thread is started by the first call, and ends after `IDLE_SECONDS` without one (the
+    next call starts another); in a child process after a fork, the first call starts the
+    child's own. It is a daemon: a process that exits in the middle of a journal call is a
+    crash like any other, which the journal is built to survive.
+    """
+
+    IDLE_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        """No thread, nothing queued: new, and in a child process after a fork (the parent's
+        queued calls are the parent's, served by its thread)."""
+        self._calls: queue.SimpleQueue[
+            tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future[Any]]
+        ] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = False  # a thread takes calls
+
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Queue `fn`; the future of the running loop that gets its result or exception."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._calls.put((fn, loop, future))  # first: a thread ending now sees it (`_serve`)
+        with self._lock:
+            if not self._running:
+                self._running = True
+                threading.Thread(
+                    target=self._serve, name="idemclient-journal-async", daemon=True
+                ).start()
+        return future
+
+    def _serve(self) -> None:
+        calls = self._calls
+        while True:
+            try:
+                fn, loop, future = calls.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:  # a call queued from now on starts the next thread
+                    if calls.empty():
+                        self._running = False
+                        return
+                continue
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the caller, whatever it was
+                outcome: tuple[Callable[[Any], None], Any] = (future.set_exception, exc)
+            else:
+                outcome = (future.set_result, result)
+            del fn
+            with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            del loop, future, outcome
+
+
+def _settle(future: asyncio.Future[Any], how: Callable[[Any], None], value: Any) -> None:
+    if not future.done():
+        how(value)
+
+
+#: the thread of each journal in use by an async transport (a journal dropped: its entry goes)
+_journal_threads: weakref.WeakKeyDictionary[object, _JournalThread] = weakref.WeakKeyDictionary()
+_journal_threads_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _journal_threads_lock
+    _journal_threads_lock = threading.Lock()
+    for thread in list(_journal_threads.values()):
+        thread._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _journal_thread(journal: object) -> _JournalThread:
+    with _journal_threads_lock:
+        found = _journal_threads.get(journal)
+        if found is None:
+            found = _journal_threads[journal] = _JournalThread()
+        return found
+
+
+async def _see_through(
+    fn: Callable[[], T], thread: _JournalThread | None = None
+) -> tuple[T, BaseException | None]:
     """Run a blocking journal call in a worker thread to its end, whatever cancels the caller
     meanwhile: its result, and the cancellation that arrived (for the caller to raise once
     the journal is in a known state). A journal write, once begun, is seen through.
 
     anyio's shield stops anyio's and trio's cancel scopes, but not asyncio's own
-    `task.cancel()` (`asyncio.wait_for`, `asyncio.timeout`): under asyncio the call runs in
-    the loop's executor and is awaited through `asyncio.shield`, again after each
-    cancellation. Raises what `fn` raised.
+    `task.cancel()` (`asyncio.wait_for`, `asyncio.timeout`): under asyncio the call runs on
+    the journal's `thread` (else in the loop's executor) and is awaited through
+    `asyncio.shield`, again after each cancellation. Raises what `fn` raised.
     """
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not asyncio (trio): anyio's shield is enough
         with anyio.CancelScope(shield=True):
             return await anyio.to_thread.run_sync(fn), None
+    if thread is not None:
+        return await _shielded(thread.submit(fn))
     return await _shielded(loop.run_in_executor(None, fn))
 
 
@@ -346,6 +445,8 @@ class _AsyncRegistrar:
 
     def __init__(self, journal: JournalBackend) -> None:
         self._journal = journal
+        #: with native async I/O (`AsyncJournalSteps`: a slow check, made once)
+        self.native = isinstance(journal, AsyncJournalSteps)
         self._waiting: list[_Slot] = []
         self._busy = False
 
@@ -402,9 +503,11 @@ class _AsyncRegistrar:
         """One batch, seen through: on the loop for a journal with native async I/O under
         asyncio, else in a worker thread."""
         journal = self._journal
-        if isinstance(journal, AsyncJournalSteps) and _on_asyncio():
-            return await _see_through_async(functools.partial(journal.aregister_many, requests))
-        return await _see_through(functools.partial(journal.register_many, requests))
+        if self.native and _on_asyncio():
+            native = cast(AsyncJournalSteps, journal)
+            return await _see_through_async(functools.partial(native.aregister_many, requests))
+        call = functools.partial(journal.register_many, requests)
+        return await _see_through(call, _journal_thread(journal))
 
     def _hand_over(self) -> None:
         """Wake a waiting task to lead, if nobody leads."""
@@ -634,9 +737,11 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             return await self._registrar.register(step)
         if isinstance(step, JOURNAL_STEPS):  # the journal's store: seen through
             journal = self._journal
-            if isinstance(journal, AsyncJournalSteps) and _on_asyncio():  # on the loop
-                return await _see_through_async(functools.partial(aperform, step, journal))
-            return await _see_through(functools.partial(perform, step, journal))  # off it
+            if self._registrar.native and _on_asyncio():  # on the loop
+                native = cast(AsyncJournalSteps, journal)
+                return await _see_through_async(functools.partial(aperform, step, native))
+            call = functools.partial(perform, step, journal)
+            return await _see_through(call, _journal_thread(journal))  # off it
         if isinstance(step, Send):
             if self._transport is None:
                 self._transport = family(step.request).AsyncHTTPTransport()

@@ -178,6 +178,65 @@ def test_a_forked_child_starts_with_clean_locks_and_queues(tmp_path: Path) -> No
     assert result.stdout.split("\n")[:3] == ["child 201", "parent 0", "child-op completed"]
 
 
+FORK_ASYNC_CHILD = """
+import asyncio, os, signal, sys, threading, time
+import httpx
+import idemclient
+from idemclient import _transport
+
+signal.alarm(20)  # a hang fails the test instead of stalling it
+_transport._JournalThread.IDLE_SECONDS = 0.2
+transport = idemclient.AsyncIdempotentTransport(
+    httpx.MockTransport(lambda request: httpx.Response(201)), journal=sys.argv[1]
+)
+client = httpx.AsyncClient(transport=transport, base_url="https://x")
+
+def threads():
+    return [t.name for t in threading.enumerate()].count("idemclient-journal-async")
+
+async def post(name):
+    with idemclient.operation(name):
+        return (await client.post("/" + name, json={})).status_code
+
+print("before", asyncio.run(post("before")), threads(), flush=True)
+pid = os.fork()
+if pid == 0:
+    try:
+        print("child", asyncio.run(post("child")), threads(), flush=True)
+        transport.journal.flush()  # (os._exit: no flush at exit)
+        os._exit(0)
+    except BaseException as exc:
+        print("child failed:", repr(exc), flush=True)
+        os._exit(1)
+_, status = os.waitpid(pid, 0)
+time.sleep(0.6)  # the journal thread, idle, ends
+print("idle", threads(), flush=True)
+print("after", asyncio.run(post("after")), threads(), flush=True)
+transport.journal.flush()
+print(sorted((op.name, op.state) for op in transport.journal.operations()), flush=True)
+"""
+
+
+def test_the_async_journal_thread_across_a_fork_and_idle_time(tmp_path: Path) -> None:
+    """The async transport makes an SQLite journal's calls on one thread of that journal: a
+    forked child starts its own (the parent's, and what it had queued, stay the parent's),
+    and the thread ends when idle, the next call starting another."""
+    script = tmp_path / "fork_async_child.py"
+    script.write_text(FORK_ASYNC_CHILD)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "journal.sqlite3")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:5] == [
+        "before 201 1",
+        "child 201 1",
+        "idle 0",
+        "after 201 1",
+        "[('after', 'completed'), ('before', 'completed'), ('child', 'completed')]",
+    ]
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def location(request: pytest.FixtureRequest, journal_path: Path) -> str:
     """A journal of either backend (PostgreSQL: the async transport uses its native async

@@ -137,7 +137,8 @@ async def test_a_later_write_carries_the_answers_held_before_it(pg_dsn: str) -> 
         return next(answers)
 
     retry = RetryPolicy(base_delay=0.0)
-    with PostgresJournal(pg_dsn, flush_delay=3600.0) as journal:  # no flusher in time
+    # no flusher in time, and no upkeep thread whose purge would carry the answers meanwhile
+    with PostgresJournal(pg_dsn, flush_delay=3600.0, auto_purge=None) as journal:
         transport = idemclient.IdempotentTransport(
             httpx.MockTransport(handler), journal=journal, retry=retry
         )
