@@ -35,6 +35,7 @@ from ._errors import (
     ConflictError,
     IdempotencyError,
     InvalidOperationError,
+    JournalError,
     OperationAbandonedError,
     OperationExpiredError,
     OperationInProgressError,
@@ -515,10 +516,11 @@ class Plan:
     scope: _Scope | None = None
     place: object = None
 
-    def unfinished(self, op: Operation | None) -> None:
+    def unfinished(self, op: Operation | RequestRecord | None) -> None:
         """Remember how this operation ended in this context: `op` if it did not finish (a
         resend of the same request right after is that operation again), `None` if it did
-        (the same request again is a new operation, an intended repeat)."""
+        (the same request again is a new operation, an intended repeat). The record, when
+        its registration failed: it may have reached the journal all the same."""
         mark = None
         if op is not None:
             mark = _Unfinished(self.scope, self.record.fingerprint, op.key, op.name, self.place)
@@ -1268,7 +1270,14 @@ def keyed_flow(
     """
     record, request = the_plan.record, the_plan.request
     me = owner()
-    reg: Registration = yield Register(record, me, the_plan.lease_seconds)
+    try:
+        reg: Registration = yield Register(record, me, the_plan.lease_seconds)
+    except JournalError:
+        # Nothing was sent. The registration may have been written all the same (a server
+        # that went silent may commit it when it wakes): a resend of this request in this
+        # context takes the same key, so that it cannot become a second operation.
+        the_plan.unfinished(record)
+        raise
     op = reg.operation
     label = op.name or op.key
     version, attempts = reg.lease_version, op.attempts

@@ -255,6 +255,180 @@ def test_an_unreachable_server_fails_closed(server: IdempotentServer) -> None:
     assert server.request_count == 0
 
 
+def test_a_wrong_dsn_says_what_is_wrong(pg_dsn: str) -> None:
+    """A database that does not exist, a role that does not exist, an invalid option: the
+    server's or libpq's own words, at once (not a pool's timeout), and never a password."""
+    base = pg_dsn.rsplit("/", 1)[0]
+    with pytest.raises(JournalError, match='database "nosuchdb" does not exist'):
+        PostgresJournal(f"{base}/nosuchdb", connect_timeout=30)
+    with pytest.raises(JournalError, match='role "nobody" does not exist') as caught:
+        PostgresJournal(pg_dsn.replace("postgres@", "nobody:s3cret@"), connect_timeout=30)
+    assert "s3cret" not in str(caught.value)
+    with pytest.raises(JournalError, match="sslmode") as caught:
+        PostgresJournal(f"{pg_dsn}?sslmode=bogus&password=s3cret")
+    assert "s3cret" not in str(caught.value)
+    with PostgresJournal("POSTGRESQL" + pg_dsn[len("postgresql") :]) as journal:  # any case
+        assert journal.operations() == []
+
+
+def test_passwords_are_never_shown() -> None:
+    from idemclient.journal._postgres import shown
+
+    assert shown("postgresql://app:s3cret@db/orders") == "postgresql://app:***@db/orders"
+    assert (
+        shown("postgresql://app@db/orders?sslmode=require&password=s3cret")
+        == "postgresql://app@db/orders?sslmode=require&password=***"
+    )
+    assert shown("host=db user=app password=s3cret dbname=orders") == (
+        "host=db user=app password=*** dbname=orders"
+    )
+    assert (
+        shown("host=db password='a b\\' c' dbname=orders") == "host=db password=*** dbname=orders"
+    )
+
+
+def test_the_dsns_own_options_are_kept(pg_dsn: str) -> None:
+    """`options` in the DSN apply to the journal's connections (sync and async), after its
+    command timeout and before `synchronous_commit=on`, which always holds."""
+    options = "-c work_mem=1234kB -c statement_timeout=4321 -c synchronous_commit=off"
+    dsn = f"{pg_dsn}?options={options.replace(' ', '%20').replace('=', '%3D')}"
+    with PostgresJournal(dsn) as journal:
+        with journal._connection("look") as conn:
+            shown = [conn.execute(f"SHOW {name}").fetchone() for name in
+                     ("work_mem", "statement_timeout", "synchronous_commit")]  # fmt: skip
+        assert shown == [("1234kB",), ("4321ms",), ("on",)]
+
+        async def look() -> list[object]:
+            conn = await journal._aconnect()
+            try:
+                return [(await (await conn.execute(f"SHOW {name}")).fetchone()) for name in
+                        ("work_mem", "statement_timeout", "synchronous_commit")]  # fmt: skip
+            finally:
+                await conn.close()
+
+        assert asyncio.run(look()) == [("1234kB",), ("4321ms",), ("on",)]
+    with PostgresJournal(pg_dsn, command_timeout=2.5) as journal, journal._connection("x") as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("2500ms",)
+
+
+def _frozen_server(dsn: str) -> list[int]:
+    """The server processes to stop for the server to go silent: the sessions on this
+    test's database, and the postmaster (no new session starts either)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        ).fetchall()
+        mine = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert rows
+    assert mine is not None
+    postmaster = int(Path(f"/proc/{mine[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return [int(row[0]) for row in rows] + [postmaster]
+
+
+@pytest.mark.anyio
+async def test_a_server_that_stops_answering_ends_the_call(pg_dsn: str) -> None:
+    """The server's processes for the journal are frozen (SIGSTOP: as a frozen host, a
+    network that drops everything, a proxy that stops forwarding; no statement timeout
+    fires, for the server never sees the statement): a registration ends with a
+    `JournalError` after `command_timeout`, nothing is sent, and closing the journal with an
+    answer held returns too. Once the server answers again, the next request goes through."""
+    import os
+    import signal
+
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(201)
+
+    journal = PostgresJournal(
+        pg_dsn, command_timeout=1.0, connect_timeout=1.0, auto_purge=None, flush_delay=3600
+    )
+    transport = idemclient.IdempotentTransport(httpx.MockTransport(handler), journal=journal)
+    async_transport = idemclient.AsyncIdempotentTransport(
+        httpx.MockTransport(handler), journal=journal
+    )
+    client = httpx.Client(transport=transport, base_url="https://api.example")
+    async_client = httpx.AsyncClient(transport=async_transport, base_url="https://api.example")
+    client.post("/warm", json={})  # connections open, an answer held
+    await async_client.post("/warm-async", json={})
+    in_progress: list[idemclient.OperationInProgressError] = []
+    async_failed, thawed = asyncio.Event(), asyncio.Event()
+
+    async def async_side() -> None:  # a task: a context of its own, as a caller's task has
+        with pytest.raises(JournalError, match=r"no answer from the server within 1 s"):
+            await async_client.post("/frozen-async", json={})
+        async_failed.set()
+        await thawed.wait()
+        try:  # the same request right after, in the same task: the same key
+            await async_client.post("/frozen-async", json={})
+        except idemclient.OperationInProgressError as exc:  # registered, the lease still ours
+            in_progress.append(exc)
+
+    frozen = _frozen_server(pg_dsn)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(JournalError, match=r"no answer from the server within 1 s"):
+            client.post("/frozen", json={})
+        task = asyncio.create_task(async_side())
+        await async_failed.wait()
+        with pytest.raises(JournalError, match="could not record responses"):
+            journal.flush()  # what close() and the exit do: on a new connection, or none
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert sent == ["/warm", "/warm-async"]
+    # The server, awake, may commit the registrations it was sent before it froze: then they
+    # are pending, never sent. A resend of the same request right after, in the same context,
+    # takes the same key: it continues that operation (once its lease ends), never a second.
+    try:
+        client.post("/frozen", json={})
+    except idemclient.OperationInProgressError as exc:
+        in_progress.append(exc)
+    thawed.set()
+    await task
+    client.post("/after", json={})
+    await async_client.post("/after-async", json={})
+    await async_client.aclose()
+    client.close()
+    journal.close()
+    with PostgresJournal(pg_dsn) as check:
+        rows = [(op.url.rsplit("/", 1)[1], op.state) for op in check.operations()]
+    for path in ("frozen", "frozen-async"):
+        # one operation each: sent once by its resend, or pending, never sent
+        assert [state for p, state in rows if p == path] == [
+            "completed" if f"/{path}" in sent else "pending"
+        ]
+    assert sorted(p for p, state in rows if state == "completed") == sorted(
+        path[1:] for path in sent
+    )
+    assert len(sent) == len(set(sent)) == 4 + 2 - len(in_progress)
+
+
+def test_a_lock_held_elsewhere_ends_the_call_after_the_command_timeout(pg_dsn: str) -> None:
+    """Another session holds the operations table locked: a registration waits
+    `command_timeout` at most (the server cancels it), and nothing is sent."""
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(201)
+
+    with PostgresJournal(pg_dsn, command_timeout=1.0, auto_purge=None) as journal:
+        transport = idemclient.IdempotentTransport(httpx.MockTransport(handler), journal=journal)
+        with httpx.Client(transport=transport, base_url="https://api.example") as client:
+            with psycopg.connect(pg_dsn) as locker:
+                locker.execute("LOCK TABLE idemclient.operations IN ACCESS EXCLUSIVE MODE")
+                with pytest.raises(JournalError, match=r"statement timeout|within 1 s"):
+                    client.post("/locked", json={})
+                locker.rollback()
+            assert sent == []
+            client.post("/free", json={})
+    assert sent == ["/free"]
+
+
 def test_without_the_driver_idemclient_imports_and_a_url_names_the_extra(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['psycopg'] = None; sys.modules['psycopg_pool'] = None\n"

@@ -25,6 +25,8 @@ import atexit
 import contextlib
 import logging
 import os
+import re
+import socket
 import threading
 import time
 import weakref
@@ -97,6 +99,7 @@ class _Sql:
 _Result = tuple[list[tuple[Any, ...]], int]
 _BEGIN, _COMMIT, _ROLLBACK = _Sql("BEGIN"), _Sql("COMMIT"), _Sql("ROLLBACK")
 _RELAXED = _Sql("SET LOCAL synchronous_commit = off")  # the session's commits are synchronous
+_UNBOUNDED = _Sql("SET LOCAL statement_timeout = 0")  # a long statement (a large purge)
 T = TypeVar("T")
 #: the statements of one journal call, the same for a connection and an async connection
 _Flow = Generator[_Sql, _Result, T]
@@ -168,6 +171,89 @@ def _finish_all(connections: list[psycopg.AsyncConnection[Any]]) -> None:
             conn.pgconn.finish()
 
 
+class _Watch:
+    """One journal call on one connection, and when the server must have answered it."""
+
+    __slots__ = ("deadline", "fd", "fired")
+
+    def __init__(self, deadline: float, fd: int) -> None:
+        self.deadline, self.fd, self.fired = deadline, fd, False
+
+
+class _Watchdog:
+    """Ends the journal calls that the server leaves unanswered past their deadline, by
+    shutting their connection's socket down: the call fails at once with `JournalError`
+    (the connection is then discarded), where it would otherwise wait forever (a frozen
+    server host, a network that drops everything, a proxy that stops forwarding). A
+    statement timeout alone cannot do that: it runs on the server.
+
+    One thread per process, started by the first call watched, ended after `IDLE_SECONDS`
+    without one; it looks every `TICK` seconds. A forked child starts its own.
+    """
+
+    TICK = 0.25
+    IDLE_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: set[_Watch] = set()
+        self._running = False
+
+    @contextlib.contextmanager
+    def watching(self, fd: int, seconds: float | None) -> Iterator[_Watch | None]:
+        """Watch the socket `fd` while the body runs (not at all when `seconds` is `None`)."""
+        if seconds is None:
+            yield None
+            return
+        watch = _Watch(time.monotonic() + seconds, fd)
+        with self._lock:
+            self._watched.add(watch)
+            if not self._running:
+                self._running = True
+                threading.Thread(
+                    target=self._serve, name="idemclient-journal-watchdog", daemon=True
+                ).start()
+        try:
+            yield watch
+        finally:
+            with self._lock:  # from here on, the socket is no longer ours to shut
+                self._watched.discard(watch)
+
+    def _serve(self) -> None:
+        idle_since: float | None = None
+        while True:
+            time.sleep(self.TICK)
+            now = time.monotonic()
+            with self._lock:
+                if not self._watched:  # ended after a while without calls
+                    idle_since = idle_since or now
+                    if now - idle_since >= self.IDLE_SECONDS:
+                        self._running = False
+                        return
+                    continue
+                idle_since = None
+                for watch in self._watched:
+                    if watch.deadline <= now and not watch.fired:
+                        watch.fired = True
+                        _shut(watch.fd)
+
+
+def _shut(fd: int) -> None:
+    """Shut a socket down for reading and writing, leaving its descriptor to its owner."""
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
+
+
+_watchdog = _Watchdog()
+
+
 _INSERT_ROW = "(%s, %s, 'pending', %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, 1, %s, %s)"
 _CLAIM = (
     "UPDATE {table} SET attempts = %s, lease_version = %s, lease_owner = %s, "
@@ -194,14 +280,23 @@ def is_postgres_url(text: object) -> bool:
     return isinstance(text, str) and text.lower().startswith(("postgresql://", "postgres://"))
 
 
+_PASSWORD_PAIR = re.compile(r"""(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']\S*)""", re.I)
+_PASSWORD_PARAM = re.compile(r"((?:^|&)password=)[^&]*", re.I)
+
+
 def shown(dsn: str) -> str:
-    """The DSN as it may be shown (errors, the command line): no password."""
+    """The DSN as it may be shown (errors, the command line, `journal.path`): no password,
+    neither in a URL (`user:secret@`, `?password=`) nor in a libpq `key=value` string."""
+    if not is_postgres_url(dsn):
+        return _PASSWORD_PAIR.sub(r"\1***", dsn)
     parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+    if parts.query:
+        parts = parts._replace(query=_PASSWORD_PARAM.sub(r"\1***", parts.query))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)
+        user = netloc[0].split(":", 1)[0]
+        parts = parts._replace(netloc=f"{user}:***@{netloc[1]}")
+    return urlunsplit(parts)
 
 
 def postgres_journal_exists(dsn: str, schema: str = "idemclient") -> bool:
@@ -300,6 +395,7 @@ _inherited: list[Any] = []
 
 
 def _after_fork_in_child() -> None:
+    _watchdog._reset()
     for journal in list(_open):
         journal._after_fork()
 
@@ -323,7 +419,13 @@ class PostgresJournal(ReadBack):
         max_response_body, max_stream_body, max_recoveries, flush_delay, auto_purge: as for
             `Journal` (the daily purge is done by one process of the fleet a day).
         pool_size: connections kept open at most (one per thread sending at the same time).
-        connect_timeout: seconds to wait for the server before `JournalError`.
+        connect_timeout: seconds to wait for a connection before `JournalError`.
+        command_timeout: seconds the server may take over one journal call (a statement,
+            a lock it waits for, a transaction left open) before `JournalError`: the call
+            ends then even if the server or the network went silent, and the request it
+            was for is not sent. `None`: wait as long as it takes. A purge is never cut
+            short. Dead connections are also found by TCP keepalives and, with libpq 12
+            or newer, `tcp_user_timeout`, unless the DSN sets them itself.
         read_only: inspect only: nothing is created, migrated or written.
 
     Raises:
@@ -349,6 +451,7 @@ class PostgresJournal(ReadBack):
         flush_delay: float = 0.05,
         pool_size: int = 32,
         connect_timeout: float = 10.0,
+        command_timeout: float | None = 30.0,
         clock: Callable[[], float] = time.time,
         read_only: bool = False,
         auto_purge: timedelta | None = DEFAULT_PURGE_HORIZON,
@@ -360,6 +463,11 @@ class PostgresJournal(ReadBack):
             raise ValueError(f"schema must be a plain identifier, not {schema!r}")
         if lease_margin < 0:
             raise ValueError("lease_margin must not be negative")
+        if command_timeout is not None and command_timeout <= 0:
+            raise ValueError("command_timeout must be positive (or None)")
+        if is_postgres_url(dsn):  # libpq knows the scheme in lower case only
+            scheme, rest = dsn.split(":", 1)
+            dsn = f"{scheme.lower()}:{rest}"
         self.dsn = dsn
         self._identity = (dsn, schema)  # journals of this process on the same tables
         self.path = shown(dsn)  # where it is, as errors and the CLI name it
@@ -388,6 +496,7 @@ class PostgresJournal(ReadBack):
         self._flusher: threading.Thread | None = None
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopConnections] = (
             weakref.WeakKeyDictionary()
         )
@@ -395,6 +504,11 @@ class PostgresJournal(ReadBack):
         driver, pools = _drivers()
         self._driver, self._pools = driver, pools
         self._errors: tuple[type[BaseException], ...] = (driver.Error, pools.PoolTimeout)
+        self._connect_kwargs = self._settings_for_connections()
+        # One connection first, alone: a wrong database, role or password, or no server,
+        # is told at once in the server's or libpq's own words (a pool only times out).
+        with self._as_journal_error("connect to"):
+            driver.connect(self.dsn, **self._connect_kwargs).close()
         self._pool = self._new_pool()
         try:
             with self._as_journal_error("connect to"):
@@ -409,17 +523,50 @@ class PostgresJournal(ReadBack):
     def __repr__(self) -> str:
         return f"<PostgresJournal {self.path!r} schema={self.schema!r}>"
 
+    def _settings_for_connections(self) -> dict[str, Any]:
+        """What every connection of the journal is opened with, beside the DSN: the DSN's
+        own `options` are kept, after the command timeouts (so they may change them) and
+        before `synchronous_commit=on` (every commit waits for its WAL flush unless a write
+        says otherwise, whatever the server's, the role's or the DSN's default)."""
+        try:
+            given = self._driver.conninfo.conninfo_to_dict(self.dsn)
+        except self._driver.Error as exc:
+            raise JournalError(
+                f"journal {self.path}: not a valid connection string or URL: {exc}",
+                path=self.path,
+            ) from exc
+        options = []
+        seconds = self.command_timeout
+        if seconds is not None:
+            ms = max(1, round(seconds * 1000))
+            options += [
+                f"-c statement_timeout={ms}",
+                f"-c idle_in_transaction_session_timeout={ms}",
+            ]
+        if given.get("options"):
+            options.append(str(given["options"]))
+        options.append("-c synchronous_commit=on")
+        settings: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(1, int(self._connect_timeout)),
+            "options": " ".join(options),
+        }
+        if seconds is not None:  # a dead peer is noticed, not waited on
+            probes = {
+                "keepalives": 1,
+                "keepalives_idle": max(1, int(seconds / 3)),
+                "keepalives_interval": max(1, int(seconds / 6)),
+                "keepalives_count": 3,
+            }
+            if self._driver.pq.version() >= 120000:
+                probes["tcp_user_timeout"] = max(1, round(seconds * 1000))
+            settings.update({k: v for k, v in probes.items() if k not in given})
+        return settings
+
     def _new_pool(self) -> psycopg_pool.ConnectionPool[psycopg.Connection[Any]]:
         pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = self._pools.ConnectionPool(
             self.dsn, min_size=1, max_size=self._pool_size, open=False,
-            timeout=self._connect_timeout,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": max(1, int(self._connect_timeout)),
-                # every commit waits for its WAL flush unless a write says otherwise,
-                # whatever the server's or the role's default
-                "options": "-c synchronous_commit=on",
-            },
+            timeout=self._connect_timeout, kwargs=self._connect_kwargs,
             name="idemclient-journal",
         )  # fmt: skip
         return pool
@@ -459,11 +606,46 @@ class PostgresJournal(ReadBack):
             ) from exc
 
     @contextlib.contextmanager
-    def _connection(self, action: str) -> Iterator[psycopg.Connection[Any]]:
+    def _connection(
+        self, action: str, *, unbounded: bool = False
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of the pool for one call, watched for `command_timeout` (unless
+        `unbounded`)."""
         if self._closed:
             raise JournalError(f"journal {self.path} is closed", path=self.path)
-        with self._as_journal_error(action), self._pool.connection() as conn:
-            yield conn
+        with (
+            self._as_journal_error(action),
+            self._pool.connection() as conn,
+            self._watched(conn, action, unbounded) as watch,
+        ):
+            try:
+                yield conn
+            finally:
+                if watch is not None and watch.fired:  # its socket is shut: not reused
+                    conn.close()
+
+    @contextlib.contextmanager
+    def _watched(
+        self,
+        conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+        action: str,
+        unbounded: bool = False,
+    ) -> Iterator[_Watch | None]:
+        """The body's call on `conn`, ended by the watchdog after `command_timeout`: then a
+        `JournalError` that says so."""
+        seconds = None if unbounded else self.command_timeout
+        with _watchdog.watching(conn.pgconn.socket, seconds) as watch:
+            try:
+                yield watch
+            except self._errors as exc:
+                if watch is None or not watch.fired:
+                    raise
+                raise JournalError(
+                    f"journal {self.path}: could not {action}: no answer from the server "
+                    f"within {seconds:g} s (command_timeout); it may still carry out what it "
+                    "was sent when it wakes",
+                    path=self.path,
+                ) from exc
 
     def _writable(self) -> None:
         if self.read_only:
@@ -498,19 +680,20 @@ class PostgresJournal(ReadBack):
         with self._as_journal_error(action):
             async with mine.permits:
                 conn = mine.idle.pop() if mine.idle else await self._aconnect()
+                watch = None
                 try:
-                    return await _adrive(conn, flow)
+                    with self._watched(conn, action) as watch:
+                        return await _adrive(conn, flow)
                 finally:
-                    if conn.broken or conn.closed or self._closed:
+                    if conn.broken or conn.closed or self._closed or (watch and watch.fired):
                         _finish_all([conn])
                     else:
                         mine.idle.append(conn)
 
     async def _aconnect(self) -> psycopg.AsyncConnection[Any]:
         conn: psycopg.AsyncConnection[Any] = await self._driver.AsyncConnection.connect(
-            self.dsn, autocommit=True, connect_timeout=max(1, int(self._connect_timeout)),
-            options="-c synchronous_commit=on",
-        )  # fmt: skip
+            self.dsn, **self._connect_kwargs
+        )
         return conn
 
     def _read(
@@ -559,7 +742,9 @@ class PostgresJournal(ReadBack):
     # -- schema ---------------------------------------------------------------------------
 
     def _open(self, retention: timedelta | None) -> timedelta:
-        with self._connection("open the journal") as conn:
+        # not cut short by the command timeout: it may wait for other processes creating or
+        # upgrading the schema, and an upgrade may copy a large table
+        with self._connection("open the journal", unbounded=True) as conn:
             if self.read_only:
                 exists = conn.execute("SELECT to_regclass(%s)", (self._settings,)).fetchone()
                 if exists is None or exists[0] is None:
@@ -569,6 +754,7 @@ class PostgresJournal(ReadBack):
                     )
                 return self._check(conn, retention)
             with conn.transaction():
+                conn.execute(_UNBOUNDED.text)
                 # creators (and migrators) take turns, whoever comes first creates
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._settings,))
                 exists = conn.execute("SELECT to_regclass(%s)", (self._settings,)).fetchone()
@@ -609,6 +795,12 @@ class PostgresJournal(ReadBack):
                 f"journal {self.path} (schema {self.schema!r}) was written by a newer "
                 f"idemclient (version {version}; this one knows up to {SCHEMA_VERSION}): "
                 "upgrade idemclient",
+                path=self.path,
+            )
+        if "retention_seconds" not in settings:
+            raise JournalError(
+                f"journal {self.path} (schema {self.schema!r}) is damaged: its settings "
+                "lack the retention; it was left untouched",
                 path=self.path,
             )
         stored = timedelta(seconds=float(settings["retention_seconds"]))
@@ -1052,7 +1244,9 @@ class PostgresJournal(ReadBack):
             )
         return statements
 
-    def _carrying(self, body: _Flow[T], *, durable: bool = True) -> _Flow[T]:
+    def _carrying(
+        self, body: _Flow[T], *, durable: bool = True, unbounded: bool = False
+    ) -> _Flow[T]:
         """`body` in one transaction, committed (synchronously, when `durable`), that also
         writes the completions this journal holds: a process killed moments after its
         answers arrived keeps those a later write carried (else a rerun would take each for
@@ -1064,6 +1258,8 @@ class PostgresJournal(ReadBack):
         yield _BEGIN
         if not durable:
             yield _RELAXED
+        if unbounded:
+            yield _UNBOUNDED
         result = yield from body
         with self._held_lock:
             carried = list(self._held)
@@ -1228,8 +1424,12 @@ class PostgresJournal(ReadBack):
         row: tuple[Any, ...] = self._as_written(rows[0], unwritten)
         return row
 
-    def _write_statement(self, action: str, sql: str, params: Sequence[Any]) -> int:
+    def _write_statement(
+        self, action: str, sql: str, params: Sequence[Any], *, unbounded: bool = False
+    ) -> int:
         for journal in self._siblings():  # held completions first: a purge must see them
             journal.flush()
         self._writable()
-        return self._run(action, self._carrying(_one(_Sql(sql, params)), durable=False))
+        flow = self._carrying(_one(_Sql(sql, params)), durable=False, unbounded=unbounded)
+        with self._connection(action, unbounded=unbounded) as conn:
+            return _drive(conn, flow)

@@ -88,8 +88,9 @@ class ReadBack:
     * `_change_state(name_or_key, verb, allowed, sets, *params, also=None)`: `UPDATE ... SET
       sets` on an operation found by name, else key, in one of `allowed` states, and the
       statement `also` makes of its row, in one transaction;
-    * `_write_statement(action, sql, params)`: one statement in a transaction of its own:
-      its row count;
+    * `_write_statement(action, sql, params, unbounded=False)`: one statement in a
+      transaction of its own: its row count (`unbounded`: a long one, such as a large purge,
+      that a backend's command timeout must not cut short);
     * `_saw_backlog(rows)`: told the rows of `pending_requests`, read with `_backlog_columns`
       after `COLUMNS` (a backend that claims against what it read keeps them).
     """
@@ -124,7 +125,9 @@ class ReadBack:
             also: Also | None = None,
         ) -> Operation: ...
 
-        def _write_statement(self, action: str, sql: str, params: Sequence[Any]) -> int: ...
+        def _write_statement(
+            self, action: str, sql: str, params: Sequence[Any], *, unbounded: bool = False
+        ) -> int: ...
 
     def _saw_backlog(self, rows: list[Row]) -> None:
         """Nothing to keep, unless a backend says otherwise."""
@@ -298,6 +301,7 @@ class ReadBack:
             "purge operations",
             f"DELETE FROM {self._table} WHERE state IN ({marks}) AND updated_at < {self._mark}",
             (*states, cutoff),
+            unbounded=True,
         )
         if purged:  # and the decisions on operations no longer kept
             self._write_statement(
@@ -306,6 +310,7 @@ class ReadBack:
                 f"EXISTS (SELECT 1 FROM {self._table} AS o WHERE o.key = "
                 f"{self._decisions_table}.key OR o.previous_key = {self._decisions_table}.key)",
                 (cutoff,),
+                unbounded=True,
             )
         return purged
 

@@ -1244,7 +1244,9 @@ class Journal(ReadBack):
         rows = self._read(action, sql, params)
         return rows[0] if rows else None
 
-    def _write_statement(self, action: str, sql: str, params: Sequence[Any]) -> int:
+    def _write_statement(
+        self, action: str, sql: str, params: Sequence[Any], *, unbounded: bool = False
+    ) -> int:
         with self._write(action) as db:  # held completions are written in it first
             return db.execute(sql, params).rowcount
 
