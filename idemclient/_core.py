@@ -584,9 +584,12 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
     stored: list[tuple[str, str]] = []
     given_values: list[str] = []
     length: str | None = None
+    content_type: str | None = None
     chunked = False
     encoding = request.headers.encoding
     for k, v in _pairs(request.headers):
+        if k == "content-type" and content_type is None:
+            content_type = v
         if k not in skip:
             if k in harmless or not secret(k):  # credentials by name never reach the journal
                 stored.append((k, v))
@@ -598,7 +601,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
             chunked = True
     given = in_header = ", ".join(given_values) if given_values else None
     url = stored_url(request.url, secret)
-    boundary = multipart_boundary(body, request.headers.get("content-type"))
+    boundary = multipart_boundary(body, content_type)
     the_fingerprint = fingerprint(request.method, url, body, boundary)
     scope = _scope.get()
     # The same request again, in the same context, right after its operation failed (an

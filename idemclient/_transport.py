@@ -235,21 +235,24 @@ class _Base:
             except Exception:
                 logger.exception("idemclient hook %r failed on %s", hook, event.kind)
 
-    def _keyed(self, request: httpx.Request) -> bool:
-        """Whether the request is journaled: its method is, and it is not `unjournaled()`.
-        Checks the request's extensions (`TypeError`) before anything is read or sent."""
+    def _keyed(self, request: httpx.Request) -> RetryPolicy | None:
+        """The policy of a journaled request (its method is, and it is not `unjournaled()`),
+        else `None`. Checks the request's extensions (`TypeError`) before anything is read or
+        sent."""
         if is_unjournaled(request):
-            return False
-        request_policy(request, self.settings.policy)  # a wrong type fails here, early
-        return request.method.upper() in self.settings.methods
+            return None
+        policy = request_policy(request, self.settings.policy)  # a wrong type fails here
+        if request.method.upper() not in self.settings.methods:
+            return None
+        return testing_mode().apply(policy)
 
     def _keyed_flow(
-        self, request: httpx.Request, body: bytes, place: object
+        self, request: httpx.Request, body: bytes, place: object, policy: RetryPolicy
     ) -> Generator[Step, Any, httpx.Response]:
         return keyed_flow(
             plan(request, body, self.settings, place),
             self._journal,
-            testing_mode().apply(request_policy(request, self.settings.policy)),
+            policy,
             self._clock,
             self._wall_clock,
             self._rng,
@@ -411,6 +414,15 @@ async def _shielded(future: asyncio.Future[T]) -> tuple[T, BaseException | None]
             else:
                 return result, cancelled
     raise AssertionError("unreachable")  # for mypy: the loop above returns or raises
+
+
+def _task_id() -> int:
+    """The running task's id, as `anyio.get_current_task().id` gives it (cheaper on asyncio)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # trio
+        return anyio.get_current_task().id
+    return id(task) if task is not None else anyio.get_current_task().id
 
 
 def _on_asyncio() -> bool:
@@ -609,9 +621,9 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         self._sleep = sleep or time.sleep
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self._keyed(request):
+        if (policy := self._keyed(request)) is not None:
             body = read_body(request, self.settings.max_body_size)
-            return self._drive(self._keyed_flow(request, body, threading.get_ident()))
+            return self._drive(self._keyed_flow(request, body, threading.get_ident(), policy))
         return self._drive(self._plain_flow(request))
 
     def _do(self, step: Step) -> Any:
@@ -719,10 +731,10 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         self._registrar = _AsyncRegistrar(self._journal)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._keyed(request):
+        if (policy := self._keyed(request)) is not None:
             body = await aread_body(request, self.settings.max_body_size)
-            place = (threading.get_ident(), anyio.get_current_task().id)
-            return await self._drive(self._keyed_flow(request, body, place))
+            place = (threading.get_ident(), _task_id())
+            return await self._drive(self._keyed_flow(request, body, place, policy))
         return await self._drive(self._plain_flow(request))
 
     async def _do(self, step: Step) -> tuple[Any, BaseException | None]:
