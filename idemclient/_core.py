@@ -1149,8 +1149,13 @@ def _refuse(
             f"operation {label}: {reg.detail}; nothing was sent", operation=op
         )
     if reg.decision is Decision.IN_PROGRESS:
+        holder = "another process"
+        if reg.detail and f"by {owner()} " in reg.detail:
+            # (another thread or task of it, or an earlier call whose registration was
+            # committed but its answer lost: the journal cannot tell them apart)
+            holder = "another call of this process"
         return OperationInProgressError(
-            f"operation {label} is being sent by another process ({reg.detail}); nothing was sent",
+            f"operation {label} is being sent by {holder} ({reg.detail}); nothing was sent",
             operation=op,
         )
     if reg.decision is Decision.EXPIRED:

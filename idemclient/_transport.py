@@ -299,9 +299,8 @@ class _JournalThread:
     def _reset(self) -> None:
         """No thread, nothing queued: new, and in a child process after a fork (the parent's
         queued calls are the parent's, served by its thread)."""
-        self._calls: queue.SimpleQueue[
-            tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future[Any]]
-        ] = queue.SimpleQueue()
+        # each call: [fn (None once withdrawn), its loop, its future]
+        self._calls: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._running = False  # a thread takes calls
 
@@ -309,13 +308,19 @@ class _JournalThread:
         """Queue `fn`; the future of the running loop that gets its result or exception."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._calls.put((fn, loop, future))  # first: a thread ending now sees it (`_serve`)
+        call: list[Any] = [fn, loop, future]
+        self._calls.put(call)  # first: a thread ending now sees it (`_serve`)
         with self._lock:
             if not self._running:
-                self._running = True
-                threading.Thread(
+                thread = threading.Thread(
                     target=self._serve, name="idemclient-journal-async", daemon=True
-                ).start()
+                )
+                try:
+                    thread.start()  # (RuntimeError when no thread can be started)
+                except BaseException:
+                    call[0] = None  # withdrawn: never made; the caller gets the error
+                    raise
+                self._running = True
         return future
 
     def _serve(self) -> None:
@@ -323,6 +328,8 @@ class _JournalThread:
         while True:
             try:
                 fn, loop, future = calls.get(timeout=self.IDLE_SECONDS)
+                if fn is None:  # withdrawn
+                    continue
             except queue.Empty:
                 with self._lock:  # a call queued from now on starts the next thread
                     if calls.empty():
@@ -362,11 +369,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _journal_thread(journal: object) -> _JournalThread:
-    with _journal_threads_lock:
-        found = _journal_threads.get(journal)
-        if found is None:
-            found = _journal_threads[journal] = _JournalThread()
-        return found
+    """The journal's thread: one per journal object, or, for one that cannot be hashed or
+    weakly referenced (a caller's own backend may be neither), one for each caller."""
+    try:
+        with _journal_threads_lock:
+            found = _journal_threads.get(journal)
+            if found is None:
+                found = _journal_threads[journal] = _JournalThread()
+            return found
+    except TypeError:
+        return _JournalThread()
 
 
 async def _see_through(
@@ -459,6 +471,8 @@ class _AsyncRegistrar:
         self._journal = journal
         #: with native async I/O (`AsyncJournalSteps`: a slow check, made once)
         self.native = isinstance(journal, AsyncJournalSteps)
+        #: where its blocking calls are made otherwise
+        self.thread = _journal_thread(journal)
         self._waiting: list[_Slot] = []
         self._busy = False
 
@@ -519,7 +533,7 @@ class _AsyncRegistrar:
             native = cast(AsyncJournalSteps, journal)
             return await _see_through_async(functools.partial(native.aregister_many, requests))
         call = functools.partial(journal.register_many, requests)
-        return await _see_through(call, _journal_thread(journal))
+        return await _see_through(call, self.thread)
 
     def _hand_over(self) -> None:
         """Wake a waiting task to lead, if nobody leads."""
@@ -753,7 +767,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
                 native = cast(AsyncJournalSteps, journal)
                 return await _see_through_async(functools.partial(aperform, step, native))
             call = functools.partial(perform, step, journal)
-            return await _see_through(call, _journal_thread(journal))  # off it
+            return await _see_through(call, self._registrar.thread)  # off it
         if isinstance(step, Send):
             if self._transport is None:
                 self._transport = family(step.request).AsyncHTTPTransport()

@@ -237,6 +237,75 @@ def test_the_async_journal_thread_across_a_fork_and_idle_time(tmp_path: Path) ->
     ]
 
 
+class _Wrapped:
+    """A caller's own backend: delegates to a journal, and can be neither hashed nor weakly
+    referenced (the `JournalBackend` protocol asks neither)."""
+
+    __slots__ = ("inner",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, inner: Journal) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.anyio
+async def test_the_async_transport_takes_a_journal_that_cannot_be_hashed(
+    journal_path: Path,
+) -> None:
+    with Journal(journal_path) as journal:
+        transport = idemclient.AsyncIdempotentTransport(
+            httpx.MockTransport(lambda request: httpx.Response(201)),
+            journal=_Wrapped(journal),
+        )
+        async with httpx.AsyncClient(transport=transport, base_url="https://x") as client:
+            assert (await client.post("/a", json={})).status_code == 201
+
+
+@pytest.mark.anyio
+async def test_a_journal_thread_that_could_not_start_is_started_by_the_next_call(
+    journal_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread could be started for the first journal call (the process at its limit):
+    that request fails, nothing is sent, and the next one goes through instead of waiting
+    forever for a thread that never ran."""
+    import threading
+
+    from idemclient import _transport
+
+    sent: list[str] = []
+    start = threading.Thread.start
+    refused: list[str] = []
+
+    def start_once(thread: threading.Thread) -> None:
+        if thread.name == "idemclient-journal-async" and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(201)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once)
+    monkeypatch.setattr(_transport, "_journal_threads", __import__("weakref").WeakKeyDictionary())
+    with Journal(journal_path) as journal:
+        transport = idemclient.AsyncIdempotentTransport(
+            httpx.MockTransport(handler), journal=journal
+        )
+        async with httpx.AsyncClient(transport=transport, base_url="https://x") as client:
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                await client.post("/first", json={})
+            # (else the next call would wait forever, shielded, for a thread that never ran)
+            assert transport._registrar.thread._running is False
+            with anyio.fail_after(20):  # (a hang fails the test instead of stalling it)
+                assert (await client.post("/second", json={})).status_code == 201
+        assert sent == ["/second"]
+        assert [op.url.rsplit("/", 1)[1] for op in journal.operations()] == ["second"]
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def location(request: pytest.FixtureRequest, journal_path: Path) -> str:
     """A journal of either backend (PostgreSQL: the async transport uses its native async

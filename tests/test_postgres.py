@@ -533,3 +533,106 @@ def test_the_server_stopped_mid_batch_sends_nothing_unrecorded(
     assert states == {f"op-{i}": "completed" for i in range(5)}
     assert server.effect_count == 5
     assert server.duplicates() == 0
+
+
+SKEWED_HOST = """
+import sys, time
+real = time.time
+time.time = lambda: real() + 120.0  # this host's clock runs two minutes ahead
+import idemclient
+from idemclient._records import RequestRecord
+
+record = RequestRecord(
+    name="skewed", key="key-skewed", key_given=False, method="POST",
+    url="https://api.example/charges", headers=[], body=b"{}", fingerprint="fp",
+)
+with idemclient.PostgresJournal(sys.argv[1], auto_purge=None) as journal:
+    print(journal.register(record, "this-host:2:2", 60.0).decision.value)
+    print(abs(journal._clock() - real()) < 5.0)
+"""
+
+
+def test_hosts_whose_clocks_disagree_agree_on_when_a_lease_ends(pg_dsn: str) -> None:
+    """A holder on another host has a lease of 60 s; a host whose clock runs two minutes
+    ahead would take it for ended and send the operation again at once. The journal's times
+    are the database server's (this host's clock plus the offset measured at open), so that
+    host sees the lease as the holder does, and leaves the operation to it."""
+    from idemclient._records import Decision, RequestRecord
+
+    record = RequestRecord(
+        name="skewed", key="key-skewed", key_given=False, method="POST",
+        url="https://api.example/charges", headers=[], body=b"{}", fingerprint="fp",
+    )  # fmt: skip
+    with PostgresJournal(pg_dsn, auto_purge=None) as holder:
+        assert holder.register(record, "other-host:1:1", 60.0).decision is Decision.SEND
+    ahead = subprocess.run(
+        [sys.executable, "-c", SKEWED_HOST, pg_dsn], capture_output=True, text=True, timeout=60
+    )
+    assert ahead.returncode == 0, ahead.stderr
+    assert ahead.stdout.split() == ["in_progress", "True"]
+
+
+def _locked_for(dsn: str, seconds: float) -> threading.Thread:
+    """Another session holds the operations table locked for `seconds`, from now."""
+    ready = threading.Event()
+
+    def hold() -> None:
+        with psycopg.connect(dsn) as locker:
+            locker.execute("LOCK TABLE idemclient.operations IN ACCESS EXCLUSIVE MODE")
+            ready.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    ready.wait(10)
+    return thread
+
+
+@pytest.mark.anyio
+async def test_a_batch_that_times_out_fails_as_one(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registrations that wait together, the server not answering in time: the batch's
+    error is every registration's, not a reason to try each alone and wait as long again
+    for each (ten tasks would otherwise wait eleven command timeouts). Sync and async."""
+    from .test_journal import record
+
+    with PostgresJournal(pg_dsn, command_timeout=1.0, auto_purge=None) as journal:
+        calls: list[str] = []
+        run, arun = journal._run, journal._arun
+
+        def counted_run(action: str, flow: object) -> object:
+            calls.append(action)
+            return run(action, flow)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(journal, "_run", counted_run)
+
+        async def counted(action: str, flow: object) -> object:
+            calls.append(action)
+            return await arun(action, flow)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(journal, "_arun", counted)
+        requests = [(record(f"op-{i}", f"key-{i}"), "host:1:1", 60.0) for i in range(4)]
+        locker = _locked_for(pg_dsn, 3.0)
+        results = journal.register_many(requests)
+        assert calls == ["register the operations"]
+        assert all(isinstance(r, JournalError) for r in results)
+        calls.clear()
+        results = await journal.aregister_many(requests)
+        assert calls == ["register the operations"]
+        assert all(isinstance(r, JournalError) for r in results)
+        locker.join()
+        calls.clear()
+        assert all(not isinstance(r, JournalError) for r in journal.register_many(requests))
+
+
+def test_a_long_list_is_not_cut_short(pg_dsn: str) -> None:
+    """Reading a list (a backlog to resume, `operations()`) may take longer than the command
+    timeout when it is long: it waits (here, for a lock held longer than the timeout)."""
+    from .test_journal import record
+
+    with PostgresJournal(pg_dsn, command_timeout=1.0, auto_purge=None) as journal:
+        journal.register(record(), "host:1:1", 60.0)
+        locker = _locked_for(pg_dsn, 2.0)
+        assert [op.name for op in journal.operations()] == ["op-1"]
+        locker.join()

@@ -210,12 +210,16 @@ class _Watchdog:
             return
         watch = _Watch(time.monotonic() + seconds, fd)
         with self._lock:
-            self._watched.add(watch)
             if not self._running:
-                self._running = True
-                threading.Thread(
+                thread = threading.Thread(
                     target=self._serve, name="idemclient-journal-watchdog", daemon=True
-                ).start()
+                )
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # no thread can be started: the call is not made
+                    raise JournalError(f"could not watch the journal call: {exc}") from exc
+                self._running = True
+            self._watched.add(watch)
         try:
             yield watch
         finally:
@@ -280,8 +284,8 @@ def is_postgres_url(text: object) -> bool:
     return isinstance(text, str) and text.lower().startswith(("postgresql://", "postgres://"))
 
 
-_PASSWORD_PAIR = re.compile(r"""(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']\S*)""", re.I)
-_PASSWORD_PARAM = re.compile(r"((?:^|&)password=)[^&]*", re.I)
+_PASSWORD_PAIR = re.compile(r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']\S*)""", re.I)
+_PASSWORD_PARAM = re.compile(r"((?:^|&)(?:ssl)?password=)[^&]*", re.I)
 
 
 def shown(dsn: str) -> str:
@@ -426,6 +430,10 @@ class PostgresJournal(ReadBack):
             was for is not sent. `None`: wait as long as it takes. A purge is never cut
             short. Dead connections are also found by TCP keepalives and, with libpq 12
             or newer, `tcp_user_timeout`, unless the DSN sets them itself.
+        clock: the wall clock in seconds for the times the journal stores (leases among
+            them); `None`: the database server's, as this host's `time.time()` plus the
+            offset between the two measured when the journal opens (and hourly after), so
+            that hosts whose clocks disagree still agree on when a lease ends.
         read_only: inspect only: nothing is created, migrated or written.
 
     Raises:
@@ -452,7 +460,7 @@ class PostgresJournal(ReadBack):
         pool_size: int = 32,
         connect_timeout: float = 10.0,
         command_timeout: float | None = 30.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         read_only: bool = False,
         auto_purge: timedelta | None = DEFAULT_PURGE_HORIZON,
     ) -> None:
@@ -478,7 +486,9 @@ class PostgresJournal(ReadBack):
         self.max_recoveries = max_recoveries
         self.flush_delay = flush_delay
         self.read_only = read_only
-        self._clock = clock
+        self._offset = 0.0  # the server's clock minus this host's (`clock=None`)
+        self._clock = clock if clock is not None else self._server_time
+        self._server_clock = clock is None
         self._table = f'"{schema}".operations'
         self._settings = self._settings_table = f'"{schema}".settings'
         self._decisions_table = f'"{schema}".decisions'
@@ -701,11 +711,17 @@ class PostgresJournal(ReadBack):
     ) -> list[tuple[Any, ...]]:
         """Rows read; for a list (`flush`), the completions of this process written first,
         so that it sees its own answers. A read of one operation need not wait for them: it
-        lays them over the row instead (`_as_written`)."""
-        if flush:
-            for journal in self._siblings():
-                journal.flush()
-        with self._connection(action) as conn:
+        lays them over the row instead (`_as_written`).
+
+        A list is not cut short by the command timeout: a backlog of thousands of requests
+        with their bodies may take longer than that to arrive, and the server is sending."""
+        if not flush:
+            with self._connection(action) as conn:
+                return cast("list[tuple[Any, ...]]", conn.execute(sql, params).fetchall())
+        for journal in self._siblings():
+            journal.flush()
+        with self._connection(action, unbounded=True) as conn, conn.transaction():
+            conn.execute(_UNBOUNDED.text)
             return cast("list[tuple[Any, ...]]", conn.execute(sql, params).fetchall())
 
     def _siblings(self) -> list[PostgresJournal]:
@@ -741,10 +757,29 @@ class PostgresJournal(ReadBack):
 
     # -- schema ---------------------------------------------------------------------------
 
+    def _server_time(self) -> float:
+        """The database server's clock, as this host reckons it."""
+        return time.time() + self._offset
+
+    def _measure_offset(self, conn: psycopg.Connection[Any]) -> None:
+        """How far the server's clock is from this host's, from one round trip."""
+        before = time.time()
+        row = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
+        after = time.time()
+        if row is not None:
+            self._offset = float(row[0]) - (before + after) / 2
+
+    def _on_upkeep(self) -> None:
+        if self._server_clock:
+            with self._connection("read the server's clock") as conn:
+                self._measure_offset(conn)
+
     def _open(self, retention: timedelta | None) -> timedelta:
         # not cut short by the command timeout: it may wait for other processes creating or
         # upgrading the schema, and an upgrade may copy a large table
         with self._connection("open the journal", unbounded=True) as conn:
+            if self._server_clock:
+                self._measure_offset(conn)
             if self.read_only:
                 exists = conn.execute("SELECT to_regclass(%s)", (self._settings,)).fetchone()
                 if exists is None or exists[0] is None:
@@ -855,16 +890,23 @@ class PostgresJournal(ReadBack):
         transaction. A failed one stops only itself. Threads register at once on their own
         connections, and the server's group commit lets their commits share WAL flushes."""
         results: list[Registration | JournalError | None] = [None] * len(requests)
+        failed: JournalError | None = None  # the server out of reach: for all that are left
         if len(requests) > 1:  # (one alone: `_register` inserts it as cheaply)
-            with contextlib.suppress(JournalError):  # then each is tried alone, for its error
+            try:
                 self._run("register the operations", self._insert_new(requests, results))
+            except JournalError as exc:  # then each is tried alone, for its own error
+                failed = exc if self._out_of_reach(exc) else None
         for i, (record, owner, lease_seconds) in enumerate(requests):
             if results[i] is None:
+                if failed is not None:
+                    results[i] = failed
+                    continue
                 flow = self._register(record, owner, lease_seconds)
                 try:
                     results[i] = self._run("register the operation", flow)
                 except JournalError as exc:
                     results[i] = exc
+                    failed = exc if self._out_of_reach(exc) else None
         return cast("list[Registration | JournalError]", results)
 
     async def aregister_many(
@@ -872,17 +914,36 @@ class PostgresJournal(ReadBack):
     ) -> list[Registration | JournalError]:
         """`register_many` on async connections of the running loop (`AsyncJournalSteps`)."""
         results: list[Registration | JournalError | None] = [None] * len(requests)
+        failed: JournalError | None = None
         if len(requests) > 1:
-            with contextlib.suppress(JournalError):
+            try:
                 await self._arun("register the operations", self._insert_new(requests, results))
+            except JournalError as exc:
+                failed = exc if self._out_of_reach(exc) else None
         for i, (record, owner, lease_seconds) in enumerate(requests):
             if results[i] is None:
+                if failed is not None:
+                    results[i] = failed
+                    continue
                 flow = self._register(record, owner, lease_seconds)
                 try:
                     results[i] = await self._arun("register the operation", flow)
                 except JournalError as exc:
                     results[i] = exc
+                    failed = exc if self._out_of_reach(exc) else None
         return cast("list[Registration | JournalError]", results)
+
+    def _out_of_reach(self, error: JournalError) -> bool:
+        """Whether `error` says the server could not be reached or did not answer in time
+        (no connection, the connection lost, the command timeout, a shutdown), not that one
+        registration was wrong: then the others of its batch are not tried one by one, each
+        waiting as long again, but fail with it."""
+        cause, errors = error.__cause__, self._driver.errors
+        if cause is None or isinstance(cause, self._pools.PoolTimeout):
+            return True
+        return type(cause) in (self._driver.OperationalError, self._driver.InterfaceError) or (
+            isinstance(cause, (errors.QueryCanceled, errors.AdminShutdown, errors.CannotConnectNow))
+        )
 
     def _insert_new(
         self,

@@ -68,6 +68,7 @@ def _upkeep(ref: weakref.ref[ReadBack], stop: threading.Event) -> None:
         if journal is None or journal._upkeep_stop.is_set():
             return
         try:
+            journal._on_upkeep()
             journal.purge_if_due()
         except Exception as exc:  # the journal unreachable a while: next hour
             logger.debug("journal %s: the automatic purge did not run: %s", journal, exc)
@@ -93,6 +94,8 @@ class ReadBack:
       that a backend's command timeout must not cut short);
     * `_saw_backlog(rows)`: told the rows of `pending_requests`, read with `_backlog_columns`
       after `COLUMNS` (a backend that claims against what it read keeps them).
+    * `_on_upkeep()`: what it does hourly on the upkeep thread besides the purge (PostgreSQL:
+      measure the server's clock again).
     """
 
     retention: timedelta
@@ -131,6 +134,10 @@ class ReadBack:
 
     def _saw_backlog(self, rows: list[Row]) -> None:
         """Nothing to keep, unless a backend says otherwise."""
+
+    def _on_upkeep(self) -> None:
+        """What a backend does hourly besides the purge (on the upkeep thread): nothing,
+        unless it says otherwise."""
 
     # -- reading back ---------------------------------------------------------------------
 
