@@ -168,14 +168,20 @@ def test_a_forked_child_starts_with_clean_locks_and_queues(tmp_path: Path) -> No
     """gunicorn --preload and multiprocessing's fork start method fork a process whose
     threads use the client: the child must not hang on a lock held at the fork, nor
     commit the parent's queued registrations."""
-    script = tmp_path / "fork_child.py"
-    script.write_text(FORK_CHILD)
+    lines = _run_with_a_journal(FORK_CHILD, tmp_path)
+    assert lines[:3] == ["child 201", "parent 0", "child-op completed"]
+
+
+def _run_with_a_journal(script: str, tmp_path: Path) -> list[str]:
+    """Run `script` in a process of its own, given a journal path: the lines it printed."""
+    path = tmp_path / "child.py"
+    path.write_text(script)
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "journal.sqlite3")],
+        [sys.executable, str(path), str(tmp_path / "journal.sqlite3")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:3] == ["child 201", "parent 0", "child-op completed"]
+    return result.stdout.split("\n")
 
 
 FORK_ASYNC_CHILD = """
@@ -221,14 +227,7 @@ def test_the_async_journal_thread_across_a_fork_and_idle_time(tmp_path: Path) ->
     """The async transport makes an SQLite journal's calls on one thread of that journal: a
     forked child starts its own (the parent's, and what it had queued, stay the parent's),
     and the thread ends when idle, the next call starting another."""
-    script = tmp_path / "fork_async_child.py"
-    script.write_text(FORK_ASYNC_CHILD)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "journal.sqlite3")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:5] == [
+    assert _run_with_a_journal(FORK_ASYNC_CHILD, tmp_path)[:5] == [
         "before 201 1",
         "child 201 1",
         "idle 0",

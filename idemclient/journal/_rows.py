@@ -3,6 +3,7 @@ rest of idemclient sees, and the JSON of the header columns."""
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -56,6 +57,12 @@ def headers_json(headers: list[tuple[str, str]], encoding: str) -> str:
     or UTF-8, and gives iso-8859-1 rows written before the encoding was kept the same text
     (their bytes cannot be told apart from UTF-8 ones: both decode to the same text).
     """
+    return _headers_json(tuple(headers), encoding)
+
+
+@functools.lru_cache(maxsize=64)
+def _headers_json(headers: tuple[tuple[str, str], ...], encoding: str) -> str:
+    # (a client's requests mostly carry the same journaled headers: encoded once)
     if encoding in ("ascii", "utf-8"):
         return json.dumps(headers)
     return json.dumps({"encoding": encoding, "headers": headers})
