@@ -692,9 +692,10 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
 class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
     """The async twin of `IdempotentTransport`, over an `httpx.AsyncBaseTransport`.
 
-    Journal calls run in a worker thread (`anyio.to_thread`), or, for a journal with native
-    async I/O (`PostgresJournal`) under asyncio, on the event loop in a task of their own;
-    either way shielded from cancellation so that a journal write is never left half done.
+    Journal calls run on the journal's own thread (under trio, in `anyio.to_thread`'s), or,
+    for a journal with native async I/O (`PostgresJournal`) under asyncio, on the event loop
+    in a task of their own; either way shielded from cancellation so that a journal write is
+    never left half done, and never on the event loop's thread for a journal without.
     Same arguments as `IdempotentTransport`, with `transport=None` meaning the requests'
     family's `AsyncHTTPTransport()` and an async `sleep`.
 
