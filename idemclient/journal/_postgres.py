@@ -100,6 +100,7 @@ _Result = tuple[list[tuple[Any, ...]], int]
 _BEGIN, _COMMIT, _ROLLBACK = _Sql("BEGIN"), _Sql("COMMIT"), _Sql("ROLLBACK")
 _RELAXED = _Sql("SET LOCAL synchronous_commit = off")  # the session's commits are synchronous
 _UNBOUNDED = _Sql("SET LOCAL statement_timeout = 0")  # a long statement (a large purge)
+_LIST_PATIENCE = 10.0  # a list read may take this many command timeouts
 T = TypeVar("T")
 #: the statements of one journal call, the same for a connection and an async connection
 _Flow = Generator[_Sql, _Result, T]
@@ -427,9 +428,10 @@ class PostgresJournal(ReadBack):
         command_timeout: seconds the server may take over one journal call (a statement,
             a lock it waits for, a transaction left open) before `JournalError`: the call
             ends then even if the server or the network went silent, and the request it
-            was for is not sent. `None`: wait as long as it takes. A purge is never cut
-            short. Dead connections are also found by TCP keepalives and, with libpq 12
-            or newer, `tcp_user_timeout`, unless the DSN sets them itself.
+            was for is not sent. `None`: wait as long as it takes. A list read may take ten
+            times as long; a purge is never cut short. Dead connections are also found by
+            TCP keepalives and, with libpq 12 or newer, `tcp_user_timeout`, unless the DSN
+            sets them itself.
         clock: the wall clock in seconds for the times the journal stores (leases among
             them); `None`: the database server's, as this host's `time.time()` plus the
             offset between the two measured when the journal opens (and hourly after), so
@@ -617,16 +619,16 @@ class PostgresJournal(ReadBack):
 
     @contextlib.contextmanager
     def _connection(
-        self, action: str, *, unbounded: bool = False
+        self, action: str, *, patience: float | None = 1.0
     ) -> Iterator[psycopg.Connection[Any]]:
-        """A connection of the pool for one call, watched for `command_timeout` (unless
-        `unbounded`)."""
+        """A connection of the pool for one call, watched for `patience` times the
+        `command_timeout` (`None`: not watched)."""
         if self._closed:
             raise JournalError(f"journal {self.path} is closed", path=self.path)
         with (
             self._as_journal_error(action),
             self._pool.connection() as conn,
-            self._watched(conn, action, unbounded) as watch,
+            self._watched(conn, action, patience) as watch,
         ):
             try:
                 yield conn
@@ -639,11 +641,12 @@ class PostgresJournal(ReadBack):
         self,
         conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
         action: str,
-        unbounded: bool = False,
+        patience: float | None = 1.0,
     ) -> Iterator[_Watch | None]:
-        """The body's call on `conn`, ended by the watchdog after `command_timeout`: then a
-        `JournalError` that says so."""
-        seconds = None if unbounded else self.command_timeout
+        """The body's call on `conn`, ended by the watchdog after `patience` times the
+        `command_timeout` (`None`: never): then a `JournalError` that says so."""
+        timeout = self.command_timeout
+        seconds = None if timeout is None or patience is None else timeout * patience
         with _watchdog.watching(conn.pgconn.socket, seconds) as watch:
             try:
                 yield watch
@@ -713,14 +716,15 @@ class PostgresJournal(ReadBack):
         so that it sees its own answers. A read of one operation need not wait for them: it
         lays them over the row instead (`_as_written`).
 
-        A list is not cut short by the command timeout: a backlog of thousands of requests
-        with their bodies may take longer than that to arrive, and the server is sending."""
+        A list may take ten times the command timeout (and the server does not cut it
+        short): a backlog of thousands of requests with their bodies may take longer than
+        one command timeout to arrive, while the server is sending."""
         if not flush:
             with self._connection(action) as conn:
                 return cast("list[tuple[Any, ...]]", conn.execute(sql, params).fetchall())
         for journal in self._siblings():
             journal.flush()
-        with self._connection(action, unbounded=True) as conn, conn.transaction():
+        with self._connection(action, patience=_LIST_PATIENCE) as conn, conn.transaction():
             conn.execute(_UNBOUNDED.text)
             return cast("list[tuple[Any, ...]]", conn.execute(sql, params).fetchall())
 
@@ -777,7 +781,7 @@ class PostgresJournal(ReadBack):
     def _open(self, retention: timedelta | None) -> timedelta:
         # not cut short by the command timeout: it may wait for other processes creating or
         # upgrading the schema, and an upgrade may copy a large table
-        with self._connection("open the journal", unbounded=True) as conn:
+        with self._connection("open the journal", patience=None) as conn:
             if self._server_clock:
                 self._measure_offset(conn)
             if self.read_only:
@@ -1492,5 +1496,5 @@ class PostgresJournal(ReadBack):
             journal.flush()
         self._writable()
         flow = self._carrying(_one(_Sql(sql, params)), durable=False, unbounded=unbounded)
-        with self._connection(action, unbounded=unbounded) as conn:
+        with self._connection(action, patience=None if unbounded else 1.0) as conn:
             return _drive(conn, flow)
