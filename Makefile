@@ -35,7 +35,7 @@ pytest: $(STAMP)
 # Side-by-side benchmark (prints tables; see the README for a recorded run).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	$(BIN)/python -m benchmarks.bench --scale
+	$(BIN)/python -m benchmarks.bench --scale --profile
 	$(BIN)/python -m benchmarks.postgres
 
 # Long, bounded runs with printed figures (not part of `make test`).

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import importlib
 import json
 import os
 import platform
+import pstats
 import re
 import resource
 import shutil
@@ -486,6 +488,56 @@ def stages(url: str, ops: int, durability: str) -> list[list[str]]:
             for name, v in per_stage.items()]  # fmt: skip
 
 
+def _profiled(client: httpx.Client, ops: int) -> dict[tuple[str, int, str], tuple[int, float]]:
+    """Each function's calls and own CPU seconds (this thread's), over `ops` sequential POSTs."""
+    for _ in range(20):
+        client.post("/charges", json=BODY)
+    profile = cProfile.Profile(time.thread_time)
+    profile.enable()
+    for _ in range(ops):
+        client.post("/charges", json=BODY).raise_for_status()
+    profile.disable()
+    stats: dict[tuple[str, int, str], tuple[int, int, float, float, Any]]
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    return {where: (calls, own) for where, (_, calls, own, _, _) in stats.items()}
+
+
+def _where(where: tuple[str, int, str]) -> str:
+    path, line, name = where
+    if path == "~":
+        return name  # a builtin
+    for root, keep in (("site-packages/", ""), ("idemclient/", "idemclient/"), ("lib/python", "")):
+        if root in path:
+            path = keep + path.split(root, 1)[1]
+            break
+    return f"{path}:{line} {name}"
+
+
+def profile(url: str, ops: int, durability: str = "normal", top: int = 20) -> list[list[str]]:
+    """Sequential, under cProfile: the functions where idemclient's CPU goes, as own CPU
+    microseconds per operation beyond what bare httpx spends in them (profiled runs are
+    slower than real ones: compare the rows with each other, not with the tables above)."""
+    with httpx.Client(base_url=url, limits=_limits()) as client:
+        bare = _profiled(client, ops)
+    with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
+        journal = idemclient.Journal(Path(tmp) / "journal.sqlite3", durability=durability)  # type: ignore[arg-type]
+        client = idemclient.wrap(httpx.Client(base_url=url, limits=_limits()), journal=journal)
+        with client:
+            mine = _profiled(client, ops)
+        journal.close()
+    extra: list[tuple[float, float, tuple[str, int, str]]] = []
+    for where, (calls, own) in mine.items():
+        base_calls, base_own = bare.get(where, (0, 0.0))
+        extra.append((own - base_own, (calls - base_calls) / ops, where))
+    extra.sort(reverse=True)
+    total = sum(own for own, _, _ in extra)
+    rows = [["function", "us per op", "calls per op"]]
+    rows.append(["(all, beyond bare httpx)", f"{total / ops * 1e6:.1f}", ""])
+    for seconds, per_op, where in extra[:top]:
+        rows.append([_where(where), f"{seconds / ops * 1e6:.1f}", f"{per_op:+.1f}"])
+    return rows
+
+
 # -- scale ------------------------------------------------------------------------------
 
 
@@ -642,6 +694,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the server answers MS milliseconds late, as a remote API would (default 0)",
     )  # fmt: skip
     parser.add_argument(
+        "--profile", action="store_true",
+        help="also where idemclient's CPU goes, by function (cProfile, sequential)",
+    )  # fmt: skip
+    parser.add_argument(
         "--scenarios", default="sequential,async,threads,tasks",
         help="comma-separated: sequential, async (one task), threads, tasks (default: all)",
     )  # fmt: skip
@@ -704,6 +760,10 @@ def main(argv: list[str] | None = None) -> int:
             print(table([["stage", "normal", "full"]] + [
                 [name, a, b] for (name, a), (_, b) in zip(by["normal"], by["full"], strict=True)
             ]))  # fmt: skip
+        if args.profile:
+            print("\nwhere idemclient's CPU goes, sequential 'normal', under cProfile: own CPU "
+                  "per operation beyond bare httpx's in the same function (top 20):")  # fmt: skip
+            print(table(profile(url, args.ops)))
         if args.scale or args.quick:
             print()
             extra = scale(url, args.rows, args.ops) + memory(url, args.memory_ops)

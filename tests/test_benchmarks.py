@@ -35,6 +35,14 @@ def test_a_delayed_server_and_a_choice_of_scenarios(capsys: pytest.CaptureFixtur
     assert float(bare[3]) >= 2.0  # p50 ms
 
 
+def test_the_profile_names_idemclients_functions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--quick", "--profile", "--scenarios", "sequential"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("where idemclient's CPU goes", 1)[1]
+    assert "(all, beyond bare httpx)" in table
+    assert "idemclient/_core.py" in table  # its own code is there, by file and line
+
+
 def test_unknown_scenarios_are_refused() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--scenarios", "sequential,fibers"])
