@@ -891,13 +891,50 @@ class PostgresJournal(ReadBack):
     ) -> list[Registration | JournalError]:
         """New operations inserted together: one statement, one synchronous commit (rows
         already taken are decided alone); every other registration its own durable
-        transaction. A failed one stops only itself. Threads register at once on their own
-        connections, and the server's group commit lets their commits share WAL flushes."""
+        transaction. A failed one stops only itself, unless its error says the server is out
+        of reach (then the rest fail with it, instead of each waiting as long again). Threads
+        register at once on their own connections, and the server's group commit lets their
+        commits share WAL flushes."""
+        steps = self._registering(requests)
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    result = self._run(*call)
+                except JournalError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(result)
+        except StopIteration as stop:
+            return cast("list[Registration | JournalError]", stop.value)
+
+    async def aregister_many(
+        self, requests: Sequence[tuple[RequestRecord, str, float]]
+    ) -> list[Registration | JournalError]:
+        """`register_many` on async connections of the running loop (`AsyncJournalSteps`)."""
+        steps = self._registering(requests)
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    result = await self._arun(*call)
+                except JournalError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(result)
+        except StopIteration as stop:
+            return cast("list[Registration | JournalError]", stop.value)
+
+    def _registering(
+        self, requests: Sequence[tuple[RequestRecord, str, float]]
+    ) -> Generator[tuple[str, _Flow[Any]], Any, list[Registration | JournalError | None]]:
+        """What `register_many` does, as the calls to make (an action and its flow), each
+        answered with its result or thrown its `JournalError`: the same for both drivers."""
         results: list[Registration | JournalError | None] = [None] * len(requests)
         failed: JournalError | None = None  # the server out of reach: for all that are left
         if len(requests) > 1:  # (one alone: `_register` inserts it as cheaply)
             try:
-                self._run("register the operations", self._insert_new(requests, results))
+                yield "register the operations", self._insert_new(requests, results)
             except JournalError as exc:  # then each is tried alone, for its own error
                 failed = exc if self._out_of_reach(exc) else None
         for i, (record, owner, lease_seconds) in enumerate(requests):
@@ -905,37 +942,15 @@ class PostgresJournal(ReadBack):
                 if failed is not None:
                     results[i] = failed
                     continue
-                flow = self._register(record, owner, lease_seconds)
                 try:
-                    results[i] = self._run("register the operation", flow)
+                    results[i] = yield (
+                        "register the operation",
+                        self._register(record, owner, lease_seconds),
+                    )
                 except JournalError as exc:
                     results[i] = exc
                     failed = exc if self._out_of_reach(exc) else None
-        return cast("list[Registration | JournalError]", results)
-
-    async def aregister_many(
-        self, requests: Sequence[tuple[RequestRecord, str, float]]
-    ) -> list[Registration | JournalError]:
-        """`register_many` on async connections of the running loop (`AsyncJournalSteps`)."""
-        results: list[Registration | JournalError | None] = [None] * len(requests)
-        failed: JournalError | None = None
-        if len(requests) > 1:
-            try:
-                await self._arun("register the operations", self._insert_new(requests, results))
-            except JournalError as exc:
-                failed = exc if self._out_of_reach(exc) else None
-        for i, (record, owner, lease_seconds) in enumerate(requests):
-            if results[i] is None:
-                if failed is not None:
-                    results[i] = failed
-                    continue
-                flow = self._register(record, owner, lease_seconds)
-                try:
-                    results[i] = await self._arun("register the operation", flow)
-                except JournalError as exc:
-                    results[i] = exc
-                    failed = exc if self._out_of_reach(exc) else None
-        return cast("list[Registration | JournalError]", results)
+        return results
 
     def _out_of_reach(self, error: JournalError) -> bool:
         """Whether `error` says the server could not be reached or did not answer in time
