@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -758,13 +759,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--journal", metavar="PATH", help="the journal file to use")
+    parser.add_argument(
+        "--journal", metavar="PATH", help="the journal to use: a file, or a postgresql:// URL"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("--journal", metavar="PATH", help="the journal file to use",
-                         default=argparse.SUPPRESS)  # fmt: skip
+        sub.add_argument("--journal", metavar="PATH", default=argparse.SUPPRESS,
+                         help="the journal to use: a file, or a postgresql:// URL")  # fmt: skip
         return sub
 
     command("where", "print the path of the journal in use").set_defaults(run=cmd_where)
@@ -879,6 +882,10 @@ def main(
     except KeyboardInterrupt:
         print("idemclient: interrupted", file=err)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `idemclient list | head`: the reader has what it wanted
+        with contextlib.suppress(OSError):  # (and Python's own flush at exit stays quiet)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

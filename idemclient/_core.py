@@ -1153,7 +1153,10 @@ def _refuse(
         if reg.detail and f"by {owner()} " in reg.detail:
             # (another thread or task of it, or an earlier call whose registration was
             # committed but its answer lost: the journal cannot tell them apart)
-            holder = "another call of this process"
+            holder = (
+                "this process (another call, or an earlier one that gave up after its "
+                "registration was written but not confirmed)"
+            )
         return OperationInProgressError(
             f"operation {label} is being sent by {holder} ({reg.detail}); nothing was sent",
             operation=op,

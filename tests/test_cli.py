@@ -638,3 +638,22 @@ def test_resume_progress_on_a_real_terminal(journal_path: Path, server: Idempote
     assert screen.endswith("\x1b[K\r\n")  # the line is ended; the terminal adds \r to \n
     assert "resumed 30 operations: 29 completed, 1 conflict" in out
     assert server.effect_count == 29  # the refused one had none
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`idemclient list --json | head`: the pipe closes early; no traceback, exit 0."""
+    path = tmp_path / "journal.sqlite3"
+    transport = httpx.MockTransport(lambda request: httpx.Response(201))
+    with idemclient.Client(journal=path, transport=transport, base_url="https://x") as client:
+        for i in range(2000):
+            client.post("/a", json={"i": i})
+    command = [sys.executable, "-m", "idemclient", "--journal", str(path), "list", "--json"]
+    lister = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert lister.stdout is not None
+    assert lister.stderr is not None
+    lister.stdout.read(100)
+    lister.stdout.close()  # as `head` does
+    with lister.stderr:
+        errors = lister.stderr.read()
+    assert lister.wait(timeout=60) == 0
+    assert errors == b""

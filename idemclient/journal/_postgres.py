@@ -100,7 +100,7 @@ _Result = tuple[list[tuple[Any, ...]], int]
 _BEGIN, _COMMIT, _ROLLBACK = _Sql("BEGIN"), _Sql("COMMIT"), _Sql("ROLLBACK")
 _RELAXED = _Sql("SET LOCAL synchronous_commit = off")  # the session's commits are synchronous
 _UNBOUNDED = _Sql("SET LOCAL statement_timeout = 0")  # a long statement (a large purge)
-_LIST_PATIENCE = 10.0  # a list read may take this many command timeouts
+_LIST_PATIENCE = 10.0  # a long read (a backlog) may take this many command timeouts
 T = TypeVar("T")
 #: the statements of one journal call, the same for a connection and an async connection
 _Flow = Generator[_Sql, _Result, T]
@@ -428,10 +428,10 @@ class PostgresJournal(ReadBack):
         command_timeout: seconds the server may take over one journal call (a statement,
             a lock it waits for, a transaction left open) before `JournalError`: the call
             ends then even if the server or the network went silent, and the request it
-            was for is not sent. `None`: wait as long as it takes. A list read may take ten
-            times as long; a purge is never cut short. Dead connections are also found by
-            TCP keepalives and, with libpq 12 or newer, `tcp_user_timeout`, unless the DSN
-            sets them itself.
+            was for is not sent. `None`: wait as long as it takes. A resume's backlog
+            may take ten times as long; a purge is never cut short. Dead connections are
+            also found by TCP keepalives and, with libpq 12 or newer, `tcp_user_timeout`,
+            unless the DSN sets them itself.
         clock: the wall clock in seconds for the times the journal stores (leases among
             them); `None`: the database server's, as this host's `time.time()` plus the
             offset between the two measured when the journal opens (and hourly after), so
@@ -653,10 +653,11 @@ class PostgresJournal(ReadBack):
             except self._errors as exc:
                 if watch is None or not watch.fired:
                     raise
+                times = f"{patience:g} x " if patience != 1 else ""
                 raise JournalError(
                     f"journal {self.path}: could not {action}: no answer from the server "
-                    f"within {seconds:g} s (command_timeout); it may still carry out what it "
-                    "was sent when it wakes",
+                    f"within {seconds:g} s ({times}command_timeout); it may still carry out "
+                    "what it was sent when it wakes",
                     path=self.path,
                 ) from exc
 
@@ -710,20 +711,27 @@ class PostgresJournal(ReadBack):
         return conn
 
     def _read(
-        self, action: str, sql: str, params: Sequence[Any] = (), *, flush: bool = True
+        self,
+        action: str,
+        sql: str,
+        params: Sequence[Any] = (),
+        *,
+        flush: bool = True,
+        long: bool = False,
     ) -> list[tuple[Any, ...]]:
         """Rows read; for a list (`flush`), the completions of this process written first,
         so that it sees its own answers. A read of one operation need not wait for them: it
         lays them over the row instead (`_as_written`).
 
-        A list may take ten times the command timeout (and the server does not cut it
-        short): a backlog of thousands of requests with their bodies may take longer than
-        one command timeout to arrive, while the server is sending."""
-        if not flush:
+        A `long` read (a resume's backlog, with the bodies) may take ten times the command
+        timeout, and the server does not cut it short: thousands of requests may take
+        longer than one command timeout to arrive, while the server is sending."""
+        if flush:
+            for journal in self._siblings():
+                journal.flush()
+        if not long:
             with self._connection(action) as conn:
                 return cast("list[tuple[Any, ...]]", conn.execute(sql, params).fetchall())
-        for journal in self._siblings():
-            journal.flush()
         with self._connection(action, patience=_LIST_PATIENCE) as conn, conn.transaction():
             conn.execute(_UNBOUNDED.text)
             return cast("list[tuple[Any, ...]]", conn.execute(sql, params).fetchall())

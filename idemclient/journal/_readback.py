@@ -82,7 +82,8 @@ class ReadBack:
     """The read-back and upkeep methods of `JournalBackend`, for a backend that gives:
 
     * `_table`: the operations table as SQL names it; `_mark`: its parameter mark;
-    * `_read(action, sql, params)`: rows, with the completions this process holds written
+    * `_read(action, sql, params, long=False)`: rows (`long`: a read that may take long,
+      a backlog with its bodies), with the completions this process holds written
       first (a list must show them);
     * `_read_operation(action, sql, params)`: the first row (of `COLUMNS`) of an operation
       as this process sees it (its held completion included, written or laid over);
@@ -114,7 +115,9 @@ class ReadBack:
 
     if TYPE_CHECKING:  # what each backend defines (see the class docstring)
 
-        def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+        def _read(
+            self, action: str, sql: str, params: Sequence[Any] = (), *, long: bool = False
+        ) -> list[Row]: ...
 
         def _read_operation(self, action: str, sql: str, params: Sequence[Any]) -> Row | None: ...
 
@@ -167,6 +170,7 @@ class ReadBack:
             "read the pending requests",
             f"SELECT {COLUMNS}{self._backlog_columns}, headers, body FROM {self._table} "
             "WHERE state = 'pending' ORDER BY created_at, id",
+            long=True,
         )
         self._saw_backlog(rows)
         return [(operation(r), stored_request(r)) for r in rows]

@@ -757,7 +757,9 @@ class Journal(ReadBack):
         with self._errors_as_journal_error(action), self._shared.write_lock:
             return self._connection(relaxed).execute(sql, params).rowcount
 
-    def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _read(
+        self, action: str, sql: str, params: Sequence[Any] = (), *, long: bool = False
+    ) -> list[tuple[Any, ...]]:
         # This process sees its own answers, held by any journal of it on the file (a
         # read-only one has none of its own: a writable one writes them).
         writer = self if not self.read_only else self._shared.any_open()
