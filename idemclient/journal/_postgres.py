@@ -66,6 +66,7 @@ from ._rows import (
     operation,
     stored_row,
 )
+from ._together import Together
 
 if TYPE_CHECKING:
     import psycopg
@@ -506,6 +507,7 @@ class PostgresJournal(ReadBack):
         self._held_ready = threading.Condition(self._held_lock)
         self._writing = threading.Lock()  # held while completions are being written
         self._flusher: threading.Thread | None = None
+        self._together = self._new_together()
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
         self.command_timeout = command_timeout
@@ -583,6 +585,21 @@ class PostgresJournal(ReadBack):
         )  # fmt: skip
         return pool
 
+    def _new_together(
+        self,
+    ) -> Together[tuple[RequestRecord, str, float], Registration | JournalError]:
+        """The gathering of concurrent threads' registrations (`register_many`)."""
+
+        def stand_in(exc: BaseException) -> BaseException:
+            return JournalError(
+                f"journal {self.path}: could not register the operation: the batch it was "
+                f"committed with failed in another thread ({exc!r}); it may have been "
+                "committed, and is not sent",
+                path=self.path,
+            )
+
+        return Together(self._register_now, stand_in)
+
     def _after_fork(self) -> None:
         """In a forked child (gunicorn --preload, multiprocessing's fork): connections of its
         own, fresh locks, and none of the parent's held answers (the parent writes them).
@@ -595,6 +612,7 @@ class PostgresJournal(ReadBack):
         self._held_ready = threading.Condition(self._held_lock)
         self._writing = threading.Lock()
         self._flusher = None
+        self._together = self._new_together()
         if self._closed:
             return
         self._pool = self._new_pool()
@@ -900,9 +918,17 @@ class PostgresJournal(ReadBack):
         """New operations inserted together: one statement, one synchronous commit (rows
         already taken are decided alone); every other registration its own durable
         transaction. A failed one stops only itself, unless its error says the server is out
-        of reach (then the rest fail with it, instead of each waiting as long again). Threads
-        register at once on their own connections, and the server's group commit lets their
-        commits share WAL flushes."""
+        of reach (then the rest fail with it, instead of each waiting as long again).
+
+        Threads that register at the same time are gathered (`Together`): while one batch
+        is committed, the registrations that arrive wait, and go together in the next one.
+        Each thread returns once its own are committed (or have failed)."""
+        return self._together.run(requests)
+
+    def _register_now(
+        self, requests: Sequence[tuple[RequestRecord, str, float]]
+    ) -> list[Registration | JournalError]:
+        """`register_many` for one batch, on one connection of the pool."""
         steps = self._registering(requests)
         try:
             call = next(steps)

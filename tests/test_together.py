@@ -1,0 +1,192 @@
+"""Registrations of concurrent threads committed together (`journal/_together.py`), and on a
+real PostgreSQL server: fewer commits than registrations, each thread its own answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from idemclient import JournalError, PostgresJournal
+from idemclient._records import Decision, RequestRecord
+from idemclient.journal._together import Together
+
+
+def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+class Held:
+    """A `carry_out` whose first call waits until released: the threads that arrive
+    meanwhile line up for the next batch. It records every batch."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, items: list[str]) -> list[str]:
+        self.batches.append(list(items))
+        if len(self.batches) == 1:
+            self.entered.set()
+            assert self.release.wait(10)
+        if self.fail_on == len(self.batches):
+            raise RuntimeError("the server went away")
+        return [f"done {item}" for item in items]
+
+
+def stand_in(exc: BaseException) -> BaseException:
+    return JournalError(f"the batch failed: {exc!r}")
+
+
+def in_threads(together: Together[str, str], names: list[str]) -> tuple[
+    list[threading.Thread], dict[str, Any]
+]:  # fmt: skip
+    got: dict[str, Any] = {}
+
+    def one(name: str) -> None:
+        try:
+            got[name] = together.run([f"{name}.1", f"{name}.2"])
+        except BaseException as exc:
+            got[name] = exc
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    return threads, got
+
+
+def test_alone_a_thread_carries_out_its_own_items_at_once() -> None:
+    held = Held()
+    held.release.set()
+    together: Together[str, str] = Together(held, stand_in)
+    assert together.run(["a", "b"]) == ["done a", "done b"]
+    assert together.run(["c"]) == ["done c"]
+    assert held.batches == [["a", "b"], ["c"]]
+
+
+def test_threads_that_arrive_during_a_batch_go_together_in_the_next() -> None:
+    held = Held()
+    together: Together[str, str] = Together(held, stand_in)
+    first, got_first = in_threads(together, ["first"])
+    assert held.entered.wait(10)
+    threads, got = in_threads(together, [f"t{i}" for i in range(6)])
+    until(lambda: len(together._waiting) == 6)
+    held.release.set()
+    for thread in [*first, *threads]:
+        thread.join(10)
+    assert len(held.batches) == 2  # six threads, one call
+    assert sorted(held.batches[1]) == sorted(f"t{i}.{n}" for i in range(6) for n in (1, 2))
+    assert got_first == {"first": ["done first.1", "done first.2"]}
+    assert got == {f"t{i}": [f"done t{i}.1", f"done t{i}.2"] for i in range(6)}
+    assert together.run(["after"]) == ["done after"]  # the line is free again
+
+
+def test_a_failed_batch_fails_every_thread_of_it_and_no_other() -> None:
+    held = Held(fail_on=2)
+    together: Together[str, str] = Together(held, stand_in)
+    first, got_first = in_threads(together, ["first"])
+    assert held.entered.wait(10)
+    threads, got = in_threads(together, ["a", "b", "c"])
+    until(lambda: len(together._waiting) == 3)
+    held.release.set()
+    for thread in [*first, *threads]:
+        thread.join(10)
+    assert got_first == {"first": ["done first.1", "done first.2"]}
+    errors = list(got.values())
+    # the thread that carried the batch out gets the error itself, the others a stand-in
+    assert sum(isinstance(e, RuntimeError) for e in errors) == 1
+    assert sum(isinstance(e, JournalError) and "the batch failed" in str(e) for e in errors) == 2
+    assert together.run(["after"]) == ["done after"]
+
+
+def test_an_interrupted_waiter_leaves_the_line_and_the_others_go_on() -> None:
+    """Ctrl-C while the main thread waits for its batch: its items are never carried out,
+    and the next batch goes ahead with the others."""
+    held = Held()
+    together: Together[str, str] = Together(held, stand_in)
+    first, _ = in_threads(together, ["first"])
+    assert held.entered.wait(10)
+    others, got = in_threads(together, ["other"])
+    until(lambda: len(together._waiting) == 1)
+    main = threading.get_ident()
+
+    def interrupt() -> None:
+        until(lambda: len(together._waiting) == 2)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        together.run(["mine"])
+    interrupter.join(10)
+    held.release.set()
+    for thread in [*first, *others]:
+        thread.join(10)
+    assert got == {"other": ["done other.1", "done other.2"]}
+    assert all("mine" not in batch for batch in held.batches)
+    assert together.run(["after"]) == ["done after"]
+
+
+def record(name: str) -> RequestRecord:
+    return RequestRecord(
+        name=name,
+        key=f"key-{name}",
+        key_given=False,
+        method="POST",
+        url="http://127.0.0.1:9/orders",
+        headers=[("content-type", "application/json")],
+        body=b'{"n": 1}',
+        fingerprint=f"fp-{name}",
+    )
+
+
+def test_postgres_threads_registering_at_once_share_commits(pg_dsn: str) -> None:
+    """Sixteen threads register while one registration is being committed: they go in one
+    statement, each is inserted once and gets its own registration."""
+    with PostgresJournal(pg_dsn, auto_purge=None) as journal:
+        real = journal._register_now
+        calls: list[int] = []
+        gate = threading.Event()
+
+        def counted(requests: Any) -> Any:
+            calls.append(len(requests))
+            if len(calls) == 1:
+                assert gate.wait(10)
+            return real(requests)
+
+        journal._together._carry_out = counted
+        owner = f"this-host:{os.getpid()}:1"
+        results: dict[str, Any] = {}
+
+        def one(name: str) -> None:
+            results[name] = journal.register(record(name), owner, 60.0)
+
+        names = [f"op-{i}" for i in range(17)]
+        threads = [threading.Thread(target=one, args=(name,)) for name in names]
+        threads[0].start()
+        until(lambda: len(calls) == 1)
+        for thread in threads[1:]:
+            thread.start()
+        until(lambda: len(journal._together._waiting) == 16)
+        gate.set()
+        for thread in threads:
+            thread.join(30)
+        assert calls == [1, 16]
+        assert {name: r.decision for name, r in results.items()} == {
+            name: Decision.SEND for name in names
+        }
+        assert {name: r.operation.key for name, r in results.items()} == {
+            name: f"key-{name}" for name in names
+        }
+        rows = {op.name: op.state for op in journal.operations()}
+        assert rows == dict.fromkeys(names, "pending")
