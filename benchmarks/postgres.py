@@ -5,8 +5,10 @@
 Without `--dsn` it starts a throwaway PostgreSQL server (`tests/pgserver.py`: initdb in a
 temporary directory, 127.0.0.1 only) and stops it at the end. It prints:
 
-* sequential POSTs, 32 threads and 32 tasks: bare httpx against idemclient on PostgreSQL
-  (variants alternating, medians of several repetitions, the ratio to httpx);
+* sequential POSTs, 32 threads and 32 tasks: bare httpx, the floor (bare httpx plus one
+  INSERT committed synchronously through a psycopg pool before each send) and idemclient on
+  PostgreSQL (variants alternating, medians of several repetitions), with the ratios of
+  idemclient to the floor and to httpx;
 * WAL flushes per operation on the server (`pg_stat_wal.wal_sync`): a registration is one
   synchronous commit, completions are batched;
 * a backlog of pending operations resumed against a server answering in 20 ms, at a given
@@ -20,10 +22,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import json
+import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -73,6 +78,109 @@ def pg_variant(make_database: Callable[[], str], opened: list[PostgresJournal]) 
             httpx.AsyncClient(base_url=url, limits=_limits()), journal=journal()
         ),
     )
+
+
+_FLOOR_TABLE = (
+    "CREATE TABLE IF NOT EXISTS floor (key text PRIMARY KEY, name text UNIQUE, state text, "
+    "method text, url text, headers text, body bytea, fingerprint text, attempts int, "
+    "created_at float8, updated_at float8, lease_owner text, lease_expires float8)"
+)
+_FLOOR_INSERT = (
+    "INSERT INTO floor VALUES (%s, NULL, 'pending', %s, %s, %s, %s, %s, 1, %s, %s, %s, %s) "
+    "ON CONFLICT DO NOTHING RETURNING key"
+)
+
+
+def _floor_row(request: httpx.Request) -> tuple[object, ...]:
+    now = time.time()
+    headers = json.dumps([[k, v] for k, v in request.headers.items()])
+    return (str(uuid.uuid4()), request.method, str(request.url), headers, request.content,
+            "fp", now, now, "host:1:2", now + 60)  # fmt: skip
+
+
+class PostgresFloor(httpx.BaseTransport):
+    """The floor of a journaled POST on PostgreSQL: one INSERT of a journal-sized row,
+    committed synchronously (autocommit, `synchronous_commit=on`) on a connection of a
+    psycopg pool, before the send; nothing else, not even the completion's write. What the
+    design requires of a journal on PostgreSQL, and what idemclient there is measured
+    against, beside bare httpx."""
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg_pool
+
+        self.inner = httpx.HTTPTransport(limits=_limits())
+        self.pool = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=64, open=True,
+                                                kwargs=_FLOOR_CONNECTION)  # fmt: skip
+        with self.pool.connection() as conn:
+            conn.execute(_FLOOR_TABLE)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        with self.pool.connection() as conn:
+            conn.execute(_FLOOR_INSERT, _floor_row(request)).fetchall()
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+        self.pool.close()
+
+
+class AsyncPostgresFloor(httpx.AsyncBaseTransport):
+    """The async floor: the same INSERT on psycopg's async connections, on the event loop."""
+
+    def __init__(self, dsn: str) -> None:
+        self.inner = httpx.AsyncHTTPTransport(limits=_limits())
+        self.dsn = dsn
+        self.pool: Any = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.pool is None:
+            import psycopg_pool
+
+            self.pool = psycopg_pool.AsyncConnectionPool(
+                self.dsn, min_size=1, max_size=64, open=False, kwargs=_FLOOR_CONNECTION
+            )
+            await self.pool.open()
+            async with self.pool.connection() as conn:
+                await conn.execute(_FLOOR_TABLE)
+        async with self.pool.connection() as conn:
+            await (await conn.execute(_FLOOR_INSERT, _floor_row(request))).fetchall()
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+_FLOOR_CONNECTION = {"autocommit": True, "options": "-c synchronous_commit=on"}
+
+
+def floor_variant(make_database: Callable[[], str]) -> Variant:
+    return Variant(
+        "floor postgres",
+        lambda url, _: httpx.Client(base_url=url, transport=PostgresFloor(make_database())),
+        lambda url, _: httpx.AsyncClient(
+            base_url=url, transport=AsyncPostgresFloor(make_database())
+        ),
+    )
+
+
+def against_the_floor(
+    results: dict[tuple[str, str], list[Sample]], scenarios: list[str], idem: str
+) -> list[list[str]]:
+    """idemclient against the floor and against bare httpx: each ratio taken within one
+    repetition (the variants alternate), then the median."""
+    rows = [["scenario", "floor vs httpx", "idemclient vs floor", "idemclient vs httpx"]]
+
+    def ratio(scenario: str, top: str, bottom: str) -> float:
+        pairs = zip(results[(scenario, top)], results[(scenario, bottom)], strict=True)
+        return statistics.median(a.ops_per_second / b.ops_per_second for a, b in pairs)
+
+    for scenario in scenarios:
+        rows.append([scenario, f"{ratio(scenario, 'floor postgres', 'httpx'):.2f}x",
+                     f"{ratio(scenario, idem, 'floor postgres'):.2f}x",
+                     f"{ratio(scenario, idem, 'httpx'):.2f}x"])  # fmt: skip
+    return rows
 
 
 def bare() -> Variant:
@@ -189,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             version = conn.execute("SHOW server_version").fetchone()
         print(f"PostgreSQL {version[0] if version else '?'} on 127.0.0.1, "
               "synchronous_commit on for registrations")  # fmt: skip
-        found = [bare(), pg_variant(make_database, opened)]
+        found = [bare(), floor_variant(make_database), pg_variant(make_database, opened)]
         kinds = {"sequential": "sequential", f"{args.workers} threads": "threads",
                  f"{args.workers} tasks": "tasks"}  # fmt: skip
         results: dict[tuple[str, str], list[Sample]] = {}
@@ -206,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = side_by_side(results, list(kinds), [v.name for v in found])
             print(f"\n{args.ops} POSTs per measurement, medians of {args.repetitions} repetitions")
             print(table(rows))
+            print("\nagainst the floor (bare httpx + one INSERT committed synchronously through "
+                  "a psycopg pool, before the send; nothing else)")  # fmt: skip
+            print(table(against_the_floor(results, list(kinds), found[-1].name)))
             wal: list[list[str]] = [["threads", "WAL flushes per operation"]]
             for workers in (1, args.workers):
                 ops = max(workers, (50 if args.quick else 500) // workers * workers)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import inspect
-import itertools
+import queue
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -613,21 +613,64 @@ def resume_pending(
             results.append(one(op, request))
             _report(results[-1:], on_result)
         return results
-    todo = iter(requests)
-    with concurrent.futures.ThreadPoolExecutor(
-        concurrency, thread_name_prefix="idemclient-resume"
-    ) as pool:
-        # no more than `concurrency` in flight, so that a failure stops the rest from starting
-        running = {pool.submit(one, *item) for item in itertools.islice(todo, concurrency)}
-        while running:
-            done, running = concurrent.futures.wait(
-                running, return_when=concurrent.futures.FIRST_COMPLETED
-            )
-            for future in done:
-                results.append(future.result())  # a non-resumable error stops here
-                _report(results[-1:], on_result)
-                running |= {pool.submit(one, *item) for item in itertools.islice(todo, 1)}
+    _in_threads(requests, one, concurrency, results, on_result)
     return results
+
+
+def _in_threads(
+    requests: Sequence[tuple[Operation, httpx.Request]],
+    one: Callable[[Operation, httpx.Request], ResumeResult],
+    concurrency: int,
+    results: list[ResumeResult],
+    on_result: Callable[[ResumeResult], object] | None,
+) -> None:
+    """`one` for each request on `concurrency` threads, each taking the next request when
+    it is done; results reported from this thread as they come. An exception (a `one` that
+    raised, `on_result` that raised, Ctrl-C) stops the rest from starting: what is being
+    sent finishes first, then it is raised."""
+    todo = iter(requests)
+    taking = threading.Lock()
+    stop = threading.Event()
+    done: queue.SimpleQueue[ResumeResult | BaseException | None] = queue.SimpleQueue()
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                with taking:
+                    item = next(todo, None)
+                if item is None:
+                    break
+                done.put(one(*item))
+        except BaseException as exc:  # a non-resumable error: the others stop too
+            stop.set()
+            done.put(exc)
+        finally:
+            done.put(None)  # this worker ended
+
+    workers = [
+        threading.Thread(target=work, name=f"idemclient-resume-{i}")
+        for i in range(min(concurrency, len(requests)))
+    ]
+    for worker in workers:
+        worker.start()
+    failure: BaseException | None = None
+    try:
+        ended = 0
+        while ended < len(workers):
+            item = done.get()
+            if item is None:
+                ended += 1
+            elif isinstance(item, BaseException):
+                failure = failure or item
+            else:
+                results.append(item)
+                _report(results[-1:], on_result)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    if failure is not None:
+        raise failure
 
 
 def reconcile_expired(

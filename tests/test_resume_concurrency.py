@@ -103,6 +103,34 @@ def test_an_error_that_is_not_an_outcome_stops_the_resume_as_itself(journal_path
             client.resume_pending(concurrency=0)
 
 
+def test_an_on_result_that_raises_stops_the_resume_once_what_is_sent_finishes(
+    journal_path: Path,
+) -> None:
+    """A progress callback that raises: nothing more starts, the operations being sent
+    finish (their answers recorded), and the callback's exception comes out; no resume
+    thread is left running."""
+    backlog(journal_path)
+    app = IdempotentApp(act_seconds=0.01)
+
+    reported: list[idemclient.ResumeResult] = []
+
+    def stop_at_the_second(result: idemclient.ResumeResult) -> None:
+        reported.append(result)
+        if len(reported) == 2:
+            raise KeyError("the progress bar broke")
+
+    client = idemclient.Client(journal=journal_path, transport=httpx.MockTransport(app.handler))
+    with client, pytest.raises(KeyError, match="the progress bar broke"):
+        client.resume_pending(concurrency=3, on_result=stop_at_the_second)
+    assert not [t for t in threading.enumerate() if t.name.startswith("idemclient-resume")]
+    assert 2 <= app.effect_count <= 2 + 3  # the two reported, and at most those in flight
+    assert app.duplicates() == 0
+    with idemclient.Journal(journal_path) as journal:
+        states = [op.state for op in journal.operations()]
+    assert states.count("completed") == app.effect_count  # none sent is left unrecorded
+    assert states.count("pending") == BACKLOG - app.effect_count
+
+
 @pytest.mark.anyio
 async def test_async_concurrency_runs_tasks_and_raises_an_error_as_itself(
     journal_path: Path,
