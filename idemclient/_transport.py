@@ -26,6 +26,7 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
+from types import TracebackType
 from typing import Any, Literal, TypeVar, cast
 
 import anyio
@@ -688,6 +689,21 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             self._transport.close()
         self._close_journal()
 
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        """`close()`, at the end of the client's `with` block. If an exception is leaving
+        the block, a `JournalError` of closing is logged, not raised over it."""
+        try:
+            self.close()
+        except JournalError as error:
+            if exc_value is None:
+                raise
+            _closing_failed(error, exc_value)
+
 
 class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
     """The async twin of `IdempotentTransport`, over an `httpx.AsyncBaseTransport`.
@@ -826,3 +842,30 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         if self._transport is not None:
             await self._transport.aclose()
         await anyio.to_thread.run_sync(self._close_journal)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        """`aclose()`, at the end of the client's `async with` block. If an exception is
+        leaving the block, a `JournalError` of closing is logged, not raised over it."""
+        try:
+            await self.aclose()
+        except JournalError as error:
+            if exc_value is None:
+                raise
+            _closing_failed(error, exc_value)
+
+
+def _closing_failed(error: JournalError, leaving: BaseException) -> None:
+    """A client closed as `leaving` goes out of its block could not write its journal: that
+    exception says what went wrong first, and goes on; this is logged. The operations whose
+    answers were not written stay pending: a resume resends their keys, and the server
+    replays."""
+    logger.error(
+        "%s (while the client closed on %s, which is raised; the operations concerned stay "
+        "pending: a resume gets the server's replay)",
+        error, type(leaving).__name__,
+    )  # fmt: skip

@@ -93,6 +93,78 @@ def test_closing_a_client_writes_its_answers_into_the_callers_journal(journal_pa
     journal.close()
 
 
+def _failing_at_close(journal_path: Path, monkeypatch: pytest.MonkeyPatch) -> Journal:
+    """The caller's journal, whose write of the held answers fails when the client closes
+    (a full disk, a journal that went away)."""
+    journal = Journal(journal_path, flush_delay=60)
+
+    def flush() -> None:
+        raise idemclient.JournalError(f"journal {journal_path}: could not record responses")
+
+    monkeypatch.setattr(journal, "flush", flush)
+    return journal
+
+
+def _created(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(201)
+
+
+@pytest.mark.parametrize("raised", [True, False])
+def test_a_journal_error_at_exit_does_not_hide_the_blocks_own_exception(
+    journal_path: Path, raised: bool, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The block raised: its exception comes out, and the journal's error is logged. It did
+    not: the journal's error is raised, as `close()` raises it."""
+    journal = _failing_at_close(journal_path, monkeypatch)
+    client = idemclient.Client(
+        journal=journal, base_url="https://api.example", transport=httpx.MockTransport(_created)
+    )
+
+    def use() -> None:
+        with client:
+            client.post("/charges", json={"amount": 5})
+            if raised:
+                raise ValueError("the caller's own error")
+
+    with pytest.raises(ValueError if raised else idemclient.JournalError):
+        use()
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert bool(logged) is raised
+    if raised:
+        assert "could not record responses" in logged[0]
+        assert "while the client closed on ValueError" in logged[0]
+    monkeypatch.undo()
+    journal.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("raised", [True, False])
+async def test_a_journal_error_at_async_exit_does_not_hide_the_blocks_own_exception(
+    journal_path: Path, raised: bool, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    journal = _failing_at_close(journal_path, monkeypatch)
+    client = idemclient.AsyncClient(
+        journal=journal, base_url="https://api.example", transport=httpx.MockTransport(_created)
+    )
+
+    async def use() -> None:
+        async with client:
+            await client.post("/charges", json={"amount": 5})
+            if raised:
+                raise ValueError("the caller's own error")
+
+    with pytest.raises(ValueError if raised else idemclient.JournalError):
+        await use()
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert bool(logged) is raised
+    if raised:
+        assert "while the client closed on ValueError" in logged[0]
+    monkeypatch.undo()
+    journal.close()
+
+
 def test_a_client_per_job_sees_the_last_jobs_answer(journal_path: Path) -> None:
     """A worker that makes a client per job, reruns included: the answer the last client
     recorded a moment ago is found, not reported "in progress by another process"."""
