@@ -1121,12 +1121,17 @@ def replay_response(reg: Registration, request: httpx.Request) -> httpx.Response
     return response
 
 
+def _label(op: Operation) -> str:
+    """How messages name an operation: `'charge-7' (key K)`, or `with key K` unnamed."""
+    return f"{op.name!r} (key {op.key})" if op.name is not None else f"with key {op.key}"
+
+
 def _refuse(
     reg: Registration, request: httpx.Request, *, during_retry: bool = False
 ) -> IdempotencyError:
     """The error for a registration (or, `during_retry`, a claim) that sends nothing."""
     op = reg.operation
-    label = repr(op.name) if op.name is not None else f"with key {op.key!r}"
+    label = _label(op)
     if during_retry and reg.decision in (Decision.COMPLETED, Decision.IN_PROGRESS):
         return OperationInProgressError(
             f"operation {label} was taken over by another process ({reg.detail or op.state}) "
@@ -1290,7 +1295,7 @@ def keyed_flow(
         the_plan.unfinished(record)
         raise
     op = reg.operation
-    label = op.name or op.key
+    label = _label(op)
     version, attempts = reg.lease_version, op.attempts
     # Unfinished until it completes: a resend of this request in this context (an SDK's
     # own retry after idemclient gave up) continues this operation, under this key.
@@ -1311,7 +1316,7 @@ def keyed_flow(
         stored = reg.response
         if stored is None:  # reconciled: it happened, and no answer was given to keep
             raise ResponseNotKeptError(
-                f"operation {label} (key {op.key}) completed before, but no answer of it was "
+                f"operation {label} completed before, but no answer of it was "
                 f"kept ({op.last_error or 'recorded without one'}): nothing was sent",
                 operation=op,
             )
@@ -1319,14 +1324,14 @@ def keyed_flow(
             size = dict((k.lower(), v) for k, v in stored.headers).get("content-length")
             body = f"the {size} bytes of its answer were" if size else "its answer was"
             raise ResponseNotKeptError(
-                f"operation {label} (key {op.key}) completed before (HTTP {stored.status}), "
+                f"operation {label} completed before (HTTP {stored.status}), "
                 f"but {body} over the journal's limit (max_response_body, max_stream_body "
                 "for a stream) and not kept: nothing was sent, and it cannot be replayed (pass "
                 "empty_replays=True to get its status and headers with an empty body)",
                 operation=op,
                 response=replay_response(reg, request),
             )
-        logger.info("operation %s (key %s) already completed: replaying", label, op.key)
+        logger.info("operation %s already completed: replaying", label)
         yield from event("replayed", status=reg.response.status if reg.response else None)
         the_plan.unfinished(None)
         return replay_response(reg, request)
@@ -1388,7 +1393,7 @@ def keyed_flow(
                 )
         logger.debug(
             "%s %s operation=%s key=%s attempt=%d: %s -> %s",
-            record.method, record.url, label, op.key, attempts, outcome.reason,
+            record.method, record.url, op.name, op.key, attempts, outcome.reason,
             outcome.verdict.value,
         )  # fmt: skip
         status = outcome.response.status_code if outcome.response is not None else None
@@ -1400,15 +1405,13 @@ def keyed_flow(
         last_error = outcome.reason
         _close_response(outcome)
         logger.info(
-            "operation %s (key %s): %s, retrying in %.2fs with the same key",
-            label, op.key, outcome.reason, seconds,
+            "operation %s: %s, retrying in %.2fs with the same key",
+            label, outcome.reason, seconds,
         )  # fmt: skip
         yield from event("retrying", delay=seconds, error=outcome.error)
 
     def on_denied(outcome: Outcome, reason: str) -> Generator[Step, Any, None]:
-        logger.warning(
-            "operation %s (key %s): %s, not retried: %s", label, op.key, outcome.reason, reason
-        )
+        logger.warning("operation %s: %s, not retried: %s", label, outcome.reason, reason)
         status = outcome.response.status_code if outcome.response is not None else None
         yield from event("retry_denied", status=status, error=outcome.error)
 
@@ -1424,7 +1427,7 @@ def keyed_flow(
             reason = f"{last.reason}; gave up: {result.reason}"
             yield Release(op.key, version, reason, never_sent=not reached)
             settled = True
-            logger.warning("operation %s (key %s): %s; it stays pending", label, op.key, reason)
+            logger.warning("operation %s: %s; it stays pending", label, reason)
             yield from event("gave_up", error=last.error)
             if hand_back:  # as plain httpx: the last answer, or the last error
                 if last.response is not None:
@@ -1434,7 +1437,7 @@ def keyed_flow(
                 assert last.error is not None
                 raise last.error
             raise RetriesExhaustedError(
-                f"operation {label} (key {op.key}) gave up: {result.reason}; last outcome: "
+                f"operation {label} gave up: {result.reason}; last outcome: "
                 f"{last.reason}. It stays pending: resume it to finish with the same key",
                 operation=op,
                 response=last.response,
@@ -1462,8 +1465,8 @@ def keyed_flow(
             yield Release(op.key, version, result.reason, moved_fingerprint=moved_fingerprint)
             settled = True
             logger.info(
-                "operation %s (key %s): %s; handed to the caller, it stays pending",
-                label, op.key, result.reason,
+                "operation %s: %s; handed to the caller, it stays pending",
+                label, result.reason,
             )  # fmt: skip
             response.extensions = {
                 **response.extensions,
@@ -1514,17 +1517,17 @@ def keyed_flow(
     if state == "conflict" and not hand_back:
         response.request = request  # raised, not returned: httpx will not set it
         response.read()  # in memory: the caller can read the server's reason
-        logger.warning("operation %s (key %s): %s, not retried", label, op.key, result.reason)
+        logger.warning("operation %s: %s, not retried", label, result.reason)
         raise ConflictError(
-            f"operation {label} (key {op.key}) was refused by the server ({result.reason}): "
+            f"operation {label} was refused by the server ({result.reason}): "
             "the key was used with another request, or the server cannot process it; "
             "not retried",
             operation=op,
             response=response,
         )
     logger.info(
-        "operation %s (key %s) %s: HTTP %d after %d attempt(s)",
-        label, op.key, state, response.status_code, attempts,
+        "operation %s %s: HTTP %d after %d attempt(s)",
+        label, state, response.status_code, attempts,
     )  # fmt: skip
     if state == "completed" and not streaming:  # a stream is done when it ends
         the_plan.unfinished(None)  # done: the same request again is a new operation

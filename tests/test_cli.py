@@ -632,8 +632,8 @@ def test_resume_progress_on_a_real_terminal(journal_path: Path, server: Idempote
     assert "ops/s" in draws[-1]
     assert all(len(d) < 100 for d in draws)
     # what did not complete, and idemclient's warnings, have lines of their own above it
-    assert f"\r\x1b[K[1/30] {names[0]}: conflict: operation {names[0]} " in screen
-    assert f"\r\x1b[Kidemclient: operation {names[0]} (key " in screen
+    assert f"\r\x1b[K[1/30] {names[0]}: conflict: operation {names[0]!r} (key " in screen
+    assert f"\r\x1b[Kidemclient: operation {names[0]!r} (key " in screen
     assert not any(f"{name}: completed" in screen for name in names)  # counted, not listed
     assert screen.endswith("\x1b[K\r\n")  # the line is ended; the terminal adds \r to \n
     assert "resumed 30 operations: 29 completed, 1 conflict" in out

@@ -122,6 +122,28 @@ def test_retries_reuse_one_key_and_the_same_body_bytes(
     assert (op.state, op.attempts, op.response_status) == ("completed", 3, 201)
 
 
+def test_messages_name_an_operation_by_its_name_and_key_or_by_its_key_alone(
+    client_factory: Callable[..., httpx.Client], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Named: `operation 'charge-7' (key K)`; unnamed: `operation with key K`, never the key
+    twice."""
+    client = client_factory(Script(httpx.Response(503)), retry=RetryPolicy(max_attempts=1))
+    with pytest.raises(RetriesExhaustedError) as unnamed:
+        client.post("/charges", json={"n": 1})
+    assert unnamed.value.operation is not None
+    key = unnamed.value.operation.key
+    assert str(unnamed.value).startswith(f"operation with key {key} gave up: ")
+    with idemclient.operation("charge-7"), pytest.raises(RetriesExhaustedError) as named:
+        client.post("/charges", json={"n": 2})
+    assert named.value.operation is not None
+    named_key = named.value.operation.key
+    assert str(named.value).startswith(f"operation 'charge-7' (key {named_key}) gave up: ")
+    logged = [r.getMessage() for r in caplog.records]
+    assert f"operation with key {key}: HTTP 503; gave up" in logged[0]
+    assert f"operation 'charge-7' (key {named_key}): HTTP 503; gave up" in logged[1]
+    assert not any(f"{key} (key {key})" in line for line in logged)
+
+
 def test_server_replay_marker_is_surfaced(client_factory: Callable[..., httpx.Client]) -> None:
     client = client_factory(Script(ok(headers={"Idempotent-Replayed": "true"})))
     assert client.post("/charges", json={}).extensions["idempotency"]["replayed"] is True
