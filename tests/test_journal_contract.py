@@ -5,6 +5,7 @@ upkeep, whichever stores the rows."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from idemclient import JournalError
+from idemclient import JournalError, PostgresJournal
 from idemclient._records import Decision, StoredResponse
 from idemclient.journal import JournalBackend, open_journal
-from idemclient.journal._owner import current_owner
+from idemclient.journal._owner import DEFAULT_LEASE_MARGIN, current_owner
 
 from .test_journal import Clock, dead_owner, record
 
@@ -421,3 +422,36 @@ def test_reconciling_an_expired_operation_acts_on_the_verdict_and_keeps_it(
     assert journal.decisions("unsure") != []
     with pytest.raises(KeyError):
         journal.decisions("paid")
+
+
+@pytest.mark.parametrize("ending", ["finish", "release"])
+def test_a_held_lease_is_renewed_until_the_answer_is_recorded_or_released(
+    opener: Opener, ending: str
+) -> None:
+    """A holder still reading its answer past its lease keeps it: its journal renews the
+    lease, so that another host's registration of the operation finds it in progress, not
+    free. Once the answer is recorded (or the lease released) nothing is renewed."""
+    short = 1.5
+    journal = opener(auto_purge=None)
+    if isinstance(journal, PostgresJournal):  # its leases are the timeouts + `lease_margin`
+        journal.close()
+        journal = opener(auto_purge=None, lease_margin=short)
+        lease = DEFAULT_LEASE_MARGIN
+    else:
+        lease = short
+    held = journal.register(record(), current_owner(), lease)
+    assert held.decision is Decision.SEND
+    time.sleep(short * 2.5)  # its first lease ended long ago
+    elsewhere = journal.register(record(), "another-host:1:1", lease)
+    assert elsewhere.decision is Decision.IN_PROGRESS, elsewhere
+    if ending == "finish":
+        journal.finish("key-1", held.lease_version, "completed", OK)
+        assert journal.register(record(), "another-host:1:1", lease).decision is (
+            Decision.COMPLETED
+        )
+        assert "key-1" not in journal._holds.held()  # type: ignore[attr-defined]
+    else:
+        journal.release("key-1", held.lease_version, "the caller gave up")
+        assert "key-1" not in journal._holds.held()  # type: ignore[attr-defined]
+        taken = journal.register(record(), "another-host:1:1", lease)
+        assert taken.decision is Decision.SEND  # released: free for another holder

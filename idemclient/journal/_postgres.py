@@ -420,7 +420,8 @@ class PostgresJournal(ReadBack):
             changed only by `set_retention()`; a different value raises `ValueError`.
         lease_margin: seconds added to a request's timeouts for the lease of its holder. A
             holder on another host cannot be checked for liveness, so its operation waits
-            until that lease ends before another host takes it over.
+            until that lease ends before another host takes it over. A live holder renews
+            its lease while it reads the answer (each time half of it has passed).
         schema: the PostgreSQL schema that holds the tables.
         max_response_body, max_stream_body, max_recoveries, flush_delay, auto_purge: as for
             `Journal` (the daily purge is done by one process of the fleet a day).
@@ -923,7 +924,19 @@ class PostgresJournal(ReadBack):
         Threads that register at the same time are gathered (`Together`): while one batch
         is committed, the registrations that arrive wait, and go together in the next one.
         Each thread returns once its own are committed (or have failed)."""
-        return self._together.run(requests)
+        return self._held_ones(requests, self._together.run(requests))
+
+    def _held_ones(
+        self,
+        requests: Sequence[tuple[RequestRecord, str, float]],
+        results: list[Registration | JournalError],
+    ) -> list[Registration | JournalError]:
+        """`results`, those that send held (their leases renewed) until they are recorded,
+        released or given back."""
+        for (_, owner, lease_seconds), result in zip(requests, results, strict=True):
+            if isinstance(result, Registration):
+                self._holding(result, owner, self._lease(lease_seconds))
+        return results
 
     def _register_now(
         self, requests: Sequence[tuple[RequestRecord, str, float]]
@@ -957,7 +970,7 @@ class PostgresJournal(ReadBack):
                 else:
                     call = steps.send(result)
         except StopIteration as stop:
-            return cast("list[Registration | JournalError]", stop.value)
+            return self._held_ones(requests, stop.value)
 
     def _registering(
         self, requests: Sequence[tuple[RequestRecord, str, float]]
@@ -1164,14 +1177,16 @@ class PostgresJournal(ReadBack):
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
     ) -> Registration:
         flow = self._claim(key, version, owner, lease_seconds, last_error)
-        return self._run("claim the next attempt", flow)
+        claimed = self._run("claim the next attempt", flow)
+        return self._holding(claimed, owner, self._lease(lease_seconds))
 
     async def aclaim(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
     ) -> Registration:
         """`claim` on an async connection of the running loop (`AsyncJournalSteps`)."""
         flow = self._claim(key, version, owner, lease_seconds, last_error)
-        return await self._arun("claim the next attempt", flow)
+        claimed = await self._arun("claim the next attempt", flow)
+        return self._holding(claimed, owner, self._lease(lease_seconds))
 
     def _claim(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
@@ -1198,10 +1213,12 @@ class PostgresJournal(ReadBack):
         return (yield from self._store(decided))
 
     def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
+        self._let_go(key, version)
         self._run("give the unsent operation back", self._unclaim(key, version, fresh))
 
     async def aunclaim(self, key: str, version: int, *, fresh: bool) -> None:
         """`unclaim` on an async connection of the running loop (`AsyncJournalSteps`)."""
+        self._let_go(key, version)
         await self._arun("give the unsent operation back", self._unclaim(key, version, fresh))
 
     def _unclaim(self, key: str, version: int, fresh: bool) -> _Flow[None]:
@@ -1232,6 +1249,7 @@ class PostgresJournal(ReadBack):
         moved_fingerprint: str | None = None,
         never_sent: bool = False,
     ) -> bool:
+        self._let_go(key, version)
         flow = self._release(key, version, last_error, moved_fingerprint, never_sent)
         return self._run("release the operation", flow)
 
@@ -1245,6 +1263,7 @@ class PostgresJournal(ReadBack):
         never_sent: bool = False,
     ) -> bool:
         """`release` on an async connection of the running loop (`AsyncJournalSteps`)."""
+        self._let_go(key, version)
         flow = self._release(key, version, last_error, moved_fingerprint, never_sent)
         return await self._arun("release the operation", flow)
 
@@ -1282,6 +1301,7 @@ class PostgresJournal(ReadBack):
         """Record the final response, soon: held in memory and written with others by a
         background thread within `flush_delay` (no network I/O on the caller's path), and
         before any read through this journal, by `flush()`, `close()` and at exit."""
+        self._let_go(key, version)
         body, kept = response.body, response.body_kept
         if len(body) > (self.max_stream_body if streamed else self.max_response_body):
             body, kept = b"", False

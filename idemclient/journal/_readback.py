@@ -17,8 +17,10 @@ from idemclient._records import (
     FINISHED,
     STATES,
     VERDICTS,
+    Decision,
     JournalStats,
     Operation,
+    Registration,
     State,
     StoredResponse,
     Verdict,
@@ -27,6 +29,7 @@ from idemclient._records import (
 )
 
 from ._decide import DEFAULT_PURGE_HORIZON
+from ._leases import Holds, Lease
 from ._rows import (
     COLUMNS,
     headers_from_json,
@@ -112,6 +115,7 @@ class ReadBack:
     _clock: Callable[[], float]
     _upkeep_stop: threading.Event
     _upkeep_ran: threading.Event  # set once the upkeep thread has looked (for tests)
+    _holds: Holds  # the operations this process holds, their leases renewed
 
     if TYPE_CHECKING:  # what each backend defines (see the class docstring)
 
@@ -353,7 +357,9 @@ class ReadBack:
         return purged
 
     def _start_upkeep(self) -> None:
-        """Start the upkeep thread, unless `auto_purge` is `None`."""
+        """Start the upkeep thread, unless `auto_purge` is `None`; and keep the leases this
+        process holds alive (`_leases`)."""
+        self._holds = Holds(self._renew_leases, self._clock)
         self._upkeep_stop, self._upkeep_ran = threading.Event(), threading.Event()
         if self.auto_purge is None:
             return
@@ -366,6 +372,33 @@ class ReadBack:
         stop = getattr(self, "_upkeep_stop", None)
         if stop is not None:
             stop.set()
+        holds = getattr(self, "_holds", None)
+        if holds is not None:
+            holds.close()
+
+    # -- leases held by this process ------------------------------------------------------
+
+    def _holding(self, registration: Registration, owner: str, lease: float) -> Registration:
+        """`registration`, a claim that sends it held (and its lease renewed) until it is
+        recorded, released or given back (`_let_go`)."""
+        if registration.decision is Decision.SEND:
+            key = registration.operation.key
+            self._holds.hold(key, registration.lease_version, owner, lease)
+        return registration
+
+    def _let_go(self, key: str, version: int) -> None:
+        self._holds.drop(key, version)
+
+    def _renew_leases(self, leases: Sequence[Lease], now: float) -> None:
+        """Extend leases this process holds, each fenced by its holder and version: an
+        operation finished, released or taken over since is left alone."""
+        m = self._mark
+        sql = (
+            f"UPDATE {self._table} SET lease_expires = {m} WHERE key = {m} "
+            f"AND lease_version = {m} AND lease_owner = {m} AND state = 'pending'"
+        )
+        for key, version, owner, lease in leases:
+            self._write_statement("renew a lease", sql, (now + lease, key, version, owner))
 
     # -- reconciling expired operations ---------------------------------------------------
 

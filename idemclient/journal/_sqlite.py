@@ -875,7 +875,7 @@ class Journal(ReadBack):
                 results.append(ticket.error)
             else:
                 assert ticket.result is not None
-                results.append(ticket.result)
+                results.append(self._holding(ticket.result, ticket.owner, ticket.lease_seconds))
         return results
 
     def _commit_batch(self, batch: list[_Ticket]) -> None:
@@ -1025,7 +1025,8 @@ class Journal(ReadBack):
                 stored_row(row), version, owner=owner, lease_seconds=lease_seconds,
                 last_error=last_error, now=now, limits=self._limits(),
             )  # fmt: skip
-            return self._store(db, decided)
+            claimed = self._store(db, decided)
+        return self._holding(claimed, owner, lease_seconds)
 
     def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
         """Undo a claim whose request was provably never sent (its task was cancelled, or the
@@ -1037,6 +1038,7 @@ class Journal(ReadBack):
         resume to send behind the caller's back. A known one gets its attempt back and its
         lease freed (and, if that was its first attempt, counts as never sent again).
         """
+        self._let_go(key, version)
         if fresh:
             sql = "DELETE FROM operations WHERE key = ? AND lease_version = ? AND state = 'pending'"
             params: tuple[Any, ...] = (key, version)
@@ -1079,6 +1081,7 @@ class Journal(ReadBack):
                 open on the file to write the answer: the operation stays pending (a resume
                 resends the same key and the server replays its answer).
         """
+        self._let_go(key, version)
         body, kept = response.body, response.body_kept
         if len(body) > (self.max_stream_body if streamed else self.max_response_body):
             body, kept = b"", False
@@ -1200,6 +1203,7 @@ class Journal(ReadBack):
         `never_sent`: no attempt ever reached the server (every connection was refused):
         it stays provably never sent, so no retention expires it.
         """
+        self._let_go(key, version)
         changed = self._write_one(
             "release the operation",
             "UPDATE operations SET lease_owner = NULL, lease_expires = NULL, "
