@@ -3,6 +3,7 @@ real PostgreSQL server: fewer commits than registrations, each thread its own an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -190,3 +191,65 @@ def test_postgres_threads_registering_at_once_share_commits(pg_dsn: str) -> None
         }
         rows = {op.name: op.state for op in journal.operations()}
         assert rows == dict.fromkeys(names, "pending")
+
+
+def test_postgres_resumed_operations_claimed_together_in_one_statement(pg_dsn: str) -> None:
+    """Sixteen resumer threads claim backlog rows at once: the rows as `pending_requests`
+    read them are claimed in one statement, each fenced by its row version; a row written
+    since it was read is left out of it and decided again on the row read locked."""
+    owner = f"this-host:{os.getpid()}:1"
+    names = [f"op-{i}" for i in range(17)]
+    with PostgresJournal(pg_dsn, auto_purge=None) as journal:
+        for name in names:  # a backlog: pending, never sent, no holder
+            reg = journal.register(record(name), owner, 60.0)
+            journal.release(f"key-{name}", reg.lease_version, "down", never_sent=True)
+        journal.pending_requests()  # what a resume reads first
+        # one row changes after it was read (another resumer claimed and released it)
+        reg = journal.register(resumed("op-16"), "other-host:1:1", 60.0)
+        journal.release("key-op-16", reg.lease_version, "gave up")
+        statements: list[int] = []
+        real_many = journal._claim_seen_many
+
+        def counted(claims: Any, results: Any) -> Any:
+            statements.append(len(claims))
+            return real_many(claims, results)
+
+        journal._claim_seen_many = counted  # type: ignore[method-assign]
+        real = journal._register_now
+        gate = threading.Event()
+        calls: list[int] = []
+
+        def held_first(requests: Any) -> Any:
+            calls.append(len(requests))
+            if len(calls) == 1:
+                assert gate.wait(10)
+            return real(requests)
+
+        journal._together._carry_out = held_first
+        results: dict[str, Any] = {}
+
+        def one(name: str) -> None:
+            results[name] = journal.register(resumed(name), owner, 60.0)
+
+        threads = [threading.Thread(target=one, args=(name,)) for name in names]
+        threads[0].start()
+        until(lambda: len(calls) == 1)
+        for thread in threads[1:]:
+            thread.start()
+        until(lambda: len(journal._together._waiting) == 16)
+        gate.set()
+        for thread in threads:
+            thread.join(30)
+        assert calls == [1, 16]
+        assert statements == [15]  # op-16's row changed since it was read: not in it
+        assert {n: r.decision for n, r in results.items()} == dict.fromkeys(names, Decision.SEND)
+        assert {n: r.operation.attempts for n, r in results.items()} == {
+            **dict.fromkeys(names[:16], 2),
+            "op-16": 3,
+        }
+        assert {op.name: op.state for op in journal.operations()} == dict.fromkeys(names, "pending")
+
+
+def resumed(name: str) -> RequestRecord:
+    """The record a resume sends for the operation `name`."""
+    return dataclasses.replace(record(name), resume=True)

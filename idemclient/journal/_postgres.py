@@ -268,6 +268,26 @@ _CLAIM = (
 )
 
 
+#: `_CLAIM` for several rows, each fenced by the `xmin` it was read with; rows locked in key
+#: order, those locked by another transaction skipped (left to the one-by-one path)
+_CLAIM_ROW = (
+    "(%s::int, %s::int, %s::text, %s::float8, %s::float8, %s::int, %s::float8, %s::text, "
+    "%s::text, %s::text, %s::text, %s::xid)"
+)
+_CLAIM_MANY = (
+    "WITH v (attempts, lease_version, lease_owner, lease_expires, updated_at, recoveries, "
+    "first_sent_at, url, fingerprint, last_error, key, seen) AS (VALUES {values}), "
+    "locked AS (SELECT t.key FROM {table} AS t JOIN v ON t.key = v.key AND t.xmin = v.seen "
+    "ORDER BY t.key FOR UPDATE OF t SKIP LOCKED) "
+    "UPDATE {table} AS t SET attempts = v.attempts, lease_version = v.lease_version, "
+    "lease_owner = v.lease_owner, lease_expires = v.lease_expires, updated_at = v.updated_at, "
+    "recoveries = v.recoveries, first_sent_at = v.first_sent_at, url = v.url, "
+    "fingerprint = v.fingerprint, last_error = v.last_error "
+    "FROM v WHERE t.key = v.key AND t.xmin = v.seen AND t.key IN (SELECT key FROM locked) "
+    "RETURNING t.key"
+)
+
+
 def _claim_values(write: ClaimUpdate) -> tuple[Any, ...]:
     return (
         write.attempts, write.lease_version, write.lease_owner, write.lease_expires,
@@ -984,6 +1004,12 @@ class PostgresJournal(ReadBack):
                 yield "register the operations", self._insert_new(requests, results)
             except JournalError as exc:  # then each is tried alone, for its own error
                 failed = exc if self._out_of_reach(exc) else None
+            claims = self._plain_claims(requests, results) if failed is None else {}
+            if len(claims) > 1:  # (one alone: `_register` claims it as cheaply)
+                try:
+                    yield "claim the operations", self._claim_seen_many(claims, results)
+                except JournalError as exc:
+                    failed = exc if self._out_of_reach(exc) else None
         for i, (record, owner, lease_seconds) in enumerate(requests):
             if results[i] is None:
                 if failed is not None:
@@ -1103,6 +1129,21 @@ class PostgresJournal(ReadBack):
 
         Two resumers that read the same backlog both try; one UPDATE wins, the other's finds
         a newer row and changes nothing, and its caller sees the winner's live lease."""
+        decided = self._plain_claim(record, owner, lease_seconds, row)
+        if decided is None:
+            return None
+        assert isinstance(decided.write, ClaimUpdate)
+        _, count = yield _Sql(
+            _CLAIM.format(table=self._table) + " AND xmin = %s::xid",
+            (*_claim_values(decided.write), xmin),
+        )
+        return decided.registration if count == 1 else None
+
+    def _plain_claim(
+        self, record: RequestRecord, owner: str, lease_seconds: float, row: Any
+    ) -> Decided | None:
+        """The rules' claim of a resumed operation on the row `pending_requests` read, if
+        they decide a plain claim (one UPDATE of that row); else `None`."""
         stored = stored_row(self._as_written(row, self._unwritten_of(row[1])))
         if stored.operation.state != "pending" or self.read_only:
             return None
@@ -1116,10 +1157,50 @@ class PostgresJournal(ReadBack):
         write = decided.write
         if not isinstance(write, ClaimUpdate) or write.compare_body:
             return None
-        _, count = yield _Sql(
-            _CLAIM.format(table=self._table) + " AND xmin = %s::xid", (*_claim_values(write), xmin)
+        return decided
+
+    def _plain_claims(
+        self,
+        requests: Sequence[tuple[RequestRecord, str, float]],
+        results: list[Registration | JournalError | None],
+    ) -> dict[str, tuple[int, Decided, str]]:
+        """The resumed operations among `requests` that the rules would claim plainly on
+        the rows `pending_requests` read: key -> (index, decision, row version)."""
+        claims: dict[str, tuple[int, Decided, str]] = {}
+        for i, (record, owner, lease_seconds) in enumerate(requests):
+            if results[i] is not None or not record.resume or record.key in claims:
+                continue
+            seen = self._seen.get(record.key)
+            if seen is None:
+                continue
+            decided = self._plain_claim(record, owner, self._lease(lease_seconds), seen[0])
+            if decided is not None:
+                claims[record.key] = (i, decided, seen[1])
+        return claims
+
+    def _claim_seen_many(
+        self,
+        claims: dict[str, tuple[int, Decided, str]],
+        results: list[Registration | JournalError | None],
+    ) -> _Flow[None]:
+        """`_claim_seen` for several resumed operations (`_plain_claims`) in one statement:
+        each claimed one's `results` entry becomes its registration. The rows are locked in
+        key order, skipping those another resumer is claiming (no two resumers wait on each
+        other); those, and rows written since they were read, are left to `_register`, which
+        reads them again, locked."""
+        values: list[Any] = []
+        for _, decided, xmin in claims.values():
+            assert isinstance(decided.write, ClaimUpdate)
+            values += (*_claim_values(decided.write), xmin)
+        for key in claims:
+            self._seen.pop(key, None)  # tried: a row left out is read again, locked
+        rows, _ = yield _Sql(
+            _CLAIM_MANY.format(table=self._table, values=", ".join([_CLAIM_ROW] * len(claims))),
+            values,
         )
-        return decided.registration if count == 1 else None
+        for (key,) in rows:
+            i, decided, _ = claims[key]
+            results[i] = decided.registration
 
     def _insert(
         self, items: Sequence[tuple[RequestRecord, str, float]], now: float
