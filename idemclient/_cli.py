@@ -576,8 +576,8 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(json.dumps(would, indent=2), file=out)
             return EXIT_OK
         for op, target in sends:
-            label = op.name or op.key
-            print(f"would send: {label} {op.method} {target} (key {op.key})", file=out)
+            label = f"{op.name} " if op.name else ""
+            print(f"would send: {label}{op.method} {target} (key {op.key})", file=out)
         for op in to_expire:
             print(f"would expire (past retention, not sent): {op.name or op.key}", file=out)
         untouched = f", {others} of other origins left untouched" if others else ""
@@ -705,7 +705,7 @@ def cmd_retention(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 _DECISIONS = {
-    "abandon": "abandoned {label} (key {key}): it will never be sent again",
+    "abandon": "abandoned {label}: it will never be sent again",
     "unpark": "unparked {label}: the next run or resume sends it again with key {key}",
     "reissue": "reissued {label} with the new key {key} (old key {previous}): the next run or "
     "resume sends it",
@@ -728,7 +728,11 @@ def cmd_decide(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(f"idemclient: {exc}", file=err)
             return EXIT_INCOMPLETE
     message = _DECISIONS[args.command]
-    print(message.format(label=op.name or op.key, key=op.key, previous=op.previous_key), file=out)
+    if args.command == "abandon":  # the message names no key of its own
+        label = f"{op.name} (key {op.key})" if op.name else f"the operation with key {op.key}"
+    else:
+        label = op.name or "the operation"
+    print(message.format(label=label, key=op.key, previous=op.previous_key), file=out)
     return EXIT_OK
 
 

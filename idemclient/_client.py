@@ -651,12 +651,14 @@ def _in_threads(
         threading.Thread(target=work, name=f"idemclient-resume-{i}")
         for i in range(min(concurrency, len(requests)))
     ]
-    for worker in workers:
-        worker.start()
     failure: BaseException | None = None
+    started: list[threading.Thread] = []
     try:
+        for worker in workers:
+            worker.start()
+            started.append(worker)
         ended = 0
-        while ended < len(workers):
+        while ended < len(started):
             item = done.get()
             if item is None:
                 ended += 1
@@ -667,7 +669,7 @@ def _in_threads(
                 _report(results[-1:], on_result)
     finally:
         stop.set()
-        for worker in workers:
+        for worker in started:
             worker.join()
     if failure is not None:
         raise failure

@@ -14,6 +14,7 @@ import functools
 import os
 import queue
 import random
+import sys
 import threading
 import time
 import weakref
@@ -26,7 +27,6 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
-from types import TracebackType
 from typing import Any, Literal, TypeVar, cast
 
 import anyio
@@ -684,25 +684,22 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
 
     def close(self) -> None:
         """Close the wrapped transport; write what the journal holds for this transport's
-        operations, and close the journal if this transport opened it."""
-        if self._transport is not None:
-            self._transport.close()
-        self._close_journal()
+        operations, and close the journal if this transport opened it.
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> None:
-        """`close()`, at the end of the client's `with` block. If an exception is leaving
-        the block, a `JournalError` of closing is logged, not raised over it."""
+        Raises:
+            JournalError: the journal could not write them (those operations stay pending:
+                a resume gets the server's replay). Closed while an exception is on its
+                way out (the end of a `with` block that raised, a `finally`, an SDK's own
+                `close()` there), the error is logged instead, not raised over that one."""
+        leaving = sys.exc_info()[1]
         try:
-            self.close()
+            if self._transport is not None:
+                self._transport.close()
+            self._close_journal()
         except JournalError as error:
-            if exc_value is None:
+            if leaving is None:
                 raise
-            _closing_failed(error, exc_value)
+            _closing_failed(error, leaving)
 
 
 class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
@@ -839,24 +836,16 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             flow.close()
 
     async def aclose(self) -> None:
-        if self._transport is not None:
-            await self._transport.aclose()
-        await anyio.to_thread.run_sync(self._close_journal)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> None:
-        """`aclose()`, at the end of the client's `async with` block. If an exception is
-        leaving the block, a `JournalError` of closing is logged, not raised over it."""
+        """`IdempotentTransport.close()`, awaited (the journal written off the loop)."""
+        leaving = sys.exc_info()[1]
         try:
-            await self.aclose()
+            if self._transport is not None:
+                await self._transport.aclose()
+            await anyio.to_thread.run_sync(self._close_journal)
         except JournalError as error:
-            if exc_value is None:
+            if leaving is None:
                 raise
-            _closing_failed(error, exc_value)
+            _closing_failed(error, leaving)
 
 
 def _closing_failed(error: JournalError, leaving: BaseException) -> None:

@@ -138,6 +138,30 @@ def test_a_journal_error_at_exit_does_not_hide_the_blocks_own_exception(
     journal.close()
 
 
+def test_close_in_a_finally_does_not_hide_the_exception_on_its_way_out(
+    journal_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SDK closes its client with `close()` (in its own `__exit__`, or a `finally`): the
+    exception on its way out is still the one raised."""
+    journal = _failing_at_close(journal_path, monkeypatch)
+    client = idemclient.Client(
+        journal=journal, base_url="https://api.example", transport=httpx.MockTransport(_created)
+    )
+
+    def use() -> None:
+        try:
+            client.post("/charges", json={"amount": 5})
+            raise ValueError("the caller's own error")
+        finally:
+            client.close()
+
+    with pytest.raises(ValueError, match="the caller's own error"):
+        use()
+    assert any("while the client closed on ValueError" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    journal.close()
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("raised", [True, False])
 async def test_a_journal_error_at_async_exit_does_not_hide_the_blocks_own_exception(

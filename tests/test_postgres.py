@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -405,6 +406,69 @@ async def test_a_server_that_stops_answering_ends_the_call(pg_dsn: str) -> None:
         path[1:] for path in sent
     )
     assert len(sent) == len(set(sent)) == 4 + 2 - len(in_progress)
+
+
+def test_threads_waiting_behind_an_unreachable_server_fail_with_it(pg_dsn: str) -> None:
+    """The server goes silent while one batch of registrations is under way and eight more
+    threads line up behind it: when it fails (`command_timeout`), they fail with it, not
+    tried again (each would wait another command timeout). Nothing is sent; a registration
+    made after the server is back goes through."""
+    import os
+    import signal
+
+    from idemclient._records import RequestRecord
+
+    def record(name: str) -> RequestRecord:
+        return RequestRecord(name=name, key=f"key-{name}", key_given=False, method="POST",
+                             url="https://api.example/x", headers=[], body=b"{}",
+                             fingerprint=f"fp-{name}")  # fmt: skip
+
+    journal = PostgresJournal(pg_dsn, command_timeout=1.0, connect_timeout=1.0, auto_purge=None)
+    tried: list[int] = []
+    real = journal._register_batch
+
+    def counted(requests: Any) -> Any:
+        tried.append(len(requests))
+        return real(requests)
+
+    journal._register_batch = counted  # type: ignore[method-assign]
+    journal.register(record("warm"), "this-host:1:1", 60.0)
+    tried.clear()
+    errors: dict[str, BaseException] = {}
+
+    def one(name: str) -> None:
+        try:
+            journal.register(record(name), "this-host:1:1", 60.0)
+        except JournalError as exc:
+            errors[name] = exc
+
+    frozen = _frozen_server(pg_dsn)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        first = threading.Thread(target=one, args=("first",))
+        first.start()
+        deadline = time.monotonic() + 10
+        while not tried:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        waiting = [threading.Thread(target=one, args=(f"op-{i}",)) for i in range(8)]
+        for thread in waiting:
+            thread.start()
+        for thread in [first, *waiting]:
+            thread.join(30)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert tried == [1]  # the eight were never tried
+    assert sorted(errors) == sorted(["first", *(f"op-{i}" for i in range(8))])
+    assert "no answer from the server within 1 s" in str(errors["first"])
+    assert all("not tried again" in str(errors[f"op-{i}"]) for i in range(8))
+    later = threading.Thread(target=one, args=("later",))
+    later.start()
+    later.join(30)
+    assert "later" not in errors
+    journal.close()
 
 
 def test_a_lock_held_elsewhere_ends_the_call_after_the_command_timeout(pg_dsn: str) -> None:

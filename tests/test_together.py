@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -45,8 +44,8 @@ class Held:
         return [f"done {item}" for item in items]
 
 
-def stand_in(exc: BaseException) -> BaseException:
-    return JournalError(f"the batch failed: {exc!r}")
+def stand_in(exc: BaseException, items: Sequence[str]) -> BaseException:
+    return JournalError(f"the batch failed for {', '.join(items)}: {exc!r}")
 
 
 def in_threads(together: Together[str, str], names: list[str]) -> tuple[
@@ -110,30 +109,31 @@ def test_a_failed_batch_fails_every_thread_of_it_and_no_other() -> None:
     assert together.run(["after"]) == ["done after"]
 
 
-def test_an_interrupted_waiter_leaves_the_line_and_the_others_go_on() -> None:
-    """Ctrl-C while the main thread waits for its batch: its items are never carried out,
-    and the next batch goes ahead with the others."""
+def test_the_main_thread_goes_alone_so_that_its_interrupt_fails_no_one_else() -> None:
+    """Ctrl-C lands in the main thread: it never waits in line nor carries out others'
+    items, so an interrupt of its call (here, raised in its own carry-out) leaves the
+    batch under way and the threads waiting for the next one alone."""
     held = Held()
-    together: Together[str, str] = Together(held, stand_in)
-    first, _ = in_threads(together, ["first"])
+    carry_out = held.__call__
+
+    def interrupted_for_mine(items: list[str]) -> list[str]:
+        if items == ["mine"]:
+            raise KeyboardInterrupt
+        return carry_out(items)
+
+    together: Together[str, str] = Together(interrupted_for_mine, stand_in)
+    first, got_first = in_threads(together, ["first"])
     assert held.entered.wait(10)
-    others, got = in_threads(together, ["other"])
-    until(lambda: len(together._waiting) == 1)
-    main = threading.get_ident()
-
-    def interrupt() -> None:
-        until(lambda: len(together._waiting) == 2)
-        signal.pthread_kill(main, signal.SIGINT)
-
-    interrupter = threading.Thread(target=interrupt)
-    interrupter.start()
+    others, got = in_threads(together, ["a", "b"])
+    until(lambda: len(together._waiting) == 2)
     with pytest.raises(KeyboardInterrupt):
-        together.run(["mine"])
-    interrupter.join(10)
+        together.run(["mine"])  # at once, though a batch is under way
+    assert len(together._waiting) == 2
     held.release.set()
     for thread in [*first, *others]:
         thread.join(10)
-    assert got == {"other": ["done other.1", "done other.2"]}
+    assert got_first == {"first": ["done first.1", "done first.2"]}
+    assert got == {"a": ["done a.1", "done a.2"], "b": ["done b.1", "done b.2"]}
     assert all("mine" not in batch for batch in held.batches)
     assert together.run(["after"]) == ["done after"]
 

@@ -529,6 +529,8 @@ class PostgresJournal(ReadBack):
         self._writing = threading.Lock()  # held while completions are being written
         self._flusher: threading.Thread | None = None
         self._together = self._new_together()
+        #: when the last batch that found the server out of reach ended, and its error
+        self._outage: tuple[float, JournalError] | None = None
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
         self.command_timeout = command_timeout
@@ -608,14 +610,21 @@ class PostgresJournal(ReadBack):
 
     def _new_together(
         self,
-    ) -> Together[tuple[RequestRecord, str, float], Registration | JournalError]:
+    ) -> Together[tuple[float, tuple[RequestRecord, str, float]], Registration | JournalError]:
         """The gathering of concurrent threads' registrations (`register_many`)."""
 
-        def stand_in(exc: BaseException) -> BaseException:
+        def stand_in(
+            exc: BaseException, items: Sequence[tuple[float, tuple[RequestRecord, str, float]]]
+        ) -> BaseException:
+            named = ", ".join(
+                f"{r.name!r} (key {r.key})" if r.name is not None else f"with key {r.key}"
+                for _, (r, _, _) in items
+            )
             return JournalError(
-                f"journal {self.path}: could not register the operation: the batch it was "
-                f"committed with failed in another thread ({exc!r}); it may have been "
-                "committed, and is not sent",
+                f"journal {self.path}: could not register operation {named}: the statement "
+                f"that registered it with other threads' failed ({exc!r}). It was not sent; "
+                "it may be in the journal all the same: the same request sent again here "
+                "takes its key, and a resume sends it once",
                 path=self.path,
             )
 
@@ -943,8 +952,11 @@ class PostgresJournal(ReadBack):
 
         Threads that register at the same time are gathered (`Together`): while one batch
         is committed, the registrations that arrive wait, and go together in the next one.
-        Each thread returns once its own are committed (or have failed)."""
-        return self._held_ones(requests, self._together.run(requests))
+        Each thread returns once its own are committed (or have failed). One that waited
+        for a batch that found the server out of reach fails with it, without being tried:
+        no thread waits more than about one `command_timeout` for an unreachable server."""
+        arrived = time.monotonic()
+        return self._held_ones(requests, self._together.run([(arrived, r) for r in requests]))
 
     def _held_ones(
         self,
@@ -959,6 +971,39 @@ class PostgresJournal(ReadBack):
         return results
 
     def _register_now(
+        self, items: Sequence[tuple[float, tuple[RequestRecord, str, float]]]
+    ) -> list[Registration | JournalError]:
+        """`register_many` for one batch (each request with the moment it arrived). Those
+        that arrived before the last batch that found the server out of reach ended waited
+        for it: they fail with its error, not tried again."""
+        outage = self._outage
+        results: list[Registration | JournalError | None] = [None] * len(items)
+        tried: list[int] = []
+        for i, (arrived, _) in enumerate(items):
+            if outage is not None and arrived < outage[0]:
+                results[i] = self._waited_for(outage[1])
+            else:
+                tried.append(i)
+        if tried:
+            done = self._register_batch([items[i][1] for i in tried])
+            for i, result in zip(tried, done, strict=True):
+                results[i] = result
+            lost = [r for r in done if isinstance(r, JournalError) and self._out_of_reach(r)]
+            if lost:
+                self._outage = (time.monotonic(), lost[0])
+        return cast("list[Registration | JournalError]", results)
+
+    def _waited_for(self, error: JournalError) -> JournalError:
+        """The error of a registration that waited for a batch that failed with `error`
+        (the server out of reach), and is not tried again."""
+        waited = JournalError(
+            f"{error} (this registration waited for that one, and was not tried again)",
+            path=self.path,
+        )
+        waited.__cause__ = error.__cause__
+        return waited
+
+    def _register_batch(
         self, requests: Sequence[tuple[RequestRecord, str, float]]
     ) -> list[Registration | JournalError]:
         """`register_many` for one batch, on one connection of the pool."""

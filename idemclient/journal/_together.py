@@ -42,16 +42,19 @@ class Together(Generic[I, R]):
     meanwhile, in one call, and each thread gets its own results.
 
     If `carry_out` raises, the thread that called it gets the exception and every other
-    thread of the batch gets `stand_in(exception)` (their items may or may not have been
-    carried out: a caller must treat that as it treats a failed call of its own). A thread
-    interrupted while it waits (`KeyboardInterrupt` in the main thread) leaves the line if
-    its items were not taken yet; if they were, their results go unread.
+    thread of the batch gets `stand_in(exception, its items)` (their items may or may not
+    have been carried out: a caller must treat that as it treats a failed call of its own).
+
+    The main thread carries out its own items alone, at once, and never waits in line nor
+    carries out other threads' items: Ctrl-C (and a SIGTERM handler's `SystemExit`) lands
+    there, and an interrupt of one thread must fail nobody else's call nor leave anyone
+    waiting.
     """
 
     def __init__(
         self,
         carry_out: Callable[[list[I]], list[R]],
-        stand_in: Callable[[BaseException], BaseException],
+        stand_in: Callable[[BaseException, Sequence[I]], BaseException],
     ) -> None:
         self._carry_out = carry_out
         self._stand_in = stand_in
@@ -61,6 +64,8 @@ class Together(Generic[I, R]):
 
     def run(self, items: Sequence[I]) -> list[R]:
         """The results of `items`, carried out alone or in a batch with other threads'."""
+        if threading.current_thread() is threading.main_thread():
+            return self._carry_out(list(items))
         ticket: _Ticket[I, R] = _Ticket(items)
         with self._lock:
             self._waiting.append(ticket)
@@ -96,7 +101,7 @@ class Together(Generic[I, R]):
             except BaseException as exc:
                 for waiting in batch:
                     if waiting is not ticket:
-                        waiting.error = self._stand_in(exc)
+                        waiting.error = self._stand_in(exc, waiting.items)
                         waiting.wake.set()
                 raise
             start = 0
