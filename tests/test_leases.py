@@ -1,6 +1,6 @@
-"""The renewal of held leases (`journal/_leases.py`), on its own: what is renewed, when it
-stops. The journals' renewals are in the contract suite, and a long answer across hosts in
-`test_fleet.py`."""
+"""The renewal of held leases (`journal/_leases.py`), on its own: what is renewed, when, and
+when it stops. The journals' renewals are in the contract suite, and a long answer across
+hosts in `test_fleet.py`."""
 
 from __future__ import annotations
 
@@ -22,56 +22,103 @@ def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
 
 
 class Renewals:
-    def __init__(self) -> None:
-        self.calls: list[list[Lease]] = []
+    """A journal's renewal: records each call; renews every lease but those in `gone`
+    (rows finished or taken over meanwhile), or raises while `failures` last."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.calls: list[tuple[float, list[Lease]]] = []
         self.lock = threading.Lock()
+        self.gone: set[str] = set()
+        self.failures = failures
 
-    def __call__(self, leases: Sequence[Lease], now: float) -> None:
+    def __call__(self, leases: Sequence[Lease], now: float) -> set[str]:
         with self.lock:
-            self.calls.append(list(leases))
+            if self.failures:
+                self.failures -= 1
+                raise OSError("the journal is unreachable a while")
+            self.calls.append((time.monotonic(), list(leases)))
+            return {lease[0] for lease in leases} - self.gone
 
-    def keys(self) -> list[str]:
+    def renewed(self) -> list[str]:
         with self.lock:
-            return [lease[0] for call in self.calls for lease in call]
+            return [lease[0] for _, call in self.calls for lease in call]
+
+    def first(self, key: str) -> float:
+        with self.lock:
+            return next(at for at, call in self.calls if any(x[0] == key for x in call))
 
 
 def test_a_hold_is_renewed_each_half_lease_until_dropped() -> None:
     renewals = Renewals()
     holds = Holds(renewals, time.time)
     holds.hold("k", 3, "host:1:2", 0.2)
-    until(lambda: renewals.keys().count("k") >= 3)
-    assert renewals.calls[0] == [("k", 3, "host:1:2", 0.2)]
+    until(lambda: renewals.renewed().count("k") >= 3)
+    assert renewals.calls[0][1] == [("k", 3, "host:1:2", 0.2)]
     assert holds.held()["k"][0] == 3
     holds.drop("k", 2)  # an older claim's end: the newer hold stays
     assert "k" in holds.held()
     holds.drop("k", 3)
-    count = len(renewals.keys())
+    count = len(renewals.renewed())
     time.sleep(0.4)
-    assert len(renewals.keys()) == count
+    assert len(renewals.renewed()) == count
     until(lambda: holds._thread is None)  # nothing held: the thread ended
     holds.close()
 
 
-def test_renewal_stops_after_renew_for_and_survives_a_failing_write(
+def test_a_short_lease_held_while_a_long_one_waits_is_renewed_in_time() -> None:
+    """The thread sleeps until the soonest renewal, and a new hold wakes it."""
+    renewals = Renewals()
+    holds = Holds(renewals, time.time)
+    holds.hold("long", 1, "host:1:2", 300.0)
+    time.sleep(0.1)  # the thread is asleep, until the long lease's half (150 s)
+    held_at = time.monotonic()
+    holds.hold("short", 1, "host:1:2", 2.0)
+    until(lambda: "short" in renewals.renewed(), seconds=5)
+    assert renewals.first("short") - held_at < 2.0  # before its lease ended (not at 150 s)
+    holds.close()
+
+
+def test_a_lease_the_journal_no_longer_matches_is_not_renewed_again() -> None:
+    renewals = Renewals()
+    renewals.gone.add("k")  # finished elsewhere, abandoned, or taken over
+    holds = Holds(renewals, time.time)
+    holds.hold("k", 1, "host:1:2", 0.2)
+    until(lambda: "k" not in holds.held())
+    assert renewals.renewed() == ["k"]
+    holds.close()
+
+
+def test_renewal_goes_on_after_a_failing_write_and_stops_after_renew_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_leases, "RENEW_FOR", 0.5)
-    failures = [2]
-    renewals = Renewals()
-
-    def renew(leases: Sequence[Lease], now: float) -> None:
-        if failures[0]:
-            failures[0] -= 1
-            raise OSError("the journal is unreachable a while")
-        renewals(leases, now)
-
-    holds = Holds(renew, time.time)
+    monkeypatch.setattr(_leases, "RENEW_FOR", 0.6)
+    renewals = Renewals(failures=2)
+    holds = Holds(renewals, time.time)
     holds.hold("k", 1, "host:1:2", 0.1)
-    until(lambda: len(renewals.keys()) >= 1)  # after two failures, renewed all the same
-    time.sleep(0.7)  # past RENEW_FOR: no more
-    count = len(renewals.keys())
-    time.sleep(0.3)
-    assert len(renewals.keys()) == count
+    until(lambda: len(renewals.renewed()) >= 1)  # after two failures, renewed all the same
+    until(lambda: "k" not in holds.held())  # held too long: dropped
+    until(lambda: holds._thread is None)  # and the thread ended with it
+    holds.close()
+
+
+def test_a_thread_that_could_not_start_is_started_by_the_next_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    renewals = Renewals()
+    holds = Holds(renewals, time.time)
+    real = threading.Thread.start
+    failed: list[bool] = []
+
+    def start_once_failing(thread: threading.Thread) -> None:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("can't start new thread")
+        real(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_failing)
+    holds.hold("a", 1, "host:1:2", 0.2)  # no thread: not renewed for now, no error
+    holds.hold("b", 1, "host:1:2", 0.2)
+    until(lambda: {"a", "b"} <= set(renewals.renewed()))
     holds.close()
 
 
@@ -83,5 +130,5 @@ def test_a_clock_that_jumps_starts_no_renewal() -> None:
     holds.hold("k", 1, "host:1:2", 60.0)
     jumped[0] += 3600
     time.sleep(0.3)
-    assert renewals.keys() == []
+    assert renewals.renewed() == []
     holds.close()

@@ -29,9 +29,9 @@ logger = logging.getLogger("idemclient")
 
 #: how long one hold is renewed at most, in seconds
 RENEW_FOR = 3600.0
-#: the renewing thread looks this often at most (and at least every tenth of a lease)
+#: the renewing thread looks at least this often, in seconds (and retries a failed renewal
+#: after a tenth of its lease, at most this long)
 _MOST_EVERY = 10.0
-_LEAST_EVERY = 0.05
 
 #: what renewal writes: (key, lease version, owner, lease seconds)
 Lease = tuple[str, int, str, float]
@@ -55,30 +55,38 @@ class _Hold:
 class Holds:
     """The operations this process holds in one journal, and the thread that renews their
     leases. `renew(leases, now)` writes `lease_expires = now + lease` for each (fenced by its
-    owner and version; a row that no longer matches is left alone); `clock` is the journal's
-    wall clock (the one its leases are written in)."""
+    owner and version) and returns the keys it changed: a hold whose row no longer matches
+    (finished, released, abandoned, taken over) is no longer renewed. `clock` is the
+    journal's wall clock (the one its leases are written in)."""
 
     def __init__(
-        self, renew: Callable[[Sequence[Lease], float], None], clock: Callable[[], float]
+        self, renew: Callable[[Sequence[Lease], float], set[str]], clock: Callable[[], float]
     ) -> None:
         self._renew = renew
         self._clock = clock
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a hold came, or it is closing
         self._held: dict[str, _Hold] = {}
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._closed = False
         _all.add(self)
 
     def hold(self, key: str, version: int, owner: str, lease: float) -> None:
         """This process now holds `key` at `version`, for `lease` seconds from now."""
         entry = _Hold(version, owner, lease, self._clock())
         with self._lock:
+            if self._closed:
+                return
             self._held[key] = entry
-            if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(
-                    target=self._run, name="idemclient-leases", daemon=True
-                )
-                self._thread.start()
+            self._changed.notify()  # its renewal may be due before the thread would look
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name="idemclient-leases", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # no thread now (a limit, the interpreter ending)
+                    logger.warning("leases of this process are not renewed for now: %s", exc)
+                else:
+                    self._thread = thread
 
     def drop(self, key: str, version: int) -> None:
         """`key`, held at `version`, is recorded, released or given back: its lease is no
@@ -95,25 +103,33 @@ class Holds:
 
     def close(self) -> None:
         """The journal is closed: nothing more is renewed."""
-        self._stop.set()
         with self._lock:
+            self._closed = True
             self._held.clear()
+            self._changed.notify()
 
     def _reset(self) -> None:
         """In a forked child: the parent's holds are the parent's, and so is its thread."""
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._held = {}
         self._thread = None
 
     def _run(self) -> None:
+        """Renew each lease when half of it has passed; end when nothing is held (the next
+        hold starts another thread), so that a journal dropped unclosed is not kept alive."""
         while True:
             with self._lock:
-                if not self._held:
-                    self._thread = None  # the next hold starts another
+                moment = time.monotonic()
+                for key in [k for k, h in self._held.items() if moment - h.since >= RENEW_FOR]:
+                    del self._held[key]  # held too long: never read to its end, nor closed
+                if not self._held or self._closed:
+                    self._thread = None
                     return
-                every = min(h.lease for h in self._held.values()) / 10
-            if self._stop.wait(min(max(every, _LEAST_EVERY), _MOST_EVERY)):
-                return
+                soonest = min(h.renew_at for h in self._held.values())
+                if soonest > moment:
+                    self._changed.wait(min(soonest - moment, _MOST_EVERY))
+                    continue
             self._renew_due()
 
     def _renew_due(self) -> None:
@@ -122,22 +138,31 @@ class Holds:
             due = [
                 (key, h.version, h.owner, h.lease)
                 for key, h in self._held.items()
-                if h.renew_at <= moment and moment - h.since < RENEW_FOR
+                if h.renew_at <= moment
             ]
         if not due:
             return
         now = self._clock()
         try:
-            self._renew(due, now)
-        except Exception as exc:  # unreachable a while: tried again at the next look
+            renewed = self._renew(due, now)
+        except Exception as exc:  # unreachable a while: tried again a little later
             logger.debug("could not renew %d lease(s): %s", len(due), exc)
+            with self._lock:
+                for key, version, _, _ in due:
+                    entry = self._held.get(key)
+                    if entry is not None and entry.version == version:
+                        entry.renew_at = moment + min(entry.lease / 10, _MOST_EVERY)
             return
         with self._lock:
             for key, version, _, lease in due:
                 entry = self._held.get(key)
-                if entry is not None and entry.version == version:
+                if entry is None or entry.version != version:
+                    continue
+                if key in renewed:
                     entry.expires = now + lease
                     entry.renew_at = moment + lease / 2
+                else:  # finished, released or taken over meanwhile: not ours to renew
+                    del self._held[key]
 
 
 def _after_fork_in_child() -> None:

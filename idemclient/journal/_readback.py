@@ -389,16 +389,19 @@ class ReadBack:
     def _let_go(self, key: str, version: int) -> None:
         self._holds.drop(key, version)
 
-    def _renew_leases(self, leases: Sequence[Lease], now: float) -> None:
+    def _renew_leases(self, leases: Sequence[Lease], now: float) -> set[str]:
         """Extend leases this process holds, each fenced by its holder and version: an
-        operation finished, released or taken over since is left alone."""
+        operation finished, released or taken over since is left alone. The keys renewed."""
         m = self._mark
         sql = (
             f"UPDATE {self._table} SET lease_expires = {m} WHERE key = {m} "
             f"AND lease_version = {m} AND lease_owner = {m} AND state = 'pending'"
         )
+        renewed: set[str] = set()
         for key, version, owner, lease in leases:
-            self._write_statement("renew a lease", sql, (now + lease, key, version, owner))
+            if self._write_statement("renew a lease", sql, (now + lease, key, version, owner)):
+                renewed.add(key)
+        return renewed
 
     # -- reconciling expired operations ---------------------------------------------------
 
