@@ -151,37 +151,47 @@ def record(name: str) -> RequestRecord:
     )
 
 
+def in_two_batches(
+    journal: PostgresJournal, records: list[RequestRecord], owner: str
+) -> tuple[list[int], dict[str, Any]]:
+    """Each record registered by a thread of its own: the first alone, the others while
+    its batch is held open, so that they line up for the next. The sizes of the batches
+    carried out, and each record's registration by name."""
+    real = journal._register_now
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def held_first(items: Any) -> Any:
+        calls.append(len(items))
+        if len(calls) == 1:
+            assert gate.wait(10)
+        return real(items)
+
+    journal._together._carry_out = held_first
+    results: dict[str, Any] = {}
+
+    def one(record: RequestRecord) -> None:
+        results[str(record.name)] = journal.register(record, owner, 60.0)
+
+    threads = [threading.Thread(target=one, args=(record,)) for record in records]
+    threads[0].start()
+    until(lambda: len(calls) == 1)
+    for thread in threads[1:]:
+        thread.start()
+    until(lambda: len(journal._together._waiting) == len(records) - 1)
+    gate.set()
+    for thread in threads:
+        thread.join(30)
+    return calls, results
+
+
 def test_postgres_threads_registering_at_once_share_commits(pg_dsn: str) -> None:
     """Sixteen threads register while one registration is being committed: they go in one
     statement, each is inserted once and gets its own registration."""
+    names = [f"op-{i}" for i in range(17)]
     with PostgresJournal(pg_dsn, auto_purge=None) as journal:
-        real = journal._register_now
-        calls: list[int] = []
-        gate = threading.Event()
-
-        def counted(requests: Any) -> Any:
-            calls.append(len(requests))
-            if len(calls) == 1:
-                assert gate.wait(10)
-            return real(requests)
-
-        journal._together._carry_out = counted
         owner = f"this-host:{os.getpid()}:1"
-        results: dict[str, Any] = {}
-
-        def one(name: str) -> None:
-            results[name] = journal.register(record(name), owner, 60.0)
-
-        names = [f"op-{i}" for i in range(17)]
-        threads = [threading.Thread(target=one, args=(name,)) for name in names]
-        threads[0].start()
-        until(lambda: len(calls) == 1)
-        for thread in threads[1:]:
-            thread.start()
-        until(lambda: len(journal._together._waiting) == 16)
-        gate.set()
-        for thread in threads:
-            thread.join(30)
+        calls, results = in_two_batches(journal, [record(name) for name in names], owner)
         assert calls == [1, 16]
         assert {name: r.decision for name, r in results.items()} == {
             name: Decision.SEND for name in names
@@ -215,31 +225,7 @@ def test_postgres_resumed_operations_claimed_together_in_one_statement(pg_dsn: s
             return real_many(claims, results)
 
         journal._claim_seen_many = counted  # type: ignore[method-assign]
-        real = journal._register_now
-        gate = threading.Event()
-        calls: list[int] = []
-
-        def held_first(requests: Any) -> Any:
-            calls.append(len(requests))
-            if len(calls) == 1:
-                assert gate.wait(10)
-            return real(requests)
-
-        journal._together._carry_out = held_first
-        results: dict[str, Any] = {}
-
-        def one(name: str) -> None:
-            results[name] = journal.register(resumed(name), owner, 60.0)
-
-        threads = [threading.Thread(target=one, args=(name,)) for name in names]
-        threads[0].start()
-        until(lambda: len(calls) == 1)
-        for thread in threads[1:]:
-            thread.start()
-        until(lambda: len(journal._together._waiting) == 16)
-        gate.set()
-        for thread in threads:
-            thread.join(30)
+        calls, results = in_two_batches(journal, [resumed(name) for name in names], owner)
         assert calls == [1, 16]
         assert statements == [15]  # op-16's row changed since it was read: not in it
         assert {n: r.decision for n, r in results.items()} == dict.fromkeys(names, Decision.SEND)
