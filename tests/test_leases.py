@@ -43,7 +43,10 @@ class Renewals:
             return next(at for at, call in self.calls if any(x[0] == key for x in call))
 
 
-def test_a_hold_is_renewed_each_half_lease_until_dropped() -> None:
+def test_a_hold_is_renewed_each_half_lease_until_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_leases, "_IDLE", 0.2)
     renewals = Renewals()
     holds = Holds(renewals, time.time)
     holds.hold("k", 3, "host:1:2", 0.2)
@@ -56,7 +59,7 @@ def test_a_hold_is_renewed_each_half_lease_until_dropped() -> None:
     count = len(renewals.renewed())
     time.sleep(0.4)
     assert len(renewals.renewed()) == count
-    until(lambda: holds._thread is None)  # nothing held: the thread ended
+    until(lambda: holds._thread is None)  # nothing held a while: the thread ended
     holds.close()
 
 
@@ -87,6 +90,7 @@ def test_renewal_goes_on_after_a_failing_write_and_stops_after_renew_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_leases, "RENEW_FOR", 0.6)
+    monkeypatch.setattr(_leases, "_IDLE", 0.2)
     renewals = Renewals(failures=2)
     holds = Holds(renewals, time.time)
     holds.hold("k", 1, "host:1:2", 0.1)
@@ -126,4 +130,26 @@ def test_a_clock_that_jumps_starts_no_renewal() -> None:
     jumped[0] += 3600
     time.sleep(0.3)
     assert renewals.renewed() == []
+    holds.close()
+
+
+def test_holds_one_after_another_neither_wake_nor_restart_the_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests one after another each hold and drop a lease: the renewing thread keeps
+    sleeping until the soonest renewal, so no request wakes it or starts another one."""
+    started: list[str] = []
+    real = threading.Thread.start
+
+    def counted(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        real(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    holds = Holds(Renewals(), time.time)
+    for i in range(300):
+        holds.hold(f"k{i}", 1, "host:1:2", 60.0)
+        holds.drop(f"k{i}", 1)
+        time.sleep(0.0005)  # the thread would run between requests if woken
+    assert started.count("idemclient-leases") == 1
     holds.close()

@@ -33,6 +33,9 @@ RENEW_FOR = 3600.0
 #: after a tenth of its lease, at most this long)
 _MOST_EVERY = 10.0
 
+#: an idle renewing thread ends after this many seconds with nothing held
+_IDLE = 10.0
+
 #: what renewal writes: (key, lease version, owner, lease seconds)
 Lease = tuple[str, int, str, float]
 
@@ -69,6 +72,7 @@ class Holds:
         self._held: dict[str, _Hold] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._wakes_at = float("inf")  # when the thread's current wait ends (monotonic)
         _all.add(self)
 
     def hold(self, key: str, version: int, owner: str, lease: float) -> None:
@@ -78,7 +82,8 @@ class Holds:
             if self._closed:
                 return
             self._held[key] = entry
-            self._changed.notify()  # its renewal may be due before the thread would look
+            if entry.renew_at < self._wakes_at:  # due before the thread would look: wake it
+                self._changed.notify()
             if self._thread is None:
                 thread = threading.Thread(target=self._run, name="idemclient-leases", daemon=True)
                 try:
@@ -114,21 +119,35 @@ class Holds:
         self._changed = threading.Condition(self._lock)
         self._held = {}
         self._thread = None
+        self._wakes_at = float("inf")
 
     def _run(self) -> None:
-        """Renew each lease when half of it has passed; end when nothing is held (the next
-        hold starts another thread), so that a journal dropped unclosed is not kept alive."""
+        """Renew each lease when half of it has passed; end after `_IDLE` seconds with
+        nothing held (the next hold starts another thread), so that a journal dropped
+        unclosed is not kept alive."""
+        idle_since: float | None = None
         while True:
             with self._lock:
                 moment = time.monotonic()
                 for key in [k for k, h in self._held.items() if moment - h.since >= RENEW_FOR]:
                     del self._held[key]  # held too long: never read to its end, nor closed
-                if not self._held or self._closed:
+                if self._closed or (not self._held and idle_since is not None
+                                    and moment - idle_since >= _IDLE):  # fmt: skip
                     self._thread = None
                     return
+                if not self._held:
+                    idle_since = moment if idle_since is None else idle_since
+                    self._wakes_at = moment + _IDLE
+                    self._changed.wait(_IDLE)
+                    self._wakes_at = float("inf")
+                    continue
+                idle_since = None
                 soonest = min(h.renew_at for h in self._held.values())
                 if soonest > moment:
-                    self._changed.wait(min(soonest - moment, _MOST_EVERY))
+                    timeout = min(soonest - moment, _MOST_EVERY)
+                    self._wakes_at = moment + timeout
+                    self._changed.wait(timeout)
+                    self._wakes_at = float("inf")
                     continue
             self._renew_due()
 
