@@ -191,8 +191,18 @@ def test_postgres_threads_registering_at_once_share_commits(pg_dsn: str) -> None
     names = [f"op-{i}" for i in range(17)]
     with PostgresJournal(pg_dsn, auto_purge=None) as journal:
         owner = f"this-host:{os.getpid()}:1"
+        inserted: list[int] = []  # by each INSERT statement
+        real_insert = journal._insert
+
+        def counted(items: Any, now: float) -> Any:
+            keys = yield from real_insert(items, now)
+            inserted.append(len(keys))
+            return keys
+
+        journal._insert = counted  # type: ignore[method-assign]
         calls, results = in_two_batches(journal, [record(name) for name in names], owner)
         assert calls == [1, 16]
+        assert inserted == [1, 16]
         assert {name: r.decision for name, r in results.items()} == {
             name: Decision.SEND for name in names
         }
@@ -218,16 +228,19 @@ def test_postgres_resumed_operations_claimed_together_in_one_statement(pg_dsn: s
         reg = journal.register(resumed("op-16"), "other-host:1:1", 60.0)
         journal.release("key-op-16", reg.lease_version, "gave up")
         statements: list[int] = []
+        claimed: list[int] = []  # by the statement itself, not left to the one-by-one path
         real_many = journal._claim_seen_many
 
         def counted(claims: Any, results: Any) -> Any:
             statements.append(len(claims))
-            return real_many(claims, results)
+            yield from real_many(claims, results)
+            claimed.append(sum(results[i] is not None for i, _, _ in claims.values()))
 
         journal._claim_seen_many = counted  # type: ignore[method-assign]
         calls, results = in_two_batches(journal, [resumed(name) for name in names], owner)
         assert calls == [1, 16]
         assert statements == [15]  # op-16's row changed since it was read: not in it
+        assert claimed == [15]
         assert {n: r.decision for n, r in results.items()} == dict.fromkeys(names, Decision.SEND)
         assert {n: r.operation.attempts for n, r in results.items()} == {
             **dict.fromkeys(names[:16], 2),

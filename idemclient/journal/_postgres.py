@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
@@ -85,7 +85,6 @@ logger = logging.getLogger("idemclient")
 
 #: completions written by one statement (8 parameters each, far below PostgreSQL's limit)
 _ROWS_PER_STATEMENT = 500
-_FINISH_ROW = "(%s::text, %s::float8, %s::int, %s::text, %s::bytea, %s::int, %s::text, %s::int)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +93,7 @@ class _Sql:
     statement that returns none) and its row count."""
 
     text: str
-    params: Sequence[Any] = ()
+    params: Sequence[Any] | Mapping[str, Any] = ()
 
 
 _Result = tuple[list[tuple[Any, ...]], int]
@@ -260,7 +259,22 @@ def _shut(fd: int) -> None:
 _watchdog = _Watchdog()
 
 
-_INSERT_ROW = "(%s, %s, 'pending', %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, 1, %s, %s)"
+#: New operations, claimed, one row per element of the arrays (`unnest`): the statement's
+#: text is the same for one row or many, so that psycopg parses it once and the server
+#: prepares it, instead of a statement of its own for each number of rows
+_INSERT = (
+    "INSERT INTO {table} (name, key, state, method, url, headers, body, fingerprint, attempts, "
+    "created_at, updated_at, first_sent_at, lease_owner, lease_expires, lease_version, "
+    "key_header, key_style) "
+    "SELECT v.name, v.key, 'pending', v.method, v.url, v.headers, v.body, v.fingerprint, 1, "
+    "%(now)b, %(now)b, %(now)b, v.owner, v.expires, 1, v.key_header, v.key_style "
+    "FROM unnest(%(name)b::text[], %(key)b::text[], %(method)b::text[], %(url)b::text[], "
+    "%(headers)b::text[], %(body)b::bytea[], %(fingerprint)b::text[], %(owner)b::text[], "
+    "%(expires)b::float8[], %(key_header)b::text[], %(key_style)b::text[]) "
+    "AS v(name, key, method, url, headers, body, fingerprint, owner, expires, key_header, "
+    "key_style) "
+    "ON CONFLICT DO NOTHING RETURNING key"
+)
 _CLAIM = (
     "UPDATE {table} SET attempts = %s, lease_version = %s, lease_owner = %s, "
     "lease_expires = %s, updated_at = %s, recoveries = %s, first_sent_at = %s, url = %s, "
@@ -270,13 +284,11 @@ _CLAIM = (
 
 #: `_CLAIM` for several rows, each fenced by the `xmin` it was read with; rows locked in key
 #: order, those locked by another transaction skipped (left to the one-by-one path)
-_CLAIM_ROW = (
-    "(%s::int, %s::int, %s::text, %s::float8, %s::float8, %s::int, %s::float8, %s::text, "
-    "%s::text, %s::text, %s::text, %s::xid)"
-)
 _CLAIM_MANY = (
-    "WITH v (attempts, lease_version, lease_owner, lease_expires, updated_at, recoveries, "
-    "first_sent_at, url, fingerprint, last_error, key, seen) AS (VALUES {values}), "
+    "WITH v AS (SELECT * FROM unnest(%b::int[], %b::int[], %b::text[], %b::float8[], "
+    "%b::float8[], %b::int[], %b::float8[], %b::text[], %b::text[], %b::text[], %b::text[], "
+    "%b::text[]::xid[]) AS v(attempts, lease_version, lease_owner, lease_expires, updated_at, "
+    "recoveries, first_sent_at, url, fingerprint, last_error, key, seen)), "
     "locked AS (SELECT t.key FROM {table} AS t JOIN v ON t.key = v.key AND t.xmin = v.seen "
     "ORDER BY t.key FOR UPDATE OF t SKIP LOCKED) "
     "UPDATE {table} AS t SET attempts = v.attempts, lease_version = v.lease_version, "
@@ -286,6 +298,11 @@ _CLAIM_MANY = (
     "FROM v WHERE t.key = v.key AND t.xmin = v.seen AND t.key IN (SELECT key FROM locked) "
     "RETURNING t.key"
 )
+
+
+def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Rows of values as columns: one array parameter each, for `unnest`."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _claim_values(write: ClaimUpdate) -> tuple[Any, ...]:
@@ -1233,16 +1250,13 @@ class PostgresJournal(ReadBack):
         key order, skipping those another resumer is claiming (no two resumers wait on each
         other); those, and rows written since they were read, are left to `_register`, which
         reads them again, locked."""
-        values: list[Any] = []
+        rows_of: list[tuple[Any, ...]] = []
         for _, decided, xmin in claims.values():
             assert isinstance(decided.write, ClaimUpdate)
-            values += (*_claim_values(decided.write), xmin)
+            rows_of.append((*_claim_values(decided.write), xmin))
         for key in claims:
             self._seen.pop(key, None)  # tried: a row left out is read again, locked
-        rows, _ = yield _Sql(
-            _CLAIM_MANY.format(table=self._table, values=", ".join([_CLAIM_ROW] * len(claims))),
-            values,
-        )
+        rows, _ = yield _Sql(_CLAIM_MANY.format(table=self._table), _columns(rows_of))
         for (key,) in rows:
             i, decided, _ = claims[key]
             results[i] = decided.registration
@@ -1253,21 +1267,24 @@ class PostgresJournal(ReadBack):
         """Insert new operations (record, owner, lease seconds), claimed: the keys of those
         inserted. One whose name or key is taken is not (a row another host is inserting at
         this moment is waited for, then counts as taken)."""
-        values: list[Any] = []
-        for record, owner, lease_seconds in items:
-            values += (
-                record.name, record.key, record.method, record.url,
-                headers_json(record.headers, record.headers_encoding), record.body,
-                record.fingerprint, now, now, now, owner, now + lease_seconds,
-                record.key_header, record.key_style,
-            )  # fmt: skip
         rows, _ = yield _Sql(
-            f"INSERT INTO {self._table} (name, key, state, method, url, headers, body, "
-            "fingerprint, attempts, created_at, updated_at, first_sent_at, lease_owner, "
-            "lease_expires, lease_version, key_header, key_style) VALUES "
-            + ", ".join([_INSERT_ROW] * len(items))
-            + " ON CONFLICT DO NOTHING RETURNING key",
-            values,
+            _INSERT.format(table=self._table),
+            {
+                "now": now,
+                "name": [record.name for record, _, _ in items],
+                "key": [record.key for record, _, _ in items],
+                "method": [record.method for record, _, _ in items],
+                "url": [record.url for record, _, _ in items],
+                "headers": [
+                    headers_json(record.headers, record.headers_encoding) for record, _, _ in items
+                ],
+                "body": [record.body for record, _, _ in items],
+                "fingerprint": [record.fingerprint for record, _, _ in items],
+                "owner": [owner for _, owner, _ in items],
+                "expires": [now + lease_seconds for _, _, lease_seconds in items],
+                "key_header": [record.key_header for record, _, _ in items],
+                "key_style": [record.key_style for record, _, _ in items],
+            },
         )
         return {row[0] for row in rows}
 
@@ -1485,17 +1502,17 @@ class PostgresJournal(ReadBack):
         statements = []
         for start in range(0, len(items), _ROWS_PER_STATEMENT):
             chunk = items[start : start + _ROWS_PER_STATEMENT]
-            params: list[Any] = [value for row in chunk for value in row]
+            params = _columns(chunk)
             if waitless:
-                params.append([row[6] for row in chunk])
+                params.append(params[6])
             statements.append(
                 _Sql(
                     f"UPDATE {self._table} AS t SET state = v.state, updated_at = v.updated_at, "
                     "response_status = v.status, response_headers = v.headers, "
                     "response_body = v.body, response_body_kept = v.kept, lease_owner = NULL, "
-                    "lease_expires = NULL, last_error = NULL FROM (VALUES "
-                    + ", ".join([_FINISH_ROW] * len(chunk))
-                    + ") AS v(state, updated_at, status, headers, body, kept, key, version) "
+                    "lease_expires = NULL, last_error = NULL FROM unnest(%b::text[], "
+                    "%b::float8[], %b::int[], %b::text[], %b::bytea[], %b::int[], %b::text[], "
+                    "%b::int[]) AS v(state, updated_at, status, headers, body, kept, key, version) "
                     "WHERE t.key = v.key AND t.lease_version = v.version AND t.state = 'pending'"
                     + (skip if waitless else "")
                     + " RETURNING t.key",
