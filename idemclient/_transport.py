@@ -449,10 +449,11 @@ def _on_asyncio() -> bool:
 class _Slot:
     """A task's registration waiting for its batch: its step, then its result."""
 
-    __slots__ = ("step", "value", "wake")
+    __slots__ = ("arrived", "step", "value", "wake")
 
     def __init__(self, step: Register) -> None:
         self.step = step
+        self.arrived = time.monotonic()
         self.value: Registration | BaseException | None = None
         self.wake = anyio.Event()
 
@@ -510,7 +511,7 @@ class _AsyncRegistrar:
                 batch, self._waiting = self._waiting, []
                 try:
                     requests = [(s.step.record, s.step.owner, s.step.lease_seconds) for s in batch]
-                    results, cancelled = await self._commit(requests)
+                    results, cancelled = await self._commit(requests, [s.arrived for s in batch])
                 except BaseException as exc:  # register_many itself failed: tell everyone
                     for waiting in batch:
                         waiting.value = exc
@@ -525,14 +526,15 @@ class _AsyncRegistrar:
         return cancelled
 
     async def _commit(
-        self, requests: list[tuple[RequestRecord, str, float]]
+        self, requests: list[tuple[RequestRecord, str, float]], arrived: list[float]
     ) -> tuple[list[Registration | JournalError], BaseException | None]:
-        """One batch, seen through: on the loop for a journal with native async I/O under
-        asyncio, else in a worker thread."""
+        """One batch (each request with the moment its task asked), seen through: on the
+        loop for a journal with native async I/O under asyncio, else in a worker thread."""
         journal = self._journal
         if self.native and _on_asyncio():
             native = cast(AsyncJournalSteps, journal)
-            return await _see_through_async(functools.partial(native.aregister_many, requests))
+            together = functools.partial(native.aregister_many, requests, arrived=arrived)
+            return await _see_through_async(together)
         call = functools.partial(journal.register_many, requests)
         return await _see_through(call, self.thread)
 

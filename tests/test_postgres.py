@@ -471,6 +471,60 @@ def test_threads_waiting_behind_an_unreachable_server_fail_with_it(pg_dsn: str) 
     journal.close()
 
 
+@pytest.mark.anyio
+async def test_tasks_waiting_behind_an_unreachable_server_fail_with_it(pg_dsn: str) -> None:
+    """The async twin: the server goes silent while one task's registration is under way,
+    on the loop, and eight more tasks line up behind it. When it fails (`command_timeout`),
+    they fail with it, not tried again; nothing is sent; after the server is back, the next
+    request goes through."""
+    import os
+    import signal
+
+    sent: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(201)
+
+    journal = PostgresJournal(pg_dsn, command_timeout=1.0, connect_timeout=1.0, auto_purge=None)
+    tried: list[int] = []
+    real = journal._aregister_batch
+
+    async def counted(requests: Any) -> Any:
+        tried.append(len(requests))
+        return await real(requests)
+
+    journal._aregister_batch = counted  # type: ignore[method-assign]
+    async with idemclient.AsyncClient(
+        journal=journal, transport=httpx.MockTransport(server), base_url="https://x",
+        retry=RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+        await client.post("/warm", json={})
+        tried.clear()
+        frozen = _frozen_server(pg_dsn)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            first = asyncio.ensure_future(client.post("/first", json={}))
+            deadline = time.monotonic() + 10
+            while not tried:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            waiting = [asyncio.ensure_future(client.post(f"/op-{i}", json={})) for i in range(8)]
+            outcomes = await asyncio.gather(first, *waiting, return_exceptions=True)
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        assert tried == [1]  # the eight were never tried
+        assert all(isinstance(outcome, JournalError) for outcome in outcomes), outcomes
+        assert "no answer from the server within 1 s" in str(outcomes[0])
+        assert all("not tried again" in str(outcome) for outcome in outcomes[1:])
+        assert sent == ["/warm"]
+        later = await client.post("/later", json={})
+        assert later.status_code == 201
+    assert sent == ["/warm", "/later"]
+
+
 def test_a_lock_held_elsewhere_ends_the_call_after_the_command_timeout(pg_dsn: str) -> None:
     """Another session holds the operations table locked: a registration waits
     `command_timeout` at most (the server cancels it), and nothing is sent."""

@@ -299,10 +299,16 @@ class AsyncJournalSteps(Protocol):
     them (SQLite) is called in a worker thread."""
 
     async def aregister_many(
-        self, requests: Sequence[tuple[RequestRecord, str, float]]
+        self,
+        requests: Sequence[tuple[RequestRecord, str, float]],
+        *,
+        arrived: Sequence[float] | None = None,
     ) -> list[Registration | JournalError]:
         """`JournalBackend.register_many`: what the async transport commits for the
-        registrations of its tasks that wait together."""
+        registrations of its tasks that wait together. `arrived` is when each was asked for
+        (`time.monotonic()`): one that waited for a batch that found the backend out of
+        reach may fail with that batch's error without being tried (its caller has waited
+        for the backend once already)."""
         ...
 
     async def aclaim(

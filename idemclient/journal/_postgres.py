@@ -990,9 +990,18 @@ class PostgresJournal(ReadBack):
     def _register_now(
         self, items: Sequence[tuple[float, tuple[RequestRecord, str, float]]]
     ) -> list[Registration | JournalError]:
-        """`register_many` for one batch (each request with the moment it arrived). Those
-        that arrived before the last batch that found the server out of reach ended waited
-        for it: they fail with its error, not tried again."""
+        """`register_many` for one batch (each request with the moment it arrived)."""
+        results, tried = self._not_waited(items)
+        if tried:
+            self._tried(results, tried, self._register_batch([items[i][1] for i in tried]))
+        return cast("list[Registration | JournalError]", results)
+
+    def _not_waited(
+        self, items: Sequence[tuple[float, tuple[RequestRecord, str, float]]]
+    ) -> tuple[list[Registration | JournalError | None], list[int]]:
+        """The results of a batch so far, and which of its requests to try. Those that
+        arrived before the last batch that found the server out of reach ended waited for it:
+        they fail with its error, not tried again (each would wait another command timeout)."""
         outage = self._outage
         results: list[Registration | JournalError | None] = [None] * len(items)
         tried: list[int] = []
@@ -1001,14 +1010,21 @@ class PostgresJournal(ReadBack):
                 results[i] = self._waited_for(outage[1])
             else:
                 tried.append(i)
-        if tried:
-            done = self._register_batch([items[i][1] for i in tried])
-            for i, result in zip(tried, done, strict=True):
-                results[i] = result
-            lost = [r for r in done if isinstance(r, JournalError) and self._out_of_reach(r)]
-            if lost:
-                self._outage = (time.monotonic(), lost[0])
-        return cast("list[Registration | JournalError]", results)
+        return results, tried
+
+    def _tried(
+        self,
+        results: list[Registration | JournalError | None],
+        tried: list[int],
+        done: list[Registration | JournalError],
+    ) -> None:
+        """Fill in the `results` of the requests `tried`; if the server was out of reach,
+        note when that was found (`_not_waited`)."""
+        for i, result in zip(tried, done, strict=True):
+            results[i] = result
+        lost = [r for r in done if isinstance(r, JournalError) and self._out_of_reach(r)]
+        if lost:
+            self._outage = (time.monotonic(), lost[0])
 
     def _waited_for(self, error: JournalError) -> JournalError:
         """The error of a registration that waited for a batch that failed with `error`
@@ -1038,9 +1054,26 @@ class PostgresJournal(ReadBack):
             return cast("list[Registration | JournalError]", stop.value)
 
     async def aregister_many(
+        self,
+        requests: Sequence[tuple[RequestRecord, str, float]],
+        *,
+        arrived: Sequence[float] | None = None,
+    ) -> list[Registration | JournalError]:
+        """`register_many` on async connections of the running loop (`AsyncJournalSteps`).
+        Those `arrived` (monotonic) before the end of a batch that found the server out of
+        reach waited for it: they fail with its error, not tried again."""
+        moments = [time.monotonic()] * len(requests) if arrived is None else arrived
+        items = list(zip(moments, requests, strict=True))
+        results, tried = self._not_waited(items)
+        if tried:
+            done = await self._aregister_batch([requests[i] for i in tried])
+            self._tried(results, tried, done)
+        return self._held_ones(requests, cast("list[Registration | JournalError]", results))
+
+    async def _aregister_batch(
         self, requests: Sequence[tuple[RequestRecord, str, float]]
     ) -> list[Registration | JournalError]:
-        """`register_many` on async connections of the running loop (`AsyncJournalSteps`)."""
+        """`_register_batch` on an async connection of the running loop."""
         steps = self._registering(requests)
         try:
             call = next(steps)
@@ -1052,7 +1085,7 @@ class PostgresJournal(ReadBack):
                 else:
                     call = steps.send(result)
         except StopIteration as stop:
-            return self._held_ones(requests, stop.value)
+            return cast("list[Registration | JournalError]", stop.value)
 
     def _registering(
         self, requests: Sequence[tuple[RequestRecord, str, float]]
