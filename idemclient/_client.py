@@ -15,9 +15,10 @@ import anyio.to_thread
 import httpx
 
 from ._budget import OWN_BUDGET, BudgetOption, own_budget
-from ._core import OPERATION_EXTENSION, RESUME_EXTENSION, Event, stored_url
+from ._core import OPERATION_EXTENSION, RESUME_EXTENSION, Event, _label, stored_url
 from ._errors import (
     ConflictError,
+    JournalError,
     OperationAbandonedError,
     OperationExpiredError,
     OperationInProgressError,
@@ -323,7 +324,8 @@ class ResumeResult:
     `in_progress` (another live process holds it), `parked` (its sends kept ending with the
     process gone: a person decides), or `failed` (retries ran out, a transport error, or an
     answer that is not the operation's: a 401, a redirect not followed; it stays pending).
-    `operation` is the journal's record after the attempt.
+    `operation` is the journal's record after the attempt (if that cannot be read, the
+    record before it, reported as `failed` with the `JournalError` that says so).
     """
 
     operation: Operation
@@ -510,7 +512,24 @@ def _result(
     response: httpx.Response | None,
     error: Exception | None,
 ) -> ResumeResult:
-    now = journal.get(op.key) or op
+    """The result of one resumed operation's send, with its record as the journal has it
+    now. If that record cannot be read, the send is still reported: `failed`, with the
+    `JournalError` that says so, the answer, and the record as it was before the send (an
+    answer that came was recorded all the same; the resume goes on, and a journal that
+    cannot be written stops it at the next registration)."""
+    try:
+        now = journal.get(op.key) or op
+    except JournalError as exc:
+        if error is not None:
+            now = op
+        else:
+            unread = JournalError(
+                f"operation {_label(op)}: its send is over, but its record could not be "
+                f"read back: {exc}",
+                path=exc.path,
+            )
+            unread.__cause__ = exc
+            return ResumeResult(op, "failed", response, unread)
     outcome: Outcome
     if error is None:
         # An answer that settles nothing (a 401, a redirect not followed) leaves it pending.

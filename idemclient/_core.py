@@ -1490,6 +1490,15 @@ def keyed_flow(
             yield Finish(op.key, version, state, _stored(response, last_raw, the_plan.secret))
             settled = True
     except GeneratorExit:
+        # Closed mid-way, its driver gone (an async task destroyed without being cancelled,
+        # its loop closed): no journal step can be taken now. Its lease is no longer renewed,
+        # so that it ends on its own, and a resume takes the operation over then.
+        if not settled:
+            # (a backend that renews leases; the garbage collector may be running this in a
+            # thread that holds the holds' lock: `_let_go_later` takes none)
+            stop_renewing = getattr(journal, "_let_go_later", None)
+            if stop_renewing is not None:
+                stop_renewing(op.key, version)
         raise
     except Unsent as unsent:
         # Cancelled before this attempt's first byte: give the claim back, so that a retry

@@ -4,12 +4,18 @@ hosts in `test_fleet.py`."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import threading
 import time
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
+import httpx
 import pytest
 
+import idemclient
 from idemclient.journal import _leases
 from idemclient.journal._leases import Holds, Lease
 
@@ -152,4 +158,51 @@ def test_holds_one_after_another_neither_wake_nor_restart_the_thread(
         holds.drop(f"k{i}", 1)
         time.sleep(0.0005)  # the thread would run between requests if woken
     assert started.count("idemclient-leases") == 1
+    holds.close()
+
+
+def test_a_task_destroyed_mid_request_stops_renewing_its_lease(tmp_path: Path) -> None:
+    """An async task destroyed while its request is under way, without being cancelled (its
+    loop closed with it pending, then dropped): its flow ends with no journal step possible,
+    and its lease is no longer renewed, so that it ends on its own and a resume may take the
+    operation over (else it stayed held for `RENEW_FOR`, an hour)."""
+    journal = idemclient.Journal(tmp_path / "j.sqlite3")
+    arrived = threading.Event()
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        arrived.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    loop = asyncio.new_event_loop()
+    client = idemclient.AsyncClient(journal=journal, transport=httpx.MockTransport(never))
+    task = loop.create_task(client.post("https://api.example/charges", json={"amount": 5}))
+    loop.run_until_complete(asyncio.sleep(0))
+    deadline = time.monotonic() + 10
+    while not arrived.is_set():
+        assert time.monotonic() < deadline
+        loop.run_until_complete(asyncio.sleep(0.01))
+    assert len(journal._holds.held()) == 1
+    loop.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Task was destroyed but it is pending!"
+        del task
+        gc.collect()
+    assert journal._holds.held() == {}
+    (op,) = journal.operations()
+    assert op.state == "pending"  # its lease ends on its own; a resume then finishes it
+    journal.close()
+
+
+def test_forget_drops_the_version_it_names_at_the_next_look() -> None:
+    """`forget` (from a flow the garbage collector closes: no lock taken) drops the hold of
+    that version only, before the next renewal; a newer hold of the key stays."""
+    holds = Holds(Renewals(), time.time)
+    holds.hold("a", 1, "me", 60.0)
+    holds.forget("a", 1)
+    holds.hold("a", 2, "me", 60.0)  # taken again since: kept
+    holds.forget("a", 1)
+    assert {key: version for key, (version, _) in holds.held().items()} == {"a": 2}
+    holds.forget("a", 2)
+    assert holds.held() == {}
     holds.close()

@@ -5,7 +5,9 @@ operation's own outcome stops the resume and is raised as itself."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -111,19 +113,36 @@ def test_an_on_result_that_raises_stops_the_resume_once_what_is_sent_finishes(
     thread is left running."""
     backlog(journal_path)
     app = IdempotentApp(act_seconds=0.01)
+    raised = threading.Event()
+    answered = 0
+    lock = threading.Lock()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        # Past the first two, answers wait until the callback has raised (and a moment more,
+        # for the resume to stop): the workers, which report through this thread, cannot
+        # run through the backlog meanwhile, however late this thread gets to report.
+        nonlocal answered
+        with lock:
+            answered += 1
+            gated = answered > 2
+        if gated:
+            assert raised.wait(10)
+            time.sleep(0.1)
+        return app.handler(request)
 
     reported: list[idemclient.ResumeResult] = []
 
     def stop_at_the_second(result: idemclient.ResumeResult) -> None:
         reported.append(result)
         if len(reported) == 2:
+            raised.set()
             raise KeyError("the progress bar broke")
 
-    client = idemclient.Client(journal=journal_path, transport=httpx.MockTransport(app.handler))
+    client = idemclient.Client(journal=journal_path, transport=httpx.MockTransport(handler))
     with client, pytest.raises(KeyError, match="the progress bar broke"):
         client.resume_pending(concurrency=3, on_result=stop_at_the_second)
     assert not [t for t in threading.enumerate() if t.name.startswith("idemclient-resume")]
-    assert 2 <= app.effect_count <= 2 + 3  # the two reported, and at most those in flight
+    assert 2 <= app.effect_count < BACKLOG  # the two reported, those in flight, no more
     assert app.duplicates() == 0
     with idemclient.Journal(journal_path) as journal:
         states = [op.state for op in journal.operations()]
@@ -165,3 +184,51 @@ async def test_async_concurrency_runs_tasks_and_raises_an_error_as_itself(
     async with idemclient.AsyncClient(journal=journal_path, transport=failing) as client:
         with pytest.raises(RuntimeError, match="a bug in a transport"):
             await client.aresume_pending(concurrency=3)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("concurrency", [1, 3])
+@pytest.mark.parametrize("use_async", [False, True])
+async def test_an_answer_the_journal_cannot_read_back_is_reported_and_the_resume_goes_on(
+    journal_path: Path, concurrency: int, use_async: bool
+) -> None:
+    """The send of a resumed operation is over, and reading its record back fails
+    (`JournalError`): it is reported, `failed` with that error and the server's answer, not
+    lost from the report, and the other operations are resumed; the answer was recorded."""
+    backlog(journal_path, 4)
+    journal = idemclient.Journal(journal_path)
+    real_get = journal.get
+    failed_once: list[str] = []
+
+    def get(name_or_key: str) -> Any:
+        found = real_get(name_or_key)
+        if found is not None and found.name == "op-2" and not failed_once:
+            failed_once.append(name_or_key)
+            raise idemclient.JournalError("the journal could not be read", path=str(journal_path))
+        return found
+
+    journal.get = get  # type: ignore[method-assign]
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(201, json={"ok": True})
+
+    if use_async:
+        async with idemclient.AsyncClient(journal=journal, transport=httpx.MockTransport(server)
+                                          ) as async_client:  # fmt: skip
+            report = await async_client.resume_pending(concurrency=concurrency)
+    else:
+        with idemclient.Client(journal=journal, transport=httpx.MockTransport(server)) as client:
+            report = client.resume_pending(concurrency=concurrency)
+    outcomes = {r.operation.name: r.outcome for r in report}
+    assert outcomes == {"op-0": "completed", "op-1": "completed", "op-2": "failed",
+                        "op-3": "completed"}  # fmt: skip
+    (unread,) = [r for r in report if r.operation.name == "op-2"]
+    assert isinstance(unread.error, idemclient.JournalError)
+    assert "could not be read back" in str(unread.error)
+    assert unread.response is not None
+    assert unread.response.status_code == 201
+    journal.get = real_get  # type: ignore[method-assign]
+    assert {op.name: op.state for op in journal.operations()} == {
+        f"op-{i}": "completed" for i in range(4)
+    }
+    journal.close()

@@ -16,6 +16,7 @@ its end nor closed cannot keep its operation from a resume for longer.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -70,6 +71,7 @@ class Holds:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a hold came, or it is closing
         self._held: dict[str, _Hold] = {}
+        self._forgotten: collections.deque[tuple[str, int]] = collections.deque()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._wakes_at = float("inf")  # when the thread's current wait ends (monotonic)
@@ -81,6 +83,7 @@ class Holds:
         with self._lock:
             if self._closed:
                 return
+            self._forget_now()
             self._held[key] = entry
             if entry.renew_at < self._wakes_at:  # due before the thread would look: wake it
                 self._changed.notify()
@@ -93,6 +96,20 @@ class Holds:
                 else:
                     self._thread = thread
 
+    def forget(self, key: str, version: int) -> None:
+        """`drop`, without taking the lock: for a flow closed by the garbage collector, which
+        may run in a thread that holds it. Done at the next look at the holds, before any
+        renewal."""
+        self._forgotten.append((key, version))
+
+    def _forget_now(self) -> None:
+        """Drop what `forget` was told (the lock held)."""
+        while self._forgotten:
+            key, version = self._forgotten.popleft()
+            entry = self._held.get(key)
+            if entry is not None and entry.version == version:
+                del self._held[key]
+
     def drop(self, key: str, version: int) -> None:
         """`key`, held at `version`, is recorded, released or given back: its lease is no
         longer renewed (a newer hold of the same key is kept)."""
@@ -104,6 +121,7 @@ class Holds:
     def held(self) -> dict[str, tuple[int, float]]:
         """Key -> (version, when its lease ends, as last written): for tests and inspection."""
         with self._lock:
+            self._forget_now()
             return {key: (h.version, h.expires) for key, h in self._held.items()}
 
     def close(self) -> None:
@@ -118,6 +136,7 @@ class Holds:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._held = {}
+        self._forgotten = collections.deque()
         self._thread = None
         self._wakes_at = float("inf")
 
@@ -128,6 +147,7 @@ class Holds:
         idle_since: float | None = None
         while True:
             with self._lock:
+                self._forget_now()
                 moment = time.monotonic()
                 for key in [k for k, h in self._held.items() if moment - h.since >= RENEW_FOR]:
                     del self._held[key]  # held too long: never read to its end, nor closed
@@ -154,6 +174,7 @@ class Holds:
     def _renew_due(self) -> None:
         moment = time.monotonic()
         with self._lock:
+            self._forget_now()
             due = [
                 (key, h.version, h.owner, h.lease)
                 for key, h in self._held.items()

@@ -389,6 +389,10 @@ class ReadBack:
     def _let_go(self, key: str, version: int) -> None:
         self._holds.drop(key, version)
 
+    def _let_go_later(self, key: str, version: int) -> None:
+        """`_let_go`, safe from a flow the garbage collector closes (takes no lock)."""
+        self._holds.forget(key, version)
+
     def _renew_leases(self, leases: Sequence[Lease], now: float) -> set[str]:
         """Extend leases this process holds, each fenced by its holder and version: an
         operation finished, released or taken over since is left alone. The keys renewed."""
