@@ -9,7 +9,6 @@ the rest.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import queue
@@ -61,7 +60,7 @@ from ._core import (
 from ._errors import InvalidOperationError, JournalError
 from ._family import AsyncTransport, SyncTransport, family
 from ._policy import RetryPolicy
-from ._records import Registration, RequestRecord
+from ._records import Decision, Registration
 from .journal import AsyncJournalSteps, JournalBackend, open_journal
 
 __all__ = ["AsyncIdempotentTransport", "IdempotentTransport"]
@@ -305,11 +304,16 @@ class _JournalThread:
         self._lock = threading.Lock()
         self._running = False  # a thread takes calls
 
-    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """Queue `fn`; the future of the running loop that gets its result or exception."""
+    def submit(
+        self, fn: Callable[[], T], undelivered: Callable[[T], object] | None = None
+    ) -> asyncio.Future[T]:
+        """Queue `fn`; the future of the running loop that gets its result or exception.
+        `undelivered` is given the result if the loop was closed meanwhile: the task that
+        asked is gone (a loop closed under its pending tasks), and a lease the call took is
+        to be let go of, not renewed for nobody."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        call: list[Any] = [fn, loop, future]
+        call: list[Any] = [fn, loop, future, undelivered]
         self._calls.put(call)  # first: a thread ending now sees it (`_serve`)
         with self._lock:
             if not self._running:
@@ -328,7 +332,7 @@ class _JournalThread:
         calls = self._calls
         while True:
             try:
-                fn, loop, future = calls.get(timeout=self.IDLE_SECONDS)
+                fn, loop, future, undelivered = calls.get(timeout=self.IDLE_SECONDS)
                 if fn is None:  # withdrawn
                     continue
             except queue.Empty:
@@ -344,9 +348,15 @@ class _JournalThread:
             else:
                 outcome = (future.set_result, result)
             del fn
-            with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
+            try:
                 loop.call_soon_threadsafe(_settle, future, *outcome)
-            del loop, future, outcome
+            except RuntimeError:  # the loop was closed meanwhile: nobody takes the result
+                if undelivered is not None and outcome[0] == future.set_result:
+                    try:
+                        undelivered(outcome[1])
+                    except Exception:
+                        logger.exception("idemclient: could not let go of an undelivered result")
+            del loop, future, outcome, undelivered
 
 
 def _settle(future: asyncio.Future[Any], how: Callable[[Any], None], value: Any) -> None:
@@ -383,7 +393,9 @@ def _journal_thread(journal: object) -> _JournalThread:
 
 
 async def _see_through(
-    fn: Callable[[], T], thread: _JournalThread | None = None
+    fn: Callable[[], T],
+    thread: _JournalThread | None = None,
+    undelivered: Callable[[T], object] | None = None,
 ) -> tuple[T, BaseException | None]:
     """Run a blocking journal call in a worker thread to its end, whatever cancels the caller
     meanwhile: its result, and the cancellation that arrived (for the caller to raise once
@@ -400,7 +412,7 @@ async def _see_through(
         with anyio.CancelScope(shield=True):
             return await anyio.to_thread.run_sync(fn), None
     if thread is not None:
-        return await _shielded(thread.submit(fn))
+        return await _shielded(thread.submit(fn, undelivered))
     return await _shielded(loop.run_in_executor(None, fn))
 
 
@@ -444,6 +456,15 @@ def _on_asyncio() -> bool:
     except RuntimeError:  # trio
         return False
     return True
+
+
+def _let_go_of(result: object, journal: object) -> None:
+    """Stop renewing the lease that `result`, a registration or claim nobody will receive,
+    took, if it took one (`_JournalThread.submit`'s `undelivered`)."""
+    if isinstance(result, Registration) and result.decision is Decision.SEND:
+        let_go = getattr(journal, "_let_go_later", None)  # (a backend that renews leases)
+        if let_go is not None:
+            let_go(result.operation.key, result.lease_version)
 
 
 class _Slot:
@@ -510,8 +531,7 @@ class _AsyncRegistrar:
             while self._waiting and cancelled is None:
                 batch, self._waiting = self._waiting, []
                 try:
-                    requests = [(s.step.record, s.step.owner, s.step.lease_seconds) for s in batch]
-                    results, cancelled = await self._commit(requests, [s.arrived for s in batch])
+                    results, cancelled = await self._commit(batch)
                 except BaseException as exc:  # register_many itself failed: tell everyone
                     for waiting in batch:
                         waiting.value = exc
@@ -526,17 +546,27 @@ class _AsyncRegistrar:
         return cancelled
 
     async def _commit(
-        self, requests: list[tuple[RequestRecord, str, float]], arrived: list[float]
+        self, batch: list[_Slot]
     ) -> tuple[list[Registration | JournalError], BaseException | None]:
         """One batch (each request with the moment its task asked), seen through: on the
         loop for a journal with native async I/O under asyncio, else in a worker thread."""
         journal = self._journal
-        if self.native and _on_asyncio():
+        requests = [(s.step.record, s.step.owner, s.step.lease_seconds) for s in batch]
+        arrived = [s.arrived for s in batch]
+        if self.native:
             native = cast(AsyncJournalSteps, journal)
-            together = functools.partial(native.aregister_many, requests, arrived=arrived)
-            return await _see_through_async(together)
-        call = functools.partial(journal.register_many, requests)
-        return await _see_through(call, self.thread)
+            if _on_asyncio():
+                together = functools.partial(native.aregister_many, requests, arrived=arrived)
+                return await _see_through_async(together)
+            call = functools.partial(native.register_many, requests, arrived=arrived)
+        else:
+            call = functools.partial(journal.register_many, requests)
+
+        def undelivered(results: list[Registration | JournalError]) -> None:
+            for result in results:
+                _let_go_of(result, journal)
+
+        return await _see_through(call, self.thread, undelivered)
 
     def _hand_over(self) -> None:
         """Wake a waiting task to lead, if nobody leads."""
@@ -776,14 +806,17 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         if isinstance(step, Finish):  # in memory, no I/O: on the event loop
             return perform(step, self._journal), None
         if isinstance(step, Register):
-            return await self._registrar.register(step)
+            return self._tied(await self._registrar.register(step))
         if isinstance(step, JOURNAL_STEPS):  # the journal's store: seen through
             journal = self._journal
             if self._registrar.native and _on_asyncio():  # on the loop
                 native = cast(AsyncJournalSteps, journal)
-                return await _see_through_async(functools.partial(aperform, step, native))
-            call = functools.partial(perform, step, journal)
-            return await _see_through(call, self._registrar.thread)  # off it
+                done = await _see_through_async(functools.partial(aperform, step, native))
+            else:  # off it
+                call = functools.partial(perform, step, journal)
+                undelivered = functools.partial(_let_go_of, journal=journal)
+                done = await _see_through(call, self._registrar.thread, undelivered)
+            return self._tied(done)
         if isinstance(step, Send):
             if self._transport is None:
                 self._transport = family(step.request).AsyncHTTPTransport()
@@ -796,6 +829,17 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         if not testing_mode().on:
             await self._sleep(step.seconds)
         return None, None
+
+    def _tied(self, done: tuple[Any, BaseException | None]) -> tuple[Any, BaseException | None]:
+        """A journal step's result; a registration or claim that sends is tied to this
+        task's loop, so that closing the loop under the task ends the lease's renewal (the
+        task never runs again, nor ends, to give it back)."""
+        result = done[0]
+        if isinstance(result, Registration) and result.decision is Decision.SEND:
+            tie = getattr(self._journal, "_tie_to_loop", None)  # (a backend that renews)
+            if tie is not None and _on_asyncio():
+                tie(result.operation.key, result.lease_version, asyncio.get_running_loop())
+        return done
 
     async def _drive(self, flow: Generator[Step, Any, httpx.Response]) -> httpx.Response:
         # A cancellation that arrived during a journal call: the call was seen through, and

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sqlite3
 import threading
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -161,36 +163,46 @@ def test_holds_one_after_another_neither_wake_nor_restart_the_thread(
     holds.close()
 
 
-def test_a_task_destroyed_mid_request_stops_renewing_its_lease(tmp_path: Path) -> None:
-    """An async task destroyed while its request is under way, without being cancelled (its
-    loop closed with it pending, then dropped): its flow ends with no journal step possible,
-    and its lease is no longer renewed, so that it ends on its own and a resume may take the
-    operation over (else it stayed held for `RENEW_FOR`, an hour)."""
+@pytest.mark.parametrize("how", ["loop closed", "task collected"])
+def test_a_task_gone_mid_request_stops_renewing_its_lease(tmp_path: Path, how: str) -> None:
+    """An async task gone while its request is under way, without being cancelled: its loop
+    closed under it while it waits inside an anyio cancel scope, as httpcore's reads do (the
+    task never runs again, nor ends, nor is collected: anyio keeps it), or the task
+    collected while its loop runs (its flow closed, no journal step possible). Its lease is
+    no longer renewed, so that it ends on its own and a resume may take the operation over
+    (else it stayed held for `RENEW_FOR`, an hour)."""
     journal = idemclient.Journal(tmp_path / "j.sqlite3")
     arrived = threading.Event()
 
     async def never(request: httpx.Request) -> httpx.Response:
         arrived.set()
-        await asyncio.Event().wait()
+        if how == "loop closed":
+            with anyio.fail_after(60):
+                await asyncio.Event().wait()
+        else:  # a future only this task knows of: the task can be collected
+            await asyncio.get_running_loop().create_future()
         raise AssertionError("unreachable")
 
     loop = asyncio.new_event_loop()
     client = idemclient.AsyncClient(journal=journal, transport=httpx.MockTransport(never))
     task = loop.create_task(client.post("https://api.example/charges", json={"amount": 5}))
-    loop.run_until_complete(asyncio.sleep(0))
     deadline = time.monotonic() + 10
     while not arrived.is_set():
         assert time.monotonic() < deadline
         loop.run_until_complete(asyncio.sleep(0.01))
     assert len(journal._holds.held()) == 1
-    loop.close()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Task was destroyed but it is pending!"
-        del task
-        gc.collect()
+    if how == "loop closed":
+        loop.close()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Task was destroyed but it is pending!"
+            del task
+            gc.collect()
     assert journal._holds.held() == {}
     (op,) = journal.operations()
     assert op.state == "pending"  # its lease ends on its own; a resume then finishes it
+    if not loop.is_closed():
+        loop.close()
     journal.close()
 
 
@@ -206,3 +218,46 @@ def test_forget_drops_the_version_it_names_at_the_next_look() -> None:
     holds.forget("a", 2)
     assert holds.held() == {}
     holds.close()
+
+
+@pytest.mark.parametrize("at", ["register", "claim"])
+def test_a_loop_closed_while_a_lease_is_being_taken_lets_go_of_it(tmp_path: Path, at: str) -> None:
+    """The loop of an async task is closed under it (no cancellation) while its
+    registration, or its retry's claim, is being committed in the journal's thread (another
+    process holds the write lock a moment): nobody will take the result, and the lease that
+    commit took is not renewed for nobody; it ends on its own."""
+    path = tmp_path / "j.sqlite3"
+    journal = idemclient.Journal(path)
+    journal.operations()  # the file and its schema exist
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    answered: list[int] = []
+
+    def busy_a_moment() -> None:  # another process writes for half a second
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        answered.append(1)
+        if at == "claim" and len(answered) == 1:
+            busy_a_moment()
+            return httpx.Response(503)  # retried: its claim waits for the write lock
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    if at == "register":
+        busy_a_moment()
+    loop = asyncio.new_event_loop()
+    client = idemclient.AsyncClient(
+        journal=journal, transport=httpx.MockTransport(handler),
+        retry=idemclient.RetryPolicy(base_delay=0.01, jitter=False),
+    )  # fmt: skip
+    task = loop.create_task(client.post("https://api.example/charges", json={"amount": 5}))
+    loop.run_until_complete(asyncio.sleep(0.2))  # the commit waits in the journal's thread
+    assert len(answered) == (1 if at == "claim" else 0)
+    loop.close()
+    until(lambda: [op.attempts for op in journal.operations()] == [2 if at == "claim" else 1])
+    until(lambda: journal._holds.held() == {})
+    assert not task.done()  # it never ran again: it was not cancelled, nor did it end
+    assert len(answered) == (1 if at == "claim" else 0)  # nothing more was sent
+    other.close()
+    journal.close()

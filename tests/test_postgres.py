@@ -472,13 +472,18 @@ def test_threads_waiting_behind_an_unreachable_server_fail_with_it(pg_dsn: str) 
 
 
 @pytest.mark.anyio
-async def test_tasks_waiting_behind_an_unreachable_server_fail_with_it(pg_dsn: str) -> None:
+@pytest.mark.parametrize("via", ["loop", "thread"])
+async def test_tasks_waiting_behind_an_unreachable_server_fail_with_it(
+    pg_dsn: str, via: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The async twin: the server goes silent while one task's registration is under way,
-    on the loop, and eight more tasks line up behind it. When it fails (`command_timeout`),
-    they fail with it, not tried again; nothing is sent; after the server is back, the next
-    request goes through."""
+    on the loop (or in a worker thread, as under trio), and eight more tasks line up behind
+    it. When it fails (`command_timeout`), they fail with it, not tried again; nothing is
+    sent; after the server is back, the next request goes through."""
     import os
     import signal
+
+    import idemclient._transport
 
     sent: list[str] = []
 
@@ -488,13 +493,23 @@ async def test_tasks_waiting_behind_an_unreachable_server_fail_with_it(pg_dsn: s
 
     journal = PostgresJournal(pg_dsn, command_timeout=1.0, connect_timeout=1.0, auto_purge=None)
     tried: list[int] = []
-    real = journal._aregister_batch
+    if via == "loop":
+        real = journal._aregister_batch
 
-    async def counted(requests: Any) -> Any:
-        tried.append(len(requests))
-        return await real(requests)
+        async def counted(requests: Any) -> Any:
+            tried.append(len(requests))
+            return await real(requests)
 
-    journal._aregister_batch = counted  # type: ignore[method-assign]
+        journal._aregister_batch = counted  # type: ignore[method-assign]
+    else:  # the path of a loop that is not asyncio's: psycopg's sync connections, in a thread
+        monkeypatch.setattr(idemclient._transport, "_on_asyncio", lambda: False)
+        real_sync = journal._register_batch
+
+        def counted_sync(requests: Any) -> Any:
+            tried.append(len(requests))
+            return real_sync(requests)
+
+        journal._register_batch = counted_sync  # type: ignore[method-assign]
     async with idemclient.AsyncClient(
         journal=journal, transport=httpx.MockTransport(server), base_url="https://x",
         retry=RetryPolicy(max_attempts=1),

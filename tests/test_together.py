@@ -213,16 +213,21 @@ def test_postgres_threads_registering_at_once_share_commits(pg_dsn: str) -> None
         assert rows == dict.fromkeys(names, "pending")
 
 
-def test_postgres_resumed_operations_claimed_together_in_one_statement(pg_dsn: str) -> None:
+@pytest.mark.parametrize("whole_seconds", [False, True])
+def test_postgres_resumed_operations_claimed_together_in_one_statement(
+    pg_dsn: str, whole_seconds: bool
+) -> None:
     """Sixteen resumer threads claim backlog rows at once: the rows as `pending_requests`
     read them are claimed in one statement, each fenced by its row version; a row written
-    since it was read is left out of it and decided again on the row read locked."""
+    since it was read is left out of it and decided again on the row read locked. Also with
+    a clock that gives whole seconds (ints), beside times read back as floats."""
     owner = f"this-host:{os.getpid()}:1"
     names = [f"op-{i}" for i in range(17)]
-    with PostgresJournal(pg_dsn, auto_purge=None) as journal:
-        for name in names:  # a backlog: pending, never sent, no holder
+    clock = (lambda: int(time.time())) if whole_seconds else None
+    with PostgresJournal(pg_dsn, auto_purge=None, clock=clock) as journal:
+        for i, name in enumerate(names):  # a backlog: pending, no holder; half never sent
             reg = journal.register(record(name), owner, 60.0)
-            journal.release(f"key-{name}", reg.lease_version, "down", never_sent=True)
+            journal.release(f"key-{name}", reg.lease_version, "down", never_sent=i % 2 == 0)
         journal.pending_requests()  # what a resume reads first
         # one row changes after it was read (another resumer claimed and released it)
         reg = journal.register(resumed("op-16"), "other-host:1:1", 60.0)

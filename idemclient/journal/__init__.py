@@ -311,6 +311,16 @@ class AsyncJournalSteps(Protocol):
         for the backend once already)."""
         ...
 
+    def register_many(
+        self,
+        requests: Sequence[tuple[RequestRecord, str, float]],
+        *,
+        arrived: Sequence[float] | None = None,
+    ) -> list[Registration | JournalError]:
+        """`JournalBackend.register_many`, with `arrived` as `aregister_many` takes it: what
+        the async transport calls from a worker thread when its loop is not asyncio's."""
+        ...
+
     async def aclaim(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None
     ) -> Registration:

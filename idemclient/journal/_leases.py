@@ -23,6 +23,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["RENEW_FOR", "Holds"]
 
@@ -47,10 +51,12 @@ class _Hold:
     """One held operation. When to renew is reckoned on the monotonic clock (a wall clock
     that jumps, or a test's clock, starts no renewals); what is written is the journal's."""
 
-    __slots__ = ("expires", "lease", "owner", "renew_at", "since", "version")
+    __slots__ = ("expires", "lease", "loop", "owner", "renew_at", "since", "version")
 
     def __init__(self, version: int, owner: str, lease: float, now: float) -> None:
         self.version, self.owner, self.lease = version, owner, lease
+        #: the event loop of the async task that holds it (`Holds.tie`), if one does
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.since = time.monotonic()
         self.renew_at = self.since + lease / 2
         self.expires = now + lease
@@ -102,13 +108,24 @@ class Holds:
         renewal."""
         self._forgotten.append((key, version))
 
+    def tie(self, key: str, version: int, loop: asyncio.AbstractEventLoop) -> None:
+        """`key`, held at `version`, is held by a task of `loop`: if that loop is closed
+        under it (its pending tasks never run again, nor end), the hold is dropped."""
+        with self._lock:
+            entry = self._held.get(key)
+            if entry is not None and entry.version == version:
+                entry.loop = loop
+
     def _forget_now(self) -> None:
-        """Drop what `forget` was told (the lock held)."""
+        """Drop what `forget` was told, and the holds of tasks whose loop is closed (the
+        lock held)."""
         while self._forgotten:
             key, version = self._forgotten.popleft()
             entry = self._held.get(key)
             if entry is not None and entry.version == version:
                 del self._held[key]
+        for key in [k for k, h in self._held.items() if h.loop is not None and h.loop.is_closed()]:
+            del self._held[key]
 
     def drop(self, key: str, version: int) -> None:
         """`key`, held at `version`, is recorded, released or given back: its lease is no

@@ -306,10 +306,12 @@ def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
 
 
 def _claim_values(write: ClaimUpdate) -> tuple[Any, ...]:
+    # Times as floats: a clock may give ints, and an array of both cannot be sent.
+    first_sent_at = None if write.first_sent_at is None else float(write.first_sent_at)
     return (
-        write.attempts, write.lease_version, write.lease_owner, write.lease_expires,
-        write.updated_at, write.recoveries, write.first_sent_at, write.url, write.fingerprint,
-        write.last_error, write.key,
+        write.attempts, write.lease_version, write.lease_owner, float(write.lease_expires),
+        float(write.updated_at), write.recoveries, first_sent_at, write.url,
+        write.fingerprint, write.last_error, write.key,
     )  # fmt: skip
 
 
@@ -960,7 +962,10 @@ class PostgresJournal(ReadBack):
         return result
 
     def register_many(
-        self, requests: Sequence[tuple[RequestRecord, str, float]]
+        self,
+        requests: Sequence[tuple[RequestRecord, str, float]],
+        *,
+        arrived: Sequence[float] | None = None,
     ) -> list[Registration | JournalError]:
         """New operations inserted together: one statement, one synchronous commit (rows
         already taken are decided alone); every other registration its own durable
@@ -971,9 +976,12 @@ class PostgresJournal(ReadBack):
         is committed, the registrations that arrive wait, and go together in the next one.
         Each thread returns once its own are committed (or have failed). One that waited
         for a batch that found the server out of reach fails with it, without being tried:
-        no thread waits more than about one `command_timeout` for an unreachable server."""
-        arrived = time.monotonic()
-        return self._held_ones(requests, self._together.run([(arrived, r) for r in requests]))
+        no thread waits more than about one `command_timeout` for an unreachable server.
+        `arrived`: when each was asked for, if before this call (`time.monotonic()`; the
+        async transport's tasks queue before it calls)."""
+        moments = [time.monotonic()] * len(requests) if arrived is None else arrived
+        items = list(zip(moments, requests, strict=True))
+        return self._held_ones(requests, self._together.run(items))
 
     def _held_ones(
         self,

@@ -39,6 +39,9 @@ from ._rows import (
     stored_response,
 )
 
+if TYPE_CHECKING:
+    import asyncio
+
 __all__ = ["ReadBack", "checked_auto_purge"]
 
 Row = tuple[Any, ...]
@@ -388,6 +391,10 @@ class ReadBack:
 
     def _let_go(self, key: str, version: int) -> None:
         self._holds.drop(key, version)
+
+    def _tie_to_loop(self, key: str, version: int, loop: asyncio.AbstractEventLoop) -> None:
+        """The lease of `key` at `version` is held by a task of `loop` (`Holds.tie`)."""
+        self._holds.tie(key, version, loop)
 
     def _let_go_later(self, key: str, version: int) -> None:
         """`_let_go`, safe from a flow the garbage collector closes (takes no lock)."""
