@@ -261,3 +261,21 @@ def test_a_loop_closed_while_a_lease_is_being_taken_lets_go_of_it(tmp_path: Path
     assert len(answered) == (1 if at == "claim" else 0)  # nothing more was sent
     other.close()
     journal.close()
+
+
+def test_a_hold_made_on_an_event_loop_ends_with_that_loop() -> None:
+    """A hold made on a running loop (a journal with native async I/O registers there) is
+    tied to it from the start: closed under its tasks, the loop takes its holds with it,
+    even one whose result never reached its task. One made in a thread stays."""
+    holds = Holds(Renewals(), time.time)
+    loop = asyncio.new_event_loop()
+
+    async def on_the_loop() -> None:
+        holds.hold("on-the-loop", 1, "me", 60.0)
+
+    loop.run_until_complete(on_the_loop())
+    holds.hold("in-a-thread", 1, "me", 60.0)
+    assert sorted(holds.held()) == ["in-a-thread", "on-the-loop"]
+    loop.close()
+    assert sorted(holds.held()) == ["in-a-thread"]
+    holds.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -84,8 +85,10 @@ class Holds:
         _all.add(self)
 
     def hold(self, key: str, version: int, owner: str, lease: float) -> None:
-        """This process now holds `key` at `version`, for `lease` seconds from now."""
+        """This process now holds `key` at `version`, for `lease` seconds from now. Made on
+        an event loop (a journal with native async I/O), the hold is tied to it (`tie`)."""
         entry = _Hold(version, owner, lease, self._clock())
+        entry.loop = _running_loop()
         with self._lock:
             if self._closed:
                 return
@@ -220,6 +223,18 @@ class Holds:
                     entry.renew_at = moment + lease / 2
                 else:  # finished, released or taken over meanwhile: not ours to renew
                     del self._held[key]
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop running in this thread, if any (asyncio not imported: none)."""
+    aio = sys.modules.get("asyncio")
+    if aio is None:
+        return None
+    try:
+        loop: asyncio.AbstractEventLoop = aio.get_running_loop()
+    except RuntimeError:
+        return None
+    return loop
 
 
 def _after_fork_in_child() -> None:
