@@ -82,9 +82,16 @@ def _wrap_transports(client: AnyHttpClient, options: dict[str, Any]) -> None:
     main._owns_journal = opened
     client._transport = main
     client._mounts = {  # type: ignore[assignment]
-        pattern: None if mounted is None else kind(mounted, journal=journal, **options)
+        pattern: None if mounted is None else _mounted(kind(mounted, journal=journal, **options))
         for pattern, mounted in client._mounts.items()
     }
+
+
+def _mounted(transport: _Idempotent) -> _Idempotent:
+    """A mounted transport of a wrapped client: the client's own transport, which httpx
+    closes first, writes the journal they share for all of them."""
+    transport._closes_journal = False
+    return transport
 
 
 def _transport_classes(

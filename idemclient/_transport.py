@@ -206,6 +206,10 @@ class _Base:
             max_body_size=max_body_size,
         )
         self._journal, self._owns_journal = open_journal_like(journal)
+        #: whether closing this transport writes (or closes) the journal; not for the
+        #: mounted transports `wrap()` makes: the client's own transport, closed first,
+        #: does it for all of them (once: one failure, one wait, one error)
+        self._closes_journal = True
         self._clock = clock or time.monotonic
         self._wall_clock = time.time
         self._rng = rng
@@ -223,6 +227,8 @@ class _Base:
     def _close_journal(self) -> None:
         """A closed client leaves nothing unwritten, whoever owns the journal: its answers
         are written now (a caller's journal stays open for the caller)."""
+        if not self._closes_journal:
+            return
         if self._owns_journal:
             self._journal.close()
         elif not self._journal.closed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -59,6 +60,44 @@ def test_wrap_keeps_the_clients_settings(journal_path: Path) -> None:
             "https://api.example/v1/charges",
             "https://other.example/hooks",
         }
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("use_async", [False, True])
+async def test_a_wrapped_client_with_mounts_writes_the_journal_once_at_close(
+    journal_path: Path, use_async: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing a wrapped client with mounted transports writes their shared journal once,
+    by the client's own transport: a journal that cannot be written is one error (logged,
+    under an exception on its way out), not one per transport, each waiting again."""
+    journal = Journal(journal_path)
+    flushes: list[int] = []
+
+    def failing_flush() -> None:
+        flushes.append(1)
+        raise idemclient.JournalError("the journal's disk is gone", path=str(journal_path))
+
+    journal.flush = failing_flush  # type: ignore[method-assign]
+    mounts = {"https://other.example": httpx.MockTransport(Recorder())}
+
+    async def leave_with_an_error() -> None:
+        if use_async:
+            async with idemclient.wrap(
+                httpx.AsyncClient(transport=httpx.MockTransport(Recorder()), mounts=mounts),
+                journal=journal,
+            ):
+                raise KeyError("the caller's own error")
+        with idemclient.wrap(
+            httpx.Client(transport=httpx.MockTransport(Recorder()), mounts=mounts),
+            journal=journal,
+        ):
+            raise KeyError("the caller's own error")
+
+    with caplog.at_level(logging.ERROR, logger="idemclient"), pytest.raises(KeyError):
+        await leave_with_an_error()
+    assert flushes == [1]
+    assert len([r for r in caplog.records if "disk is gone" in r.getMessage()]) == 1
+    journal.close()
 
 
 def test_wrap_shares_one_journal_and_refuses_to_wrap_twice(journal_path: Path) -> None:
