@@ -263,19 +263,15 @@ def test_a_loop_closed_while_a_lease_is_being_taken_lets_go_of_it(tmp_path: Path
     journal.close()
 
 
-def test_a_hold_made_on_an_event_loop_ends_with_that_loop() -> None:
-    """A hold made on a running loop (a journal with native async I/O registers there) is
-    tied to it from the start: closed under its tasks, the loop takes its holds with it,
-    even one whose result never reached its task. One made in a thread stays."""
+def test_a_hold_for_a_task_ends_with_its_loop() -> None:
+    """A hold made for a task of a loop is tied to it from the start: the loop closed under
+    its tasks takes its holds with it, even one whose result never reached its task. One
+    made without a loop (a sync client's, even on a loop's thread) stays."""
     holds = Holds(Renewals(), time.time)
     loop = asyncio.new_event_loop()
-
-    async def on_the_loop() -> None:
-        holds.hold("on-the-loop", 1, "me", 60.0)
-
-    loop.run_until_complete(on_the_loop())
-    holds.hold("in-a-thread", 1, "me", 60.0)
-    assert sorted(holds.held()) == ["in-a-thread", "on-the-loop"]
+    holds.hold("for-a-task", 1, "me", 60.0, loop)
+    holds.hold("sync", 1, "me", 60.0)
+    assert sorted(holds.held()) == ["for-a-task", "sync"]
     loop.close()
-    assert sorted(holds.held()) == ["in-a-thread"]
+    assert sorted(holds.held()) == ["sync"]
     holds.close()

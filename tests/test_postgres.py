@@ -772,3 +772,29 @@ def test_a_backlog_read_may_take_longer_than_a_command(pg_dsn: str) -> None:
             journal.operations()
         assert [op.name for op, _ in journal.pending_requests()] == ["op-1"]
         locker.join()
+
+
+@pytest.mark.anyio
+async def test_leases_taken_on_the_loop_are_tied_to_it(pg_dsn: str) -> None:
+    """A registration or claim made with psycopg's async connections holds its lease for a
+    task of the running loop (closing the loop under the task ends its renewal); a sync
+    call made on the loop's thread (a sync client used there) does not."""
+    from idemclient._records import RequestRecord
+
+    def record(name: str) -> RequestRecord:
+        return RequestRecord(name=name, key=f"key-{name}", key_given=False, method="POST",
+                             url="https://api.example/x", headers=[], body=b"{}",
+                             fingerprint=f"fp-{name}")  # fmt: skip
+
+    loop = asyncio.get_running_loop()
+    with PostgresJournal(pg_dsn, auto_purge=None) as journal:
+        (registered,) = await journal.aregister_many([(record("a"), "this-host:1:1", 60.0)])
+        assert not isinstance(registered, JournalError)
+        assert journal._holds._held["key-a"].loop is loop
+        claimed = await journal.aclaim("key-a", registered.lease_version, "this-host:1:1", 60.0,
+                                       "503")  # fmt: skip
+        journal.register(record("b"), "this-host:1:1", 60.0)
+        held = journal._holds._held
+        assert held["key-a"].version == claimed.lease_version
+        assert held["key-a"].loop is loop
+        assert held["key-b"].loop is None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import sys
 import threading
 import time
 import weakref
@@ -84,11 +83,18 @@ class Holds:
         self._wakes_at = float("inf")  # when the thread's current wait ends (monotonic)
         _all.add(self)
 
-    def hold(self, key: str, version: int, owner: str, lease: float) -> None:
-        """This process now holds `key` at `version`, for `lease` seconds from now. Made on
-        an event loop (a journal with native async I/O), the hold is tied to it (`tie`)."""
+    def hold(
+        self,
+        key: str,
+        version: int,
+        owner: str,
+        lease: float,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """This process now holds `key` at `version`, for `lease` seconds from now; for a
+        task of `loop`, if given (`tie`)."""
         entry = _Hold(version, owner, lease, self._clock())
-        entry.loop = _running_loop()
+        entry.loop = loop
         with self._lock:
             if self._closed:
                 return
@@ -223,18 +229,6 @@ class Holds:
                     entry.renew_at = moment + lease / 2
                 else:  # finished, released or taken over meanwhile: not ours to renew
                     del self._held[key]
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    """The asyncio loop running in this thread, if any (asyncio not imported: none)."""
-    aio = sys.modules.get("asyncio")
-    if aio is None:
-        return None
-    try:
-        loop: asyncio.AbstractEventLoop = aio.get_running_loop()
-    except RuntimeError:
-        return None
-    return loop
 
 
 def _after_fork_in_child() -> None:

@@ -987,12 +987,13 @@ class PostgresJournal(ReadBack):
         self,
         requests: Sequence[tuple[RequestRecord, str, float]],
         results: list[Registration | JournalError],
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> list[Registration | JournalError]:
         """`results`, those that send held (their leases renewed) until they are recorded,
-        released or given back."""
+        released or given back; for tasks of `loop`, if given."""
         for (_, owner, lease_seconds), result in zip(requests, results, strict=True):
             if isinstance(result, Registration):
-                self._holding(result, owner, self._lease(lease_seconds))
+                self._holding(result, owner, self._lease(lease_seconds), loop)
         return results
 
     def _register_now(
@@ -1076,7 +1077,8 @@ class PostgresJournal(ReadBack):
         if tried:
             done = await self._aregister_batch([requests[i] for i in tried])
             self._tried(results, tried, done)
-        return self._held_ones(requests, cast("list[Registration | JournalError]", results))
+        done = cast("list[Registration | JournalError]", results)
+        return self._held_ones(requests, done, asyncio.get_running_loop())
 
     async def _aregister_batch(
         self, requests: Sequence[tuple[RequestRecord, str, float]]
@@ -1370,7 +1372,7 @@ class PostgresJournal(ReadBack):
         """`claim` on an async connection of the running loop (`AsyncJournalSteps`)."""
         flow = self._claim(key, version, owner, lease_seconds, last_error)
         claimed = await self._arun("claim the next attempt", flow)
-        return self._holding(claimed, owner, self._lease(lease_seconds))
+        return self._holding(claimed, owner, self._lease(lease_seconds), asyncio.get_running_loop())
 
     def _claim(
         self, key: str, version: int, owner: str, lease_seconds: float, last_error: str | None

@@ -381,12 +381,19 @@ class ReadBack:
 
     # -- leases held by this process ------------------------------------------------------
 
-    def _holding(self, registration: Registration, owner: str, lease: float) -> Registration:
+    def _holding(
+        self,
+        registration: Registration,
+        owner: str,
+        lease: float,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Registration:
         """`registration`, a claim that sends it held (and its lease renewed) until it is
-        recorded, released or given back (`_let_go`)."""
+        recorded, released or given back (`_let_go`); made for a task of `loop` (a
+        coroutine of a journal with native async I/O), tied to it (`Holds.tie`)."""
         if registration.decision is Decision.SEND:
             key = registration.operation.key
-            self._holds.hold(key, registration.lease_version, owner, lease)
+            self._holds.hold(key, registration.lease_version, owner, lease, loop)
         return registration
 
     def _let_go(self, key: str, version: int) -> None:
