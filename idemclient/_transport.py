@@ -9,6 +9,7 @@ the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import queue
@@ -311,15 +312,18 @@ class _JournalThread:
         self._running = False  # a thread takes calls
 
     def submit(
-        self, fn: Callable[[], T], undelivered: Callable[[T], object] | None = None
+        self,
+        fn: Callable[[], T],
+        tie: Callable[[T, asyncio.AbstractEventLoop], object] | None = None,
     ) -> asyncio.Future[T]:
         """Queue `fn`; the future of the running loop that gets its result or exception.
-        `undelivered` is given the result if the loop was closed meanwhile: the task that
-        asked is gone (a loop closed under its pending tasks), and a lease the call took is
-        to be let go of, not renewed for nobody."""
+        `tie(result, loop)` is called in the thread before the result is handed back: a
+        lease the call took is tied to the loop of the task that asked (`Holds.tie`), so
+        that a loop closed before its task takes the result (or stopped, then closed) takes
+        the lease with it, instead of leaving it renewed for nobody."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        call: list[Any] = [fn, loop, future, undelivered]
+        call: list[Any] = [fn, loop, future, tie]
         self._calls.put(call)  # first: a thread ending now sees it (`_serve`)
         with self._lock:
             if not self._running:
@@ -338,7 +342,7 @@ class _JournalThread:
         calls = self._calls
         while True:
             try:
-                fn, loop, future, undelivered = calls.get(timeout=self.IDLE_SECONDS)
+                fn, loop, future, tie = calls.get(timeout=self.IDLE_SECONDS)
                 if fn is None:  # withdrawn
                     continue
             except queue.Empty:
@@ -353,16 +357,15 @@ class _JournalThread:
                 outcome: tuple[Callable[[Any], None], Any] = (future.set_exception, exc)
             else:
                 outcome = (future.set_result, result)
-            del fn
-            try:
-                loop.call_soon_threadsafe(_settle, future, *outcome)
-            except RuntimeError:  # the loop was closed meanwhile: nobody takes the result
-                if undelivered is not None and outcome[0] == future.set_result:
+                if tie is not None:
                     try:
-                        undelivered(outcome[1])
+                        tie(result, loop)
                     except Exception:
-                        logger.exception("idemclient: could not let go of an undelivered result")
-            del loop, future, outcome, undelivered
+                        logger.exception("idemclient: could not tie a lease to its loop")
+            del fn, tie
+            with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            del loop, future, outcome
 
 
 def _settle(future: asyncio.Future[Any], how: Callable[[Any], None], value: Any) -> None:
@@ -401,7 +404,7 @@ def _journal_thread(journal: object) -> _JournalThread:
 async def _see_through(
     fn: Callable[[], T],
     thread: _JournalThread | None = None,
-    undelivered: Callable[[T], object] | None = None,
+    tie: Callable[[T, asyncio.AbstractEventLoop], object] | None = None,
 ) -> tuple[T, BaseException | None]:
     """Run a blocking journal call in a worker thread to its end, whatever cancels the caller
     meanwhile: its result, and the cancellation that arrived (for the caller to raise once
@@ -418,7 +421,7 @@ async def _see_through(
         with anyio.CancelScope(shield=True):
             return await anyio.to_thread.run_sync(fn), None
     if thread is not None:
-        return await _shielded(thread.submit(fn, undelivered))
+        return await _shielded(thread.submit(fn, tie))
     return await _shielded(loop.run_in_executor(None, fn))
 
 
@@ -464,23 +467,45 @@ def _on_asyncio() -> bool:
     return True
 
 
-def _let_go_of(result: object, journal: object) -> None:
-    """Stop renewing the lease that `result`, a registration or claim nobody will receive,
-    took, if it took one (`_JournalThread.submit`'s `undelivered`)."""
+def _tie_to(journal: object, result: object, loop: asyncio.AbstractEventLoop) -> None:
+    """Tie the lease that `result`, a registration or claim for a task of `loop`, took (if
+    it took one) to that loop (`_JournalThread.submit`)."""
     if isinstance(result, Registration) and result.decision is Decision.SEND:
-        let_go = getattr(journal, "_let_go_later", None)  # (a backend that renews leases)
-        if let_go is not None:
-            let_go(result.operation.key, result.lease_version)
+        tie = getattr(journal, "_tie_to_loop", None)  # (a backend that renews leases)
+        if tie is not None:
+            tie(result.operation.key, result.lease_version, loop)
+
+
+def _tie_all(journal: object, results: list[Any], loop: asyncio.AbstractEventLoop) -> None:
+    for result in results:
+        _tie_to(journal, result, loop)
+
+
+def _this_loop() -> weakref.ref[asyncio.AbstractEventLoop] | None:
+    """The running asyncio loop, weakly (`None` under trio)."""
+    try:
+        return weakref.ref(asyncio.get_running_loop())
+    except RuntimeError:
+        return None
+
+
+def _gone(loop: weakref.ref[asyncio.AbstractEventLoop] | None) -> bool:
+    """Whether `loop` (`_this_loop`) was closed or dropped: its tasks never run again."""
+    if loop is None:
+        return False
+    found = loop()
+    return found is None or found.is_closed()
 
 
 class _Slot:
     """A task's registration waiting for its batch: its step, then its result."""
 
-    __slots__ = ("arrived", "step", "value", "wake")
+    __slots__ = ("arrived", "loop", "step", "value", "wake")
 
     def __init__(self, step: Register) -> None:
         self.step = step
         self.arrived = time.monotonic()
+        self.loop = _this_loop()
         self.value: Registration | BaseException | None = None
         self.wake = anyio.Event()
 
@@ -504,9 +529,11 @@ class _AsyncRegistrar:
         self.thread = _journal_thread(journal)
         self._waiting: list[_Slot] = []
         self._busy = False
+        self._leading: weakref.ref[asyncio.AbstractEventLoop] | None = None  # its loop
 
     async def register(self, step: Register) -> tuple[Registration, BaseException | None]:
         """The registration, and the cancellation that arrived meanwhile (or `None`)."""
+        self._forget_the_gone()
         slot = _Slot(step)
         self._waiting.append(slot)
         cancelled: BaseException | None = None
@@ -528,10 +555,20 @@ class _AsyncRegistrar:
             raise slot.value
         return slot.value, cancelled
 
+    def _forget_the_gone(self) -> None:
+        """A batch led by a task whose loop was closed under it (or dropped) never ends, and
+        tasks of such a loop never take their turn: they are forgotten, so that the
+        transport goes on in the next loop (one `asyncio.run()` after another)."""
+        if self._busy and _gone(self._leading):
+            self._busy = False
+        if any(_gone(slot.loop) for slot in self._waiting):
+            self._waiting = [slot for slot in self._waiting if not _gone(slot.loop)]
+
     async def _lead(self) -> BaseException | None:
         """Commit the waiting registrations, batch after batch, until none waits (or this task
         is cancelled: then the next waiting task leads). The cancellation, if any."""
         self._busy = True
+        self._leading = mine = _this_loop()
         cancelled: BaseException | None = None
         try:
             while self._waiting and cancelled is None:
@@ -547,8 +584,9 @@ class _AsyncRegistrar:
                     waiting.value = result
                     waiting.wake.set()
         finally:
-            self._busy = False
-            self._hand_over()
+            if self._leading is mine:  # (not taken over from a loop that was closed: above)
+                self._busy = False
+                self._hand_over()
         return cancelled
 
     async def _commit(
@@ -568,11 +606,7 @@ class _AsyncRegistrar:
         else:
             call = functools.partial(journal.register_many, requests)
 
-        def undelivered(results: list[Registration | JournalError]) -> None:
-            for result in results:
-                _let_go_of(result, journal)
-
-        return await _see_through(call, self.thread, undelivered)
+        return await _see_through(call, self.thread, functools.partial(_tie_all, journal))
 
     def _hand_over(self) -> None:
         """Wake a waiting task to lead, if nobody leads."""
@@ -812,17 +846,15 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         if isinstance(step, Finish):  # in memory, no I/O: on the event loop
             return perform(step, self._journal), None
         if isinstance(step, Register):
-            return self._tied(await self._registrar.register(step))
+            return await self._registrar.register(step)
         if isinstance(step, JOURNAL_STEPS):  # the journal's store: seen through
             journal = self._journal
             if self._registrar.native and _on_asyncio():  # on the loop
                 native = cast(AsyncJournalSteps, journal)
-                done = await _see_through_async(functools.partial(aperform, step, native))
-            else:  # off it
-                call = functools.partial(perform, step, journal)
-                undelivered = functools.partial(_let_go_of, journal=journal)
-                done = await _see_through(call, self._registrar.thread, undelivered)
-            return self._tied(done)
+                return await _see_through_async(functools.partial(aperform, step, native))
+            call = functools.partial(perform, step, journal)
+            tie = functools.partial(_tie_to, journal)
+            return await _see_through(call, self._registrar.thread, tie)  # off it
         if isinstance(step, Send):
             if self._transport is None:
                 self._transport = family(step.request).AsyncHTTPTransport()
@@ -835,17 +867,6 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         if not testing_mode().on:
             await self._sleep(step.seconds)
         return None, None
-
-    def _tied(self, done: tuple[Any, BaseException | None]) -> tuple[Any, BaseException | None]:
-        """A journal step's result; a registration or claim that sends is tied to this
-        task's loop, so that closing the loop under the task ends the lease's renewal (the
-        task never runs again, nor ends, to give it back)."""
-        result = done[0]
-        if isinstance(result, Registration) and result.decision is Decision.SEND:
-            tie = getattr(self._journal, "_tie_to_loop", None)  # (a backend that renews)
-            if tie is not None and _on_asyncio():
-                tie(result.operation.key, result.lease_version, asyncio.get_running_loop())
-        return done
 
     async def _drive(self, flow: Generator[Step, Any, httpx.Response]) -> httpx.Response:
         # A cancellation that arrived during a journal call: the call was seen through, and

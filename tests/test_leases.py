@@ -220,12 +220,17 @@ def test_forget_drops_the_version_it_names_at_the_next_look() -> None:
     holds.close()
 
 
+@pytest.mark.parametrize("when", ["closed meanwhile", "stopped, then closed"])
 @pytest.mark.parametrize("at", ["register", "claim"])
-def test_a_loop_closed_while_a_lease_is_being_taken_lets_go_of_it(tmp_path: Path, at: str) -> None:
+def test_a_loop_closed_while_a_lease_is_being_taken_lets_go_of_it(
+    tmp_path: Path, at: str, when: str
+) -> None:
     """The loop of an async task is closed under it (no cancellation) while its
     registration, or its retry's claim, is being committed in the journal's thread (another
-    process holds the write lock a moment): nobody will take the result, and the lease that
-    commit took is not renewed for nobody; it ends on its own."""
+    process holds the write lock a moment), or stopped while it is, and closed after the
+    result came: the task never takes the result, and the lease that commit took is not
+    renewed for nobody; it ends on its own. The same client then works in a new loop (the
+    batch the closed loop's task led is not waited for)."""
     path = tmp_path / "j.sqlite3"
     journal = idemclient.Journal(path)
     journal.operations()  # the file and its schema exist
@@ -238,6 +243,8 @@ def test_a_loop_closed_while_a_lease_is_being_taken_lets_go_of_it(tmp_path: Path
 
     async def handler(request: httpx.Request) -> httpx.Response:
         answered.append(1)
+        if request.url.path == "/later":
+            return httpx.Response(201)
         if at == "claim" and len(answered) == 1:
             busy_a_moment()
             return httpx.Response(503)  # retried: its claim waits for the write lock
@@ -254,12 +261,54 @@ def test_a_loop_closed_while_a_lease_is_being_taken_lets_go_of_it(tmp_path: Path
     task = loop.create_task(client.post("https://api.example/charges", json={"amount": 5}))
     loop.run_until_complete(asyncio.sleep(0.2))  # the commit waits in the journal's thread
     assert len(answered) == (1 if at == "claim" else 0)
-    loop.close()
+    if when == "closed meanwhile":
+        loop.close()
     until(lambda: [op.attempts for op in journal.operations()] == [2 if at == "claim" else 1])
+    if when == "stopped, then closed":
+        time.sleep(0.2)  # the result was handed to the stopped loop
+        assert len(journal._holds.held()) == 1
+        loop.close()
     until(lambda: journal._holds.held() == {})
     assert not task.done()  # it never ran again: it was not cancelled, nor did it end
     assert len(answered) == (1 if at == "claim" else 0)  # nothing more was sent
+
+    async def later() -> int:
+        response = await asyncio.wait_for(client.post("https://api.example/later", json={}), 10)
+        return response.status_code
+
+    assert asyncio.run(later()) == 201
     other.close()
+    journal.close()
+
+
+def test_a_loop_dropped_unclosed_takes_its_tasks_leases_with_it(tmp_path: Path) -> None:
+    """A loop left unclosed by a thread that ended, with a task mid-request: the leases
+    that task holds do not keep the loop (and its tasks) alive, and end with it."""
+    journal = idemclient.Journal(tmp_path / "j.sqlite3")
+    arrived = threading.Event()
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        arrived.set()
+        await asyncio.sleep(1000)
+        raise AssertionError("unreachable")
+
+    client = idemclient.AsyncClient(journal=journal, transport=httpx.MockTransport(never))
+
+    def in_a_thread() -> None:
+        loop = asyncio.new_event_loop()
+        loop.create_task(client.post("https://api.example/charges", json={}))  # noqa: RUF006
+        deadline = time.monotonic() + 10
+        while not arrived.is_set():
+            assert time.monotonic() < deadline
+            loop.run_until_complete(asyncio.sleep(0.01))
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join(30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Task was destroyed but it is pending!"
+        gc.collect()
+    assert journal._holds.held() == {}
     journal.close()
 
 

@@ -55,11 +55,20 @@ class _Hold:
 
     def __init__(self, version: int, owner: str, lease: float, now: float) -> None:
         self.version, self.owner, self.lease = version, owner, lease
-        #: the event loop of the async task that holds it (`Holds.tie`), if one does
-        self.loop: asyncio.AbstractEventLoop | None = None
+        #: the event loop of the async task that holds it (`Holds.tie`), if one does: weakly
+        #: (a loop dropped unclosed, with its tasks, must not be kept alive by its leases)
+        self.loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self.since = time.monotonic()
         self.renew_at = self.since + lease / 2
         self.expires = now + lease
+
+    def orphaned(self) -> bool:
+        """Whether the loop of the task that holds it is closed or gone: that task never
+        runs again, to record the answer or give the lease back."""
+        if self.loop is None:
+            return False
+        loop = self.loop()
+        return loop is None or loop.is_closed()
 
 
 class Holds:
@@ -94,7 +103,7 @@ class Holds:
         """This process now holds `key` at `version`, for `lease` seconds from now; for a
         task of `loop`, if given (`tie`)."""
         entry = _Hold(version, owner, lease, self._clock())
-        entry.loop = loop
+        entry.loop = None if loop is None else weakref.ref(loop)
         with self._lock:
             if self._closed:
                 return
@@ -123,17 +132,17 @@ class Holds:
         with self._lock:
             entry = self._held.get(key)
             if entry is not None and entry.version == version:
-                entry.loop = loop
+                entry.loop = weakref.ref(loop)
 
     def _forget_now(self) -> None:
-        """Drop what `forget` was told, and the holds of tasks whose loop is closed (the
-        lock held)."""
+        """Drop what `forget` was told, and the holds of tasks whose loop is closed or gone
+        (the lock held)."""
         while self._forgotten:
             key, version = self._forgotten.popleft()
             entry = self._held.get(key)
             if entry is not None and entry.version == version:
                 del self._held[key]
-        for key in [k for k, h in self._held.items() if h.loop is not None and h.loop.is_closed()]:
+        for key in [k for k, h in self._held.items() if h.orphaned()]:
             del self._held[key]
 
     def drop(self, key: str, version: int) -> None:
