@@ -481,33 +481,27 @@ def _tie_all(journal: object, results: list[Any], loop: asyncio.AbstractEventLoo
         _tie_to(journal, result, loop)
 
 
-def _this_loop() -> weakref.ref[asyncio.AbstractEventLoop] | None:
-    """The running asyncio loop, weakly (`None` under trio)."""
-    try:
-        return weakref.ref(asyncio.get_running_loop())
-    except RuntimeError:
-        return None
-
-
-def _gone(loop: weakref.ref[asyncio.AbstractEventLoop] | None) -> bool:
-    """Whether `loop` (`_this_loop`) was closed or dropped: its tasks never run again."""
-    if loop is None:
-        return False
-    found = loop()
-    return found is None or found.is_closed()
-
-
 class _Slot:
     """A task's registration waiting for its batch: its step, then its result."""
 
-    __slots__ = ("arrived", "loop", "step", "value", "wake")
+    __slots__ = ("arrived", "step", "value", "wake")
 
     def __init__(self, step: Register) -> None:
         self.step = step
         self.arrived = time.monotonic()
-        self.loop = _this_loop()
         self.value: Registration | BaseException | None = None
         self.wake = anyio.Event()
+
+
+class _Line:
+    """The registrations of one event loop's tasks waiting for their batch, and whether one
+    of them is leading a batch."""
+
+    __slots__ = ("busy", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: list[_Slot] = []
+        self.busy = False
 
 
 class _AsyncRegistrar:
@@ -519,6 +513,10 @@ class _AsyncRegistrar:
     answered all the same, and the next waiting task takes the lead. A task cancelled while
     its registration is being committed waits for it (milliseconds) and gets it, with the
     cancellation, so that it can give the claim back before raising.
+
+    Each event loop has its own line: a batch holds the tasks of one loop (its leases are
+    tied to that loop, its tasks woken on it), and a loop closed or dropped in the middle of
+    a batch leaves the transport's next loop (the next `asyncio.run()`) a line of its own.
     """
 
     def __init__(self, journal: JournalBackend) -> None:
@@ -527,52 +525,57 @@ class _AsyncRegistrar:
         self.native = isinstance(journal, AsyncJournalSteps)
         #: where its blocking calls are made otherwise
         self.thread = _journal_thread(journal)
-        self._waiting: list[_Slot] = []
-        self._busy = False
-        self._leading: weakref.ref[asyncio.AbstractEventLoop] | None = None  # its loop
+        self._lines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Line] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._other = _Line()  # not asyncio (trio), or a loop that takes no weak reference
+
+    def _line(self) -> _Line:
+        """The line of the running loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._other
+        try:
+            line = self._lines.get(loop)
+            if line is None:
+                line = self._lines[loop] = _Line()
+        except TypeError:
+            return self._other
+        return line
 
     async def register(self, step: Register) -> tuple[Registration, BaseException | None]:
         """The registration, and the cancellation that arrived meanwhile (or `None`)."""
-        self._forget_the_gone()
+        line = self._line()
         slot = _Slot(step)
-        self._waiting.append(slot)
+        line.waiting.append(slot)
         cancelled: BaseException | None = None
         while slot.value is None:
-            if not self._busy:
-                cancelled = await self._lead() or cancelled
+            if not line.busy:
+                cancelled = await self._lead(line) or cancelled
                 continue
             slot.wake = anyio.Event()
             try:
                 with anyio.CancelScope(shield=True):
                     await slot.wake.wait()
             except asyncio.CancelledError as exc:
-                if slot in self._waiting:  # not in a batch yet: nothing was registered
-                    self._waiting.remove(slot)
-                    self._hand_over()
+                if slot in line.waiting:  # not in a batch yet: nothing was registered
+                    line.waiting.remove(slot)
+                    _hand_over(line)
                     raise
                 cancelled = cancelled or exc  # being committed: see it through
         if isinstance(slot.value, BaseException):
             raise slot.value
         return slot.value, cancelled
 
-    def _forget_the_gone(self) -> None:
-        """A batch led by a task whose loop was closed under it (or dropped) never ends, and
-        tasks of such a loop never take their turn: they are forgotten, so that the
-        transport goes on in the next loop (one `asyncio.run()` after another)."""
-        if self._busy and _gone(self._leading):
-            self._busy = False
-        if any(_gone(slot.loop) for slot in self._waiting):
-            self._waiting = [slot for slot in self._waiting if not _gone(slot.loop)]
-
-    async def _lead(self) -> BaseException | None:
+    async def _lead(self, line: _Line) -> BaseException | None:
         """Commit the waiting registrations, batch after batch, until none waits (or this task
         is cancelled: then the next waiting task leads). The cancellation, if any."""
-        self._busy = True
-        self._leading = mine = _this_loop()
+        line.busy = True
         cancelled: BaseException | None = None
         try:
-            while self._waiting and cancelled is None:
-                batch, self._waiting = self._waiting, []
+            while line.waiting and cancelled is None:
+                batch, line.waiting = line.waiting, []
                 try:
                     results, cancelled = await self._commit(batch)
                 except BaseException as exc:  # register_many itself failed: tell everyone
@@ -584,16 +587,16 @@ class _AsyncRegistrar:
                     waiting.value = result
                     waiting.wake.set()
         finally:
-            if self._leading is mine:  # (not taken over from a loop that was closed: above)
-                self._busy = False
-                self._hand_over()
+            line.busy = False
+            _hand_over(line)
         return cancelled
 
     async def _commit(
         self, batch: list[_Slot]
     ) -> tuple[list[Registration | JournalError], BaseException | None]:
         """One batch (each request with the moment its task asked), seen through: on the
-        loop for a journal with native async I/O under asyncio, else in a worker thread."""
+        loop for a journal with native async I/O under asyncio, else in a worker thread
+        (whose results are tied to this loop: `_JournalThread.submit`)."""
         journal = self._journal
         requests = [(s.step.record, s.step.owner, s.step.lease_seconds) for s in batch]
         arrived = [s.arrived for s in batch]
@@ -605,13 +608,13 @@ class _AsyncRegistrar:
             call = functools.partial(native.register_many, requests, arrived=arrived)
         else:
             call = functools.partial(journal.register_many, requests)
-
         return await _see_through(call, self.thread, functools.partial(_tie_all, journal))
 
-    def _hand_over(self) -> None:
-        """Wake a waiting task to lead, if nobody leads."""
-        if not self._busy and self._waiting:
-            self._waiting[0].wake.set()
+
+def _hand_over(line: _Line) -> None:
+    """Wake a waiting task to lead, if nobody leads."""
+    if not line.busy and line.waiting:
+        line.waiting[0].wake.set()
 
 
 class IdempotentTransport(_Base, httpx.BaseTransport):

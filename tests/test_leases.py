@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -324,3 +325,47 @@ def test_a_hold_for_a_task_ends_with_its_loop() -> None:
     loop.close()
     assert sorted(holds.held()) == ["sync"]
     holds.close()
+
+
+def test_tasks_of_two_loops_register_in_lines_of_their_own(tmp_path: Path) -> None:
+    """One client used by tasks of two loops in turn (stopped and run again, as one thread
+    may): each loop's registrations are batched on their own, so a task's lease is tied to
+    its own loop. Closing the other loop, even in the middle of its batch, neither drops
+    the lease of this loop's task while it sends, nor leaves that task unanswered."""
+    journal = idemclient.Journal(tmp_path / "j.sqlite3")
+    journal.operations()
+    real = journal.register_many
+
+    def slow(*args: Any, **kwargs: Any) -> Any:  # a registration takes a moment
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    journal.register_many = slow  # type: ignore[method-assign]
+    sending = threading.Event()
+    held_while_sending: list[dict[str, Any]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/a":
+            sending.set()
+            await asyncio.sleep(0.3)
+            held_while_sending.append(journal._holds.held())
+        return httpx.Response(201)
+
+    client = idemclient.AsyncClient(journal=journal, transport=httpx.MockTransport(handler))
+    b, a = asyncio.new_event_loop(), asyncio.new_event_loop()
+    task_b = b.create_task(client.post("https://x.example/b", json={}))
+    b.run_until_complete(asyncio.sleep(0.05))  # B's task leads a batch; B stops
+    task_a = a.create_task(client.post("https://x.example/a", json={}))
+    a.run_until_complete(asyncio.sleep(0.05))  # A's task registers in A's own line; A stops
+    b.close()  # in the middle of B's batch
+
+    async def finish_a() -> int:
+        return (await asyncio.wait_for(task_a, 10)).status_code
+
+    assert a.run_until_complete(finish_a()) == 201
+    a.close()
+    assert sending.is_set()
+    (held,) = held_while_sending
+    assert len(held) == 1  # A's own lease, renewed while it sends
+    assert not task_b.done()
+    journal.close()

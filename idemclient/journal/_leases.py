@@ -103,7 +103,7 @@ class Holds:
         """This process now holds `key` at `version`, for `lease` seconds from now; for a
         task of `loop`, if given (`tie`)."""
         entry = _Hold(version, owner, lease, self._clock())
-        entry.loop = None if loop is None else weakref.ref(loop)
+        entry.loop = _weakly(loop)
         with self._lock:
             if self._closed:
                 return
@@ -132,7 +132,7 @@ class Holds:
         with self._lock:
             entry = self._held.get(key)
             if entry is not None and entry.version == version:
-                entry.loop = weakref.ref(loop)
+                entry.loop = _weakly(loop)
 
     def _forget_now(self) -> None:
         """Drop what `forget` was told, and the holds of tasks whose loop is closed or gone
@@ -238,6 +238,19 @@ class Holds:
                     entry.renew_at = moment + lease / 2
                 else:  # finished, released or taken over meanwhile: not ours to renew
                     del self._held[key]
+
+
+def _weakly(
+    loop: asyncio.AbstractEventLoop | None,
+) -> weakref.ref[asyncio.AbstractEventLoop] | None:
+    """A weak reference to `loop`; `None` for a loop that takes none (then its holds are
+    not tied to it)."""
+    if loop is None:
+        return None
+    try:
+        return weakref.ref(loop)
+    except TypeError:
+        return None
 
 
 def _after_fork_in_child() -> None:
