@@ -257,3 +257,29 @@ def test_postgres_resumed_operations_claimed_together_in_one_statement(
 def resumed(name: str) -> RequestRecord:
     """The record a resume sends for the operation `name`."""
     return dataclasses.replace(record(name), resume=True)
+
+
+def test_postgres_one_registration_refused_leaves_the_others_of_its_batch(pg_dsn: str) -> None:
+    """A registration the journal itself refuses (its own error, not the server out of
+    reach) fails alone: the others of its batch are registered, and no later one is failed
+    for having waited for it."""
+    owner = f"this-host:{os.getpid()}:1"
+    names = ["op-0", "op-1", "op-2"]
+    with PostgresJournal(pg_dsn, auto_purge=None) as journal:
+        for name in names:  # pending, never sent, no holder: each resumed one by one
+            reg = journal.register(record(name), owner, 60.0)
+            journal.release(f"key-{name}", reg.lease_version, "down", never_sent=True)
+        real = journal._register
+
+        def refusing(record: RequestRecord, owner: str, lease_seconds: float) -> Any:
+            if record.name == "op-0":
+                raise JournalError("operation key 'key-op-0' collides with another")
+            return (yield from real(record, owner, lease_seconds))
+
+        journal._register = refusing  # type: ignore[method-assign]
+        results = journal.register_many([(resumed(name), owner, 60.0) for name in names])
+        assert isinstance(results[0], JournalError)
+        assert [getattr(r, "decision", None) for r in results[1:]] == [Decision.SEND] * 2
+        journal._register = real  # type: ignore[method-assign]
+        later = journal.register(record("op-3"), owner, 60.0)
+        assert later.decision is Decision.SEND

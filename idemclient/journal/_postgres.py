@@ -1136,7 +1136,9 @@ class PostgresJournal(ReadBack):
         registration was wrong: then the others of its batch are not tried one by one, each
         waiting as long again, but fail with it."""
         cause, errors = error.__cause__, self._driver.errors
-        if cause is None or isinstance(cause, self._pools.PoolTimeout):
+        if cause is None:  # the journal's own judgement (a key that collides, closed): one's
+            return False
+        if isinstance(cause, self._pools.PoolTimeout):
             return True
         return type(cause) in (self._driver.OperationalError, self._driver.InterfaceError) or (
             isinstance(cause, (errors.QueryCanceled, errors.AdminShutdown, errors.CannotConnectNow))
