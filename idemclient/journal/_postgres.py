@@ -300,6 +300,14 @@ _CLAIM_MANY = (
 )
 
 
+def _arrivals(
+    requests: Sequence[tuple[RequestRecord, str, float]], arrived: Sequence[float] | None
+) -> list[tuple[float, tuple[RequestRecord, str, float]]]:
+    """Each request with the moment it was asked for (`arrived`, else now)."""
+    moments = [time.monotonic()] * len(requests) if arrived is None else arrived
+    return list(zip(moments, requests, strict=True))
+
+
 def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     """Rows of values as columns: one array parameter each, for `unnest`."""
     return [list(column) for column in zip(*rows, strict=True)]
@@ -979,9 +987,7 @@ class PostgresJournal(ReadBack):
         no thread waits more than about one `command_timeout` for an unreachable server.
         `arrived`: when each was asked for, if before this call (`time.monotonic()`; the
         async transport's tasks queue before it calls)."""
-        moments = [time.monotonic()] * len(requests) if arrived is None else arrived
-        items = list(zip(moments, requests, strict=True))
-        return self._held_ones(requests, self._together.run(items))
+        return self._held_ones(requests, self._together.run(_arrivals(requests, arrived)))
 
     def _held_ones(
         self,
@@ -1071,9 +1077,7 @@ class PostgresJournal(ReadBack):
         """`register_many` on async connections of the running loop (`AsyncJournalSteps`).
         Those `arrived` (monotonic) before the end of a batch that found the server out of
         reach waited for it: they fail with its error, not tried again."""
-        moments = [time.monotonic()] * len(requests) if arrived is None else arrived
-        items = list(zip(moments, requests, strict=True))
-        results, tried = self._not_waited(items)
+        results, tried = self._not_waited(_arrivals(requests, arrived))
         if tried:
             done = await self._aregister_batch([requests[i] for i in tried])
             self._tried(results, tried, done)
@@ -1136,7 +1140,7 @@ class PostgresJournal(ReadBack):
         registration was wrong: then the others of its batch are not tried one by one, each
         waiting as long again, but fail with it."""
         cause, errors = error.__cause__, self._driver.errors
-        if cause is None:  # the journal's own judgement (a key that collides, closed): one's
+        if cause is None:  # the journal's own refusal (a key that collides, a closed journal)
             return False
         if isinstance(cause, self._pools.PoolTimeout):
             return True
