@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -513,30 +514,44 @@ def _answer(response: Any, secret: Callable[[str], bool]) -> StoredResponse:
     return StoredResponse(response.status_code, headers, body, encoding=encoding)
 
 
-def _result(
-    journal: JournalBackend,
-    op: Operation,
-    response: httpx.Response | None,
-    error: Exception | None,
-) -> ResumeResult:
-    """The result of one resumed operation's send, with its record as the journal has it
-    now. If that record cannot be read, the send is still reported: `failed`, with the
-    `JournalError` that says so, the answer, and the record as it was before the send (an
-    answer that came was recorded all the same; the resume goes on, and a journal that
-    cannot be written stops it at the next registration)."""
+#: a resume with `concurrency` above 1 reads back the sends over within this many seconds
+#: of each other (up to `READ_BACK_AT_MOST` of them) at once, in one read of the journal
+READ_BACK_EVERY = 0.01
+READ_BACK_AT_MOST = 200
+#: one resumed operation's send: the operation as it was, the answer or the error
+_Sent = tuple[Operation, httpx.Response | None, Exception | None]
+
+
+def _results(journal: JournalBackend, sent: Sequence[_Sent]) -> list[ResumeResult]:
+    """The results of resumed operations' sends, each with its record as the journal has it
+    now: one read for all of them. If the records cannot be read, the sends are still
+    reported: `failed`, with the `JournalError` that says so, the answer, and the record as
+    it was before the send (an answer that came was recorded all the same; the resume goes
+    on, and a journal that cannot be written stops it at the next registration)."""
     try:
-        now = journal.get(op.key) or op
+        now = journal.by_keys([op.key for op, _, _ in sent])
     except JournalError as exc:
-        if error is not None:
-            now = op
-        else:
-            unread = JournalError(
-                f"operation {_label(op)}: its send is over, but its record could not be "
-                f"read back: {exc}",
-                path=exc.path,
-            )
-            unread.__cause__ = exc
-            return ResumeResult(op, "failed", response, unread)
+        return [_unread(op, response, error, exc) for op, response, error in sent]
+    return [_result(now.get(op.key, op), response, error) for op, response, error in sent]
+
+
+def _unread(
+    op: Operation, response: httpx.Response | None, error: Exception | None, exc: JournalError
+) -> ResumeResult:
+    if error is not None:  # the send's own error says how it ended
+        return _result(op, response, error)
+    unread = JournalError(
+        f"operation {_label(op)}: its send is over, but its record could not be read back: {exc}",
+        path=exc.path,
+    )
+    unread.__cause__ = exc
+    return ResumeResult(op, "failed", response, unread)
+
+
+def _result(
+    now: Operation, response: httpx.Response | None, error: Exception | None
+) -> ResumeResult:
+    """The result of one resumed operation's send, `now` its record after it."""
     outcome: Outcome
     if error is None:
         # An answer that settles nothing (a 401, a redirect not followed) leaves it pending.
@@ -622,42 +637,44 @@ def resume_pending(
     sender: Any = client  # either family's client; its requests are its own
     _report(results, on_result)
 
-    def one(op: Operation, request: httpx.Request) -> ResumeResult:
-        response: httpx.Response | None = None
-        error: Exception | None = None
+    def one(op: Operation, request: httpx.Request) -> _Sent:
         try:
             response = sender.send(request)
             response.read()
         except Exception as exc:
             if not _resumable(exc):
                 raise
-            response, error = None, exc
-        return _result(journal, op, response, error)
+            return op, None, exc
+        return op, response, None
 
     if concurrency == 1:
         for op, request in requests:
-            results.append(one(op, request))
+            results.extend(_results(journal, [one(op, request)]))
             _report(results[-1:], on_result)
         return results
-    _in_threads(requests, one, concurrency, results, on_result)
+    _in_threads(
+        requests, one, concurrency, lambda sent: _results(journal, sent), results, on_result
+    )
     return results
 
 
 def _in_threads(
     requests: Sequence[tuple[Operation, httpx.Request]],
-    one: Callable[[Operation, httpx.Request], ResumeResult],
+    one: Callable[[Operation, httpx.Request], _Sent],
     concurrency: int,
+    read_back: Callable[[Sequence[_Sent]], list[ResumeResult]],
     results: list[ResumeResult],
     on_result: Callable[[ResumeResult], object] | None,
 ) -> None:
     """`one` for each request on `concurrency` threads, each taking the next request when
-    it is done; results reported from this thread as they come. An exception (a `one` that
+    it is done; this thread reads the sends back, all those over since its last read at
+    once (`read_back`), and reports their results as they come. An exception (a `one` that
     raised, `on_result` that raised, Ctrl-C) stops the rest from starting: what is being
     sent finishes first, then it is raised."""
     todo = iter(requests)
     taking = threading.Lock()
     stop = threading.Event()
-    done: queue.SimpleQueue[ResumeResult | BaseException | None] = queue.SimpleQueue()
+    done: queue.SimpleQueue[_Sent | BaseException | None] = queue.SimpleQueue()
 
     def work() -> None:
         try:
@@ -685,14 +702,28 @@ def _in_threads(
             started.append(worker)
         ended = 0
         while ended < len(started):
+            sent: list[_Sent] = []
             item = done.get()
-            if item is None:
-                ended += 1
-            elif isinstance(item, BaseException):
-                failure = failure or item
-            else:
-                results.append(item)
-                _report(results[-1:], on_result)
+            # then what comes within READ_BACK_EVERY: many sends, one read
+            until = time.monotonic() + READ_BACK_EVERY
+            while True:
+                if item is None:
+                    ended += 1
+                elif isinstance(item, BaseException):
+                    failure = failure or item
+                else:
+                    sent.append(item)
+                left = until - time.monotonic()
+                if ended == len(started) or len(sent) >= READ_BACK_AT_MOST or left <= 0:
+                    break
+                try:
+                    item = done.get(timeout=left)
+                except queue.Empty:
+                    break
+            if sent:
+                read = read_back(sent)
+                results.extend(read)
+                _report(read, on_result)
     finally:
         stop.set()
         for worker in started:
@@ -723,6 +754,35 @@ def _on_the_loop(found: Any) -> Any:
         return await found
 
     return anyio.from_thread.run(wait)
+
+
+class _Over:
+    """The sends of `aresume_pending` that are over and not read back yet, on one loop."""
+
+    def __init__(self) -> None:
+        self._sent: list[_Sent] = []
+        self._closed = False
+        self._more = anyio.Event()
+
+    def put(self, sent: _Sent) -> None:
+        self._sent.append(sent)
+        self._more.set()
+
+    def close(self) -> None:
+        """No more sends will come."""
+        self._closed = True
+        self._more.set()
+
+    async def take(self) -> list[_Sent] | None:
+        """Every send over since the last call, waiting for one; `None` once closed and all
+        taken."""
+        while not self._sent:
+            if self._closed:
+                return None
+            await self._more.wait()
+            self._more = anyio.Event()
+        sent, self._sent = self._sent, []
+        return sent
 
 
 def _check_concurrency(concurrency: int) -> None:
@@ -756,36 +816,48 @@ async def aresume_pending(
     sender: Any = client  # either family's client; its requests are its own
     _report(results, on_result)
 
-    async def one(op: Operation, request: httpx.Request) -> None:
-        response: httpx.Response | None = None
-        error: Exception | None = None
+    async def one(op: Operation, request: httpx.Request) -> _Sent:
         try:
             response = await sender.send(request)
             await response.aread()
         except Exception as exc:
             if not _resumable(exc):
                 raise
-            response, error = None, exc
-        results.append(await anyio.to_thread.run_sync(_result, journal, op, response, error))
-        _report(results[-1:], on_result)
+            return op, None, exc
+        return op, response, None
+
+    async def read_back(sent: list[_Sent]) -> None:
+        read = await anyio.to_thread.run_sync(_results, journal, sent)
+        results.extend(read)
+        _report(read, on_result)
 
     if concurrency == 1:
         for op, request in requests:
-            await one(op, request)
+            await read_back([await one(op, request)])
         return results
+
+    over = _Over()
 
     async def holding(permits: anyio.Semaphore, op: Operation, request: httpx.Request) -> None:
         try:
-            await one(op, request)
+            over.put(await one(op, request))
         finally:
             permits.release()
+
+    async def reading() -> None:  # the sends over since the last read, read back at once
+        while (sent := await over.take()) is not None:
+            await read_back(sent)
 
     permits = anyio.Semaphore(concurrency)
     try:
         async with anyio.create_task_group() as tasks:
+            tasks.start_soon(reading)
             for op, request in requests:
                 await permits.acquire()  # no more than `concurrency` started and unfinished
                 tasks.start_soon(holding, permits, op, request)
+            for _ in range(concurrency):
+                await permits.acquire()  # every send is over
+            over.close()
     except Exception as exc:  # an exception group of non-resumable errors (JournalError):
         # the first, as itself (those beside it come from the same cause, in other tasks)
         inner: Sequence[BaseException] = getattr(exc, "exceptions", ())

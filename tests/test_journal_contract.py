@@ -15,7 +15,7 @@ import pytest
 
 from idemclient import JournalError, PostgresJournal
 from idemclient._records import Decision, StoredResponse
-from idemclient.journal import JournalBackend, open_journal
+from idemclient.journal import JournalBackend, _readback, open_journal
 from idemclient.journal._owner import DEFAULT_LEASE_MARGIN, current_owner
 
 from .test_journal import Clock, dead_owner, record
@@ -264,6 +264,10 @@ def test_an_answer_held_in_memory_is_seen_through_every_journal_of_the_process(
         stale = journal.get("op-2")
         assert stale is not None
         assert (stale.state, stale.attempts) == ("pending", 2)
+        found = journal.by_keys(["key-2", "key-1", "no-such-key", "key-1"])
+        assert sorted(found) == ["key-1", "key-2"]
+        assert (found["key-1"].state, found["key-1"].response_status) == ("completed", 201)
+        assert (found["key-2"].state, found["key-2"].attempts) == ("pending", 2)
     with pytest.raises(ValueError, match="completed"):
         other.abandon("op-1")
     assert taken.lease_version == late.lease_version + 1
@@ -273,6 +277,26 @@ def test_an_answer_held_in_memory_is_seen_through_every_journal_of_the_process(
     # only the unanswered one expires: a held answer means it is finished, not stale
     assert [op.name for op in other.expire_stale()] == ["op-2"]
     assert [op.state for op in other.operations()] == ["completed", "expired", "completed"]
+
+
+def test_operations_are_read_back_by_key_many_at_once(
+    journal: JournalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`by_keys`: each known key's operation as it is now, in reads of up to KEYS_PER_READ
+    keys (3 here), an unknown key left out; no key, no read."""
+    monkeypatch.setattr(_readback, "KEYS_PER_READ", 3)
+    regs = [
+        journal.register(record(f"op-{i}", f"key-{i}"), current_owner(), LEASE) for i in range(7)
+    ]
+    for i in (0, 4, 6):
+        journal.finish(f"key-{i}", regs[i].lease_version, "completed", OK)
+    journal.release("key-5", regs[5].lease_version, "lost")
+    found = journal.by_keys([f"key-{i}" for i in range(8)])
+    assert {k: (op.name, op.state) for k, op in found.items()} == {
+        f"key-{i}": (f"op-{i}", "completed" if i in (0, 4, 6) else "pending") for i in range(7)
+    }
+    assert found["key-5"].last_error == "lost"
+    assert journal.by_keys([]) == {}
 
 
 def test_a_resume_decides_on_the_row_as_it_is_now_not_as_the_backlog_read_it(

@@ -17,7 +17,7 @@ Backends:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -211,6 +211,12 @@ class JournalBackend(Protocol):
     def get(self, name_or_key: str) -> Operation | None:
         """The operation with this name, else with this key (a name wins); `None` if neither
         is known."""
+        ...
+
+    def by_keys(self, keys: Iterable[str]) -> dict[str, Operation]:
+        """The operations with these keys, as this process sees them (its held completions
+        included), by key; a key not known is left out. One read for many keys: what a
+        resume reads its sends back with."""
         ...
 
     def stats(self) -> JournalStats:

@@ -1738,17 +1738,20 @@ class PostgresJournal(ReadBack):
         n = len(COLUMNS.split(","))
         self._seen = {r[1]: (r[:n], r[n]) for r in rows}
 
-    def _read_operation(
+    def _among(self, values: list[str]) -> tuple[str, Sequence[Any]]:
+        """`= ANY(%s)` with one array: one statement text (prepared once) for any number."""
+        return "= ANY(%s)", (values,)
+
+    def _read_operations(
         self, action: str, sql: str, params: Sequence[Any]
-    ) -> tuple[Any, ...] | None:
+    ) -> list[tuple[Any, ...]]:
         """Without waiting for the flusher: the completions of this process, taken before
-        the read (one committed in between is in the row read), are laid over the row."""
-        unwritten = self._unwritten_of()
+        the read (one committed in between is in the row read), are laid over the rows."""
+        held: dict[str, list[tuple[Any, ...]]] = {}
+        for completion in self._unwritten_of():
+            held.setdefault(completion[6], []).append(completion)
         rows = self._read(action, sql, params, flush=False)
-        if not rows:
-            return None
-        row: tuple[Any, ...] = self._as_written(rows[0], unwritten)
-        return row
+        return [self._as_written(row, held.get(row[1], ())) for row in rows]
 
     def _write_statement(
         self, action: str, sql: str, params: Sequence[Any], *, unbounded: bool = False

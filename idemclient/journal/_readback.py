@@ -9,7 +9,7 @@ import logging
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,8 @@ Row = tuple[Any, ...]
 Also = Callable[[Row], tuple[str, Sequence[Any]]]
 logger = logging.getLogger("idemclient")
 
+#: the most keys `by_keys` asks for in one statement
+KEYS_PER_READ = 500
 #: how often a journal's upkeep thread looks whether the daily purge is due, in seconds
 UPKEEP_EVERY = 3600.0
 _DAY = 86400.0
@@ -91,8 +93,8 @@ class ReadBack:
     * `_read(action, sql, params, long=False)`: rows (`long`: a read that may take long,
       a backlog with its bodies), with the completions this process holds written
       first (a list must show them);
-    * `_read_operation(action, sql, params)`: the first row (of `COLUMNS`) of an operation
-      as this process sees it (its held completion included, written or laid over);
+    * `_read_operations(action, sql, params)`: rows (of `COLUMNS`) of operations as this
+      process sees them (its held completions included, written or laid over);
     * `_change_state(name_or_key, verb, allowed, sets, *params, also=None)`: `UPDATE ... SET
       sets` on an operation found by name, else key, in one of `allowed` states, and the
       statement `also` makes of its row, in one transaction;
@@ -126,7 +128,7 @@ class ReadBack:
             self, action: str, sql: str, params: Sequence[Any] = (), *, long: bool = False
         ) -> list[Row]: ...
 
-        def _read_operation(self, action: str, sql: str, params: Sequence[Any]) -> Row | None: ...
+        def _read_operations(self, action: str, sql: str, params: Sequence[Any]) -> list[Row]: ...
 
         def _change_state(
             self,
@@ -185,12 +187,13 @@ class ReadBack:
     def _lookup(self, name_or_key: str) -> Row | None:
         """The row with this name, else with this key (a name wins over a key)."""
         m = self._mark
-        return self._read_operation(
+        rows = self._read_operations(
             "look the operation up",
             f"SELECT {COLUMNS} FROM {self._table} WHERE name = {m} OR key = {m} "
             f"ORDER BY CASE WHEN name = {m} THEN 0 ELSE 1 END LIMIT 1",
             (name_or_key, name_or_key, name_or_key),
         )
+        return rows[0] if rows else None
 
     def stored_response(self, name_or_key: str) -> StoredResponse | None:
         """The journaled final response of an operation, if it has one."""
@@ -201,6 +204,23 @@ class ReadBack:
         """The operation with this name, else with this key; `None` if neither is known."""
         row = self._lookup(name_or_key)
         return operation(row) if row is not None else None
+
+    def by_keys(self, keys: Iterable[str]) -> dict[str, Operation]:
+        """The operations with these keys, by key (a key not known is left out), in one
+        read for up to `KEYS_PER_READ` of them: a resume reads its sends back this way."""
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, Operation] = {}
+        for start in range(0, len(wanted), KEYS_PER_READ):
+            among, params = self._among(wanted[start : start + KEYS_PER_READ])
+            sql = f"SELECT {COLUMNS} FROM {self._table} WHERE key {among}"
+            for row in self._read_operations("read the operations back", sql, params):
+                found[row[1]] = operation(row)
+        return found
+
+    def _among(self, values: list[str]) -> tuple[str, Sequence[Any]]:
+        """SQL that tests a value against `values`, and its parameters: `IN (?, ?, ...)`,
+        unless a backend has a better way (one statement for any number of them)."""
+        return f"IN ({', '.join([self._mark] * len(values))})", values
 
     def operations(self, state: State | None = None) -> list[Operation]:
         """Every operation, oldest first; only those in `state` if given."""

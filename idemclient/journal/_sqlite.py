@@ -1244,11 +1244,10 @@ class Journal(ReadBack):
     _decisions_table = "decisions"
     _mark = "?"
 
-    def _read_operation(
+    def _read_operations(
         self, action: str, sql: str, params: Sequence[Any]
-    ) -> tuple[Any, ...] | None:
-        rows = self._read(action, sql, params)
-        return rows[0] if rows else None
+    ) -> list[tuple[Any, ...]]:
+        return self._read(action, sql, params)  # held completions written first
 
     def _write_statement(
         self, action: str, sql: str, params: Sequence[Any], *, unbounded: bool = False
