@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import queue
 import threading
@@ -400,8 +401,9 @@ def _resume_requests(
     settle: Callable[[Any], Any] = lambda found: found,
     *,
     send: bool = True,
-) -> tuple[JournalBackend, ResumeReport, list[tuple[Operation, httpx.Request]]]:
-    """The pending operations this client resumes, as requests to send; the expired ones.
+) -> tuple[JournalBackend, ResumeReport, list[tuple[Operation, Callable[[], httpx.Request]]]]:
+    """The pending operations this client resumes, each with what makes its request (built
+    when it is sent: a large backlog starts going out at once); the expired ones.
 
     An operation goes back where it was sent: only those whose stored origin is the client's
     (its base URL's; any, for a client without a base URL) are taken, others are skipped.
@@ -411,9 +413,15 @@ def _resume_requests(
     moves = rebase_map(rebase)
     journal: JournalBackend = transport.journal
     base_url = client.base_url
+    targets: dict[str, httpx.URL | None] = {}  # a backlog's operations share few URLs
+
+    def target_of(url: str) -> httpx.URL | None:
+        if url not in targets:
+            targets[url] = destination(url, base_url, moves)
+        return targets[url]
 
     def mine(op: Operation) -> bool:
-        return destination(op.url, base_url, moves) is not None
+        return target_of(op.url) is not None
 
     expired = journal.expire_stale(mine)
     if reconcile is None:
@@ -423,39 +431,53 @@ def _resume_requests(
         report = ResumeReport(_reconciled(journal, ours, reconcile, client, settle, transport))
     if not send:
         return journal, report, []
-    requests = []
+    todo: list[tuple[Operation, Callable[[], httpx.Request]]] = []
     skipped = []
     # ours past the retention were expired just now; one read for all of them
-    for op, (method, url, texts, body, encoding) in journal.pending_requests():
-        # as bytes: a header value that is not ASCII goes out as it first did
-        headers = [(k.encode(encoding), v.encode(encoding)) for k, v in texts]
-        target = destination(url, client.base_url, moves)
+    for op, stored in journal.pending_requests():
+        target = target_of(stored[1])
         if target is None:
             skipped.append(op)
-            continue
-        # The key goes out as it first did: in the operation's own header and style.
-        key_header = op.key_header or transport.key_header
-        key_style = op.key_style or transport.settings.key_style
-        extensions: dict[str, Any] = {
-            RESUME_EXTENSION: {"key_header": key_header, "key_style": key_style}
-        }
-        if op.name is not None:
-            extensions[OPERATION_EXTENSION] = op.name
-        params: tuple[tuple[str, str], ...] | None = None
-        if client.params and target.query:
-            # The client's params (its current query credential) join the stored ones, which
-            # httpx 0.28 would drop; a credential that an older journal kept gives way.
-            target = httpx.URL(stored_url(target, transport.settings.secrets))
-            target, params = target.copy_with(query=None), tuple(target.params.multi_items())
-        # as text: the client may be of the other family (httpx2), whose URL class differs
-        request = client.build_request(
-            method, str(target), params=params, headers=headers, content=body,
-            extensions=extensions,
-        )  # fmt: skip
-        request.headers[key_header] = f'"{op.key}"' if key_style == "structured" else op.key
-        requests.append((op, request))
+        else:
+            todo.append(
+                (op, functools.partial(_resume_request, client, transport, op, stored, target))
+            )
     report.skipped = tuple(skipped)
-    return journal, report, requests
+    return journal, report, todo
+
+
+def _resume_request(
+    client: Any,
+    transport: _Idempotent,
+    op: Operation,
+    stored: tuple[str, str, list[tuple[str, str]], bytes, str],
+    target: httpx.URL,
+) -> httpx.Request:
+    """The request that resends a pending operation to `target`, through `client`."""
+    method, _, texts, body, encoding = stored
+    # as bytes: a header value that is not ASCII goes out as it first did
+    headers = [(k.encode(encoding), v.encode(encoding)) for k, v in texts]
+    # The key goes out as it first did: in the operation's own header and style.
+    key_header = op.key_header or transport.key_header
+    key_style = op.key_style or transport.settings.key_style
+    extensions: dict[str, Any] = {
+        RESUME_EXTENSION: {"key_header": key_header, "key_style": key_style}
+    }
+    if op.name is not None:
+        extensions[OPERATION_EXTENSION] = op.name
+    params: tuple[tuple[str, str], ...] | None = None
+    if client.params and target.query:
+        # The client's params (its current query credential) join the stored ones, which
+        # httpx 0.28 would drop; a credential that an older journal kept gives way.
+        target = httpx.URL(stored_url(target, transport.settings.secrets))
+        target, params = target.copy_with(query=None), tuple(target.params.multi_items())
+    # as text: the client may be of the other family (httpx2), whose URL class differs
+    request: httpx.Request = client.build_request(
+        method, str(target), params=params, headers=headers, content=body,
+        extensions=extensions,
+    )  # fmt: skip
+    request.headers[key_header] = f'"{op.key}"' if key_style == "structured" else op.key
+    return request
 
 
 def _reconciled(
@@ -637,7 +659,8 @@ def resume_pending(
     sender: Any = client  # either family's client; its requests are its own
     _report(results, on_result)
 
-    def one(op: Operation, request: httpx.Request) -> _Sent:
+    def one(op: Operation, make: Callable[[], httpx.Request]) -> _Sent:
+        request = make()
         try:
             response = sender.send(request)
             response.read()
@@ -648,8 +671,8 @@ def resume_pending(
         return op, response, None
 
     if concurrency == 1:
-        for op, request in requests:
-            results.extend(_results(journal, [one(op, request)]))
+        for op, make in requests:
+            results.extend(_results(journal, [one(op, make)]))
             _report(results[-1:], on_result)
         return results
     _in_threads(
@@ -659,8 +682,8 @@ def resume_pending(
 
 
 def _in_threads(
-    requests: Sequence[tuple[Operation, httpx.Request]],
-    one: Callable[[Operation, httpx.Request], _Sent],
+    requests: Sequence[tuple[Operation, Callable[[], httpx.Request]]],
+    one: Callable[[Operation, Callable[[], httpx.Request]], _Sent],
     concurrency: int,
     read_back: Callable[[Sequence[_Sent]], list[ResumeResult]],
     results: list[ResumeResult],
@@ -816,7 +839,8 @@ async def aresume_pending(
     sender: Any = client  # either family's client; its requests are its own
     _report(results, on_result)
 
-    async def one(op: Operation, request: httpx.Request) -> _Sent:
+    async def one(op: Operation, make: Callable[[], httpx.Request]) -> _Sent:
+        request = make()
         try:
             response = await sender.send(request)
             await response.aread()
@@ -832,15 +856,17 @@ async def aresume_pending(
         _report(read, on_result)
 
     if concurrency == 1:
-        for op, request in requests:
-            await read_back([await one(op, request)])
+        for op, make in requests:
+            await read_back([await one(op, make)])
         return results
 
     over = _Over()
 
-    async def holding(permits: anyio.Semaphore, op: Operation, request: httpx.Request) -> None:
+    async def holding(
+        permits: anyio.Semaphore, op: Operation, make: Callable[[], httpx.Request]
+    ) -> None:
         try:
-            over.put(await one(op, request))
+            over.put(await one(op, make))
         finally:
             permits.release()
 
@@ -852,9 +878,9 @@ async def aresume_pending(
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(reading)
-            for op, request in requests:
+            for op, make in requests:
                 await permits.acquire()  # no more than `concurrency` started and unfinished
-                tasks.start_soon(holding, permits, op, request)
+                tasks.start_soon(holding, permits, op, make)
             for _ in range(concurrency):
                 await permits.acquire()  # every send is over
             over.close()
