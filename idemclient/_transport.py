@@ -194,6 +194,7 @@ class _Base:
         empty_replays: bool,
         retry_budget: BudgetOption,
     ) -> None:
+        _shells.add(self)
         self._hooks = tuple(hooks)
         self.hand_back = hand_back
         self.empty_replays = empty_replays
@@ -378,11 +379,38 @@ _journal_threads: weakref.WeakKeyDictionary[object, _JournalThread] = weakref.We
 _journal_threads_lock = threading.Lock()
 
 
+#: every idemclient transport of this process (a forked child drops their connections)
+_shells: weakref.WeakSet[_Base] = weakref.WeakSet()
+#: the parent's connections a forked child dropped: kept, never closed nor collected (closing
+#: one could end the parent's connection: an HTTP/2 goodbye, an async transport's loop)
+_inherited_connections: list[object] = []
+
+
 def _after_fork_in_child() -> None:
     global _journal_threads_lock
     _journal_threads_lock = threading.Lock()
     for thread in list(_journal_threads.values()):
         thread._reset()
+    for shell in list(_shells):
+        _forget_connections(getattr(shell, "_transport", None))
+
+
+def _forget_connections(transport: object) -> None:
+    """In a forked child: the pooled connections of an HTTP transport (httpx's or httpx2's
+    `HTTPTransport`, sync or async) are the parent's sockets. Were both to use one, their
+    requests' bytes would interleave and one would read the other's answer: journaled as its
+    own, and replayed from then on. The child drops them and opens its own; the pool's lock,
+    which a thread of the parent may have held at the fork, is a new one."""
+    pool: Any = getattr(transport, "_pool", None)
+    connections = getattr(pool, "_connections", None)
+    if not isinstance(connections, list) or not isinstance(getattr(pool, "_requests", None), list):
+        return  # not a pool of httpcore's shape: nothing known to drop
+    _inherited_connections.extend(connections)
+    pool._connections = []
+    pool._requests = []
+    lock = getattr(pool, "_optional_thread_lock", None)
+    if lock is not None:
+        pool._optional_thread_lock = type(lock)()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

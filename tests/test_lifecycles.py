@@ -4,6 +4,7 @@ deciding during a backoff, clients closed before their journal, forks, asyncio t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import sqlite3
@@ -26,6 +27,10 @@ from idemclient import (
     PostgresJournal,
     open_journal,
 )
+from idemclient.journal._owner import current_owner
+from idemclient.testing import IdempotentServer
+
+from .test_journal import LEASE, record
 
 
 def test_a_retry_after_a_long_suspend_is_not_sent_past_the_retention(journal_path: Path) -> None:
@@ -660,3 +665,77 @@ def test_a_retry_of_a_call_wait_for_cancelled_continues_the_operation(journal_pa
         server.inject("slow_after_acting", seconds=1.0, times=1)
         assert asyncio.run(main(server)) == [("charge-9", "completed")]
         assert server.effect_count == 1
+
+
+def test_a_child_keeps_what_it_writes_when_the_parent_closes_first(tmp_path: Path) -> None:
+    """The parent has the journal open when it forks; the child opens its own on the same
+    file and registers operations while the parent closes its journal. SQLite state the
+    child inherited with an open connection would let the parent's last close checkpoint
+    and delete the WAL under the child's writes: every registration of the child must stay
+    (else a rerun sends them again). The parent's journal works on after the fork."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.register(record("parent-0", "kp-0"), current_owner(), LEASE)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            child = Journal(path)
+            for i in range(30):
+                child.register(record(f"child-{i}", f"kc-{i}"), current_owner(), LEASE)
+                time.sleep(0.01)
+            child.close()
+        except BaseException:
+            code = 3
+        finally:
+            os._exit(code)
+    journal.register(record("parent-1", "kp-1"), current_owner(), LEASE)
+    time.sleep(0.1)  # the child is writing
+    journal.close()  # the parent's last connection
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    with Journal(path) as after:
+        names = {op.name for op in after.operations()}
+    assert names == {"parent-0", "parent-1"} | {f"child-{i}" for i in range(30)}
+
+
+def test_a_forked_child_does_not_share_the_parents_http_connections(
+    server: IdempotentServer, journal_path: Path
+) -> None:
+    """The client made a request before the fork: its pooled connection is a socket the
+    child inherits. Used by both, their requests would interleave on it and one would read
+    (and journal, for good) the other's answer. The child drops the parent's connections and
+    opens its own: each side gets, and journals, its own answers."""
+    client = idemclient.Client(base_url=server.url, journal=journal_path)
+    client.post("/charges", json={"warm": True})
+
+    def charges(who: str) -> list[tuple[str, Any]]:
+        wrong = []
+        for i in range(20):
+            with idemclient.operation(f"{who}-{i}"):
+                answer = client.post("/charges", json={"who": who, "i": i})
+            if answer.json()["request"] != {"who": who, "i": i}:
+                wrong.append((f"{who}-{i}", answer.json()["request"]))
+        return wrong
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            code = 3 if charges("child") else 0
+            client.close()
+        except BaseException:
+            code = 4
+        finally:
+            os._exit(code)
+    wrong = charges("parent")
+    _, status = os.waitpid(pid, 0)
+    client.close()
+    assert wrong == []
+    assert os.WEXITSTATUS(status) == 0
+    with Journal(journal_path) as journal:
+        for who in ("parent", "child"):
+            for i in range(20):
+                stored = journal.stored_response(f"{who}-{i}")
+                assert stored is not None
+                assert json.loads(stored.body)["request"] == {"who": who, "i": i}

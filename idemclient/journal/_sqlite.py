@@ -274,6 +274,9 @@ class _SharedFile:
         self.deferred_ready = threading.Condition(self.deferred_lock)
         self.flusher_pid = 0
         self.flusher_idle = 30.0
+        # reads in progress outside the write lock: a fork waits for them (`_before_fork`)
+        self.readers = 0
+        self.reading = threading.Condition(threading.Lock())
 
     def any_open(self) -> Journal | None:
         for journal in list(self.journals):
@@ -283,8 +286,10 @@ class _SharedFile:
 
 
 #: connections a forked child inherited: never used, never closed (closing one could end
-#: what the parent's connection relies on)
+#: what the parent's connection relies on); none, unless a fork found one it could not close
 _inherited: list[sqlite3.Connection] = []
+#: the journals that have opened connections in this process (open or not: one being opened)
+_connected: weakref.WeakSet[Journal] = weakref.WeakSet()
 _files_lock = threading.Lock()
 _files: weakref.WeakValueDictionary[tuple[int, int], _SharedFile] = weakref.WeakValueDictionary()
 
@@ -297,22 +302,34 @@ def _shared_file(identity: tuple[int, int]) -> _SharedFile:
         return shared
 
 
-_held_at_fork: list[threading.Lock] = []
+_held_at_fork: list[Callable[[], None]] = []  # what releases what `_before_fork` took
 
 
 def _before_fork() -> None:
-    """Let journal writes in progress finish before a fork, and start none until it is done:
-    SQLite keeps per-process lock state that a child would inherit mid-transaction, and its
-    own connections could then never write ("database is locked")."""
+    """Before a fork: let journal writes and reads in progress finish, start none until it
+    is done, and close every SQLite connection of this process (each process opens its own
+    again when it next uses a journal).
+
+    SQLite keeps state per process and file (its locks, the WAL index) that a child would
+    inherit with any connection left open. The child's own connections would then take no
+    locks of their own: the parent closing its last connection would checkpoint and delete
+    the WAL under the child's writes, and the child's registrations would be lost (and sent
+    again by a rerun). A child inheriting a transaction in progress could never write."""
     _files_lock.acquire()
     for shared in list(_files.values()):
         shared.write_lock.acquire()
-        _held_at_fork.append(shared.write_lock)
+        _held_at_fork.append(shared.write_lock.release)
+        shared.reading.acquire()
+        _held_at_fork.append(shared.reading.release)
+        while shared.readers:
+            shared.reading.wait()
+    for journal in list(_connected):
+        journal._close_connections(for_fork=True)
 
 
 def _after_fork_in_parent() -> None:
     while _held_at_fork:
-        _held_at_fork.pop().release()
+        _held_at_fork.pop()()
     _files_lock.release()
 
 
@@ -337,11 +354,12 @@ os.register_at_fork(
 class _ThreadConnection:
     """A thread's connection, held in the journal's thread-local storage."""
 
-    __slots__ = ("__weakref__", "db", "pid")
+    __slots__ = ("__weakref__", "db", "generation", "pid")
 
-    def __init__(self, pid: int, db: sqlite3.Connection) -> None:
+    def __init__(self, pid: int, db: sqlite3.Connection, generation: int) -> None:
         self.pid = pid
         self.db = db
+        self.generation = generation  # the journal's, when it was opened (see `_connection`)
 
 
 @dataclass
@@ -453,6 +471,7 @@ class Journal(ReadBack):
         self.flush_delay = flush_delay
         self._closing = False
         self._closed = False
+        self._generation = 0  # one more each time every connection is closed for a fork
         self._identity = self._open_file()
         self._shared = _shared_file(self._identity)
         try:
@@ -542,7 +561,7 @@ class Journal(ReadBack):
 
     def _open(self, retention: timedelta | None) -> timedelta:
         """Check the schema (create or upgrade it) and settle the retention."""
-        with self._errors_as_journal_error("open the journal"):
+        with self._errors_as_journal_error("open the journal"), self._reading():
             db = self._connection()
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -648,7 +667,7 @@ class Journal(ReadBack):
         slot = "relaxed" if relaxed else "conn"
         pid = os.getpid()
         cached: _ThreadConnection | None = getattr(self._local, slot, None)
-        if cached is not None and cached.pid == pid:
+        if cached is not None and cached.pid == pid and cached.generation == self._generation:
             return cached.db
         self._close_retired()
         # mode=rw: never create the file here (it was created, checked and given its mode
@@ -669,7 +688,8 @@ class Journal(ReadBack):
         except BaseException:
             db.close()
             raise
-        holder = _ThreadConnection(pid, db)
+        holder = _ThreadConnection(pid, db, self._generation)
+        _connected.add(self)
         # When this thread ends, its thread-local holder goes, and the connection is retired:
         # closed by the next thread that opens one, or by close(). A program that starts a
         # thread per request keeps only the connections of its live threads open.
@@ -765,8 +785,23 @@ class Journal(ReadBack):
         writer = self if not self.read_only else self._shared.any_open()
         if writer is not None:
             writer.flush()
-        with self._errors_as_journal_error(action):
+        with self._errors_as_journal_error(action), self._reading():
             return cast("list[tuple[Any, ...]]", self._connection().execute(sql, params).fetchall())
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A use of this thread's connection outside the write lock: counted, so that a fork
+        waits for it to end (and none starts until the fork is done)."""
+        shared = self._shared
+        with shared.reading:
+            shared.readers += 1
+        try:
+            yield
+        finally:
+            with shared.reading:
+                shared.readers -= 1
+                if not shared.readers:
+                    shared.reading.notify_all()
 
     def close(self) -> None:
         """Write held completions, close every connection this journal opened. Later use
@@ -795,17 +830,21 @@ class Journal(ReadBack):
                 shared.deferred_ready.notify_all()
             self._close_connections()
 
-    def _close_connections(self) -> None:
+    def _close_connections(self, *, for_fork: bool = False) -> None:
+        """Close every connection this journal opened in this process (no thread may be
+        using one: the caller holds the write lock, and for a fork no read is in progress);
+        each thread opens a new one when it next needs it."""
         with self._lock:
             connections, self._connections = self._connections, []
+            self._generation += 1
+        retired, self._retired = self._retired, []
         pid = os.getpid()
-        for owner_pid, db in connections:
+        for owner_pid, db in connections + retired:
             if owner_pid == pid:
                 with contextlib.suppress(sqlite3.Error):
                     db.close()
-            else:  # inherited across fork(): not ours to close, nor to let the GC close
+            elif not for_fork:  # inherited across fork(): not ours to close, nor the GC's
                 _inherited.append(db)
-        self._retired.clear()
 
     def __enter__(self) -> Self:
         return self
