@@ -980,10 +980,11 @@ class _RecordingStream:
     async) by `recording_stream`.
 
     Closed after its last event (an SDK stops reading at `data: [DONE]`, before the body's
-    terminating chunk), it reads the remains (up to `_DRAIN` bytes) and is recorded. Closed
-    before its last event (the caller stopped it), or after a read failed (a lost
-    connection, a read timeout), it is never recorded: the lease is given back at once and
-    the operation stays pending (a rerun or resume gets the server's whole replay).
+    terminating chunk), it is recorded as read, at once: the rest of the body is not waited
+    for (a server or proxy may hold it back for long). Closed before its last event (the
+    caller stopped it), or after a read failed (a lost connection, a read timeout), it is
+    never recorded: the lease is given back at once and the operation stays pending (a
+    rerun or resume gets the server's whole replay).
     """
 
     def __init__(self, inner: Any, recorder: _Recorder, response: httpx.Response) -> None:
@@ -1005,18 +1006,20 @@ class _RecordingStream:
             raise
         self._recorder.end(self._response)
 
-    def _may_read_on(self) -> bool:
+    def _record_if_over(self, started: bool) -> None:
         """Closed early, but after the stream's last event (an SDK stops reading there, before
-        the body's terminating chunk): read the rest, which is no more than that, and record
-        it. Closed mid-stream (the caller stopped it), or after a read failed: pending."""
-        return not self._broken and not self._recorder.done and self._recorder.at_last_event()
+        the body's terminating chunk): the answer is whole, recorded as read. Closed
+        mid-stream (the caller stopped it), or after a read failed: it stays pending."""
+        try:
+            recorder = self._recorder
+            if started and not self._broken and not recorder.done and recorder.at_last_event():
+                recorder.end(self._response)
+        except Exception:  # the journal closed meanwhile: pending, the lease given back
+            logger.debug("recording a stream closed after its last event failed", exc_info=True)
 
     def close(self) -> None:
         try:
-            if self._chunks is not None and self._may_read_on():
-                self._read_on(self._chunks)
-        except Exception:
-            logger.debug("reading the rest of a closed stream failed", exc_info=True)
+            self._record_if_over(self._chunks is not None)
         finally:
             try:
                 if hasattr(self._inner, "close"):
@@ -1025,15 +1028,6 @@ class _RecordingStream:
                 release = self._recorder.abort()
                 if release is not None:
                     release()
-
-    def _read_on(self, chunks: Iterator[bytes]) -> None:
-        drained = 0
-        for chunk in chunks:
-            self._recorder.add(chunk)
-            drained += len(chunk)
-            if drained > _DRAIN:  # still going: not an answer that had ended
-                return
-        self._recorder.end(self._response)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self._achunks = self._inner.__aiter__()
@@ -1048,17 +1042,7 @@ class _RecordingStream:
 
     async def aclose(self) -> None:
         try:
-            if self._achunks is not None and self._may_read_on():
-                drained = 0
-                async for chunk in self._achunks:
-                    self._recorder.add(chunk)
-                    drained += len(chunk)
-                    if drained > _DRAIN:
-                        break
-                else:
-                    self._recorder.end(self._response)
-        except Exception:
-            logger.debug("reading the rest of a closed stream failed", exc_info=True)
+            self._record_if_over(self._achunks is not None)
         finally:
             try:
                 if hasattr(self._inner, "aclose"):
@@ -1070,8 +1054,6 @@ class _RecordingStream:
                         await anyio.to_thread.run_sync(release)
 
 
-#: what a stream closed after its last event may still read to reach its end
-_DRAIN = 64 * 1024
 #: the bytes of a stream kept to tell whether it stands after its last event
 _TAIL = 4096
 #: events that end a stream of server-sent events, by convention: OpenAI's `[DONE]`,

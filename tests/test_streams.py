@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -191,7 +192,7 @@ def test_a_resend_after_an_interrupted_stream_continues_the_operation(journal_pa
 
 def test_a_stream_closed_after_its_last_event_is_recorded(journal_path: Path) -> None:
     """An SDK stops reading at its last event (`data: [DONE]`) and closes before the body's
-    end: the little that is left is read on, and the answer recorded."""
+    end: the answer is whole, and recorded as read."""
     server = Stream()
     server.seen = len(CHUNKS)
     with idemclient.Client(journal=journal_path,
@@ -319,3 +320,60 @@ async def test_tasks_do_not_inherit_their_parents_unfinished_operation(
         await asyncio.gather(*(client.post("https://api.example/x", json={"t": 2})
                                for _ in range(3)))  # fmt: skip
     assert len(set(keys)) == 4
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_stream_closed_after_its_last_event_does_not_wait_for_the_body_end(
+    journal_path: Path, asynchronous: bool
+) -> None:
+    """A server (or a proxy) that holds the body's end back after the last event: the caller
+    that closes the stream there is not kept waiting for it (nothing more is read), and the
+    answer is recorded as read."""
+    read_past: list[bool] = []
+
+    def lingering() -> Iterator[bytes]:
+        yield from CHUNKS
+        read_past.append(True)  # what a drain would wait for (the server holds it back)
+        yield b""
+
+    async def alingering() -> AsyncIterator[bytes]:
+        for chunk in lingering():
+            yield chunk
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                              content=lingering())  # fmt: skip
+
+    async def async_handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                              content=alingering())  # fmt: skip
+
+    url = "https://api.example/v1/messages"
+    if asynchronous:
+
+        async def main() -> None:
+            transport = httpx.MockTransport(async_handler)
+            async with (
+                idemclient.AsyncClient(journal=journal_path, transport=transport) as c,
+                c.stream("POST", url, json={}) as response,
+            ):
+                async for chunk in response.aiter_raw():
+                    if chunk == CHUNKS[-1]:
+                        break
+
+        anyio.run(main)
+    else:
+        with (
+            idemclient.Client(journal=journal_path, transport=httpx.MockTransport(handler)) as c,
+            c.stream("POST", url, json={}) as response,
+        ):
+            for chunk in response.iter_raw():
+                if chunk == CHUNKS[-1]:
+                    break
+    assert read_past == []
+    with Journal(journal_path) as journal:
+        (op,) = journal.operations()
+        assert op.state == "completed"
+        stored = journal.stored_response(op.key)
+        assert stored is not None
+        assert stored.body == b"".join(CHUNKS)
