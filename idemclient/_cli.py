@@ -541,6 +541,12 @@ def _result_json(result: ResumeResult) -> dict[str, Any]:
 
 def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     headers = _headers(args, err)
+    credentials = sorted(name for name in headers if DEFAULT_SECRETS(name.lower()))
+    if credentials and not args.base_url and not args.dry_run:
+        raise UsageError(
+            f"{', '.join(credentials)} would go to every API with operations in this journal: "
+            "say which API it is for with --base-url"
+        )
     if args.base_url:
         try:
             parse_origin(args.base_url, "--base-url")

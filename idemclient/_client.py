@@ -413,6 +413,17 @@ def _resume_requests(
     moves = rebase_map(rebase)
     journal: JournalBackend = transport.journal
     base_url = client.base_url
+    if (
+        send
+        and not base_url.host
+        and (carried := credentials_of(client, transport.settings.secrets))
+    ):
+        raise ValueError(
+            f"this client has no base_url, so a resume through it would send the pending "
+            f"operations of every API in the journal, each with the client's own "
+            f"{' and '.join(carried)}: give the client the base_url of the API these are for "
+            "(one client per API), or resume through a client that carries no credentials"
+        )
     targets: dict[str, httpx.URL | None] = {}  # a backlog's operations share few URLs
 
     def target_of(url: str) -> httpx.URL | None:
@@ -444,6 +455,24 @@ def _resume_requests(
             )
     report.skipped = tuple(skipped)
     return journal, report, todo
+
+
+def credentials_of(client: Any, secret: Callable[[str], bool]) -> list[str]:
+    """What a client adds to every request that proves who is asking: its `auth`, and the
+    default headers, query parameters and cookies for any domain whose names are
+    credentials' (`secret`). Sent to an API they are not for, they leak."""
+    found = []
+    if getattr(client, "auth", None) is not None:
+        found.append("auth")
+    headers = sorted({k for k in client.headers if secret(k.lower())})
+    if headers:
+        found.append(f"header{'s' if len(headers) > 1 else ''} {', '.join(headers)}")
+    params = sorted({k for k in client.params if secret(k.lower())})
+    if params:
+        found.append(f"query parameter{'s' if len(params) > 1 else ''} {', '.join(params)}")
+    if any(not cookie.domain for cookie in client.cookies.jar):
+        found.append("cookies")
+    return found
 
 
 def _resume_request(
@@ -651,8 +680,10 @@ def resume_pending(
         JournalError: the journal cannot be read or written (stops: what is being sent
             finishes, nothing more is started).
         TypeError: the client has no idemclient transport.
-        ValueError: a `rebase` entry is not an origin (`scheme://host[:port]`), or
-            `concurrency` is below 1.
+        ValueError: a `rebase` entry is not an origin (`scheme://host[:port]`),
+            `concurrency` is below 1, or the client has no base URL but credentials of its
+            own (`auth`, or default headers, query parameters or cookies named like
+            credentials): it would send every API's operations, each with them.
     """
     _check_concurrency(concurrency)
     journal, results, requests = _resume_requests(client, rebase, reconcile)

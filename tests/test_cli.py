@@ -189,10 +189,15 @@ def test_resume_finishes_with_headers_from_the_environment(
         pending = journal.get("charge-pending")
         assert pending is not None
     old_origin = str(httpx.URL(pending.url).copy_with(path="/"))[:-1]
-    code, out, err = cli(
-        "--journal", str(populated), "resume", "--rebase", f"{old_origin}={server.url}",
-        "--header-from-env", "Authorization=API_AUTH", "-H", "X-Operator: alice",
-    )  # fmt: skip
+    argv = ["--journal", str(populated), "resume", "--rebase", f"{old_origin}={server.url}",
+            "--header-from-env", "Authorization=API_AUTH", "-H", "X-Operator: alice"]  # fmt: skip
+    # the credential is for one API: without its --base-url it would go to all of them
+    code, out, err = cli(*argv)
+    assert code == EXIT_USAGE
+    assert "Authorization" in err
+    assert "--base-url" in err
+    assert server.effect_count == before
+    code, out, err = cli(*argv, "--base-url", server.url)
     assert code == EXIT_OK, err
     assert "resumed 1 operations: 1 completed" in out
     assert "[1/1] charge-pending: completed (HTTP 201)" in err

@@ -239,3 +239,60 @@ async def test_an_answer_the_journal_cannot_read_back_is_reported_and_the_resume
         f"op-{i}": "completed" for i in range(4)
     }
     journal.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        {"headers": {"Authorization": "Bearer sk-one-api"}},
+        {"headers": {"X-Api-Key": "one-api"}},
+        {"auth": ("user", "secret")},
+        {"params": {"api_key": "one-api"}},
+        {"cookies": {"session": "one-api"}},
+    ],
+    ids=["authorization", "api-key", "auth", "query", "cookie"],
+)
+async def test_a_client_with_credentials_but_no_base_url_resumes_nothing(
+    journal_path: Path, credentials: dict[str, Any]
+) -> None:
+    """A client without a base URL resumes every API's operations in the journal: carrying
+    credentials of its own, it would send one API's key to all the others. It is refused
+    (nothing sent, all still pending); with its API's base URL, it resumes that API's."""
+    backlog(journal_path, 2)  # at https://api.example
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("down", request=request)
+
+    with (
+        idemclient.Client(journal=journal_path, transport=httpx.MockTransport(down),
+                          retry=RetryPolicy(max_attempts=1)) as other,
+        idemclient.operation("elsewhere"),
+        pytest.raises(RetriesExhaustedError),
+    ):  # fmt: skip
+        other.post("https://other.example/v1", json={})  # another API's, pending
+    sent: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(201, json={})
+
+    with (
+        idemclient.Client(journal=journal_path, transport=httpx.MockTransport(server),
+                          **credentials) as client,
+        pytest.raises(ValueError, match="no base_url"),
+    ):  # fmt: skip
+        client.resume_pending()
+    async with idemclient.AsyncClient(journal=journal_path, transport=httpx.MockTransport(server),
+                                      **credentials) as async_client:  # fmt: skip
+        with pytest.raises(ValueError, match="no base_url"):
+            await async_client.resume_pending()
+    assert sent == []
+    with idemclient.Journal(journal_path) as journal:
+        assert {op.state for op in journal.operations()} == {"pending"}
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(server),
+                           base_url="https://api.example", **credentials) as client:  # fmt: skip
+        report = client.resume_pending()
+    assert [r.outcome for r in report] == ["completed", "completed"]
+    assert {r.url.host for r in sent} == {"api.example"}
+    assert [op.name for op in report.skipped] == ["elsewhere"]
