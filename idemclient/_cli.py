@@ -33,7 +33,7 @@ from ._errors import JournalError
 from ._policy import RetryPolicy
 from ._records import STATES, Operation
 from .journal import Journal, JournalBackend, PostgresJournal, default_journal_path
-from .journal._postgres import is_postgres_url, postgres_journal_exists, shown
+from .journal._postgres import is_postgres_location, postgres_journal_exists, shown
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1  # resume left operations unfinished; an operation was not found
@@ -175,7 +175,7 @@ def _location(args: argparse.Namespace) -> str | Path:
     """Where the journal is: --journal, else $IDEMCLIENT_JOURNAL, else the default file; a
     PostgreSQL URL as given, a path expanded."""
     given = args.journal or os.environ.get("IDEMCLIENT_JOURNAL") or None
-    if is_postgres_url(given):
+    if is_postgres_location(given):
         return str(given)
     return Path(given).expanduser() if given else default_journal_path()
 
@@ -395,11 +395,11 @@ def _headers(args: argparse.Namespace, err: TextIO) -> dict[str, str]:
 def _describe(result: ResumeResult) -> str:
     op = result.operation
     label = op.name or op.key
+    reason = f": {result.error}" if result.error is not None else ""
     if result.response is not None:
         replayed = result.response.extensions.get("idempotency", {}).get("replayed")
         how = ", replayed by the server" if replayed else ""
-        return f"{label}: {result.outcome} (HTTP {result.response.status_code}{how})"
-    reason = f": {result.error}" if result.error is not None else ""
+        return f"{label}: {result.outcome} (HTTP {result.response.status_code}{how}){reason}"
     return f"{label}: {result.outcome}{reason}"
 
 

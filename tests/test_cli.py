@@ -662,3 +662,20 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path: Path) -> N
         errors = lister.stderr.read()
     assert lister.wait(timeout=60) == 0
     assert errors == b""
+
+
+def test_a_failed_resume_names_its_error_also_when_an_answer_came() -> None:
+    """The journal died after the send: the line says why it failed, not only the status."""
+    from datetime import datetime, timezone
+
+    from idemclient._cli import _describe
+    from idemclient._client import ResumeResult
+    from idemclient._records import Operation
+
+    now = datetime.now(timezone.utc)
+    op = Operation("pay-1", "k-1", "pending", "POST", "https://x/pay", 1, now, now, None, None)
+    failed = ResumeResult(op, "failed", httpx.Response(201), idemclient.JournalError("gone"))
+    assert _describe(failed) == "pay-1: failed (HTTP 201): gone"
+    assert _describe(ResumeResult(op, "completed", httpx.Response(201), None)) == (
+        "pay-1: completed (HTTP 201)"
+    )

@@ -479,3 +479,37 @@ def test_a_held_lease_is_renewed_until_the_answer_is_recorded_or_released(
         assert "key-1" not in journal._holds.held()  # type: ignore[attr-defined]
         taken = journal.register(record(), "another-host:1:1", lease)
         assert taken.decision is Decision.SEND  # released: free for another holder
+
+
+def test_a_retention_changed_elsewhere_is_read_again_by_a_resume(opener: Opener) -> None:
+    """An operator shortens the retention (the server forgets keys sooner): a journal that
+    was open before reads it again at its next resume (`expire_stale`, `pending`), not
+    only when reopened, so it does not resend what the server may have forgotten."""
+    worker, operator = opener(), opener()
+    assert worker.retention == timedelta(hours=24)
+    operator.set_retention(timedelta(hours=1))
+    assert worker.retention == timedelta(hours=24)  # not read at every request
+    worker.pending()
+    assert worker.retention == timedelta(hours=1)
+    operator.set_retention(timedelta(hours=2))
+    worker.expire_stale()
+    assert worker.retention == timedelta(hours=2)
+    assert worker.refresh_retention() == timedelta(hours=2)
+
+
+def test_a_retention_shortened_elsewhere_holds_for_an_open_journal_at_once(
+    opener: Opener, clock: Clock
+) -> None:
+    """The operator shortens the retention while a worker's journal is open: the worker's
+    rerun (a registration) and retry (a claim) of an operation sent two hours ago decide on
+    the new retention, read in their own transaction, and do not send it again."""
+    worker, operator = opener(clock=clock), opener(clock=clock)
+    reg = worker.register(record(), current_owner(), LEASE)
+    worker.release("key-1", reg.lease_version, "lost")
+    retry = worker.register(record("op-2", "key-2"), current_owner(), LEASE)
+    clock.now += 2 * 3600
+    operator.set_retention(timedelta(hours=1))
+    assert worker.register(record(), current_owner(), LEASE).decision is Decision.EXPIRED
+    claimed = worker.claim("key-2", retry.lease_version, current_owner(), LEASE, "lost")
+    assert claimed.decision is Decision.EXPIRED
+    assert worker.retention == timedelta(hours=1)

@@ -11,8 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -20,6 +22,8 @@ import pytest
 
 import idemclient
 from idemclient import JournalError, PostgresJournal, RetryPolicy, open_journal
+from idemclient._cli import EXIT_JOURNAL, EXIT_OK
+from idemclient.journal._postgres import scrubbed
 from idemclient.testing import IdempotentServer
 
 from .pgserver import PostgresServer
@@ -802,3 +806,105 @@ async def test_leases_taken_on_the_loop_are_tied_to_it(pg_dsn: str) -> None:
 
 def _loop_of(hold: Any) -> Any:
     return hold.loop() if hold.loop is not None else None
+
+
+def test_a_version_1_schema_is_not_read_by_a_read_only_look(pg_dsn: str) -> None:
+    """A read-only look (the CLI's `list`, `show`) at a schema no writer has upgraded yet
+    says so, instead of failing on a table the old schema lacks."""
+    PostgresJournal(pg_dsn).close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE idemclient.decisions")
+        conn.execute("UPDATE idemclient.settings SET value = '1' WHERE name = 'schema_version'")
+    with pytest.raises(JournalError, match="must be upgraded to 2 first"):
+        PostgresJournal(pg_dsn, read_only=True)
+    code, _, err = cli("--journal", pg_dsn, "show", "op-1")
+    assert code == EXIT_JOURNAL
+    assert "must be upgraded" in err
+
+
+def test_a_schema_made_beforehand_serves_a_role_that_may_not_create_schemas(
+    pg_dsn: str,
+) -> None:
+    """A DBA makes the journal's schema for the application's role, which may not create
+    schemas in the database: the journal makes its tables there and works."""
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"CREATE SCHEMA idemclient AUTHORIZATION {role}")
+    app = pg_dsn.replace("postgres@", f"{role}@")
+    try:
+        with psycopg.connect(app, autocommit=True) as conn, pytest.raises(psycopg.Error):
+            conn.execute("CREATE SCHEMA elsewhere")  # it may not
+        transport = httpx.MockTransport(lambda request: httpx.Response(201))
+        with PostgresJournal(app) as journal, idemclient.operation("first"):
+            with idemclient.Client(journal=journal, transport=transport) as client:
+                client.post("https://x/charges", json={})
+            assert [op.state for op in journal.operations()] == ["completed"]
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_libpq_connection_string_is_a_postgres_journal_not_a_file(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`host=... dbname=...` (what PostgresJournal takes) given where a journal location
+    goes opens the PostgreSQL journal: never an SQLite file named after it (with its
+    password) in the working directory, where a fleet's worker would lose it."""
+    parts = urlsplit(pg_dsn)
+    dsn = (f"host={parts.hostname} port={parts.port} dbname={parts.path[1:]} user=postgres "
+           "password=s3cretPW")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    with open_journal(dsn) as journal:
+        assert isinstance(journal, PostgresJournal)
+        assert "s3cretPW" not in journal.path
+    monkeypatch.setenv("IDEMCLIENT_JOURNAL", dsn)
+    transport = httpx.MockTransport(lambda request: httpx.Response(201))
+    with idemclient.Client(transport=transport) as client, idemclient.operation("kv"):
+        client.post("https://x/charges", json={})
+    code, out, err = cli("list")
+    assert code == EXIT_OK, err
+    assert "kv" in out
+    assert "s3cretPW" not in out + err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_upper_case_scheme_works_on_the_command_line(pg_dsn: str) -> None:
+    PostgresJournal(pg_dsn).close()
+    upper = pg_dsn.replace("postgresql://", "POSTGRESQL://")
+    code, _, err = cli("--journal", upper, "stats")
+    assert code == EXIT_OK, err
+
+
+def test_passwords_are_scrubbed_from_what_the_driver_says() -> None:
+    url = "POSTGRESQL://app:s3cret@db.internal/app"
+    assert scrubbed(f'missing "=" after "{url}"', url) == (
+        'missing "=" after "POSTGRESQL://app:***@db.internal/app"'
+    )
+    assert "pw1" not in scrubbed("bad: host=h password=pw1 x", "host=h password=pw1")
+    assert "pw2" not in scrubbed("bad: pw2", "postgresql://h/db?sslpassword=pw2")
+    assert scrubbed("nothing to hide", "postgresql://h/db") == "nothing to hide"
+
+
+def test_a_schema_named_in_the_url_is_used_everywhere(pg_dsn: str) -> None:
+    """`?schema=billing` in the URL (idemclient's parameter, not libpq's) names the schema
+    wherever a URL goes: `PostgresJournal`, `journal=`, the command line, which otherwise
+    could not reach a journal kept outside the default schema."""
+    from .test_journal import record as make_record
+
+    with PostgresJournal(pg_dsn, schema="billing") as journal:
+        journal.register(make_record("in-billing", "key-b"), "other-host:1:1", 60.0)
+    url = f"{pg_dsn}?schema=billing"
+    with open_journal(url) as journal:
+        assert isinstance(journal, PostgresJournal)
+        assert journal.schema == "billing"
+        assert [op.name for op in journal.operations()] == ["in-billing"]
+        assert "schema=billing" in journal.path
+    code, out, err = cli("--journal", url, "list")
+    assert code == EXIT_OK, err
+    assert "in-billing" in out
+    code, out, err = cli("--journal", pg_dsn, "list")  # the default schema: no journal there
+    assert "in-billing" not in out
+    with pytest.raises(ValueError, match="names schema 'billing'"):
+        PostgresJournal(url, schema="other")

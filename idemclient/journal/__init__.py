@@ -38,7 +38,7 @@ from idemclient._records import (
 )
 
 from ._decide import DEFAULT_PURGE_HORIZON
-from ._postgres import PostgresJournal, is_postgres_url
+from ._postgres import PostgresJournal, is_postgres_location, is_postgres_url
 from ._sqlite import Journal, default_journal_path
 
 __all__ = [
@@ -219,6 +219,11 @@ class JournalBackend(Protocol):
         resume reads its sends back with."""
         ...
 
+    def refresh_retention(self) -> timedelta:
+        """The retention as the store keeps it now, read again and kept as `retention`
+        (another process may have changed it). `expire_stale` and `pending` do this first."""
+        ...
+
     def stats(self) -> JournalStats:
         """Operations by state and the oldest pending one, from one aggregate read (cheap
         however large the journal: for monitoring)."""
@@ -365,6 +370,6 @@ def open_journal(location: str | os.PathLike[str] | None = None, **options: Any)
     """
     if location is None:
         location = os.environ.get("IDEMCLIENT_JOURNAL") or None
-    if is_postgres_url(location):
+    if is_postgres_location(location):
         return PostgresJournal(str(location), **options)
     return Journal(location, **options)

@@ -34,7 +34,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from idemclient._errors import JournalError
 from idemclient._records import (
@@ -333,6 +333,62 @@ def is_postgres_url(text: object) -> bool:
     return isinstance(text, str) and text.lower().startswith(("postgresql://", "postgres://"))
 
 
+#: a libpq connection string of `key=value` pairs naming a server or a database
+_KEY_VALUE_DSN = re.compile(
+    r"^\s*\w+\s*=.*(?:^|\s)(?:host|hostaddr|dbname|service)\s*=", re.I | re.S
+)
+
+
+def is_postgres_location(text: object) -> bool:
+    """Whether a journal location names a PostgreSQL database: a URL, or a libpq
+    `key=value` connection string (`host=db.internal dbname=app`), which is no file path."""
+    return is_postgres_url(text) or (isinstance(text, str) and bool(_KEY_VALUE_DSN.match(text)))
+
+
+def split_schema(dsn: str) -> tuple[str, str | None]:
+    """A URL's `schema=` query parameter (idemclient's, not libpq's: the schema that holds
+    the journal's tables), and the URL without it; a DSN without one as it is."""
+    if not is_postgres_url(dsn):
+        return dsn, None
+    parts = urlsplit(dsn)
+    pairs = [pair for pair in parts.query.split("&") if pair]
+    mine = [pair for pair in pairs if pair.partition("=")[0] == "schema"]
+    if not mine:
+        return dsn, None
+    rest = "&".join(pair for pair in pairs if pair not in mine)
+    return urlunsplit(parts._replace(query=rest)), unquote(mine[-1].partition("=")[2])
+
+
+def libpq_dsn(dsn: str) -> str:
+    """The DSN as libpq takes it: a URL's scheme in lower case (libpq knows no other)."""
+    if is_postgres_url(dsn):
+        scheme, _, rest = dsn.partition(":")
+        return f"{scheme.lower()}:{rest}"
+    return dsn
+
+
+def _passwords(dsn: str) -> list[str]:
+    """The passwords written in a DSN (as `user:secret@`, `?password=`, `password=`)."""
+    found: list[str] = []
+    if is_postgres_url(dsn):
+        parts = urlsplit(dsn)
+        if parts.password:
+            found.append(parts.password)
+        for match in re.finditer(r"(?:^|&)(?:ssl)?password=([^&]*)", parts.query, re.I):
+            found.append(match.group(1))
+    else:
+        found.extend(m.group(2).strip("'") for m in _PASSWORD_PAIR.finditer(dsn))
+    return [p for p in found if p]
+
+
+def scrubbed(text: str, dsn: str) -> str:
+    """`text` (a driver's error, which may quote the DSN it was given) without the DSN's
+    passwords."""
+    for password in _passwords(dsn):
+        text = text.replace(password, "***")
+    return text
+
+
 _PASSWORD_PAIR = re.compile(r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']\S*)""", re.I)
 _PASSWORD_PARAM = re.compile(r"((?:^|&)(?:ssl)?password=)[^&]*", re.I)
 
@@ -352,15 +408,20 @@ def shown(dsn: str) -> str:
     return urlunsplit(parts)
 
 
-def postgres_journal_exists(dsn: str, schema: str = "idemclient") -> bool:
-    """Whether the database at `dsn` holds an idemclient journal (in `schema`). Raises
-    `JournalError` if it cannot be asked."""
+def postgres_journal_exists(dsn: str, schema: str | None = None) -> bool:
+    """Whether the database at `dsn` holds an idemclient journal (in `schema`, else the one
+    the URL names, else `idemclient`). Raises `JournalError` if it cannot be asked."""
     driver, _ = _drivers()
+    plain, named = split_schema(libpq_dsn(dsn))
+    schema = schema or named or "idemclient"
     try:
-        with driver.connect(dsn, connect_timeout=10, autocommit=True) as conn:
+        with driver.connect(plain, connect_timeout=10, autocommit=True) as conn:
             found = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".settings',)).fetchone()
     except driver.Error as exc:
-        raise JournalError(f"journal {shown(dsn)}: could not connect to: {exc}") from exc
+        raise JournalError(
+            f"journal {shown(dsn)}: could not look for the journal: {scrubbed(str(exc), dsn)}",
+            path=shown(dsn),
+        ) from exc
     return found is not None and found[0] is not None
 
 
@@ -378,7 +439,6 @@ def _drivers() -> tuple[Any, Any]:
 def _schema_sql(schema: str) -> list[str]:
     q = f'"{schema}"'
     return [
-        f"CREATE SCHEMA IF NOT EXISTS {q}",
         f"""CREATE TABLE {q}.operations (
             id              BIGSERIAL PRIMARY KEY,
             name            TEXT,
@@ -518,18 +578,21 @@ class PostgresJournal(ReadBack):
         self.auto_purge = None if read_only else checked_auto_purge(auto_purge)
         if retention is not None and retention <= timedelta(0):
             raise ValueError("retention must be positive")
+        given = libpq_dsn(dsn)
+        dsn, named = split_schema(given)
+        if named is not None:
+            if schema not in (named, "idemclient"):
+                raise ValueError(f"the DSN names schema {named!r}, and schema= {schema!r}")
+            schema = named
         if not schema.replace("_", "").isalnum():
             raise ValueError(f"schema must be a plain identifier, not {schema!r}")
         if lease_margin < 0:
             raise ValueError("lease_margin must not be negative")
         if command_timeout is not None and command_timeout <= 0:
             raise ValueError("command_timeout must be positive (or None)")
-        if is_postgres_url(dsn):  # libpq knows the scheme in lower case only
-            scheme, rest = dsn.split(":", 1)
-            dsn = f"{scheme.lower()}:{rest}"
         self.dsn = dsn
         self._identity = (dsn, schema)  # journals of this process on the same tables
-        self.path = shown(dsn)  # where it is, as errors and the CLI name it
+        self.path = shown(given)  # where it is, as errors and the CLI name it
         self.schema = schema
         self.lease_margin = lease_margin
         self.max_response_body = max_response_body
@@ -542,6 +605,7 @@ class PostgresJournal(ReadBack):
         self._server_clock = clock is None
         self._table = f'"{schema}".operations'
         self._settings = self._settings_table = f'"{schema}".settings'
+        self._retention_setting = "retention_seconds"
         self._decisions_table = f'"{schema}".decisions'
         self._closed = False
         self._held: list[tuple[Any, ...]] = []  # completions not written yet
@@ -881,6 +945,11 @@ class PostgresJournal(ReadBack):
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._settings,))
                 exists = conn.execute("SELECT to_regclass(%s)", (self._settings,)).fetchone()
                 if exists is None or exists[0] is None:
+                    # a schema made for it beforehand (by a role that may create schemas,
+                    # for one that may not) is used as it is
+                    found = conn.execute("SELECT to_regnamespace(%s)", (f'"{self.schema}"',))
+                    if (found.fetchone() or (None,))[0] is None:
+                        conn.execute(f'CREATE SCHEMA "{self.schema}"')
                     for statement in _schema_sql(self.schema):
                         conn.execute(statement)
                     kept = retention or DEFAULT_RETENTION
@@ -919,6 +988,13 @@ class PostgresJournal(ReadBack):
                 "upgrade idemclient",
                 path=self.path,
             )
+        if version < SCHEMA_VERSION:  # only a read-only look: a writer has upgraded it
+            raise JournalError(
+                f"journal {self.path} (schema {self.schema!r}) has schema version {version} "
+                f"and must be upgraded to {SCHEMA_VERSION} first: open it once with a role "
+                "that may write it",
+                path=self.path,
+            )
         if "retention_seconds" not in settings:
             raise JournalError(
                 f"journal {self.path} (schema {self.schema!r}) is damaged: its settings "
@@ -953,10 +1029,19 @@ class PostgresJournal(ReadBack):
         are written. Those are looked up after the read: a completion of this row cannot be
         committed in between, its UPDATE waits for the lock this read takes."""
         lock = "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"
+        # with the retention as the settings keep it now (another process may have changed
+        # it): the rules decide on this row with it
         rows, _ = yield _Sql(
-            f"SELECT {COLUMNS} FROM {self._table} WHERE {column} = %s {lock}", (value,)
+            f"SELECT {COLUMNS}, (SELECT value FROM {self._settings} WHERE name = "
+            f"'retention_seconds') FROM {self._table} WHERE {column} = %s {lock}",
+            (value,),
         )
-        return self._as_written(rows[0], self._unwritten_of(rows[0][1])) if rows else None
+        if not rows:
+            return None
+        *row, retention = rows[0]
+        if retention is not None:
+            self.retention = timedelta(seconds=float(retention))
+        return self._as_written(tuple(row), self._unwritten_of(row[1]))
 
     def _locked_elsewhere(self, column: str, value: str) -> _Flow[Any]:
         """The row that `FOR UPDATE SKIP LOCKED` skipped: another resumer is claiming it."""
@@ -1665,7 +1750,7 @@ class PostgresJournal(ReadBack):
 
     def expire_stale(self, select: Callable[[Operation], bool] | None = None) -> list[Operation]:
         now = self._clock()
-        cutoff = now - self.retention.total_seconds()
+        cutoff = now - self.refresh_retention().total_seconds()
         with self._transaction("expire stale operations") as cur:
             cur.execute(
                 f"SELECT {COLUMNS} FROM {self._table} WHERE state = 'pending' "

@@ -71,17 +71,21 @@ def checked_auto_purge(auto_purge: timedelta | None) -> timedelta | None:
 def _upkeep(ref: weakref.ref[ReadBack], stop: threading.Event) -> None:
     """The upkeep thread of one journal: the daily purge, looked at now and every hour,
     until the journal is closed or dropped. Never on a caller's path."""
+    first = True
     while True:
         journal = ref()
         if journal is None or journal._upkeep_stop.is_set():
             return
         try:
             journal._on_upkeep()
+            if not first:  # (read when it was opened)
+                journal.refresh_retention()
             journal.purge_if_due()
         except Exception as exc:  # the journal unreachable a while: next hour
             logger.debug("journal %s: the automatic purge did not run: %s", journal, exc)
         journal._upkeep_ran.set()
         del journal
+        first = False
         if stop.wait(UPKEEP_EVERY):
             return
 
@@ -113,6 +117,7 @@ class ReadBack:
     auto_purge: timedelta | None = None
     _table: str
     _settings_table: str
+    _retention_setting: str  # the name of the retention's row in the settings table
     _decisions_table: str
     max_response_body: int
     _mark: str
@@ -234,9 +239,22 @@ class ReadBack:
         )
         return [operation(r) for r in rows]
 
+    def refresh_retention(self) -> timedelta:
+        """The retention as the journal stores it now, read again and kept: another process
+        may have changed it (`set_retention`, `idemclient retention --set`). Done hourly by
+        the upkeep thread, and at the start of `expire_stale` and `pending` (a resume)."""
+        rows = self._read(
+            "read the retention",
+            f"SELECT value FROM {self._settings_table} WHERE name = {self._mark}",
+            (self._retention_setting,),
+        )
+        if rows:
+            self.retention = timedelta(seconds=float(rows[0][0]))
+        return self.retention
+
     def pending(self) -> list[Operation]:
         """Operations a resume would send: pending, oldest first (expired ones excluded)."""
-        cutoff = self._clock() - self.retention.total_seconds()
+        cutoff = self._clock() - self.refresh_retention().total_seconds()
         rows = self._read(
             "list pending operations",
             f"SELECT {COLUMNS} FROM {self._table} WHERE state = 'pending' "

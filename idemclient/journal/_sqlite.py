@@ -628,7 +628,8 @@ class Journal(ReadBack):
 
     def set_retention(self, retention: timedelta) -> None:
         """Change the file's retention, for every client, resumer and command that opens it
-        from now on (journals already open keep theirs until reopened).
+        from now on (journals already open read it again before deciding on an operation
+        known already: a rerun, a retry, a resume).
 
         Shortening it makes operations expire sooner (never resent automatically); lengthen
         it only to match what the server really keeps, or a resend could act twice.
@@ -821,14 +822,18 @@ class Journal(ReadBack):
             except JournalError:
                 logger.warning("journal %s: could not write responses", self.path, exc_info=True)
         _open_journals.discard(self)
-        # Every write, the flusher thread's included, runs under the write lock: holding it,
-        # no connection is in use by a writer when it is closed (closing a connection that
-        # another thread is executing on can crash the sqlite3 module).
+        # Every write, the flusher thread's included, runs under the write lock, and every
+        # read outside it is counted (`_reading`): holding the one and with no read under
+        # way, no connection is in use when it is closed (closing a connection that another
+        # thread is executing on can crash the sqlite3 module).
         with shared.write_lock:
             with shared.deferred_lock:
                 self._closed = True
                 shared.deferred_ready.notify_all()
-            self._close_connections()
+            with shared.reading:
+                while shared.readers:
+                    shared.reading.wait()
+                self._close_connections()
 
     def _close_connections(self, *, for_fork: bool = False) -> None:
         """Close every connection this journal opened in this process (no thread may be
@@ -865,7 +870,12 @@ class Journal(ReadBack):
         row = self._find(db, column, value)
         return stored_row(row) if row is not None else None
 
-    def _limits(self) -> _decide.Limits:
+    def _limits(self, db: sqlite3.Connection) -> _decide.Limits:
+        """The rules' limits, with the retention as the file keeps it now (read in the
+        caller's transaction: another process may have changed it since this one opened)."""
+        row = db.execute("SELECT value FROM settings WHERE name = 'retention'").fetchone()
+        if row is not None:
+            self.retention = timedelta(seconds=float(row[0]))
         return _decide.Limits(self.retention, self.max_recoveries, owner_alive)
 
     def register(self, record: RequestRecord, owner: str, lease_seconds: float) -> Registration:
@@ -999,7 +1009,7 @@ class Journal(ReadBack):
             record,
             self._row(db, "name", record.name) if by_name and record.name is not None else None,
             self._row(db, "key", record.key) if by_key else None,
-            owner=owner, lease_seconds=lease_seconds, now=now, limits=self._limits(),
+            owner=owner, lease_seconds=lease_seconds, now=now, limits=self._limits(db),
         )  # fmt: skip
         if isinstance(decided.write, _decide.Insert):
             inserted = self._insert(db, record, owner, lease_seconds, now)
@@ -1062,7 +1072,7 @@ class Journal(ReadBack):
                 )
             decided = _decide.claim(
                 stored_row(row), version, owner=owner, lease_seconds=lease_seconds,
-                last_error=last_error, now=now, limits=self._limits(),
+                last_error=last_error, now=now, limits=self._limits(db),
             )  # fmt: skip
             claimed = self._store(db, decided)
         return self._holding(claimed, owner, lease_seconds)
@@ -1260,7 +1270,7 @@ class Journal(ReadBack):
         """Mark pending operations sent once and older than the retention as `expired` (only
         those `select` accepts, if given: a resumer expires its own API's operations)."""
         now = self._clock()
-        cutoff = now - self.retention.total_seconds()
+        cutoff = now - self.refresh_retention().total_seconds()
         with self._write("expire stale operations") as db:
             rows = db.execute(
                 f"SELECT {COLUMNS} FROM operations WHERE state = 'pending' "
@@ -1280,6 +1290,7 @@ class Journal(ReadBack):
 
     _table = "operations"
     _settings_table = "settings"
+    _retention_setting = "retention"
     _decisions_table = "decisions"
     _mark = "?"
 
