@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from idemclient import JournalError, PostgresJournal
-from idemclient._records import Decision, RequestRecord
+from idemclient._records import Decision, RequestRecord, StoredResponse
 from idemclient.journal._together import Together
 
 
@@ -283,3 +283,47 @@ def test_postgres_one_registration_refused_leaves_the_others_of_its_batch(pg_dsn
         journal._register = real  # type: ignore[method-assign]
         later = journal.register(record("op-3"), owner, 60.0)
         assert later.decision is Decision.SEND
+
+
+def test_postgres_a_rerun_of_finished_operations_is_decided_in_one_read(pg_dsn: str) -> None:
+    """A rerun of a batch that completed (and a few that are new, pending, or abandoned):
+    the finished ones are decided together on their rows read in one statement, each
+    replayed (or refused) as one by one; the new and the pending are left to the locked
+    path, which inserts or claims them."""
+    owner = f"this-host:{os.getpid()}:1"
+    names = [f"op-{i}" for i in range(17)]
+    done = {f"op-{i}" for i in range(1, 13)}
+    answer = StoredResponse(201, [("content-type", "application/json")], b'{"id": 1}')
+    with PostgresJournal(pg_dsn, auto_purge=None) as journal:
+        for name in [*sorted(done), "op-13", "op-14"]:
+            reg = journal.register(record(name), owner, 60.0)
+            if name in done:
+                journal.finish(f"key-{name}", reg.lease_version, "completed", answer)
+            else:
+                journal.release(f"key-{name}", reg.lease_version, "down")
+        journal.abandon("op-14")
+        journal.flush()
+        looked: list[int] = []
+        decided: list[int] = []  # by the one read, not left to the one-by-one path
+        real = journal._settled_many
+
+        def counted(requests: Any, results: Any) -> Any:
+            looked.append(len(requests))
+            before = sum(r is not None for r in results)
+            yield from real(requests, results)
+            decided.append(sum(r is not None for r in results) - before)
+
+        journal._settled_many = counted  # type: ignore[method-assign]
+        calls, results = in_two_batches(journal, [record(name) for name in names], owner)
+        assert calls == [1, 16]
+        assert looked == [16]
+        assert decided == [13]  # op-1..12 replayed, op-14 refused: abandoned
+        assert {n: r.decision for n, r in results.items()} == {
+            **{n: Decision.COMPLETED for n in done},
+            "op-0": Decision.SEND,  # new: inserted
+            "op-13": Decision.SEND,  # pending, its holder gone: claimed, locked
+            "op-14": Decision.ABANDONED,
+            "op-15": Decision.SEND,
+            "op-16": Decision.SEND,
+        }
+        assert all(results[n].response == answer for n in done)

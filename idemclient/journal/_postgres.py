@@ -1204,6 +1204,11 @@ class PostgresJournal(ReadBack):
                     yield "claim the operations", self._claim_seen_many(claims, results)
                 except JournalError as exc:
                     failed = exc if self._out_of_reach(exc) else None
+            if failed is None and sum(result is None for result in results) > 1:
+                try:
+                    yield "look the operations up", self._settled_many(requests, results)
+                except JournalError as exc:
+                    failed = exc if self._out_of_reach(exc) else None
         for i, (record, owner, lease_seconds) in enumerate(requests):
             if results[i] is None:
                 if failed is not None:
@@ -1218,6 +1223,47 @@ class PostgresJournal(ReadBack):
                     results[i] = exc
                     failed = exc if self._out_of_reach(exc) else None
         return results
+
+    def _settled_many(
+        self,
+        requests: Sequence[tuple[RequestRecord, str, float]],
+        results: list[Registration | JournalError | None],
+    ) -> _Flow[None]:
+        """Decide, among the registrations not decided yet, those of operations that are
+        finished already (a rerun of a batch that completed: each replays its answer), on
+        their rows read in one statement, unlocked: a row that is no longer pending changes
+        no more (but for a purge, a reissue or an unpark, and a decision read just before
+        one of those was true when it was read). The others (new, pending) are left to
+        `_register`, which decides on each row locked, one by one."""
+        wanted = [(i, *request) for i, request in enumerate(requests) if results[i] is None]
+        names = [record.name for _, record, _, _ in wanted if record.name is not None]
+        keys = [record.key for _, record, _, _ in wanted]
+        held: dict[str, list[tuple[Any, ...]]] = {}
+        for completion in self._unwritten_of():
+            held.setdefault(completion[6], []).append(completion)
+        rows, _ = yield _Sql(
+            f"SELECT {COLUMNS} FROM {self._table} WHERE name = ANY(%s) OR key = ANY(%s)",
+            (names, keys),
+        )
+        rows = [self._as_written(row, held.get(row[1], ())) for row in rows]
+        by_name = {row[0]: row for row in rows if row[0] is not None}
+        by_key = {row[1]: row for row in rows}
+        now, limits = self._clock(), self._limits()
+        for i, record, owner, lease_seconds in wanted:
+            look_by_name, look_by_key = _decide.lookups(record)
+            name_row = by_name.get(record.name) if look_by_name and record.name else None
+            key_row = by_key.get(record.key) if look_by_key else None
+            row = name_row if record.name is not None else key_row
+            if row is None or row[2] == "pending":
+                continue  # new, or pending: decided locked
+            decided = _decide.register(
+                record,
+                stored_row(name_row) if name_row is not None else None,
+                stored_row(key_row) if key_row is not None else None,
+                owner=owner, lease_seconds=lease_seconds, now=now, limits=limits,
+            )  # fmt: skip
+            if decided.write is None:
+                results[i] = decided.registration
 
     def _out_of_reach(self, error: JournalError) -> bool:
         """Whether `error` says the server could not be reached or did not answer in time
