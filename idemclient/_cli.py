@@ -362,7 +362,10 @@ def cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if oldest_key is not None and oldest_at is not None:
         label = f"{oldest_name} (key {oldest_key})" if oldest_name else oldest_key
         rows.append(["oldest pending", f"{label}, {_age(oldest_at, now)} old"])
-    size = f"{_bytes(file_bytes + wal_bytes)} ({_bytes(file_bytes)} + {_bytes(wal_bytes)} WAL)"
+    if isinstance(location, str):  # PostgreSQL: its tables on the server
+        size = f"{_bytes(file_bytes)} (its tables on the server)"
+    else:
+        size = f"{_bytes(file_bytes + wal_bytes)} ({_bytes(file_bytes)} + {_bytes(wal_bytes)} WAL)"
     rows.append(["journal", f"{path}, {size}"])
     _table(rows, out)
     return EXIT_OK
@@ -878,6 +881,9 @@ def main(
     err = err or sys.stderr
     parser = build_parser()
     args = parser.parse_args(argv)
+    # psycopg's pool warns on stderr of each try to reach a server that is down: the
+    # JournalError that ends the command says it once
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     try:
         code: int = args.run(args, out, err)
     except UsageError as exc:

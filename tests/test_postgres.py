@@ -873,8 +873,10 @@ def test_a_libpq_connection_string_is_a_postgres_journal_not_a_file(
 def test_an_upper_case_scheme_works_on_the_command_line(pg_dsn: str) -> None:
     PostgresJournal(pg_dsn).close()
     upper = pg_dsn.replace("postgresql://", "POSTGRESQL://")
-    code, _, err = cli("--journal", upper, "stats")
+    code, out, err = cli("--journal", upper, "stats")
     assert code == EXIT_OK, err
+    assert "(its tables on the server)" in out
+    assert "WAL" not in out  # an SQLite file's
 
 
 def test_passwords_are_scrubbed_from_what_the_driver_says() -> None:
