@@ -933,3 +933,19 @@ def test_a_retention_equal_to_the_files_up_to_float_precision(journal_path: Path
     Journal(journal_path, retention=odd).close()
     with Journal(journal_path, retention=odd) as journal:
         assert abs(journal.retention - odd) < timedelta(milliseconds=1)
+
+
+def test_a_journal_closes_its_last_connection_with_full_syncs(journal: Journal) -> None:
+    """The last connection closed checkpoints the WAL and deletes it: whichever connection
+    it is (a relaxed one does not sync), it is closed with `synchronous = FULL`."""
+    done: list[str] = []
+
+    class Connection:
+        def execute(self, sql: str) -> None:
+            done.append(sql)
+
+        def close(self) -> None:
+            done.append("close")
+
+    journal._close_one(Connection())  # type: ignore[arg-type]
+    assert done == ["PRAGMA synchronous = FULL", "close"]

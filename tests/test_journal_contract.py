@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from idemclient import JournalError, PostgresJournal
-from idemclient._records import Decision, StoredResponse
+from idemclient._records import Decision, RequestRecord, StoredResponse
 from idemclient.journal import JournalBackend, _readback, open_journal
 from idemclient.journal._owner import DEFAULT_LEASE_MARGIN, current_owner
 
@@ -513,3 +513,26 @@ def test_a_retention_shortened_elsewhere_holds_for_an_open_journal_at_once(
     claimed = worker.claim("key-2", retry.lease_version, current_owner(), LEASE, "lost")
     assert claimed.decision is Decision.EXPIRED
     assert worker.retention == timedelta(hours=1)
+
+
+def test_a_resume_claims_nothing_past_a_retention_shortened_since_it_read_its_backlog(
+    opener: Opener, clock: Clock
+) -> None:
+    """A resume read its backlog, then an operator shortened the retention: the claims it
+    makes on the rows it read (PostgreSQL's fast path, one statement for many) are fenced by
+    the retention as stored now, and what is past it expires instead of being sent."""
+    worker, operator = opener(clock=clock), opener(clock=clock)
+    for i in (1, 2, 3):
+        reg = worker.register(record(f"op-{i}", f"key-{i}"), current_owner(), LEASE)
+        worker.release(f"key-{i}", reg.lease_version, "lost")
+    clock.now += 2 * 3600
+    assert len(worker.pending_requests()) == 3  # the resume's read: all within 24 hours
+    operator.set_retention(timedelta(hours=1))
+
+    def resumed(i: int) -> tuple[RequestRecord, str, float]:
+        return record(f"op-{i}", f"key-{i}", key_given=True, resume=True), current_owner(), LEASE
+
+    assert worker.register(*resumed(1)).decision is Decision.EXPIRED
+    many = worker.register_many([resumed(2), resumed(3)])
+    assert [r.decision for r in many if not isinstance(r, JournalError)] == [Decision.EXPIRED] * 2
+    assert [op.state for op in worker.operations()] == ["expired"] * 3

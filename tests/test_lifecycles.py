@@ -739,3 +739,45 @@ def test_a_forked_child_does_not_share_the_parents_http_connections(
                 stored = journal.stored_response(f"{who}-{i}")
                 assert stored is not None
                 assert json.loads(stored.body)["request"] == {"who": who, "i": i}
+
+
+STARVED = """
+import os, sys, threading
+from idemclient import Journal
+path = sys.argv[1]
+reading, journal = Journal(path), Journal(path)
+for _ in range(200):  # reads that take a little while
+    reading.operations()
+stop, started = threading.Event(), threading.Barrier(3)
+def read():
+    started.wait()
+    while not stop.is_set():
+        reading.operations()
+readers = [threading.Thread(target=read) for _ in range(2)]
+for reader in readers:
+    reader.start()
+started.wait()
+pid = os.fork()  # waits for the reads under way; none may start meanwhile
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+journal.close()  # the same, for another journal's reads on the file
+stop.set()
+for reader in readers:
+    reader.join()
+reading.close()
+print("done")
+"""
+
+
+def test_a_fork_and_a_close_are_not_held_off_by_reads_that_keep_coming(tmp_path: Path) -> None:
+    """Threads that read the journal in a loop: a fork, then a close, wait for the reads
+    under way, and no new read starts meanwhile (else a read that keeps coming would hold
+    them, and every send of the process behind them, for good)."""
+    script = tmp_path / "starved.py"
+    script.write_text(STARVED)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "journal.sqlite3")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.stdout.strip() == "done", result.stderr

@@ -910,3 +910,28 @@ def test_a_schema_named_in_the_url_is_used_everywhere(pg_dsn: str) -> None:
     assert "in-billing" not in out
     with pytest.raises(ValueError, match="names schema 'billing'"):
         PostgresJournal(url, schema="other")
+
+
+@pytest.mark.parametrize(
+    ("location", "postgres"),
+    [
+        ("host=db.internal user=app", True),
+        ("host=db.internal port=5432 user=app password=s3cret", True),
+        ("dbname=orders", True),
+        ("service=billing", True),
+        ("host=db.internal dbname=orders user=app sslmode=require", True),
+        ("host=db password='two words'", True),
+        ("POSTGRES://db/orders", True),
+        ("journal.sqlite3", False),
+        ("/var/lib/app/a=b/journal.sqlite3", False),
+        ("a=b", False),  # not a libpq keyword
+        ("host=db journal", False),  # not only pairs
+        ("", False),
+    ],
+)
+def test_what_names_a_postgres_journal(location: str, postgres: bool) -> None:
+    """A URL, or nothing but libpq `keyword=value` pairs (any keyword, the first among
+    them): never a file name."""
+    from idemclient.journal._postgres import is_postgres_location
+
+    assert is_postgres_location(location) is postgres

@@ -281,6 +281,14 @@ _CLAIM = (
     "fingerprint = %s, last_error = %s WHERE key = %s"
 )
 
+#: what a resume's claim made on a row read before (no lock) adds to its fence: the row,
+#: if sent before, is within the retention as the settings keep it now (shortened since the
+#: backlog was read, the claim changes nothing, and the row is decided again, locked)
+_WITHIN_RETENTION = (
+    "({sent} IS NULL OR {sent} >= {now} - "
+    "(SELECT value::float8 FROM {settings} WHERE name = 'retention_seconds'))"
+)
+
 
 #: `_CLAIM` for several rows, each fenced by the `xmin` it was read with; rows locked in key
 #: order, those locked by another transaction skipped (left to the one-by-one path)
@@ -296,6 +304,9 @@ _CLAIM_MANY = (
     "recoveries = v.recoveries, first_sent_at = v.first_sent_at, url = v.url, "
     "fingerprint = v.fingerprint, last_error = v.last_error "
     "FROM v WHERE t.key = v.key AND t.xmin = v.seen AND t.key IN (SELECT key FROM locked) "
+    "AND "
+    + _WITHIN_RETENTION.format(sent="t.first_sent_at", now="v.updated_at", settings="{settings}")
+    + " "
     "RETURNING t.key"
 )
 
@@ -333,16 +344,71 @@ def is_postgres_url(text: object) -> bool:
     return isinstance(text, str) and text.lower().startswith(("postgresql://", "postgres://"))
 
 
-#: a libpq connection string of `key=value` pairs naming a server or a database
-_KEY_VALUE_DSN = re.compile(
-    r"^\s*\w+\s*=.*(?:^|\s)(?:host|hostaddr|dbname|service)\s*=", re.I | re.S
+#: the keywords of a libpq connection string (PostgreSQL 16's, and older ones)
+_LIBPQ_KEYWORDS = frozenset(
+    [
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "passfile",
+        "require_auth",
+        "channel_binding",
+        "connect_timeout",
+        "client_encoding",
+        "options",
+        "application_name",
+        "fallback_application_name",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "replication",
+        "gssencmode",
+        "sslmode",
+        "requiressl",
+        "sslcompression",
+        "sslcert",
+        "sslkey",
+        "sslpassword",
+        "sslcertmode",
+        "sslrootcert",
+        "sslcrl",
+        "sslcrldir",
+        "sslsni",
+        "requirepeer",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "krbsrvname",
+        "gsslib",
+        "gssdelegation",
+        "service",
+        "target_session_attrs",
+        "load_balance_hosts",
+    ]
 )
+_PAIR = re.compile(r"\s*(\w+)\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']*)\s*")
 
 
 def is_postgres_location(text: object) -> bool:
-    """Whether a journal location names a PostgreSQL database: a URL, or a libpq
-    `key=value` connection string (`host=db.internal dbname=app`), which is no file path."""
-    return is_postgres_url(text) or (isinstance(text, str) and bool(_KEY_VALUE_DSN.match(text)))
+    """Whether a journal location names a PostgreSQL database: a URL, or a libpq connection
+    string (`host=db.internal user=app`, `service=billing`: nothing but `keyword=value`
+    pairs of libpq's keywords), which is never taken for a file name."""
+    if is_postgres_url(text):
+        return True
+    if not isinstance(text, str) or "=" not in text:
+        return False
+    at, keys = 0, []
+    while at < len(text):
+        pair = _PAIR.match(text, at)
+        if pair is None or pair.end() == at:
+            return False
+        keys.append(pair.group(1).lower())
+        at = pair.end()
+    return bool(keys) and all(key in _LIBPQ_KEYWORDS for key in keys)
 
 
 def split_schema(dsn: str) -> tuple[str, str | None]:
@@ -1375,9 +1441,10 @@ class PostgresJournal(ReadBack):
         if decided is None:
             return None
         assert isinstance(decided.write, ClaimUpdate)
+        within = _WITHIN_RETENTION.format(sent="first_sent_at", now="%s", settings=self._settings)
         _, count = yield _Sql(
-            _CLAIM.format(table=self._table) + " AND xmin = %s::xid",
-            (*_claim_values(decided.write), xmin),
+            _CLAIM.format(table=self._table) + f" AND xmin = %s::xid AND {within}",
+            (*_claim_values(decided.write), xmin, float(decided.write.updated_at)),
         )
         return decided.registration if count == 1 else None
 
@@ -1436,7 +1503,8 @@ class PostgresJournal(ReadBack):
             rows_of.append((*_claim_values(decided.write), xmin))
         for key in claims:
             self._seen.pop(key, None)  # tried: a row left out is read again, locked
-        rows, _ = yield _Sql(_CLAIM_MANY.format(table=self._table), _columns(rows_of))
+        statement = _CLAIM_MANY.format(table=self._table, settings=self._settings)
+        rows, _ = yield _Sql(statement, _columns(rows_of))
         for (key,) in rows:
             i, decided, _ = claims[key]
             results[i] = decided.registration

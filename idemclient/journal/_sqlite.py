@@ -274,9 +274,25 @@ class _SharedFile:
         self.deferred_ready = threading.Condition(self.deferred_lock)
         self.flusher_pid = 0
         self.flusher_idle = 30.0
-        # reads in progress outside the write lock: a fork waits for them (`_before_fork`)
+        # reads in progress outside the write lock: a fork or a close waits for them to end
+        # (`drain`), and while one waits (`draining`), no read starts
         self.readers = 0
+        self.draining = 0
         self.reading = threading.Condition(threading.Lock())
+
+    def drain(self) -> None:
+        """Wait, holding `reading`, until no read is under way; none starts meanwhile, nor
+        until `undrain` (the caller holds `reading` from here on)."""
+        self.reading.acquire()
+        self.draining += 1
+        while self.readers:
+            self.reading.wait()
+
+    def undrain(self) -> None:
+        """After `drain`: reads may start again."""
+        self.draining -= 1
+        self.reading.notify_all()
+        self.reading.release()
 
     def any_open(self) -> Journal | None:
         for journal in list(self.journals):
@@ -319,10 +335,8 @@ def _before_fork() -> None:
     for shared in list(_files.values()):
         shared.write_lock.acquire()
         _held_at_fork.append(shared.write_lock.release)
-        shared.reading.acquire()
-        _held_at_fork.append(shared.reading.release)
-        while shared.readers:
-            shared.reading.wait()
+        shared.drain()
+        _held_at_fork.append(shared.undrain)
     for journal in list(_connected):
         journal._close_connections(for_fork=True)
 
@@ -739,8 +753,17 @@ class Journal(ReadBack):
         pid = os.getpid()
         for owner_pid, db in retired:
             if owner_pid == pid:
-                with contextlib.suppress(sqlite3.Error):
-                    db.close()
+                self._close_one(db)
+
+    def _close_one(self, db: sqlite3.Connection) -> None:
+        """Close a connection of this process that no thread is using. The last one closed
+        checkpoints the WAL into the database file and deletes it: with the syncs of `FULL`,
+        whichever it is (a relaxed one would do it unsynced, and a power cut could then lose
+        what the WAL had made durable)."""
+        with contextlib.suppress(sqlite3.Error):
+            if not self.read_only:
+                db.execute("PRAGMA synchronous = FULL")
+            db.close()
 
     def _writable(self) -> None:
         if self.read_only:
@@ -795,6 +818,8 @@ class Journal(ReadBack):
         waits for it to end (and none starts until the fork is done)."""
         shared = self._shared
         with shared.reading:
+            while shared.draining:  # a fork or a close is waiting for the reads to end
+                shared.reading.wait()
             shared.readers += 1
         try:
             yield
@@ -830,10 +855,11 @@ class Journal(ReadBack):
             with shared.deferred_lock:
                 self._closed = True
                 shared.deferred_ready.notify_all()
-            with shared.reading:
-                while shared.readers:
-                    shared.reading.wait()
+            shared.drain()
+            try:
                 self._close_connections()
+            finally:
+                shared.undrain()
 
     def _close_connections(self, *, for_fork: bool = False) -> None:
         """Close every connection this journal opened in this process (no thread may be
@@ -846,8 +872,7 @@ class Journal(ReadBack):
         pid = os.getpid()
         for owner_pid, db in connections + retired:
             if owner_pid == pid:
-                with contextlib.suppress(sqlite3.Error):
-                    db.close()
+                self._close_one(db)
             elif not for_fork:  # inherited across fork(): not ours to close, nor the GC's
                 _inherited.append(db)
 
