@@ -458,9 +458,10 @@ def _resume_requests(
 
 
 def credentials_of(client: Any, secret: Callable[[str], bool]) -> list[str]:
-    """What a client adds to every request that proves who is asking: its `auth`, and the
-    default headers, query parameters and cookies for any domain whose names are
-    credentials' (`secret`). Sent to an API they are not for, they leak."""
+    """What a client adds to every request that may prove who is asking: its `auth`, the
+    default headers and query parameters whose names are credentials' (`secret`), and
+    cookies set for every domain (whatever their names: a session cookie's name says
+    nothing). Sent to an API they are not for, they leak."""
     found = []
     if getattr(client, "auth", None) is not None:
         found.append("auth")
@@ -682,8 +683,9 @@ def resume_pending(
         TypeError: the client has no idemclient transport.
         ValueError: a `rebase` entry is not an origin (`scheme://host[:port]`),
             `concurrency` is below 1, or the client has no base URL but credentials of its
-            own (`auth`, or default headers, query parameters or cookies named like
-            credentials): it would send every API's operations, each with them.
+            own (`auth`, default headers or query parameters named like credentials,
+            or cookies set for every domain): it would send every API's operations,
+            each with them.
     """
     _check_concurrency(concurrency)
     journal, results, requests = _resume_requests(client, rebase, reconcile)

@@ -536,3 +536,12 @@ def test_a_resume_claims_nothing_past_a_retention_shortened_since_it_read_its_ba
     many = worker.register_many([resumed(2), resumed(3)])
     assert [r.decision for r in many if not isinstance(r, JournalError)] == [Decision.EXPIRED] * 2
     assert [op.state for op in worker.operations()] == ["expired"] * 3
+
+
+def test_a_purge_checks_its_horizon_against_the_retention_stored_now(opener: Opener) -> None:
+    """Another process lengthened the retention: a purge through a journal opened before
+    refuses a horizon shorter than the new one (those rows' keys the server still keeps)."""
+    mine, operator = opener(), opener()
+    operator.set_retention(timedelta(days=40))
+    with pytest.raises(ValueError, match="retention"):
+        mine.purge(older_than=timedelta(days=30))

@@ -94,9 +94,9 @@ class ReadBack:
     """The read-back and upkeep methods of `JournalBackend`, for a backend that gives:
 
     * `_table`: the operations table as SQL names it; `_mark`: its parameter mark;
-    * `_read(action, sql, params, long=False)`: rows (`long`: a read that may take long,
-      a backlog with its bodies), with the completions this process holds written
-      first (a list must show them);
+    * `_read(action, sql, params, flush=True, long=False)`: rows (`long`: a read that may
+      take long, a backlog with its bodies), with the completions this process holds
+      written first (a list must show them) unless `flush` is false;
     * `_read_operations(action, sql, params)`: rows (of `COLUMNS`) of operations as this
       process sees them (its held completions included, written or laid over);
     * `_change_state(name_or_key, verb, allowed, sets, *params, also=None)`: `UPDATE ... SET
@@ -130,7 +130,13 @@ class ReadBack:
     if TYPE_CHECKING:  # what each backend defines (see the class docstring)
 
         def _read(
-            self, action: str, sql: str, params: Sequence[Any] = (), *, long: bool = False
+            self,
+            action: str,
+            sql: str,
+            params: Sequence[Any] = (),
+            *,
+            flush: bool = True,
+            long: bool = False,
         ) -> list[Row]: ...
 
         def _read_operations(self, action: str, sql: str, params: Sequence[Any]) -> list[Row]: ...
@@ -247,6 +253,7 @@ class ReadBack:
             "read the retention",
             f"SELECT value FROM {self._settings_table} WHERE name = {self._mark}",
             (self._retention_setting,),
+            flush=False,  # (the answers this process holds are no part of it)
         )
         if rows:
             self.retention = timedelta(seconds=float(rows[0][0]))
@@ -341,7 +348,7 @@ class ReadBack:
         the retention: a rerun of a named operation must find its answer after the server has
         forgotten the key. Pending and expired rows are never purged.
         """
-        if older_than < self.retention:
+        if older_than < self.refresh_retention():  # (another process may have changed it)
             raise ValueError(
                 f"older_than ({older_than}) must not be shorter than the retention "
                 f"({self.retention})"

@@ -802,12 +802,19 @@ class Journal(ReadBack):
             return self._connection(relaxed).execute(sql, params).rowcount
 
     def _read(
-        self, action: str, sql: str, params: Sequence[Any] = (), *, long: bool = False
+        self,
+        action: str,
+        sql: str,
+        params: Sequence[Any] = (),
+        *,
+        flush: bool = True,
+        long: bool = False,
     ) -> list[tuple[Any, ...]]:
         # This process sees its own answers, held by any journal of it on the file (a
-        # read-only one has none of its own: a writable one writes them).
+        # read-only one has none of its own: a writable one writes them); `flush=False`: a
+        # read that needs none of them (a setting).
         writer = self if not self.read_only else self._shared.any_open()
-        if writer is not None:
+        if flush and writer is not None:
             writer.flush()
         with self._errors_as_journal_error(action), self._reading():
             return cast("list[tuple[Any, ...]]", self._connection().execute(sql, params).fetchall())
