@@ -941,7 +941,11 @@ def test_a_journal_closes_its_last_connection_with_full_syncs(journal: Journal) 
     done: list[str] = []
 
     class Connection:
+        in_transaction = False
+
         def execute(self, sql: str) -> None:
+            if self.in_transaction:
+                raise sqlite3.OperationalError("Safety level may not be changed inside a txn")
             done.append(sql)
 
         def close(self) -> None:
@@ -949,3 +953,9 @@ def test_a_journal_closes_its_last_connection_with_full_syncs(journal: Journal) 
 
     journal._close_one(Connection())  # type: ignore[arg-type]
     assert done == ["PRAGMA synchronous = FULL", "close"]
+    # one left inside a transaction (a COMMIT that failed) is closed all the same: rolled back
+    done.clear()
+    stuck = Connection()
+    stuck.in_transaction = True
+    journal._close_one(stuck)  # type: ignore[arg-type]
+    assert done == ["close"]

@@ -545,3 +545,17 @@ def test_a_purge_checks_its_horizon_against_the_retention_stored_now(opener: Ope
     operator.set_retention(timedelta(days=40))
     with pytest.raises(ValueError, match="retention"):
         mine.purge(older_than=timedelta(days=30))
+
+
+def test_the_daily_purge_takes_a_retention_made_longer_since_it_was_read(
+    opener: Opener, clock: Clock
+) -> None:
+    """Another process made the retention longer than `auto_purge`: the daily purge, its
+    slot taken, purges no sooner than the new retention instead of refusing (which would
+    skip the day's purge for every process)."""
+    mine, operator = opener(clock=clock), opener(clock=clock, auto_purge=None)
+    assert mine._upkeep_ran.wait(10)  # type: ignore[attr-defined]  # the day's slot taken
+    operator.set_retention(timedelta(days=40))
+    clock.now += 2 * 86400.0  # due again
+    assert mine.purge_if_due() == 0
+    assert mine.retention == timedelta(days=40)

@@ -921,6 +921,9 @@ def test_a_schema_named_in_the_url_is_used_everywhere(pg_dsn: str) -> None:
         ("service=billing", True),
         ("host=db.internal dbname=orders user=app sslmode=require", True),
         ("host=db password='two words'", True),
+        ("host=db dbname=app sslnegotiation=direct", True),  # a keyword newer than ours
+        ("host=db password=a\\'b", True),  # an escaped quote, unquoted
+        ("a=b c=d", False),
         ("POSTGRES://db/orders", True),
         ("journal.sqlite3", False),
         ("/var/lib/app/a=b/journal.sqlite3", False),

@@ -390,13 +390,14 @@ _LIBPQ_KEYWORDS = frozenset(
         "load_balance_hosts",
     ]
 )
-_PAIR = re.compile(r"\s*(\w+)\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']*)\s*")
+_PAIR = re.compile(r"\s*(\w+)\s*=\s*(?:'(?:[^'\\]|\\.)*'|(?:\\.|[^\s'\\])*)\s*")
 
 
 def is_postgres_location(text: object) -> bool:
     """Whether a journal location names a PostgreSQL database: a URL, or a libpq connection
     string (`host=db.internal user=app`, `service=billing`: nothing but `keyword=value`
-    pairs of libpq's keywords), which is never taken for a file name."""
+    pairs, one of libpq's keywords among them; one libpq does not know is for it to
+    refuse), which is never taken for a file name."""
     if is_postgres_url(text):
         return True
     if not isinstance(text, str) or "=" not in text:
@@ -408,7 +409,7 @@ def is_postgres_location(text: object) -> bool:
             return False
         keys.append(pair.group(1).lower())
         at = pair.end()
-    return bool(keys) and all(key in _LIBPQ_KEYWORDS for key in keys)
+    return any(key in _LIBPQ_KEYWORDS for key in keys)
 
 
 def split_schema(dsn: str) -> tuple[str, str | None]:

@@ -358,6 +358,10 @@ class ReadBack:
             raise ValueError(f"only finished states can be purged, not {', '.join(bad)}")
         if not states:
             return 0
+        return self._purge(older_than, states)
+
+    def _purge(self, older_than: timedelta, states: tuple[State, ...] = FINISHED) -> int:
+        """`purge`, its arguments checked."""
         cutoff = self._clock() - older_than.total_seconds()
         marks = ", ".join(self._mark for _ in states)
         purged = self._write_statement(
@@ -399,7 +403,9 @@ class ReadBack:
         )
         if due != 1:
             return None
-        purged = self.purge(max(self.auto_purge, self.retention))
+        # never sooner than the retention as stored now (another process may have made it
+        # longer since it was read): the day's purge, its slot taken, is not refused
+        purged = self._purge(max(self.auto_purge, self.refresh_retention()))
         if purged:
             logger.info("journal %s: purged %d finished operations (automatic)", self, purged)
         return purged

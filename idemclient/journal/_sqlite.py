@@ -760,9 +760,10 @@ class Journal(ReadBack):
         checkpoints the WAL into the database file and deletes it: with the syncs of `FULL`,
         whichever it is (a relaxed one would do it unsynced, and a power cut could then lose
         what the WAL had made durable)."""
-        with contextlib.suppress(sqlite3.Error):
-            if not self.read_only:
+        with contextlib.suppress(sqlite3.Error):  # (refused inside a transaction)
+            if not self.read_only and not db.in_transaction:
                 db.execute("PRAGMA synchronous = FULL")
+        with contextlib.suppress(sqlite3.Error):  # a transaction left open is rolled back
             db.close()
 
     def _writable(self) -> None:
