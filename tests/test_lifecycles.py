@@ -774,10 +774,4 @@ def test_a_fork_and_a_close_are_not_held_off_by_reads_that_keep_coming(tmp_path:
     """Threads that read the journal in a loop: a fork, then a close, wait for the reads
     under way, and no new read starts meanwhile (else a read that keeps coming would hold
     them, and every send of the process behind them, for good)."""
-    script = tmp_path / "starved.py"
-    script.write_text(STARVED)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "journal.sqlite3")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.stdout.strip() == "done", result.stderr
+    assert _run_with_a_journal(STARVED, tmp_path)[0] == "done"
