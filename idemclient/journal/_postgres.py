@@ -1305,14 +1305,12 @@ class PostgresJournal(ReadBack):
         wanted = [(i, *request) for i, request in enumerate(requests) if results[i] is None]
         names = [record.name for _, record, _, _ in wanted if record.name is not None]
         keys = [record.key for _, record, _, _ in wanted]
-        held: dict[str, list[tuple[Any, ...]]] = {}
-        for completion in self._unwritten_of():
-            held.setdefault(completion[6], []).append(completion)
+        lay_over = self._laying_over()
         rows, _ = yield _Sql(
             f"SELECT {COLUMNS} FROM {self._table} WHERE name = ANY(%s) OR key = ANY(%s)",
             (names, keys),
         )
-        rows = [self._as_written(row, held.get(row[1], ())) for row in rows]
+        rows = lay_over(rows)
         by_name = {row[0]: row for row in rows if row[0] is not None}
         by_key = {row[1]: row for row in rows}
         now, limits = self._clock(), self._limits()
@@ -1947,11 +1945,16 @@ class PostgresJournal(ReadBack):
     ) -> list[tuple[Any, ...]]:
         """Without waiting for the flusher: the completions of this process, taken before
         the read (one committed in between is in the row read), are laid over the rows."""
+        lay_over = self._laying_over()
+        return lay_over(self._read(action, sql, params, flush=False))
+
+    def _laying_over(self) -> Callable[[Sequence[Any]], list[Any]]:
+        """What lays the completions this process holds now (taken before a read: one
+        committed in between is in the rows read) over rows of `COLUMNS` read after."""
         held: dict[str, list[tuple[Any, ...]]] = {}
         for completion in self._unwritten_of():
             held.setdefault(completion[6], []).append(completion)
-        rows = self._read(action, sql, params, flush=False)
-        return [self._as_written(row, held.get(row[1], ())) for row in rows]
+        return lambda rows: [self._as_written(row, held.get(row[1], ())) for row in rows]
 
     def _write_statement(
         self, action: str, sql: str, params: Sequence[Any], *, unbounded: bool = False
