@@ -19,6 +19,7 @@ import os
 import random
 import re
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -989,6 +990,10 @@ class _RecordingStream:
 
     def __init__(self, inner: Any, recorder: _Recorder, response: httpx.Response) -> None:
         self._inner, self._recorder, self._response = inner, recorder, response
+        # Dropped unread and unclosed (the caller let go of the response): nobody records
+        # the answer nor gives the lease back, so it is no longer renewed (else a resume
+        # elsewhere waited up to `RENEW_FOR`, an hour); it ends on its own, one lease later.
+        weakref.finalize(self, _dropped, recorder).atexit = False
         # the transport's own iterator, once started: read on from it when closed early
         # (our generator may be closed by then, with the caller's)
         self._chunks: Iterator[bytes] | None = None
@@ -1052,6 +1057,17 @@ class _RecordingStream:
                 if release is not None:  # a journal write: not on the event loop
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(release)
+
+
+def _dropped(recorder: _Recorder) -> None:
+    """A recording stream collected: if its answer was neither recorded nor given back, its
+    lease is let go of without a journal write (the garbage collector may run this in any
+    thread, one that holds the journal's locks included)."""
+    if not recorder.done:
+        recorder.done = True
+        stop_renewing = getattr(recorder.journal, "_let_go_later", None)
+        if stop_renewing is not None:
+            stop_renewing(recorder.op.key, recorder.version)
 
 
 #: the bytes of a stream kept to tell whether it stands after its last event

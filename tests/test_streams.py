@@ -4,6 +4,7 @@ whole stream."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -97,6 +98,44 @@ def test_a_stream_closed_before_its_end_leaves_the_operation_pending(journal_pat
             again = client.post("https://api.example/v1/messages", json={})
         assert again.content == b"".join(CHUNKS)
     assert list(server.acted.values()) == [2]  # one key: the server replays (here: acts)
+
+
+@pytest.mark.parametrize("read", [0, 1])
+def test_a_stream_dropped_unclosed_stops_renewing_its_lease(journal_path: Path, read: int) -> None:
+    """A streamed answer the caller lets go of without reading it to its end or closing it
+    (`client.send(request, stream=True)` and forgotten): nobody records it nor gives its lease
+    back, so the lease is no longer renewed and ends on its own (it was renewed for an
+    hour, and a resume elsewhere waited that long). The operation stays pending."""
+    server = Stream()
+    with idemclient.Client(journal=journal_path,
+                           transport=httpx.MockTransport(server.handler)) as client:  # fmt: skip
+        request = client.build_request("POST", "https://api.example/v1/messages", json={})
+        response = client.send(request, stream=True)
+        chunks = response.iter_raw()
+        if read:
+            next(chunks)
+        assert len(client.journal._holds.held()) == 1  # type: ignore[attr-defined]
+        del response, chunks
+        gc.collect()
+        assert client.journal._holds.held() == {}  # type: ignore[attr-defined]
+        (op,) = client.journal.operations()
+        assert op.state == "pending"  # a rerun or resume gets the server's replay
+
+
+@pytest.mark.anyio
+async def test_an_async_stream_dropped_unclosed_stops_renewing_its_lease(
+    journal_path: Path,
+) -> None:
+    server = Stream()
+    async with idemclient.AsyncClient(
+        journal=journal_path, transport=httpx.MockTransport(server.async_handler)
+    ) as client:
+        request = client.build_request("POST", "https://api.example/v1/messages", json={})
+        response = await client.send(request, stream=True)
+        assert len(client.journal._holds.held()) == 1  # type: ignore[attr-defined]
+        del response
+        gc.collect()
+        assert client.journal._holds.held() == {}  # type: ignore[attr-defined]
 
 
 def test_a_stream_too_large_to_keep_is_streamed_whole_and_not_replayed(
