@@ -107,7 +107,7 @@ class Holds:
         with self._lock:
             if self._closed:
                 return
-            self._forget_now()
+            self._forget_now(orphans=False)  # (the renewing thread looks for those)
             self._held[key] = entry
             if entry.renew_at < self._wakes_at:  # due before the thread would look: wake it
                 self._changed.notify()
@@ -134,16 +134,17 @@ class Holds:
             if entry is not None and entry.version == version:
                 entry.loop = _weakly(loop)
 
-    def _forget_now(self) -> None:
-        """Drop what `forget` was told, and the holds of tasks whose loop is closed or gone
-        (the lock held)."""
+    def _forget_now(self, *, orphans: bool = True) -> None:
+        """Drop what `forget` was told, and (with `orphans`: a look at every hold) the holds
+        of tasks whose loop is closed or gone (the lock held)."""
         while self._forgotten:
             key, version = self._forgotten.popleft()
             entry = self._held.get(key)
             if entry is not None and entry.version == version:
                 del self._held[key]
-        for key in [k for k, h in self._held.items() if h.orphaned()]:
-            del self._held[key]
+        if orphans:
+            for key in [k for k, h in self._held.items() if h.orphaned()]:
+                del self._held[key]
 
     def drop(self, key: str, version: int) -> None:
         """`key`, held at `version`, is recorded, released or given back: its lease is no
