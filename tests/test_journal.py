@@ -959,3 +959,35 @@ def test_a_journal_closes_its_last_connection_with_full_syncs(journal: Journal) 
     stuck.in_transaction = True
     journal._close_one(stuck)  # type: ignore[arg-type]
     assert done == ["close"]
+
+
+def test_the_flusher_checkpoints_the_wal_off_the_request_path(
+    journal_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The WAL is copied into the database file by the flusher thread, after a flush, once
+    enough was registered (not by the commit of a registration, which would hold its
+    request for the copy and its fsyncs): the database file holds the operations while the
+    journal is still open, and the WAL is then started again from its beginning."""
+    from idemclient.journal import _sqlite
+
+    monkeypatch.setattr(_sqlite, "_CHECKPOINT_EVERY", 20)
+    journal = Journal(journal_path, flush_delay=0.01)
+    journal.operations()  # the schema exists
+    empty = journal_path.stat().st_size
+    done = StoredResponse(201, [], b"{}")
+    for i in range(60):
+        reg = journal.register(record(None, key=f"k{i}"), current_owner(), 60.0)
+        journal.finish(reg.operation.key, reg.lease_version, "completed", done)
+    deadline = time.monotonic() + 10
+    while journal_path.stat().st_size == empty:  # the flusher's checkpoint copied them
+        assert time.monotonic() < deadline, "the WAL was never checkpointed"
+        time.sleep(0.01)
+    with sqlite3.connect(journal_path) as other:  # (read in the database file itself)
+        assert other.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    registering = journal._connection()
+    assert registering.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (
+        _sqlite._BACKSTOP_PAGES
+    )
+    journal.close()
+    with Journal(journal_path) as again:
+        assert len(again.operations()) == 60

@@ -178,6 +178,14 @@ _FINISH = (
 # threads are busy with HTTP) keeps every other registration waiting. Rows per statement stay
 # under SQLite's oldest limit of 999 parameters.
 _ROWS_PER_STATEMENT = 64
+#: The WAL is checkpointed (copied into the database file, then reused from its start) by
+#: the flusher thread, after a flush, once this many operations were registered since the
+#: last checkpoint (about 1000 pages of WAL): not by the commit of a registration, which
+#: would hold its request for the milliseconds the copy and its fsyncs take.
+_CHECKPOINT_EVERY = 250
+#: SQLite's own automatic checkpoint, at this many WAL pages, stays as a backstop: it bounds
+#: the WAL when no flusher runs (registrations whose answers are never recorded).
+_BACKSTOP_PAGES = 4000
 # UPDATE ... FROM: SQLite 3.33 (2020) and newer; older libraries write completions one by one.
 _UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
 
@@ -274,6 +282,10 @@ class _SharedFile:
         self.deferred_ready = threading.Condition(self.deferred_lock)
         self.flusher_pid = 0
         self.flusher_idle = 30.0
+        # operations registered through this file in this process, and that count at the
+        # last checkpoint the flusher made (`_checkpoint_if_due`)
+        self.registered = 0
+        self.checkpointed = 0
         # reads in progress outside the write lock: a fork or a close waits for them to end
         # (`drain`), and while one waits (`draining`), no read starts
         self.readers = 0
@@ -736,10 +748,11 @@ class Journal(ReadBack):
         # since the WAL is one file written in order.
         sync = "OFF" if relaxed else "FULL" if self.durability == "full" else "NORMAL"
         db.execute(f"PRAGMA synchronous = {sync}")
-        # The WAL file stays bounded by checkpoints every 1000 pages, run only by connections
-        # that fsync: a checkpoint without fsync could let the WAL be reused before the
-        # database file holds what it copied, and lose durable intents on a power loss.
-        db.execute(f"PRAGMA wal_autocheckpoint = {0 if relaxed else 1000}")
+        # The WAL file stays bounded by checkpoints, run only by connections that fsync: a
+        # checkpoint without fsync could let the WAL be reused before the database file holds
+        # what it copied, and lose durable intents on a power loss. The flusher thread makes
+        # them (`_checkpoint_if_due`); SQLite's own, at a larger size, is the backstop.
+        db.execute(f"PRAGMA wal_autocheckpoint = {0 if relaxed else _BACKSTOP_PAGES}")
 
     def _close_retired(self) -> None:
         """Close the connections of threads that have ended (nobody else uses them)."""
@@ -944,6 +957,7 @@ class Journal(ReadBack):
                 try:
                     with self._errors_as_journal_error("register the operation"):
                         self._commit_batch(batch)
+                    self._shared.registered += len(batch)
                 except JournalError as exc:
                     for queued in batch:
                         queued.error = exc
@@ -1239,6 +1253,26 @@ class Journal(ReadBack):
                 shared.holders.clear()
                 _unwritten.discard(shared)
 
+    def _checkpoint_if_due(self) -> None:
+        """Checkpoint the WAL if enough was registered since the last time (by the flusher
+        thread, after a flush: off the path of any request), through a connection that
+        fsyncs. Passive checkpoints, which wait for no lock: the first copies the bulk of
+        the WAL while registrations go on; the second, with this process's writers held
+        back, copies what they appended meanwhile (a few pages), so that the whole WAL is
+        in the database file and the next commit starts it again from its beginning (else
+        it grew until SQLite's backstop). One that cannot finish (another process's reader
+        holds old pages, or its writer appends) is made again later."""
+        shared = self._shared
+        if shared.registered - shared.checkpointed < _CHECKPOINT_EVERY or self.read_only:
+            return
+        shared.checkpointed = shared.registered
+        with self._errors_as_journal_error("checkpoint the journal"):
+            with self._reading():
+                self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # (the write lock first, as a close or a fork takes it, before waiting for reads)
+            with shared.write_lock:
+                self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
     def _warn_fenced(self, db: sqlite3.Connection, items: Sequence[tuple[Any, ...]]) -> None:
         """Name the completions that were not written: after the write, an operation that
         does not hold its response is one another holder took over (or finished)."""
@@ -1397,3 +1431,7 @@ def _flush_loop(shared: _SharedFile, flush_delay: float) -> None:
             delay = min(delay * 2 or 0.05, 5.0)
         else:
             delay = flush_delay
+            try:
+                journal._checkpoint_if_due()
+            except JournalError as exc:  # (the backstop checkpoints instead)
+                logger.debug("journal %s: could not checkpoint: %s", journal.path, exc)
