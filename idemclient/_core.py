@@ -9,6 +9,7 @@ tenacity controller (`RetryPolicy.controller`), driven one `iter()` at a time.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -257,10 +258,11 @@ class _Scope:
         # next() on a count is atomic under the GIL, and holds no lock that a fork() could
         # leave held in the child
         self._counter = itertools.count(1)
-        # The block's last operation that did not finish, whichever thread or task of the
-        # block sent it (`asyncio.wait_for` sends in a task of its own, on Python < 3.12):
-        # held here, not in a context variable, which a child task sets only for itself.
-        self.unfinished: _Unfinished | None = None
+        # The block's operations that did not finish, by request fingerprint, whichever
+        # thread or task of the block sent them (`asyncio.wait_for` sends in a task of its
+        # own, on Python < 3.12): held here, not in a context variable, which a child task
+        # sets only for itself. Concurrent calls in one block each keep their own.
+        self.unfinished: _Marks = {}
 
     def next_name(self) -> str:
         count = next(self._counter)
@@ -274,8 +276,8 @@ _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
 
 @dataclass(frozen=True, slots=True)
 class _Unfinished:
-    """The last journaled operation of this context (thread or task, and `operation()`
-    block) that did not finish: what a resend of the same request continues."""
+    """A journaled operation of this context (thread or task, and `operation()` block) that
+    did not finish: what a resend of the same request continues."""
 
     scope: _Scope | None
     fingerprint: str
@@ -284,7 +286,15 @@ class _Unfinished:
     place: object  # the thread or task: a task inherits its parent's context, not its failure
 
 
-_unfinished: contextvars.ContextVar[_Unfinished | None] = contextvars.ContextVar(
+#: unfinished operations by request fingerprint (in a block: one dict, changed in place, for
+#: all its threads and tasks), or by fingerprint and the thread or task that sent it (outside
+#: one: a context variable, replaced on each change, so that a task's marks stay its own; a
+#: task started later inherits a copy, in which it sees only its own)
+_Marks = dict[Any, _Unfinished]
+#: how many unfinished operations a context remembers (the oldest is forgotten first)
+_MARKS_KEPT = 64
+
+_unfinished: contextvars.ContextVar[_Marks | None] = contextvars.ContextVar(
     "idemclient_unfinished", default=None
 )
 
@@ -517,18 +527,40 @@ class Plan:
     scope: _Scope | None = None
     place: object = None
 
-    def unfinished(self, op: Operation | RequestRecord | None) -> None:
-        """Remember how this operation ended in this context: `op` if it did not finish (a
-        resend of the same request right after is that operation again), `None` if it did
-        (the same request again is a new operation, an intended repeat). The record, when
-        its registration failed: it may have reached the journal all the same."""
-        mark = None
-        if op is not None:
-            mark = _Unfinished(self.scope, self.record.fingerprint, op.key, op.name, self.place)
+    def unfinished(self, op: Operation | RequestRecord) -> None:
+        """Remember that `op` has not finished in this context: a resend of the same request
+        here, before it finishes, is that operation again (whatever was sent in between, an
+        SDK's call in another task of the block, another stream). The record, when its
+        registration failed: it may have reached the journal all the same."""
+        mark = _Unfinished(self.scope, self.record.fingerprint, op.key, op.name, self.place)
         if self.scope is not None:  # the block's, for every thread and task in it
-            self.scope.unfinished = mark
+            marks = self.scope.unfinished
+            marks.pop(mark.fingerprint, None)  # (to the end: the oldest go first)
+            marks[mark.fingerprint] = mark
+            while len(marks) > _MARKS_KEPT:
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                    marks.pop(next(iter(marks)), None)
         else:
-            _unfinished.set(mark)
+            at = (mark.fingerprint, self.place)
+            mine = {k: v for k, v in (_unfinished.get() or {}).items() if k != at}
+            mine[at] = mark
+            while len(mine) > _MARKS_KEPT:
+                del mine[next(iter(mine))]
+            _unfinished.set(mine)
+
+    def finished(self, key: str) -> None:
+        """The operation with `key` finished: the same request again is a new operation (an
+        intended repeat). Another operation's mark stays."""
+        if self.scope is not None:
+            marks = self.scope.unfinished
+            mark = marks.get(self.record.fingerprint)
+            if mark is not None and mark.key == key:
+                marks.pop(self.record.fingerprint, None)
+            return
+        at = (self.record.fingerprint, self.place)
+        current = _unfinished.get()
+        if current and (mark := current.get(at)) is not None and mark.key == key:
+            _unfinished.set({k: v for k, v in current.items() if k != at})
 
     def fingerprint_at(self, url: httpx.URL) -> str:
         """The fingerprint of this request moved to `url` (where a 307/308 sends it)."""
@@ -605,24 +637,18 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
     boundary = multipart_boundary(body, content_type)
     the_fingerprint = fingerprint(request.method, url, body, boundary)
     scope = _scope.get()
-    # The same request again, in the same context, right after its operation failed (an
+    # The same request again, in the same context, while its operation is unfinished (an
     # SDK's own retry, a caller's loop): that operation again, under its name and key.
-    last = scope.unfinished if scope is not None else _unfinished.get()
+    # Outside a block, only where it failed (a task inherits its parent's context, not its
+    # failure); inside one, anywhere in the block.
+    if scope is not None:
+        last = scope.unfinished.get(the_fingerprint)
+    else:
+        marks = _unfinished.get()
+        last = marks.get((the_fingerprint, place)) if marks else None
     again = (
-        last is not None
-        and last.fingerprint == the_fingerprint
-        and last.scope is scope
-        # outside a block, only where it failed: a task inherits its parent's context, not
-        # its failure; inside one, anywhere in the block
-        and (scope is not None or last.place == place)
-        and explicit in (None, last.name)
-        and not resume
+        last is not None and last.scope is scope and explicit in (None, last.name) and not resume
     )
-    if last is not None and not again:
-        if scope is not None:
-            scope.unfinished = None
-        else:
-            _unfinished.set(None)
     name: str | None = explicit
     if again:
         assert last is not None
@@ -955,7 +981,7 @@ class _Recorder:
         # If this raises (JournalError), the stream's close gives the lease back: pending.
         self.journal.finish(self.op.key, self.version, "completed", stored, streamed=True)
         self.done = True
-        self.plan.unfinished(None)  # done: the same request again is a new operation
+        self.plan.finished(self.op.key)  # done: the same request again is a new operation
         self._event("completed", response.status_code)
 
     def abort(self) -> Callable[[], object] | None:
@@ -1331,7 +1357,7 @@ def keyed_flow(
             )
         logger.info("operation %s already completed: replaying", label)
         yield from event("replayed", status=reg.response.status if reg.response else None)
-        the_plan.unfinished(None)
+        the_plan.finished(op.key)
         return replay_response(reg, request)
     if hand_back and reg.decision is Decision.CONFLICT and reg.response is not None:
         return replay_response(reg, request)  # the stored 422, for the SDK to raise on
@@ -1345,10 +1371,11 @@ def keyed_flow(
     last_raw = b""
     last_error: str | None = None
     streaming = False  # the last answer is a success the caller streams (not read here)
-    # Whether any byte of it may have reached the server: not if this was its first claim
-    # and every attempt failed before a connection was made (then the journal keeps it as
-    # provably never sent, which no retention expires).
-    reached = op.attempts > 1
+    # Whether any byte of it may have reached the server: not if no attempt before this
+    # claim may have (the journal says so) and every attempt of this call fails before a
+    # connection is made (then the journal keeps it as provably never sent, which no
+    # retention expires: an SDK's retries, or a resume, while the API is unreachable).
+    reached = reg.sent_before
 
     def attempt() -> Generator[Step, Any, Outcome]:
         nonlocal version, attempts, first, last_raw, fresh, reached, streaming
@@ -1537,7 +1564,7 @@ def keyed_flow(
         label, state, response.status_code, attempts,
     )  # fmt: skip
     if state == "completed" and not streaming:  # a stream is done when it ends
-        the_plan.unfinished(None)  # done: the same request again is a new operation
+        the_plan.finished(op.key)  # done: the same request again is a new operation
     return response
 
 

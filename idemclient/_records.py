@@ -133,6 +133,9 @@ class Registration:
     response: StoredResponse | None = None
     detail: str = ""
     fresh: bool = False  # a new operation inserted by this registration (nothing sent before)
+    #: an earlier attempt may have reached the server (`SEND` only): `False` while every
+    #: attempt before this claim provably never left (each connection refused)
+    sent_before: bool = False
     # the journaled body to send instead of this request's (a multipart rerun: the first
     # attempt's boundary), and its content type
     body: bytes | None = None

@@ -287,3 +287,36 @@ def test_attempts_that_never_connected_leave_it_provably_never_sent(journal_path
         assert [r.outcome for r in c.resume_pending()] == ["completed"]
     assert len(seen) == 1
     journal.close()
+
+
+@pytest.mark.parametrize("again", ["a resend in the same context", "a resume"])
+def test_attempts_that_never_connected_stay_never_sent_across_calls(
+    journal_path: Path, again: str
+) -> None:
+    """The same holds across calls: an SDK's own retry (the same request again, right after)
+    or a resume at start-up, while the API is still unreachable, claims the operation again;
+    none of its attempts reached the server, so it stays provably never sent (it expired
+    past the retention, and a person had to decide about a request that never left)."""
+    now = [1_800_000_000.0]
+    journal = Journal(journal_path, clock=lambda: now[0], retention=timedelta(hours=1))
+    with client(journal, httpx.MockTransport(down), retry=RetryPolicy(max_attempts=2)) as c:
+        with pytest.raises(RetriesExhaustedError):
+            c.post("/charges", json={"amount": 1})
+        if again == "a resume":
+            assert [r.outcome for r in c.resume_pending()] == ["failed"]
+        else:
+            with pytest.raises(RetriesExhaustedError):
+                c.post("/charges", json={"amount": 1})
+    (op,) = journal.operations()
+    assert op.attempts == 4
+    now[0] += 7200
+    seen: list[httpx.Request] = []
+
+    def up(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(201)
+
+    with client(journal, httpx.MockTransport(up)) as c:
+        assert [r.outcome for r in c.resume_pending()] == ["completed"]
+    assert len(seen) == 1
+    journal.close()

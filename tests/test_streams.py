@@ -416,3 +416,92 @@ def test_a_stream_closed_after_its_last_event_does_not_wait_for_the_body_end(
         stored = journal.stored_response(op.key)
         assert stored is not None
         assert stored.body == b"".join(CHUNKS)
+
+
+def test_a_stream_read_to_its_end_leaves_another_ones_resend_its_own(journal_path: Path) -> None:
+    """Two streams open in one thread: A is read to its end (recorded), B is cut after the
+    server acted. B's resend continues B's operation, under its key: A's end says nothing
+    about B (it cleared the one mark of the thread, and the resend became a new operation,
+    acted on twice)."""
+    acted: dict[str, list[str]] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        which = request.read().decode()
+        acted.setdefault(which, []).append(request.headers["Idempotency-Key"])
+
+        def chunks() -> Iterator[bytes]:
+            yield CHUNKS[0]
+            if "B" in which and len(acted[which]) == 1:
+                raise httpx.ReadError("the connection was cut")
+            yield from CHUNKS[1:]
+
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                              content=chunks())  # fmt: skip
+
+    url = "https://api.example/v1/messages"
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(handler),
+                           retry=idemclient.RetryPolicy(max_attempts=1)) as client:  # fmt: skip
+        a = client.send(client.build_request("POST", url, json="A"), stream=True)
+        b = client.send(client.build_request("POST", url, json="B"), stream=True)
+        assert b"".join(a.iter_raw()) == b"".join(CHUNKS)
+        a.close()
+        with pytest.raises(httpx.ReadError):
+            b.read()
+        b.close()
+        again = client.post(url, json="B")  # the caller's (or its SDK's) retry
+        assert again.content == b"".join(CHUNKS)
+    assert len(acted['"B"']) == 2
+    assert len(set(acted['"B"'])) == 1  # one key: the server replays (here: acts)
+    with Journal(journal_path) as journal:
+        assert {op.state for op in journal.operations()} == {"completed"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("concurrently", [False, True])
+async def test_calls_in_one_block_keep_their_own_unfinished_operations(
+    journal_path: Path, concurrently: bool
+) -> None:
+    """Inside one `operation()` block, two calls of an SDK (in one task, or gathered): the
+    first's answer is lost after the server acted, the second completes meanwhile; the
+    first's retry is still the first operation, under its name and key (the second's
+    request, or its completion, took the block's one mark, and the retry became `job#3`
+    under a new key: acted on twice)."""
+    import asyncio
+
+    acted: dict[str, list[str]] = {}
+    second_done = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        which = request.read().decode()
+        acted.setdefault(which, []).append(request.headers["Idempotency-Key"])
+        if which == '"first"' and len(acted[which]) == 1:
+            raise httpx.ReadError("the answer was lost after the server acted")
+        return httpx.Response(201, json={"done": which})
+
+    async with idemclient.AsyncClient(
+        journal=journal_path, transport=httpx.MockTransport(handler),
+        retry=idemclient.RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+
+        async def first() -> None:
+            with pytest.raises(idemclient.RetriesExhaustedError):
+                await client.post("https://api.example/x", json="first")
+            await second_done.wait()  # the SDK backs off; the other call completes
+            again = await client.post("https://api.example/x", json="first")
+            assert again.status_code == 201
+
+        async def second() -> None:
+            await client.post("https://api.example/x", json="second")
+            second_done.set()
+
+        with idemclient.operation("job"):
+            if concurrently:
+                await asyncio.gather(first(), second())
+            else:
+                with pytest.raises(idemclient.RetriesExhaustedError):
+                    await client.post("https://api.example/x", json="first")
+                await second()
+                await client.post("https://api.example/x", json="first")
+        names = {op.name: op.state for op in client.journal.operations()}
+    assert len(set(acted['"first"'])) == 1  # one key
+    assert names == {"job": "completed", "job#2": "completed"}

@@ -335,7 +335,11 @@ def _claimed(
         op, attempts=write.attempts, updated_at=utc(now), recoveries=recoveries, url=url,
         last_error=last_error,
     )  # fmt: skip
-    return Decided(Registration(Decision.SEND, claimed, lease_version=version), write)
+    sent_before = row.first_sent_at is not None
+    return Decided(
+        Registration(Decision.SEND, claimed, lease_version=version, sent_before=sent_before),
+        write,
+    )
 
 
 def _origin(url: str) -> str:
