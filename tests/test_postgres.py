@@ -928,7 +928,10 @@ def test_a_schema_named_in_the_url_is_used_everywhere(pg_dsn: str) -> None:
         ("journal.sqlite3", False),
         ("/var/lib/app/a=b/journal.sqlite3", False),
         ("a=b", False),  # not a libpq keyword
-        ("host=db journal", False),  # not only pairs
+        ("host=db journal", True),  # a stray word: PostgreSQL's, for the driver to refuse
+        ("host=db dbname=orders password='s3cret", True),  # a quote left open: the same
+        ("/var/lib/host=db/journal.sqlite3", False),  # a keyword, but not where libpq's go
+        ("my journal a=b", False),  # no libpq keyword
         ("", False),
     ],
 )
@@ -938,3 +941,46 @@ def test_what_names_a_postgres_journal(location: str, postgres: bool) -> None:
     from idemclient.journal._postgres import is_postgres_location
 
     assert is_postgres_location(location) is postgres
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "host=127.0.0.1 dbname=orders user=app password='s3cretPW",  # a quote left open
+        "host=127.0.0.1 dbname=orders user=app password=s3cretPW extra",  # a stray word
+        "postgresql://app:pa%zzs3cretPW@127.0.0.1:1/orders",  # a bad percent-escape
+        "postgresql://app:s3cretPW@[::1/orders",  # an IPv6 host left open
+        "postgresql://app:s3cretPW@127.0.0.1:1/orders?schema=my-schema",  # no identifier
+    ],
+)
+def test_a_malformed_postgres_location_is_refused_by_name_and_never_a_file(
+    location: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PostgreSQL location with a typo is a `JournalError` that shows no password (nor
+    chains the driver's error, which may quote it), wherever a location goes: it was an
+    SQLite file named after it (password included) in the working directory, where no other
+    host looks, and the request was sent; or a traceback and exit 1 from the CLI."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(JournalError) as caught:
+        open_journal(location).close()
+    error = caught.value
+    assert "s3cretPW" not in str(error)
+    assert "s3cretPW" not in str(error.path)
+    assert error.__cause__ is None or "s3cretPW" not in str(error.__cause__)
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(201)
+
+    transport = httpx.MockTransport(handler)
+    monkeypatch.setenv("IDEMCLIENT_JOURNAL", location)
+    with pytest.raises(JournalError), idemclient.Client(transport=transport) as client:
+        client.post("https://x/charges", json={})
+    assert sent == []
+    for command in (["list"], ["stats"], ["resume", "--dry-run"]):
+        code, out, err = cli(*command)
+        assert code == EXIT_JOURNAL, (command, out, err)
+        assert "Traceback" not in err
+        assert "s3cretPW" not in out + err
+    assert list(tmp_path.iterdir()) == []

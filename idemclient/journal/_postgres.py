@@ -391,6 +391,8 @@ _LIBPQ_KEYWORDS = frozenset(
     ]
 )
 _PAIR = re.compile(r"\s*(\w+)\s*=\s*(?:'(?:[^'\\]|\\.)*'|(?:\\.|[^\s'\\])*)\s*")
+#: a `keyword=` at the start of the text or after a space: where a libpq string has one
+_KEYWORD_AT = re.compile(r"(?:^|\s)(\w+)\s*=")
 
 
 def is_postgres_location(text: object) -> bool:
@@ -406,7 +408,12 @@ def is_postgres_location(text: object) -> bool:
     while at < len(text):
         pair = _PAIR.match(text, at)
         if pair is None or pair.end() == at:
-            return False
+            # Not pairs all through (a quote left open, a stray word): still PostgreSQL's if
+            # it says `host=`, `dbname=`, ... where a libpq string does, for the driver to
+            # refuse by name. As a file name, it made a journal no other host sees, named
+            # after the DSN (its password included), and sent.
+            found = (m.group(1).lower() for m in _KEYWORD_AT.finditer(text))
+            return any(key in _LIBPQ_KEYWORDS for key in found)
         keys.append(pair.group(1).lower())
         at = pair.end()
     return any(key in _LIBPQ_KEYWORDS for key in keys)
@@ -417,13 +424,29 @@ def split_schema(dsn: str) -> tuple[str, str | None]:
     the journal's tables), and the URL without it; a DSN without one as it is."""
     if not is_postgres_url(dsn):
         return dsn, None
-    parts = urlsplit(dsn)
+    try:
+        parts = urlsplit(dsn)
+    except ValueError as exc:  # (an IPv6 host left open: "Invalid IPv6 URL")
+        raise JournalError(
+            f"journal {shown(dsn)}: not a valid PostgreSQL URL: {exc}", path=shown(dsn)
+        ) from None
     pairs = [pair for pair in parts.query.split("&") if pair]
     mine = [pair for pair in pairs if pair.partition("=")[0] == "schema"]
     if not mine:
         return dsn, None
     rest = "&".join(pair for pair in pairs if pair not in mine)
-    return urlunsplit(parts._replace(query=rest)), unquote(mine[-1].partition("=")[2])
+    schema = unquote(mine[-1].partition("=")[2])
+    if not _plain_identifier(schema):
+        raise JournalError(
+            f"journal {shown(dsn)}: schema= must be a plain identifier (letters, digits, "
+            f"_), not {schema!r}",
+            path=shown(dsn),
+        )
+    return urlunsplit(parts._replace(query=rest)), schema
+
+
+def _plain_identifier(name: str) -> bool:
+    return bool(name) and name.replace("_", "").isalnum()
 
 
 def libpq_dsn(dsn: str) -> str:
@@ -438,10 +461,12 @@ def _passwords(dsn: str) -> list[str]:
     """The passwords written in a DSN (as `user:secret@`, `?password=`, `password=`)."""
     found: list[str] = []
     if is_postgres_url(dsn):
-        parts = urlsplit(dsn)
-        if parts.password:
-            found.append(parts.password)
-        for match in re.finditer(r"(?:^|&)(?:ssl)?password=([^&]*)", parts.query, re.I):
+        # (read off the text itself: a URL that does not parse may hold one all the same)
+        userinfo = re.split(r"[/?#]", dsn.partition("://")[2], maxsplit=1)[0].rpartition("@")[0]
+        if ":" in userinfo:
+            found.append(userinfo.partition(":")[2])
+        query = dsn.partition("?")[2].partition("#")[0]
+        for match in re.finditer(r"(?:^|&)(?:ssl)?password=([^&]*)", query, re.I):
             found.append(match.group(1))
     else:
         found.extend(m.group(2).strip("'") for m in _PASSWORD_PAIR.finditer(dsn))
@@ -456,7 +481,8 @@ def scrubbed(text: str, dsn: str) -> str:
     return text
 
 
-_PASSWORD_PAIR = re.compile(r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']\S*)""", re.I)
+# (a quoted value left open runs to the end: a malformed string's password is hidden too)
+_PASSWORD_PAIR = re.compile(r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s']\S*)""", re.I)
 _PASSWORD_PARAM = re.compile(r"((?:^|&)(?:ssl)?password=)[^&]*", re.I)
 
 
@@ -465,7 +491,12 @@ def shown(dsn: str) -> str:
     neither in a URL (`user:secret@`, `?password=`) nor in a libpq `key=value` string."""
     if not is_postgres_url(dsn):
         return _PASSWORD_PAIR.sub(r"\1***", dsn)
-    parts = urlsplit(dsn)
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:  # not a URL that parses: every password written in it hidden
+        for password in sorted(_passwords(dsn), key=len, reverse=True):
+            dsn = dsn.replace(password, "***")
+        return dsn
     if parts.query:
         parts = parts._replace(query=_PASSWORD_PARAM.sub(r"\1***", parts.query))
     if parts.password is not None:
@@ -651,7 +682,7 @@ class PostgresJournal(ReadBack):
             if schema not in (named, "idemclient"):
                 raise ValueError(f"the DSN names schema {named!r}, and schema= {schema!r}")
             schema = named
-        if not schema.replace("_", "").isalnum():
+        if not _plain_identifier(schema):
             raise ValueError(f"schema must be a plain identifier, not {schema!r}")
         if lease_margin < 0:
             raise ValueError("lease_margin must not be negative")
@@ -725,11 +756,12 @@ class PostgresJournal(ReadBack):
         says otherwise, whatever the server's, the role's or the DSN's default)."""
         try:
             given = self._driver.conninfo.conninfo_to_dict(self.dsn)
-        except self._driver.Error as exc:
+        except self._driver.Error as exc:  # (it may quote the password: not chained)
             raise JournalError(
-                f"journal {self.path}: not a valid connection string or URL: {exc}",
+                f"journal {self.path}: not a valid connection string or URL: "
+                f"{scrubbed(str(exc), self.dsn)}",
                 path=self.path,
-            ) from exc
+            ) from None
         options = []
         seconds = self.command_timeout
         if seconds is not None:
