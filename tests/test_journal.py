@@ -378,12 +378,33 @@ def test_newer_schema_is_refused(journal_path: Path) -> None:
         Journal(journal_path)
 
 
-def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("user_version", [0, 3])
+@pytest.mark.parametrize("read_only", [False, True])
+def test_foreign_sqlite_database_is_refused_and_left_untouched(
+    tmp_path: Path, user_version: int, read_only: bool
+) -> None:
+    """Another application's database (rollback journal, its own user_version even) is
+    refused by name, byte for byte as it was: it was switched to WAL mode for good (and one
+    whose user_version looked like an old journal's was half upgraded) before its tables
+    were looked at, while the error said it was left untouched."""
     path = tmp_path / "app.db"
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE users (id INTEGER)")
+        db.execute(f"PRAGMA user_version = {user_version}")
+    db.close()
+    before = path.read_bytes()
     with pytest.raises(JournalError, match="not an idemclient journal"):
-        Journal(path)
+        Journal(path, read_only=read_only)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
+def test_an_empty_file_looked_at_read_only_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    path.touch()
+    with pytest.raises(JournalError, match="is empty: nothing has been journaled there yet"):
+        Journal(path, read_only=True)
+    assert path.read_bytes() == b""
 
 
 def test_unusable_directory_is_a_journal_error(tmp_path: Path) -> None:

@@ -555,17 +555,49 @@ class Journal(ReadBack):
                     parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                head = os.read(fd, len(_SQLITE_MAGIC))
+                head = os.read(fd, 20)
                 stat = os.fstat(fd)
             finally:
                 os.close(fd)
-        if head and head != _SQLITE_MAGIC[: len(head)]:
+        if head and head[: len(_SQLITE_MAGIC)] != _SQLITE_MAGIC[: len(head)]:
             raise JournalError(
                 f"journal {self.path} is not an SQLite database; it was left untouched "
                 "(move it away or pass another path)",
                 path=str(self.path),
             )
+        if len(head) == 20 and head[18:20] != b"\x02\x02":
+            # An SQLite database not in WAL mode (every journal is): the first connection
+            # would switch it to WAL, for good, before its tables are looked at. Look first.
+            self._look_before_wal()
         return stat.st_dev, stat.st_ino
+
+    def _look_before_wal(self) -> None:
+        """Refuse, untouched, an SQLite database that is not an idemclient journal (another
+        application's), or one of a newer idemclient, looking through a read-only
+        connection: the journal's own would turn it to WAL mode at once."""
+        uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode=ro"
+        with self._errors_as_journal_error("open the journal"):
+            db = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout)
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                tables = {
+                    row[0]
+                    for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                }
+            finally:
+                db.close()
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {self.path} has schema version {version}, newer than this "
+                f"idemclient understands ({SCHEMA_VERSION}): upgrade idemclient",
+                path=str(self.path),
+            )
+        if tables and "operations" not in tables:
+            raise JournalError(
+                f"{self.path} is an SQLite database but not an idemclient journal (it has "
+                f"tables {sorted(tables)}); it was left untouched",
+                path=str(self.path),
+            )
 
     def _check_identity(self) -> None:
         """Fail closed if the file was deleted or replaced while in use: writing on would
@@ -594,6 +626,16 @@ class Journal(ReadBack):
                 raise JournalError(
                     f"journal {self.path} has schema version {version}, newer than this "
                     f"idemclient understands ({SCHEMA_VERSION}): upgrade idemclient",
+                    path=str(self.path),
+                )
+            if version == 0 and self.read_only:
+                tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                found = sorted(row[0] for row in tables)
+                raise JournalError(
+                    f"{self.path} is an SQLite database but not an idemclient journal (it "
+                    f"has tables {found})"
+                    if found
+                    else f"journal {self.path} is empty: nothing has been journaled there yet",
                     path=str(self.path),
                 )
             if version < SCHEMA_VERSION:
