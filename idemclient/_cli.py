@@ -395,6 +395,21 @@ def _headers(args: argparse.Namespace, err: TextIO) -> dict[str, str]:
     return headers
 
 
+def _params(args: argparse.Namespace) -> dict[str, str]:
+    """Query parameters whose values are in the environment (`--param-from-env`): an API's
+    key sent in the query, which the journal does not keep (it is a credential by name)."""
+    params: dict[str, str] = {}
+    for item in args.param_from_env:
+        name, sep, var = item.partition("=")
+        if not sep or not name.strip() or not var.strip():
+            raise UsageError(f"--param-from-env takes 'name=ENVVAR', not {item!r}")
+        value = os.environ.get(var.strip())
+        if value is None:
+            raise UsageError(f"environment variable {var.strip()} (for {name.strip()}) is not set")
+        params[name.strip()] = value
+    return params
+
+
 def _describe(result: ResumeResult) -> str:
     op = result.operation
     label = op.name or op.key
@@ -543,8 +558,9 @@ def _result_json(result: ResumeResult) -> dict[str, Any]:
 
 
 def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    headers = _headers(args, err)
+    headers, params = _headers(args, err), _params(args)
     credentials = sorted(name for name in headers if DEFAULT_SECRETS(name.lower()))
+    credentials += sorted(f"?{name}" for name in params)  # (from the environment: secrets)
     if credentials and not args.base_url and not args.dry_run:
         raise UsageError(
             f"{', '.join(credentials)} would go to every API with operations in this journal: "
@@ -601,6 +617,7 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         journal=journal,
         base_url=args.base_url or "",
         headers=headers,
+        params=params,
         timeout=args.timeout,
         retry=RetryPolicy(max_attempts=args.attempts),
         follow_redirects=True,  # a 307/308 continues the operation at its new URL
@@ -660,11 +677,12 @@ def cmd_reconcile(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Ask a function about each expired operation; act on and journal its answers."""
     function = _function(args.with_)
     headers = _headers(args, err)
+    params = _params(args)
     journal = _open(args)
     if journal is None:
         _missing(args, err)
         return EXIT_OK
-    client = Client(journal=journal, base_url=args.base_url or "", headers=headers,
+    client = Client(journal=journal, base_url=args.base_url or "", headers=headers, params=params,
                     timeout=args.timeout)  # fmt: skip
     said = {"reconciled": "completed", "reissued": "reissued with a new key, pending: the "
             "next resume sends it", "expired": "still expired"}  # fmt: skip
@@ -814,6 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a header (not for secrets: see --header-from-env)")  # fmt: skip
     sub.add_argument("--header-from-env", action="append", default=[], metavar="Name=ENVVAR",
                      help="add a header whose value is in an environment variable")  # fmt: skip
+    sub.add_argument("--param-from-env", action="append", default=[], metavar="name=ENVVAR",
+                     help="add a query parameter whose value is in an environment variable "
+                     "(an API key sent in the query: the journal does not keep it)")  # fmt: skip
     sub.add_argument("--timeout", type=parse_seconds, default=30.0, metavar="SECONDS",
                      help="timeout of each request (default: 30)")  # fmt: skip
     sub.add_argument("--attempts", type=parse_attempts, default=5, metavar="N",
@@ -841,6 +862,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a header to the client the function gets")  # fmt: skip
     sub.add_argument("--header-from-env", action="append", default=[], metavar="Name=ENVVAR",
                      help="add a header whose value is in an environment variable")  # fmt: skip
+    sub.add_argument("--param-from-env", action="append", default=[], metavar="name=ENVVAR",
+                     help="add a query parameter whose value is in an environment variable "
+                     "(an API key sent in the query: the journal does not keep it)")  # fmt: skip
     sub.add_argument("--timeout", type=parse_seconds, default=30.0, metavar="SECONDS",
                      help="timeout of each request of the function (default: 30)")  # fmt: skip
     sub.set_defaults(run=cmd_reconcile)

@@ -1414,8 +1414,9 @@ def keyed_flow(
                 raw = last_raw = received.raw or b""
                 body = _decoded(answer, raw) if answer.status_code == 400 else raw
                 outcome = classify_response(
-                    answer, body, keyed=True, policy=policy, now=wall_clock(), method=record.method
-                )
+                    answer, body, keyed=True, policy=policy, now=wall_clock(),
+                    method=record.method, resumed=record.resume,
+                )  # fmt: skip
         logger.debug(
             "%s %s operation=%s key=%s attempt=%d: %s -> %s",
             record.method, record.url, op.name, op.key, attempts, outcome.reason,

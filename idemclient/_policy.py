@@ -19,7 +19,8 @@ What is safe to retry, and why:
 * **Not the operation's answer**: 401 and 407 (the server refused before acting: httpx's auth
   flow, or a later rerun or resume with valid credentials, sends it again under the same key)
   and 307/308 (the operation goes on, with the same key, at the new URL). The response goes to
-  the caller; the operation stays pending.
+  the caller; the operation stays pending. To a resume (whose client may lack a credential
+  the journal did not keep: an API key in the query), 403 too.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def classify_response(
     policy: RetryPolicy,
     now: float,
     method: str = "POST",
+    resumed: bool = False,
 ) -> Outcome:
     """Decide what a response means. `body` is the read body of a keyed request, else `None`.
 
@@ -159,6 +161,11 @@ def classify_response(
     success is final whatever its headers say.
     """
     status = response.status_code
+    if keyed and resumed and status == 403:
+        # The resumer's client lacks the operation's credential (the journal keeps none), or
+        # it is not allowed: the operation's answer either way is not this one to record.
+        why = "refused to the resumer before any effect: is its credential missing?"
+        return Outcome(Verdict.UNSETTLED, response=response, reason=f"HTTP 403 ({why})")
     # httpx follows a 301 with the same method for all but POST (which becomes a GET): for
     # a PATCH it is the same operation at the new URL, as a 308 is.
     if keyed and (status in UNSETTLED_STATUS_CODES or (status == 301 and method != "POST")):

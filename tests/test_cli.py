@@ -215,6 +215,30 @@ def test_resume_finishes_with_headers_from_the_environment(
     assert cli("--journal", str(populated), "resume")[1].strip() == "resumed 0 operations"
 
 
+def test_resume_sends_query_credentials_from_the_environment(
+    populated: Path, server: IdempotentServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API key sent in the query is not journaled: `--param-from-env` gives it back to
+    the operations of one API (`--base-url` required, as for credential headers)."""
+    monkeypatch.setenv("API_KEY", "from-env")
+    with idemclient.Journal(populated) as journal:
+        pending = journal.get("charge-pending")
+        assert pending is not None
+    old_origin = str(httpx.URL(pending.url).copy_with(path="/"))[:-1]
+    argv = ["--journal", str(populated), "resume", "--rebase", f"{old_origin}={server.url}",
+            "--param-from-env", "key=API_KEY"]  # fmt: skip
+    code, _, err = cli(*argv)
+    assert code == EXIT_USAGE
+    assert "?key" in err
+    assert "--base-url" in err
+    code, _, err = cli(*argv, "--base-url", server.url)
+    assert code == EXIT_OK, err
+    assert "key=from-env" in server.effects[-1].path
+    code, _, err = cli(*argv[:-1], "key=MISSING_VAR", "--base-url", server.url)
+    assert code == EXIT_USAGE
+    assert "MISSING_VAR" in err
+
+
 def test_resume_that_fails_exits_1(populated: Path) -> None:
     code, out, err = cli("--journal", str(populated), "resume", "--attempts", "1")
     assert code == EXIT_INCOMPLETE

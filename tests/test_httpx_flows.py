@@ -252,18 +252,35 @@ def test_a_patch_answered_301_is_followed_as_the_same_operation(journal_path: Pa
     assert (op.state, op.response_status, op.url) == ("completed", 200, "https://api.example/new")
 
 
-def test_resume_reports_an_answer_that_settles_nothing_as_failed(journal_path: Path) -> None:
+@pytest.mark.parametrize("status", [401, 403])
+def test_resume_reports_an_answer_that_settles_nothing_as_failed(
+    journal_path: Path, status: int
+) -> None:
+    """401, and to a resume 403 too: a resumer's client that lacks the credential the
+    journal did not keep (an API key in the query) is refused; that is not the operation's
+    answer to record (it was, and a rerun then replayed the refusal), and it stays pending."""
     with (
         client(journal_path, httpx.MockTransport(down), retry=RetryPolicy(max_attempts=1)) as c,
         pytest.raises(RetriesExhaustedError),
     ):
         c.post("/charges", json={})
-    with client(journal_path, httpx.MockTransport(lambda r: httpx.Response(401))) as c:
+    with client(journal_path, httpx.MockTransport(lambda r: httpx.Response(status))) as c:
         (result,) = c.resume_pending()
     assert result.outcome == "failed"
     assert result.response is not None
-    assert result.response.status_code == 401
+    assert result.response.status_code == status
     assert result.operation.state == "pending"
+
+
+def test_a_403_to_a_call_of_the_caller_is_its_answer(journal_path: Path) -> None:
+    """Outside a resume a 403 is the operation's answer, recorded (the caller's own
+    credentials were refused the action), and a rerun replays it."""
+    with client(journal_path, httpx.MockTransport(lambda r: httpx.Response(403))) as c:
+        with idemclient.operation("charge-1"):
+            assert c.post("/charges", json={}).status_code == 403
+        op = c.journal.get("charge-1")
+        assert op is not None
+        assert (op.state, op.response_status) == ("completed", 403)
 
 
 def test_attempts_that_never_connected_leave_it_provably_never_sent(journal_path: Path) -> None:
