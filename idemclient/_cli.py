@@ -384,30 +384,28 @@ def _headers(args: argparse.Namespace, err: TextIO) -> dict[str, str]:
                 file=err,
             )
         headers[name.strip()] = value.strip()
-    for item in args.header_from_env:
-        name, sep, var = item.partition("=")
-        if not sep or not name.strip() or not var.strip():
-            raise UsageError(f"--header-from-env takes 'Name=ENVVAR', not {item!r}")
-        value = os.environ.get(var.strip())
-        if value is None:
-            raise UsageError(f"environment variable {var.strip()} (for {name.strip()}) is not set")
-        headers[name.strip()] = value
+    headers.update(_from_env(args.header_from_env, "--header-from-env", "Name"))
     return headers
 
 
 def _params(args: argparse.Namespace) -> dict[str, str]:
     """Query parameters whose values are in the environment (`--param-from-env`): an API's
     key sent in the query, which the journal does not keep (it is a credential by name)."""
-    params: dict[str, str] = {}
-    for item in args.param_from_env:
+    return _from_env(args.param_from_env, "--param-from-env", "name")
+
+
+def _from_env(items: list[str], option: str, name_is: str) -> dict[str, str]:
+    """`option`'s `name=ENVVAR` items: each name with its variable's value."""
+    found: dict[str, str] = {}
+    for item in items:
         name, sep, var = item.partition("=")
         if not sep or not name.strip() or not var.strip():
-            raise UsageError(f"--param-from-env takes 'name=ENVVAR', not {item!r}")
+            raise UsageError(f"{option} takes '{name_is}=ENVVAR', not {item!r}")
         value = os.environ.get(var.strip())
         if value is None:
             raise UsageError(f"environment variable {var.strip()} (for {name.strip()}) is not set")
-        params[name.strip()] = value
-    return params
+        found[name.strip()] = value
+    return found
 
 
 def _describe(result: ResumeResult) -> str:

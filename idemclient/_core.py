@@ -756,6 +756,8 @@ class Unclaim:
     key: str
     version: int
     fresh: bool
+    #: no attempt before this one reached the server either: it stays provably never sent
+    never_sent: bool = False
 
 
 JournalStep = Register | Claim | Release | Finish | Unclaim
@@ -779,7 +781,7 @@ def perform(step: JournalStep, journal: JournalBackend) -> Any:
         )  # fmt: skip
     if isinstance(step, Finish):
         return journal.finish(step.key, step.version, step.state, step.response)
-    return journal.unclaim(step.key, step.version, fresh=step.fresh)
+    return journal.unclaim(step.key, step.version, fresh=step.fresh, never_sent=step.never_sent)
 
 
 async def aperform(step: JournalStep, journal: AsyncJournalSteps) -> Any:
@@ -799,7 +801,9 @@ async def aperform(step: JournalStep, journal: AsyncJournalSteps) -> Any:
             never_sent=step.never_sent,
         )  # fmt: skip
     if isinstance(step, Unclaim):
-        return await journal.aunclaim(step.key, step.version, fresh=step.fresh)
+        return await journal.aunclaim(
+            step.key, step.version, fresh=step.fresh, never_sent=step.never_sent
+        )
     raise TypeError(f"not an async journal step: {step!r}")
 
 
@@ -1531,7 +1535,7 @@ def keyed_flow(
         # in this same process may send it at once (and a fresh operation leaves no trace).
         if not settled:
             try:
-                yield Unclaim(op.key, version, fresh=fresh)
+                yield Unclaim(op.key, version, fresh=fresh, never_sent=not reached)
             except Exception:
                 logger.debug("could not give back operation %s", label, exc_info=True)
         raise unsent.reason from None

@@ -283,6 +283,21 @@ def test_a_403_to_a_call_of_the_caller_is_its_answer(journal_path: Path) -> None
         assert (op.state, op.response_status) == ("completed", 403)
 
 
+def _sent_by_a_resume(journal: Journal) -> int:
+    """Resume `journal`'s operations against an API that is up: each completes; the
+    requests sent. Closes the journal."""
+    seen: list[httpx.Request] = []
+
+    def up(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(201)
+
+    with client(journal, httpx.MockTransport(up)) as c:
+        assert {r.outcome for r in c.resume_pending()} == {"completed"}
+    journal.close()
+    return len(seen)
+
+
 def test_attempts_that_never_connected_leave_it_provably_never_sent(journal_path: Path) -> None:
     """Refused connections: nothing reached the server, so no retention may expire it."""
     now = [1_800_000_000.0]
@@ -294,16 +309,7 @@ def test_attempts_that_never_connected_leave_it_provably_never_sent(journal_path
     ):
         c.post("/charges", json={})
     now[0] += 7200
-    seen: list[httpx.Request] = []
-
-    def up(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(201)
-
-    with client(journal, httpx.MockTransport(up)) as c:
-        assert [r.outcome for r in c.resume_pending()] == ["completed"]
-    assert len(seen) == 1
-    journal.close()
+    assert _sent_by_a_resume(journal) == 1
 
 
 @pytest.mark.parametrize("again", ["a resend in the same context", "a resume"])
@@ -327,13 +333,46 @@ def test_attempts_that_never_connected_stay_never_sent_across_calls(
     (op,) = journal.operations()
     assert op.attempts == 4
     now[0] += 7200
-    seen: list[httpx.Request] = []
+    assert _sent_by_a_resume(journal) == 1
 
-    def up(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(201)
 
-    with client(journal, httpx.MockTransport(up)) as c:
-        assert [r.outcome for r in c.resume_pending()] == ["completed"]
-    assert len(seen) == 1
-    journal.close()
+def test_a_resend_cancelled_before_its_send_leaves_it_never_sent(journal_path: Path) -> None:
+    """The resend of a never-sent operation, cancelled while its claim was being committed
+    (the claim is given back unsent): it stays provably never sent, and a resume past the
+    retention sends it (it counted as sent once its attempts passed one, and expired)."""
+    import asyncio
+    import sqlite3
+    import threading
+
+    now = [1_800_000_000.0]
+    journal = Journal(journal_path, clock=lambda: now[0], retention=timedelta(hours=1))
+
+    async def main() -> None:
+        async with idemclient.AsyncClient(
+            journal=journal, transport=httpx.MockTransport(down), base_url="https://api.example",
+            retry=RetryPolicy(max_attempts=1),
+        ) as c:  # fmt: skip
+            other = sqlite3.connect(journal_path, isolation_level=None, check_same_thread=False)
+            resending = asyncio.Event()
+
+            async def job() -> None:  # (one task: its resend continues its operation)
+                with pytest.raises(RetriesExhaustedError):
+                    await c.post("/charges", json={"amount": 1})
+                other.execute("BEGIN IMMEDIATE")  # another process writes a moment
+                threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+                resending.set()
+                await c.post("/charges", json={"amount": 1})
+
+            task = asyncio.ensure_future(job())
+            await resending.wait()
+            await asyncio.sleep(0.1)  # its claim waits for the write lock
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            other.close()
+
+    asyncio.run(main())
+    (op,) = journal.operations()
+    assert (op.attempts, op.last_error) == (1, "cancelled before it was sent")
+    now[0] += 7200
+    assert _sent_by_a_resume(journal) == 1

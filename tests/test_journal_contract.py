@@ -131,6 +131,24 @@ def test_claims_release_and_unclaim(journal: JournalBackend) -> None:
     assert journal.get("key-2") is None
 
 
+@pytest.mark.parametrize("never_sent", [False, True])
+def test_an_unclaimed_retry_of_a_never_sent_operation_stays_never_sent(
+    journal: JournalBackend, clock: Clock, never_sent: bool
+) -> None:
+    """A claim given back unsent (cancelled before the send) after earlier attempts that
+    never reached the server either (`never_sent`): the operation stays provably never sent,
+    and no retention expires it. Without `never_sent` (an earlier attempt may have reached
+    it), a claim past the first leaves it sent."""
+    reg = journal.register(record(), current_owner(), LEASE)
+    journal.release("key-1", reg.lease_version, "refused", never_sent=never_sent)
+    again = journal.register(record(), current_owner(), LEASE)
+    assert again.sent_before is not never_sent
+    journal.unclaim("key-1", again.lease_version, fresh=False, never_sent=never_sent)
+    clock.now += 25 * 3600
+    late = journal.register(record(), current_owner(), LEASE)
+    assert late.decision is (Decision.SEND if never_sent else Decision.EXPIRED)
+
+
 def test_past_the_retention_a_sent_operation_expires(journal: JournalBackend, clock: Clock) -> None:
     reg = journal.register(record(), current_owner(), LEASE)
     journal.release("key-1", reg.lease_version, "lost")

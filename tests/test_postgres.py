@@ -325,9 +325,11 @@ def _frozen_server(dsn: str) -> list[int]:
             "AND pid <> pg_backend_pid()"
         ).fetchall()
         mine = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert mine is not None
+        # (read while this session lives: its process, and its /proc entry, end with it)
+        stat = Path(f"/proc/{mine[0]}/stat").read_text()
     assert rows
-    assert mine is not None
-    postmaster = int(Path(f"/proc/{mine[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    postmaster = int(stat.rsplit(")", 1)[1].split()[1])
     return [int(row[0]) for row in rows] + [postmaster]
 
 

@@ -119,12 +119,13 @@ class JournalBackend(Protocol):
         """
         ...
 
-    def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
+    def unclaim(self, key: str, version: int, *, fresh: bool, never_sent: bool = False) -> None:
         """Undo a claim whose request was provably never sent (cancelled before the send).
 
         A `fresh` operation (inserted by that very registration) is removed, as if never
         registered; a known one gets its attempt back and its lease freed (and counts as never
-        sent again if that was its first attempt). Fenced by `version`.
+        sent again if that was its first attempt, or if `never_sent`: no attempt before this
+        one reached the server either). Fenced by `version`.
         """
         ...
 
@@ -350,7 +351,9 @@ class AsyncJournalSteps(Protocol):
         """`JournalBackend.release`."""
         ...
 
-    async def aunclaim(self, key: str, version: int, *, fresh: bool) -> None:
+    async def aunclaim(
+        self, key: str, version: int, *, fresh: bool, never_sent: bool = False
+    ) -> None:
         """`JournalBackend.unclaim`."""
         ...
 

@@ -1634,16 +1634,20 @@ class PostgresJournal(ReadBack):
         )  # fmt: skip
         return (yield from self._store(decided))
 
-    def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
+    def unclaim(self, key: str, version: int, *, fresh: bool, never_sent: bool = False) -> None:
         self._let_go(key, version)
-        self._run("give the unsent operation back", self._unclaim(key, version, fresh))
+        flow = self._unclaim(key, version, fresh, never_sent)
+        self._run("give the unsent operation back", flow)
 
-    async def aunclaim(self, key: str, version: int, *, fresh: bool) -> None:
+    async def aunclaim(
+        self, key: str, version: int, *, fresh: bool, never_sent: bool = False
+    ) -> None:
         """`unclaim` on an async connection of the running loop (`AsyncJournalSteps`)."""
         self._let_go(key, version)
-        await self._arun("give the unsent operation back", self._unclaim(key, version, fresh))
+        flow = self._unclaim(key, version, fresh, never_sent)
+        await self._arun("give the unsent operation back", flow)
 
-    def _unclaim(self, key: str, version: int, fresh: bool) -> _Flow[None]:
+    def _unclaim(self, key: str, version: int, fresh: bool, never_sent: bool) -> _Flow[None]:
         self._writable()
         if fresh:
             sql = _Sql(
@@ -1653,12 +1657,12 @@ class PostgresJournal(ReadBack):
             )
         else:
             sql = _Sql(
-                f"UPDATE {self._table} SET first_sent_at = CASE WHEN attempts <= 1 THEN "
-                "NULL ELSE first_sent_at END, attempts = GREATEST(attempts - 1, 0), "
+                f"UPDATE {self._table} SET first_sent_at = CASE WHEN %s OR attempts <= 1 "
+                "THEN NULL ELSE first_sent_at END, attempts = GREATEST(attempts - 1, 0), "
                 "lease_owner = NULL, lease_expires = NULL, lease_version = lease_version + 1, "
                 "updated_at = %s, last_error = 'cancelled before it was sent' "
                 "WHERE key = %s AND lease_version = %s AND state = 'pending'",
-                (self._clock(), key, version),
+                (never_sent, self._clock(), key, version),
             )
         yield from self._carrying(_one(sql), durable=False)
 

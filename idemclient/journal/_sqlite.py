@@ -1166,7 +1166,7 @@ class Journal(ReadBack):
             claimed = self._store(db, decided)
         return self._holding(claimed, owner, lease_seconds)
 
-    def unclaim(self, key: str, version: int, *, fresh: bool) -> None:
+    def unclaim(self, key: str, version: int, *, fresh: bool, never_sent: bool = False) -> None:
         """Undo a claim whose request was provably never sent (its task was cancelled, or the
         caller interrupted, before the send began), so that a retry in this same process can
         send it at once instead of waiting for the lease to end.
@@ -1174,7 +1174,8 @@ class Journal(ReadBack):
         A `fresh` operation (inserted by that very registration) is deleted, as if it had
         never been registered: nothing of it reached the server, and nothing is left for a
         resume to send behind the caller's back. A known one gets its attempt back and its
-        lease freed (and, if that was its first attempt, counts as never sent again).
+        lease freed (and, if that was its first attempt, or if `never_sent` says no attempt
+        before it reached the server either, counts as never sent again).
         """
         self._let_go(key, version)
         if fresh:
@@ -1182,13 +1183,13 @@ class Journal(ReadBack):
             params: tuple[Any, ...] = (key, version)
         else:
             sql = (
-                "UPDATE operations SET first_sent_at = CASE WHEN attempts <= 1 THEN NULL "
+                "UPDATE operations SET first_sent_at = CASE WHEN ? OR attempts <= 1 THEN NULL "
                 "ELSE first_sent_at END, attempts = MAX(attempts - 1, 0), lease_owner = NULL, "
                 "lease_expires = NULL, lease_version = lease_version + 1, updated_at = ?, "
                 "last_error = 'cancelled before it was sent' "
                 "WHERE key = ? AND lease_version = ? AND state = 'pending'"
             )
-            params = (self._clock(), key, version)
+            params = (never_sent, self._clock(), key, version)
         self._write_one("give the unsent operation back", sql, params, relaxed=True)
 
     def finish(
