@@ -258,11 +258,40 @@ class _Scope:
         # next() on a count is atomic under the GIL, and holds no lock that a fork() could
         # leave held in the child
         self._counter = itertools.count(1)
-        # The block's operations that did not finish, by request fingerprint, whichever
-        # thread or task of the block sent them (`asyncio.wait_for` sends in a task of its
-        # own, on Python < 3.12): held here, not in a context variable, which a child task
-        # sets only for itself. Concurrent calls in one block each keep their own.
-        self.unfinished: _Marks = {}
+        # The last operation that did not finish of each thread or task of the block (held
+        # here, not in a context variable, which a child task sets only for itself: a
+        # resend continues it from anywhere in the block, as `asyncio.wait_for` sends in a
+        # task of its own on Python < 3.12), and where each request's is, by fingerprint.
+        # Concurrent calls of the block (an SDK's calls gathered) each keep their own.
+        self.unfinished: dict[object, _Unfinished] = {}
+        self.by_fingerprint: dict[str, object] = {}
+
+    def mark(self, mark: _Unfinished) -> None:
+        """`mark` is the last unfinished operation of its thread or task."""
+        self.unfinished.pop(mark.place, None)  # (to the end: the oldest are forgotten first)
+        self.unfinished[mark.place] = mark
+        self.by_fingerprint[mark.fingerprint] = mark.place
+        while len(self.unfinished) > _BLOCK_MARKS_KEPT:
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                self.clear(next(iter(self.unfinished)))
+
+    def clear(self, place: object, key: str | None = None) -> None:
+        """Forget the unfinished operation of `place` (only if it is `key`'s, if given)."""
+        mark = self.unfinished.get(place)
+        if mark is None or (key is not None and mark.key != key):
+            return
+        self.unfinished.pop(place, None)
+        if self.by_fingerprint.get(mark.fingerprint) == place:
+            self.by_fingerprint.pop(mark.fingerprint, None)
+
+    def find(self, fingerprint: str, place: object) -> _Unfinished | None:
+        """The unfinished operation of this request in the block: `place`'s own first."""
+        mine = self.unfinished.get(place)
+        if mine is not None and mine.fingerprint == fingerprint:
+            return mine
+        other = self.by_fingerprint.get(fingerprint)
+        found = self.unfinished.get(other) if other is not None else None
+        return found if found is not None and found.fingerprint == fingerprint else None
 
     def next_name(self) -> str:
         count = next(self._counter)
@@ -286,15 +315,12 @@ class _Unfinished:
     place: object  # the thread or task: a task inherits its parent's context, not its failure
 
 
-#: unfinished operations by request fingerprint (in a block: one dict, changed in place, for
-#: all its threads and tasks), or by fingerprint and the thread or task that sent it (outside
-#: one: a context variable, replaced on each change, so that a task's marks stay its own; a
-#: task started later inherits a copy, in which it sees only its own)
-_Marks = dict[Any, _Unfinished]
-#: how many unfinished operations a context remembers (the oldest is forgotten first)
-_MARKS_KEPT = 64
+#: how many threads and tasks of one block have their unfinished operation remembered (the
+#: oldest is forgotten first: a block that lives on through more failed calls than this)
+_BLOCK_MARKS_KEPT = 100_000
 
-_unfinished: contextvars.ContextVar[_Marks | None] = contextvars.ContextVar(
+#: outside a block, the last unfinished operation of this thread or task
+_unfinished: contextvars.ContextVar[_Unfinished | None] = contextvars.ContextVar(
     "idemclient_unfinished", default=None
 )
 
@@ -528,39 +554,26 @@ class Plan:
     place: object = None
 
     def unfinished(self, op: Operation | RequestRecord) -> None:
-        """Remember that `op` has not finished in this context: a resend of the same request
-        here, before it finishes, is that operation again (whatever was sent in between, an
-        SDK's call in another task of the block, another stream). The record, when its
-        registration failed: it may have reached the journal all the same."""
+        """Remember that `op` is the last operation of this thread or task (in this block, if
+        in one) and has not finished: a resend of the same request right after is that
+        operation again. The record, when its registration failed: it may have reached the
+        journal all the same."""
         mark = _Unfinished(self.scope, self.record.fingerprint, op.key, op.name, self.place)
-        if self.scope is not None:  # the block's, for every thread and task in it
-            marks = self.scope.unfinished
-            marks.pop(mark.fingerprint, None)  # (to the end: the oldest go first)
-            marks[mark.fingerprint] = mark
-            while len(marks) > _MARKS_KEPT:
-                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-                    marks.pop(next(iter(marks)), None)
+        if self.scope is not None:  # the block's, seen from every thread and task in it
+            self.scope.mark(mark)
         else:
-            at = (mark.fingerprint, self.place)
-            mine = {k: v for k, v in (_unfinished.get() or {}).items() if k != at}
-            mine[at] = mark
-            while len(mine) > _MARKS_KEPT:
-                del mine[next(iter(mine))]
-            _unfinished.set(mine)
+            _unfinished.set(mark)
 
     def finished(self, key: str) -> None:
         """The operation with `key` finished: the same request again is a new operation (an
-        intended repeat). Another operation's mark stays."""
+        intended repeat). Another operation remembered meanwhile (a stream read to its end
+        after another request was sent) stays."""
         if self.scope is not None:
-            marks = self.scope.unfinished
-            mark = marks.get(self.record.fingerprint)
-            if mark is not None and mark.key == key:
-                marks.pop(self.record.fingerprint, None)
+            self.scope.clear(self.place, key)
             return
-        at = (self.record.fingerprint, self.place)
-        current = _unfinished.get()
-        if current and (mark := current.get(at)) is not None and mark.key == key:
-            _unfinished.set({k: v for k, v in current.items() if k != at})
+        mark = _unfinished.get()
+        if mark is not None and mark.key == key:
+            _unfinished.set(None)
 
     def fingerprint_at(self, url: httpx.URL) -> str:
         """The fingerprint of this request moved to `url` (where a 307/308 sends it)."""
@@ -637,18 +650,28 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
     boundary = multipart_boundary(body, content_type)
     the_fingerprint = fingerprint(request.method, url, body, boundary)
     scope = _scope.get()
-    # The same request again, in the same context, while its operation is unfinished (an
+    # The same request again, in the same context, right after its operation failed (an
     # SDK's own retry, a caller's loop): that operation again, under its name and key.
     # Outside a block, only where it failed (a task inherits its parent's context, not its
-    # failure); inside one, anywhere in the block.
-    if scope is not None:
-        last = scope.unfinished.get(the_fingerprint)
-    else:
-        marks = _unfinished.get()
-        last = marks.get((the_fingerprint, place)) if marks else None
+    # failure); inside one, anywhere in the block (each thread or task keeps its own).
+    last = scope.find(the_fingerprint, place) if scope is not None else _unfinished.get()
     again = (
-        last is not None and last.scope is scope and explicit in (None, last.name) and not resume
+        last is not None
+        and last.fingerprint == the_fingerprint
+        and last.scope is scope
+        and (scope is not None or last.place == place)
+        and explicit in (None, last.name)
+        and not resume
     )
+    if scope is not None:
+        if again:
+            assert last is not None
+            if last.place != place:  # continued here: no longer the other one's to resend
+                scope.clear(last.place, last.key)
+        else:  # another request: this place's last one is no longer "right before"
+            scope.clear(place)
+    elif last is not None and not again:
+        _unfinished.set(None)
     name: str | None = explicit
     if again:
         assert last is not None
@@ -1380,9 +1403,10 @@ def keyed_flow(
     # connection is made (then the journal keeps it as provably never sent, which no
     # retention expires: an SDK's retries, or a resume, while the API is unreachable).
     reached = reg.sent_before
+    sending = False  # an attempt is under way: its bytes may be reaching the server
 
     def attempt() -> Generator[Step, Any, Outcome]:
-        nonlocal version, attempts, first, last_raw, fresh, reached, streaming
+        nonlocal version, attempts, first, last_raw, fresh, reached, sending, streaming
         if not first:
             claimed: Registration = yield Claim(
                 op.key, version, me, the_plan.lease_seconds, last_error
@@ -1394,6 +1418,7 @@ def keyed_flow(
             version, attempts, fresh = claimed.lease_version, claimed.operation.attempts, False
         first = False
         yield from event("sending")
+        sending = True  # from here until its outcome is known, it may reach the server
         try:
             received: Received = yield Send(request, read=False)
             reached = True
@@ -1421,6 +1446,7 @@ def keyed_flow(
                     answer, body, keyed=True, policy=policy, now=wall_clock(),
                     method=record.method, resumed=record.resume,
                 )  # fmt: skip
+        sending = False  # (whether it reached the server is in `reached` now)
         logger.debug(
             "%s %s operation=%s key=%s attempt=%d: %s -> %s",
             record.method, record.url, op.name, op.key, attempts, outcome.reason,
@@ -1544,7 +1570,10 @@ def keyed_flow(
             # Cancelled, interrupted, or the journal failed mid-way: give the lease back so
             # that a resume in this same process need not wait for it to expire.
             try:
-                yield Release(op.key, version, "interrupted")
+                # (never sent if no attempt may have reached the server, this one included:
+                # interrupted in a backoff after refused connections, not mid-send)
+                never_sent = not (reached or sending)
+                yield Release(op.key, version, "interrupted", never_sent=never_sent)
             except Exception:
                 logger.debug("could not release operation %s", label, exc_info=True)
         raise

@@ -457,15 +457,14 @@ def test_a_stream_read_to_its_end_leaves_another_ones_resend_its_own(journal_pat
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("concurrently", [False, True])
 async def test_calls_in_one_block_keep_their_own_unfinished_operations(
-    journal_path: Path, concurrently: bool
+    journal_path: Path,
 ) -> None:
-    """Inside one `operation()` block, two calls of an SDK (in one task, or gathered): the
-    first's answer is lost after the server acted, the second completes meanwhile; the
-    first's retry is still the first operation, under its name and key (the second's
-    request, or its completion, took the block's one mark, and the retry became `job#3`
-    under a new key: acted on twice)."""
+    """Inside one `operation()` block, two calls of an SDK gathered in tasks: the first's
+    answer is lost after the server acted, the second completes meanwhile; the first's
+    retry is still the first operation, under its name and key (the second's request, or
+    its completion, took the block's one mark, and the retry became `job#3` under a new
+    key: acted on twice)."""
     import asyncio
 
     acted: dict[str, list[str]] = {}
@@ -495,13 +494,7 @@ async def test_calls_in_one_block_keep_their_own_unfinished_operations(
             second_done.set()
 
         with idemclient.operation("job"):
-            if concurrently:
-                await asyncio.gather(first(), second())
-            else:
-                with pytest.raises(idemclient.RetriesExhaustedError):
-                    await client.post("https://api.example/x", json="first")
-                await second()
-                await client.post("https://api.example/x", json="first")
+            await asyncio.gather(first(), second())
         names = {op.name: op.state for op in client.journal.operations()}
     assert len(set(acted['"first"'])) == 1  # one key
     assert names == {"job": "completed", "job#2": "completed"}
