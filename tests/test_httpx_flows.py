@@ -376,3 +376,117 @@ def test_a_resend_cancelled_before_its_send_leaves_it_never_sent(journal_path: P
     assert (op.attempts, op.last_error) == (1, "cancelled before it was sent")
     now[0] += 7200
     assert _sent_by_a_resume(journal) == 1
+
+
+@pytest.mark.parametrize("in_block", [False, True])
+def test_an_identical_post_after_a_redirected_one_completed_is_a_new_operation(
+    journal_path: Path, in_block: bool
+) -> None:
+    """A POST answered through a 307 (a trailing slash added) completes at the new URL: the
+    same request again is a new operation (`batch#2` in a block), not the first one's
+    replay (the first one's remembered request, at the old URL, was left behind)."""
+    import contextlib
+
+    acted: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if not request.url.path.endswith("/"):
+            return httpx.Response(307, headers={"Location": request.url.path + "/"})
+        acted.append(request.headers["Idempotency-Key"])
+        return httpx.Response(201, json={"order": len(acted)})
+
+    block = idemclient.operation("batch") if in_block else contextlib.nullcontext()
+    with client(journal_path, httpx.MockTransport(handler), follow_redirects=True) as c, block:
+        first = c.post("/orders", json={"sku": "A"})
+        second = c.post("/orders", json={"sku": "A"})
+    assert (first.json(), second.json()) == ({"order": 1}, {"order": 2})
+    assert second.extensions["idempotency"]["replayed"] is False
+    assert len(set(acted)) == 2
+    if in_block:
+        assert second.extensions["idempotency"]["operation"] == "batch#2"
+
+
+def test_many_calls_of_one_block_each_keep_their_retry(journal_path: Path) -> None:
+    """More concurrent calls in one block than a context once remembered: each SDK-style
+    retry (the answer lost after the server acted) still continues its own operation."""
+    import asyncio
+
+    acted: dict[str, int] = {}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        key = request.headers["Idempotency-Key"]
+        acted[key] = acted.get(key, 0) + 1
+        if acted[key] == 1:
+            raise httpx.ReadError("the answer was lost after the server acted")
+        return httpx.Response(201)
+
+    async def main() -> None:
+        async with idemclient.AsyncClient(
+            journal=journal_path, transport=httpx.MockTransport(handler),
+            base_url="https://api.example", retry=RetryPolicy(max_attempts=1),
+        ) as c:  # fmt: skip
+
+            async def call(i: int) -> None:
+                with pytest.raises(RetriesExhaustedError):
+                    await c.post("/charges", json={"i": i})
+                await asyncio.sleep(0.01)  # the SDK backs off; the others go on
+                assert (await c.post("/charges", json={"i": i})).status_code == 201
+
+            with idemclient.operation("batch"):
+                await asyncio.gather(*(call(i) for i in range(100)))
+
+    asyncio.run(main())
+    assert len(acted) == 100  # one key each, acted on once and replayed (here: acted)
+    with Journal(journal_path) as journal:
+        assert {op.state for op in journal.operations()} == {"completed"}
+        assert len(journal.operations()) == 100
+
+
+def test_interrupted_in_its_backoff_after_refused_connections_it_stays_never_sent(
+    journal_path: Path,
+) -> None:
+    """Ctrl-C (or a cancellation) while waiting to retry, every attempt so far refused: the
+    operation is given back as never sent (it counted as sent, and expired past the
+    retention without being sent)."""
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    now = [1_800_000_000.0]
+    journal = Journal(journal_path, clock=lambda: now[0], retention=timedelta(hours=1))
+    with (
+        idemclient.Client(journal=journal, transport=httpx.MockTransport(down),
+                          base_url="https://api.example", sleep=interrupted) as c,
+        pytest.raises(KeyboardInterrupt),
+    ):  # fmt: skip
+        c.post("/charges", json={})
+    now[0] += 7200
+    assert _sent_by_a_resume(journal) == 1
+
+
+def test_a_restored_journal_with_a_hot_rollback_journal_opens(journal_path: Path) -> None:
+    """A journal in rollback mode (as a restore may leave it) whose last writer died in a
+    transaction (its `-journal` file is hot): opening it rolls that back, as before the
+    read-only look at databases not in WAL mode (which cannot)."""
+    import sqlite3
+
+    with Journal(journal_path) as journal:
+        journal.operations()
+    with sqlite3.connect(journal_path) as db:
+        db.execute("PRAGMA journal_mode = DELETE")
+    db.close()
+    hot = journal_path.with_name(journal_path.name + "-journal")
+    writer = sqlite3.connect(journal_path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode = DELETE")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("DELETE FROM settings")
+    writer.execute("PRAGMA cache_spill = 1")
+    writer.execute("CREATE TABLE filler (x BLOB)")
+    writer.execute("INSERT INTO filler VALUES (zeroblob(4000000))")  # (spilled: hot journal)
+    assert hot.exists()
+    saved = journal_path.read_bytes(), hot.read_bytes()
+    writer.close()  # (rolled back: put the crash's files back)
+    journal_path.write_bytes(saved[0])
+    hot.write_bytes(saved[1])
+    with Journal(journal_path) as journal:
+        assert journal.operations() == []

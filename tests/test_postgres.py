@@ -276,6 +276,27 @@ def test_a_wrong_dsn_says_what_is_wrong(pg_dsn: str) -> None:
         assert journal.operations() == []
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=127.0.0.1 password=S3cr\\ 3tTail dbname=x",  # an escaped space, unquoted
+        "postgresql://app:S3cr#3tTail@127.0.0.1:1/db",  # "#" (libpq takes it)
+        "postgresql://app:S3cr/3tTail@127.0.0.1:1/db",  # "/" (libpq: part of the host)
+        "postgresql://app:S3cr@3tTail@127.0.0.1:1/db",  # "@"
+    ],
+)
+def test_odd_passwords_are_never_shown(dsn: str) -> None:
+    """Passwords written as libpq or urlsplit cut them: neither `shown` nor an error of
+    the driver quoting either reading shows any of it."""
+    from idemclient.journal._postgres import shown
+
+    assert "S3cr" not in shown(dsn)
+    assert "3tTail" not in shown(dsn)
+    quoted = f'could not translate host name "3tTail@127.0.0.1" ({dsn}; S3cr 3tTail)'
+    assert "S3cr" not in scrubbed(quoted, dsn)
+    assert "3tTail" not in scrubbed(quoted, dsn)
+
+
 def test_passwords_are_never_shown() -> None:
     from idemclient.journal._postgres import shown
 
@@ -930,8 +951,11 @@ def test_a_schema_named_in_the_url_is_used_everywhere(pg_dsn: str) -> None:
         ("journal.sqlite3", False),
         ("/var/lib/app/a=b/journal.sqlite3", False),
         ("a=b", False),  # not a libpq keyword
-        ("host=db journal", True),  # a stray word: PostgreSQL's, for the driver to refuse
+        ("host=db dbname=orders journal", True),  # a stray word: for the driver to refuse
         ("host=db dbname=orders password='s3cret", True),  # a quote left open: the same
+        ("host=db journal", False),  # one keyword and a stray word: a file name
+        ("host=web1/journal (copy).sqlite3", False),  # a folder named like a pair: a path
+        ("/tmp/x dbname=y user=z.sqlite3", False),  # an absolute path
         ("/var/lib/host=db/journal.sqlite3", False),  # a keyword, but not where libpq's go
         ("my journal a=b", False),  # no libpq keyword
         ("", False),

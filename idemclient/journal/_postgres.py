@@ -409,11 +409,14 @@ def is_postgres_location(text: object) -> bool:
         pair = _PAIR.match(text, at)
         if pair is None or pair.end() == at:
             # Not pairs all through (a quote left open, a stray word): still PostgreSQL's if
-            # it says `host=`, `dbname=`, ... where a libpq string does, for the driver to
-            # refuse by name. As a file name, it made a journal no other host sees, named
-            # after the DSN (its password included), and sent.
-            found = (m.group(1).lower() for m in _KEYWORD_AT.finditer(text))
-            return any(key in _LIBPQ_KEYWORDS for key in found)
+            # it says two of `host=`, `dbname=`, ... where a libpq string does, and does not
+            # start as a path does, for the driver to refuse by name. As a file name, it made
+            # a journal no other host sees, named after the DSN (its password included),
+            # and sent. (A path such as `backups/host=a (copy).sqlite3` stays a path.)
+            if text.startswith(("/", ".", "~")):
+                return False
+            found = {m.group(1).lower() for m in _KEYWORD_AT.finditer(text)}
+            return len(found & _LIBPQ_KEYWORDS) >= 2
         keys.append(pair.group(1).lower())
         at = pair.end()
     return any(key in _LIBPQ_KEYWORDS for key in keys)
@@ -461,16 +464,30 @@ def _passwords(dsn: str) -> list[str]:
     """The passwords written in a DSN (as `user:secret@`, `?password=`, `password=`)."""
     found: list[str] = []
     if is_postgres_url(dsn):
-        # (read off the text itself: a URL that does not parse may hold one all the same)
-        userinfo = re.split(r"[/?#]", dsn.partition("://")[2], maxsplit=1)[0].rpartition("@")[0]
-        if ":" in userinfo:
-            found.append(userinfo.partition(":")[2])
+        # Read off the text itself, as each reader may split it: up to the first "@" before
+        # a "/" (libpq, which takes "#" and "?" in a password), the last "@" before any of
+        # "/?#" (urlsplit), or the last "@" at all (a password with a "/" or an "@" in it,
+        # which libpq then takes for part of the host, and quotes in its error).
+        rest = dsn.partition("://")[2]
+        for userinfo in (
+            rest[: len(rest.split("/", 1)[0])].partition("@")[0] if "@" in rest else "",
+            re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[0],
+            rest.rpartition("@")[0],
+        ):
+            if ":" in userinfo:
+                password = userinfo.partition(":")[2]
+                found.append(password)
+                found.extend(re.split(r"[@/?#:]", password))  # (each piece quoted alone)
         query = dsn.partition("?")[2].partition("#")[0]
         for match in re.finditer(r"(?:^|&)(?:ssl)?password=([^&]*)", query, re.I):
             found.append(match.group(1))
     else:
         found.extend(m.group(2).strip("'") for m in _PASSWORD_PAIR.finditer(dsn))
-    return [p for p in found if p]
+        found.extend(p.replace("\\", "") for p in list(found))  # (as libpq reads escapes)
+        for password in list(found):
+            found.extend(password.split())  # (each piece quoted alone)
+    # the longest first: a piece replaced before its whole would leave the rest shown
+    return sorted({p for p in found if len(p) >= 3 or p in found[:1]}, key=len, reverse=True)
 
 
 def scrubbed(text: str, dsn: str) -> str:
@@ -482,7 +499,9 @@ def scrubbed(text: str, dsn: str) -> str:
 
 
 # (a quoted value left open runs to the end: a malformed string's password is hidden too)
-_PASSWORD_PAIR = re.compile(r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s']\S*)""", re.I)
+_PASSWORD_PAIR = re.compile(
+    r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|[^\s'\\])+)""", re.I
+)
 _PASSWORD_PARAM = re.compile(r"((?:^|&)(?:ssl)?password=)[^&]*", re.I)
 
 
@@ -503,7 +522,10 @@ def shown(dsn: str) -> str:
         netloc = parts.netloc.rsplit("@", 1)
         user = netloc[0].split(":", 1)[0]
         parts = parts._replace(netloc=f"{user}:***@{netloc[1]}")
-    return urlunsplit(parts)
+    text = urlunsplit(parts)
+    for password in _passwords(dsn):  # (one with "#", "?" or "/" in it: urlsplit cut it)
+        text = text.replace(password, "***")
+    return text
 
 
 def postgres_journal_exists(dsn: str, schema: str | None = None) -> bool:

@@ -565,7 +565,8 @@ class Journal(ReadBack):
                 "(move it away or pass another path)",
                 path=str(self.path),
             )
-        if len(head) == 20 and head[18:20] != b"\x02\x02":
+        hot = Path(f"{self.path}-journal").exists()  # (only a writer can roll it back)
+        if len(head) == 20 and head[18:20] != b"\x02\x02" and not hot:
             # An SQLite database not in WAL mode (every journal is): the first connection
             # would switch it to WAL, for good, before its tables are looked at. Look first.
             self._look_before_wal()
