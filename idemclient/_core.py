@@ -268,9 +268,10 @@ class _Scope:
 
     def mark(self, mark: _Unfinished) -> None:
         """`mark` is the last unfinished operation of its thread or task."""
-        self.unfinished.pop(mark.place, None)  # (to the end: the oldest are forgotten first)
+        self.clear(mark.place)  # (to the end: the oldest are forgotten first)
         self.unfinished[mark.place] = mark
-        self.by_fingerprint[mark.fingerprint] = mark.place
+        for fingerprint in mark.fingerprints:
+            self.by_fingerprint[fingerprint] = mark.place
         while len(self.unfinished) > _BLOCK_MARKS_KEPT:
             with contextlib.suppress(KeyError, RuntimeError, StopIteration):
                 self.clear(next(iter(self.unfinished)))
@@ -281,17 +282,18 @@ class _Scope:
         if mark is None or (key is not None and mark.key != key):
             return
         self.unfinished.pop(place, None)
-        if self.by_fingerprint.get(mark.fingerprint) == place:
-            self.by_fingerprint.pop(mark.fingerprint, None)
+        for fingerprint in mark.fingerprints:
+            if self.by_fingerprint.get(fingerprint) == place:
+                self.by_fingerprint.pop(fingerprint, None)
 
     def find(self, fingerprint: str, place: object) -> _Unfinished | None:
         """The unfinished operation of this request in the block: `place`'s own first."""
         mine = self.unfinished.get(place)
-        if mine is not None and mine.fingerprint == fingerprint:
+        if mine is not None and fingerprint in mine.fingerprints:
             return mine
         other = self.by_fingerprint.get(fingerprint)
         found = self.unfinished.get(other) if other is not None else None
-        return found if found is not None and found.fingerprint == fingerprint else None
+        return found if found is not None and fingerprint in found.fingerprints else None
 
     def next_name(self) -> str:
         count = next(self._counter)
@@ -303,16 +305,31 @@ _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
 )
 
 
-@dataclass(frozen=True, slots=True)
 class _Unfinished:
     """A journaled operation of this context (thread or task, and `operation()` block) that
-    did not finish: what a resend of the same request continues."""
+    did not finish: what a resend of the same request continues. `fingerprints`: its
+    request's, and those of the requests that went on under its key right after it (a
+    redirect's, at the new URL): a resend of any of them is it again. `done` once it
+    finished, wherever (a stream read to its end by another task, a resume)."""
 
-    scope: _Scope | None
-    fingerprint: str
-    key: str
-    name: str | None
-    place: object  # the thread or task: a task inherits its parent's context, not its failure
+    __slots__ = ("__weakref__", "done", "fingerprints", "key", "name", "place", "scope")
+
+    def __init__(
+        self,
+        scope: _Scope | None,
+        fingerprints: frozenset[str],
+        key: str,
+        name: str | None,
+        place: object,  # the thread or task: a task inherits its parent's context, not its
+    ) -> None:  # failure
+        self.scope, self.fingerprints, self.key, self.name = scope, fingerprints, key, name
+        self.place = place
+        self.done = False
+
+
+#: the unfinished operation remembered for each key, wherever: its completion anywhere says
+#: so (`Plan.finished`), and a resend of its request is then a new operation
+_marked: weakref.WeakValueDictionary[str, _Unfinished] = weakref.WeakValueDictionary()
 
 
 #: how many threads and tasks of one block have their unfinished operation remembered (the
@@ -552,13 +569,18 @@ class Plan:
     #: the `operation()` block it was planned in, if any, and the thread or task
     scope: _Scope | None = None
     place: object = None
+    #: the fingerprints of the requests of this operation right before it, in this place
+    #: (a redirect goes on at another URL under the same key): a resend of either is it
+    carried: frozenset[str] = frozenset()
 
     def unfinished(self, op: Operation | RequestRecord) -> None:
         """Remember that `op` is the last operation of this thread or task (in this block, if
         in one) and has not finished: a resend of the same request right after is that
         operation again. The record, when its registration failed: it may have reached the
         journal all the same."""
-        mark = _Unfinished(self.scope, self.record.fingerprint, op.key, op.name, self.place)
+        fingerprints = self.carried | {self.record.fingerprint}
+        mark = _Unfinished(self.scope, fingerprints, op.key, op.name, self.place)
+        _marked[op.key] = mark
         if self.scope is not None:  # the block's, seen from every thread and task in it
             self.scope.mark(mark)
         else:
@@ -568,6 +590,9 @@ class Plan:
         """The operation with `key` finished: the same request again is a new operation (an
         intended repeat). Another operation remembered meanwhile (a stream read to its end
         after another request was sent) stays."""
+        remembered = _marked.pop(key, None)
+        if remembered is not None:  # (in another context too: a stream read elsewhere)
+            remembered.done = True
         if self.scope is not None:
             self.scope.clear(self.place, key)
             return
@@ -600,6 +625,14 @@ class Plan:
         if op.key != self.record.key or header != self.key_header or style != self.key_style:
             self.request.headers[header] = _key_value(op.key, style)  # type: ignore[arg-type]
         return self.request
+
+
+def _same_key(given: str, key: str) -> bool:
+    """Whether a key header's value (bare or quoted) is `key`."""
+    try:
+        return parse_key(given) == key
+    except InvalidOperationError:
+        return False
 
 
 def _key_value(key: str, style: Literal["bare", "structured"]) -> str:
@@ -657,20 +690,34 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
     last = scope.find(the_fingerprint, place) if scope is not None else _unfinished.get()
     again = (
         last is not None
-        and last.fingerprint == the_fingerprint
+        and not last.done
+        and the_fingerprint in last.fingerprints
         and last.scope is scope
         and (scope is not None or last.place == place)
         and explicit in (None, last.name)
         and not resume
     )
+    # The same operation going on under its key (a redirect's request at the new URL, an auth
+    # flow's resend): a resend of the first request right after is that operation too.
+    carried: frozenset[str] = frozenset()
+    own = scope.unfinished.get(place) if scope is not None else _unfinished.get()
+    if (
+        not again
+        and own is not None
+        and own.place == place
+        and not own.done
+        and given is not None
+        and _same_key(given, own.key)
+    ):
+        carried = own.fingerprints
     if scope is not None:
         if again:
             assert last is not None
             if last.place != place:  # continued here: no longer the other one's to resend
                 scope.clear(last.place, last.key)
-        else:  # another request: this place's last one is no longer "right before"
+        elif not carried:  # another request: this place's last one is not "right before"
             scope.clear(place)
-    elif last is not None and not again:
+    elif last is not None and not again and not carried:
         _unfinished.set(None)
     name: str | None = explicit
     if again:
@@ -712,7 +759,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
     request.stream = family(request).ByteStream(body)
     return Plan(
         record, request, lease_seconds(request), key_header, key_style, secret, boundary, scope,
-        place,
+        place, carried,
     )  # fmt: skip
 
 
@@ -1012,10 +1059,13 @@ class _Recorder:
         self._event("completed", response.status_code)
 
     def abort(self) -> Callable[[], object] | None:
-        """Closed before its end: the journal write that gives the lease back, to run."""
+        """Closed before its end: the journal write that gives the lease back, to run. Its
+        operation failed now: a resend of its request right after continues it, whatever
+        this thread or task sent while the stream was open."""
         if self.done:
             return None
         self.done = True
+        self.plan.unfinished(self.op)
         return functools.partial(
             self.journal.release, self.op.key, self.version, "the answer's stream was closed "
             "before its end",

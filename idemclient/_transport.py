@@ -478,13 +478,21 @@ async def _shielded(future: asyncio.Future[T]) -> tuple[T, BaseException | None]
     raise AssertionError("unreachable")  # for mypy: the loop above returns or raises
 
 
-def _task_id() -> int:
-    """The running task's id, as `anyio.get_current_task().id` gives it (cheaper on asyncio)."""
+def _task_place() -> object:
+    """Where an async request is sent: a weak reference to its asyncio task (equal to
+    another only while that task lives: a task started after it ended, which may get its
+    `id()`, is another place), else anyio's id of the task (trio)."""
     try:
         task = asyncio.current_task()
     except RuntimeError:  # trio
         return anyio.get_current_task().id
-    return id(task) if task is not None else anyio.get_current_task().id
+    return weakref.ref(task) if task is not None else anyio.get_current_task().id
+
+
+def _thread_place() -> object:
+    """Where a sync request is sent: a weak reference to its thread (a thread started after
+    it ended may get its ident: another place)."""
+    return weakref.ref(threading.current_thread())
 
 
 def _on_asyncio() -> bool:
@@ -741,7 +749,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if (policy := self._keyed(request)) is not None:
             body = read_body(request, self.settings.max_body_size)
-            return self._drive(self._keyed_flow(request, body, threading.get_ident(), policy))
+            return self._drive(self._keyed_flow(request, body, _thread_place(), policy))
         return self._drive(self._plain_flow(request))
 
     def _do(self, step: Step) -> Any:
@@ -864,8 +872,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if (policy := self._keyed(request)) is not None:
             body = await aread_body(request, self.settings.max_body_size)
-            place = (threading.get_ident(), _task_id())
-            return await self._drive(self._keyed_flow(request, body, place, policy))
+            return await self._drive(self._keyed_flow(request, body, _task_place(), policy))
         return await self._drive(self._plain_flow(request))
 
     async def _do(self, step: Step) -> tuple[Any, BaseException | None]:

@@ -3,7 +3,8 @@ multipart uploads are the same request whatever boundary httpx draws."""
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import contextlib
+from collections.abc import AsyncIterator, Generator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -490,3 +491,109 @@ def test_a_restored_journal_with_a_hot_rollback_journal_opens(journal_path: Path
     hot.write_bytes(saved[1])
     with Journal(journal_path) as journal:
         assert journal.operations() == []
+
+
+def test_a_call_in_a_thread_of_its_own_keeps_its_retry_in_a_block(journal_path: Path) -> None:
+    """Each call of a block in a thread of its own (a worker thread per call): X's answer is
+    lost after the server acted, and its thread ends; Y runs in a new thread, which gets the
+    ended thread's ident at once. Y is another place: X's retry, from a third thread, still
+    continues X (it was a new operation, acted on twice)."""
+    import contextvars
+    import threading
+
+    acted: dict[str, list[str]] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = request.read().decode()
+        acted.setdefault(body, []).append(request.headers["Idempotency-Key"])
+        if body.startswith('"X') and len(acted[body]) == 1:
+            raise httpx.ReadError("the answer was lost after the server acted")
+        return httpx.Response(201)
+
+    with client(journal_path, httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=1)) as c:
+
+        def in_a_thread(value: str) -> None:
+            def run() -> None:
+                with contextlib.suppress(RetriesExhaustedError):
+                    c.post("/charges", json=value)
+
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(run,))
+            thread.start()
+            thread.join(10)
+
+        with idemclient.operation("job"):
+            for k in range(3):
+                in_a_thread(f"X{k}")
+                in_a_thread(f"Y{k}")
+                in_a_thread(f"X{k}")
+    assert all(len(set(keys)) == 1 for keys in acted.values()), acted
+
+
+@pytest.mark.parametrize("in_block", [False, True])
+def test_a_redirected_post_whose_answer_is_lost_is_resent_under_its_key(
+    journal_path: Path, in_block: bool
+) -> None:
+    """A POST goes on through a 307; the answer at the new URL is lost after the server
+    acted. The caller's resend of its request (to the first URL) right after continues the
+    operation, under its key (the redirect's request had left it behind: a new key)."""
+    acted: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if not request.url.path.endswith("/"):
+            return httpx.Response(307, headers={"Location": request.url.path + "/"})
+        acted.append(request.headers["Idempotency-Key"])
+        if len(acted) == 1:
+            raise httpx.ReadError("the answer was lost after the server acted")
+        return httpx.Response(201)
+
+    block = idemclient.operation("order") if in_block else contextlib.nullcontext()
+    with (
+        client(
+            journal_path,
+            httpx.MockTransport(handler),
+            follow_redirects=True,
+            retry=RetryPolicy(max_attempts=1),
+        ) as c,
+        block,
+    ):
+        with pytest.raises(RetriesExhaustedError):
+            c.post("/orders", json={"sku": "A"})
+        assert c.post("/orders", json={"sku": "A"}).status_code == 201
+    assert len(acted) == 2
+    assert len(set(acted)) == 1
+
+
+@pytest.mark.anyio
+async def test_a_stream_read_to_its_end_by_another_task_finishes_its_operation(
+    journal_path: Path,
+) -> None:
+    """A task opens a stream, another task reads it to its end (recorded): the same request
+    sent again by the first task is a new operation, not the first one's replay (its mark
+    was left in the first task's context)."""
+    import asyncio
+
+    sent: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers["Idempotency-Key"])
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"data: 1\n\n"
+
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                              content=chunks())  # fmt: skip
+
+    async with idemclient.AsyncClient(
+        journal=journal_path, transport=httpx.MockTransport(handler)
+    ) as c:
+        request = c.build_request("POST", "https://api.example/v1", json={})
+        response = await c.send(request, stream=True)
+
+        async def read() -> None:
+            await response.aread()
+            await response.aclose()
+
+        await asyncio.create_task(read())
+        again = await c.post("https://api.example/v1", json={})
+        assert again.extensions["idempotency"]["replayed"] is False
+    assert len(set(sent)) == 2

@@ -418,7 +418,10 @@ def test_a_stream_closed_after_its_last_event_does_not_wait_for_the_body_end(
         assert stored.body == b"".join(CHUNKS)
 
 
-def test_a_stream_read_to_its_end_leaves_another_ones_resend_its_own(journal_path: Path) -> None:
+@pytest.mark.parametrize("b_first", [False, True])
+def test_a_stream_read_to_its_end_leaves_another_ones_resend_its_own(
+    journal_path: Path, b_first: bool
+) -> None:
     """Two streams open in one thread: A is read to its end (recorded), B is cut after the
     server acted. B's resend continues B's operation, under its key: A's end says nothing
     about B (it cleared the one mark of the thread, and the resend became a new operation,
@@ -441,8 +444,12 @@ def test_a_stream_read_to_its_end_leaves_another_ones_resend_its_own(journal_pat
     url = "https://api.example/v1/messages"
     with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(handler),
                            retry=idemclient.RetryPolicy(max_attempts=1)) as client:  # fmt: skip
-        a = client.send(client.build_request("POST", url, json="A"), stream=True)
-        b = client.send(client.build_request("POST", url, json="B"), stream=True)
+        if b_first:  # (B's failure, not its send, is what its resend comes right after)
+            b = client.send(client.build_request("POST", url, json="B"), stream=True)
+            a = client.send(client.build_request("POST", url, json="A"), stream=True)
+        else:
+            a = client.send(client.build_request("POST", url, json="A"), stream=True)
+            b = client.send(client.build_request("POST", url, json="B"), stream=True)
         assert b"".join(a.iter_raw()) == b"".join(CHUNKS)
         a.close()
         with pytest.raises(httpx.ReadError):
