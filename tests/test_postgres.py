@@ -283,6 +283,7 @@ def test_a_wrong_dsn_says_what_is_wrong(pg_dsn: str) -> None:
         "postgresql://app:S3cr#3tTail@127.0.0.1:1/db",  # "#" (libpq takes it)
         "postgresql://app:S3cr/3tTail@127.0.0.1:1/db",  # "/" (libpq: part of the host)
         "postgresql://app:S3cr@3tTail@127.0.0.1:1/db",  # "@"
+        "host=127.0.0.1 password=S3cr 3tTail dbname=x",  # a space, unquoted (malformed)
     ],
 )
 def test_odd_passwords_are_never_shown(dsn: str) -> None:
@@ -1010,3 +1011,27 @@ def test_a_malformed_postgres_location_is_refused_by_name_and_never_a_file(
         assert "Traceback" not in err
         assert "s3cretPW" not in out + err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_password_hides_nothing_else() -> None:
+    """An empty password is no password to hide (hiding "" put *** between every character
+    of every message)."""
+    from idemclient.journal._postgres import shown
+
+    for dsn in ("postgresql://app:@h/db", "postgresql://app@h/db?password=", "host=h password=''"):
+        assert "h" in shown(dsn)
+        assert scrubbed("connection refused", dsn) == "connection refused"
+
+
+def test_a_driver_error_that_quotes_part_of_a_password_is_scrubbed() -> None:
+    """libpq takes a password's tail after an "@" for the host, and says so when it cannot
+    be resolved: the JournalError shows none of it, nor chains the driver's error."""
+    import traceback
+
+    with pytest.raises(JournalError) as caught:
+        PostgresJournal(
+            "postgresql://app:Zq9@xYwk3@127.0.0.1:1/db?connect_timeout=2", auto_purge=None
+        ).close()
+    shown_all = "".join(traceback.format_exception(caught.value))
+    assert "xYwk3" not in shown_all
+    assert "Zq9" not in shown_all

@@ -482,12 +482,18 @@ def _passwords(dsn: str) -> list[str]:
         for match in re.finditer(r"(?:^|&)(?:ssl)?password=([^&]*)", query, re.I):
             found.append(match.group(1))
     else:
-        found.extend(m.group(2).strip("'") for m in _PASSWORD_PAIR.finditer(dsn))
+        for match in _PASSWORD_PAIR.finditer(dsn):
+            found.append(match.group(2).strip("'"))
+            for word in dsn[match.end() :].split():  # (unquoted, with a space: libpq ends
+                if "=" in word:  # it at the space, and quotes the rest in its error)
+                    break
+                found.append(word)
         found.extend(p.replace("\\", "") for p in list(found))  # (as libpq reads escapes)
         for password in list(found):
             found.extend(password.split())  # (each piece quoted alone)
     # the longest first: a piece replaced before its whole would leave the rest shown
-    return sorted({p for p in found if len(p) >= 3 or p in found[:1]}, key=len, reverse=True)
+    kept = {p for p in found if p and (len(p) >= 3 or p == found[0])}  # ("" would match all)
+    return sorted(kept, key=len, reverse=True)
 
 
 def scrubbed(text: str, dsn: str) -> str:
@@ -509,7 +515,10 @@ def shown(dsn: str) -> str:
     """The DSN as it may be shown (errors, the command line, `journal.path`): no password,
     neither in a URL (`user:secret@`, `?password=`) nor in a libpq `key=value` string."""
     if not is_postgres_url(dsn):
-        return _PASSWORD_PAIR.sub(r"\1***", dsn)
+        text = _PASSWORD_PAIR.sub(r"\1***", dsn)
+        for password in _passwords(dsn):  # (the rest of one with a space, unquoted)
+            text = text.replace(password, "***")
+        return text
     try:
         parts = urlsplit(dsn)
     except ValueError:  # not a URL that parses: every password written in it hidden
@@ -873,9 +882,10 @@ class PostgresJournal(ReadBack):
         except JournalError:
             raise
         except self._errors as exc:
+            said = scrubbed(str(exc), self.dsn)  # (a host name libpq cut out of a password)
             raise JournalError(
-                f"journal {self.path}: could not {action}: {exc}".rstrip(), path=self.path
-            ) from exc
+                f"journal {self.path}: could not {action}: {said}".rstrip(), path=self.path
+            ) from (exc if said == str(exc) else None)
 
     @contextlib.contextmanager
     def _connection(
