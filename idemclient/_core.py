@@ -312,7 +312,7 @@ class _Unfinished:
     redirect's, at the new URL): a resend of any of them is it again. `done` once it
     finished, wherever (a stream read to its end by another task, a resume)."""
 
-    __slots__ = ("__weakref__", "done", "fingerprints", "key", "name", "place", "scope")
+    __slots__ = ("fingerprints", "key", "name", "outcome", "place", "scope")
 
     def __init__(
         self,
@@ -324,12 +324,29 @@ class _Unfinished:
     ) -> None:  # failure
         self.scope, self.fingerprints, self.key, self.name = scope, fingerprints, key, name
         self.place = place
+        # one for every mark of this key, wherever it is remembered (the caller's, a
+        # resumer's): its completion anywhere marks them all done
+        outcome = _outcomes.get(key)
+        if outcome is None:
+            outcome = _outcomes[key] = _Outcome()
+        self.outcome: _Outcome = outcome
+
+    @property
+    def done(self) -> bool:
+        return self.outcome.done
+
+
+class _Outcome:
+    """Whether an operation finished: shared by every mark of its key."""
+
+    __slots__ = ("__weakref__", "done")
+
+    def __init__(self) -> None:
         self.done = False
 
 
-#: the unfinished operation remembered for each key, wherever: its completion anywhere says
-#: so (`Plan.finished`), and a resend of its request is then a new operation
-_marked: weakref.WeakValueDictionary[str, _Unfinished] = weakref.WeakValueDictionary()
+#: the outcome of each key some mark remembers (gone with the last of them)
+_outcomes: weakref.WeakValueDictionary[str, _Outcome] = weakref.WeakValueDictionary()
 
 
 #: how many threads and tasks of one block have their unfinished operation remembered (the
@@ -580,19 +597,34 @@ class Plan:
         journal all the same."""
         fingerprints = self.carried | {self.record.fingerprint}
         mark = _Unfinished(self.scope, fingerprints, op.key, op.name, self.place)
-        _marked[op.key] = mark
         if self.scope is not None:  # the block's, seen from every thread and task in it
             self.scope.mark(mark)
         else:
             _unfinished.set(mark)
 
+    def unfailed(self, op: Operation) -> None:
+        """`op` failed now (a stream cut or closed before its end), after its registration:
+        it is its thread's or task's last unfinished operation again, unless that one has
+        another since (which it would otherwise displace: the failed call an SDK retries).
+        From another thread or task (a consumer), nothing: the opener's is the opener's."""
+        if self.scope is not None:
+            current = self.scope.unfinished.get(self.place)
+            if current is None or current.done or current.key == op.key:
+                self.unfinished(op)
+            return
+        current = _unfinished.get()
+        if current is None or (
+            current.place == self.place and (current.done or current.key == op.key)
+        ):
+            self.unfinished(op)
+
     def finished(self, key: str) -> None:
         """The operation with `key` finished: the same request again is a new operation (an
         intended repeat). Another operation remembered meanwhile (a stream read to its end
         after another request was sent) stays."""
-        remembered = _marked.pop(key, None)
-        if remembered is not None:  # (in another context too: a stream read elsewhere)
-            remembered.done = True
+        outcome = _outcomes.get(key)
+        if outcome is not None:  # (every mark of it: a stream read elsewhere, a resume)
+            outcome.done = True
         if self.scope is not None:
             self.scope.clear(self.place, key)
             return
@@ -1065,7 +1097,7 @@ class _Recorder:
         if self.done:
             return None
         self.done = True
-        self.plan.unfinished(self.op)
+        self.plan.unfailed(self.op)
         return functools.partial(
             self.journal.release, self.op.key, self.version, "the answer's stream was closed "
             "before its end",

@@ -597,3 +597,27 @@ async def test_a_stream_read_to_its_end_by_another_task_finishes_its_operation(
         again = await c.post("https://api.example/v1", json={})
         assert again.extensions["idempotency"]["replayed"] is False
     assert len(set(sent)) == 2
+
+
+def test_an_operation_a_resume_completed_is_done_for_its_caller_too(journal_path: Path) -> None:
+    """A call gives up (pending); a resume in another thread completes it; the same request
+    sent again by the caller is a new operation, not the first one's replay (its mark in the
+    caller's context did not know)."""
+    import threading
+
+    keys: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["Idempotency-Key"])
+        return httpx.Response(503 if len(keys) == 1 else 201)  # (the first: refused)
+
+    with client(journal_path, httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=1)) as c:
+        with pytest.raises(RetriesExhaustedError):
+            c.post("/notify", json={"user": 5})
+        resumer = threading.Thread(target=c.resume_pending)
+        resumer.start()
+        resumer.join(10)
+        again = c.post("/notify", json={"user": 5})
+        assert again.extensions["idempotency"]["replayed"] is False
+    assert len(keys) == 3  # refused, resumed (acted), and the new one (acted)
+    assert len(set(keys)) == 2

@@ -505,3 +505,82 @@ async def test_calls_in_one_block_keep_their_own_unfinished_operations(
         names = {op.name: op.state for op in client.journal.operations()}
     assert len(set(acted['"first"'])) == 1  # one key
     assert names == {"job": "completed", "job#2": "completed"}
+
+
+@pytest.mark.anyio
+async def test_a_stream_cut_while_another_call_waits_to_retry_leaves_that_retry_its_own(
+    journal_path: Path,
+) -> None:
+    """In one block, a task opens a stream and hands it to a consumer; then its call B loses
+    its answer after the server acted. The stream is cut while the task waits to retry B:
+    B's retry is still B (the cut stream took the task's mark: a new key, acted twice)."""
+    import asyncio
+
+    b_keys: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/stream":
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield b"data: part 1\n\n"
+                await asyncio.sleep(0.05)
+                raise httpx.ReadError("the connection was cut")
+
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                                  content=chunks())  # fmt: skip
+        b_keys.append(request.headers["Idempotency-Key"])
+        if len(b_keys) == 1:
+            raise httpx.ReadError("the answer was lost after the server acted")
+        return httpx.Response(201)
+
+    async with idemclient.AsyncClient(
+        journal=journal_path, transport=httpx.MockTransport(handler),
+        retry=idemclient.RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+        with idemclient.operation("job"):
+            stream = await client.send(
+                client.build_request("POST", "https://api.example/stream", json={}), stream=True
+            )
+
+            async def consume() -> None:
+                with pytest.raises(httpx.ReadError):
+                    async for _ in stream.aiter_bytes():
+                        pass
+                await stream.aclose()
+
+            consumer = asyncio.create_task(consume())
+            with pytest.raises(idemclient.RetriesExhaustedError):
+                await client.post("https://api.example/b", json={"b": 1})
+            await consumer  # cut while B waits to be retried
+            again = await client.post("https://api.example/b", json={"b": 1})
+            assert again.extensions["idempotency"]["operation"] == "job#2"
+    assert len(b_keys) == 2
+    assert len(set(b_keys)) == 1
+
+
+def test_a_stream_closed_unread_between_a_failure_and_its_retry(journal_path: Path) -> None:
+    """A thread opens a stream; its call B fails after the server acted; it closes the stream
+    unread; its resend of B is B again (another stream ending in between does not break
+    "right after")."""
+    b_keys: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/stream":
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                                  content=iter(CHUNKS))  # fmt: skip
+        b_keys.append(request.headers["Idempotency-Key"])
+        if len(b_keys) == 1:
+            raise httpx.ReadError("the answer was lost after the server acted")
+        return httpx.Response(201)
+
+    with idemclient.Client(journal=journal_path, transport=httpx.MockTransport(handler),
+                           retry=idemclient.RetryPolicy(max_attempts=1)) as client:  # fmt: skip
+        stream = client.send(
+            client.build_request("POST", "https://api.example/stream", json={}), stream=True
+        )
+        with pytest.raises(idemclient.RetriesExhaustedError):
+            client.post("https://api.example/b", json={"b": 1})
+        stream.close()
+        assert client.post("https://api.example/b", json={"b": 1}).status_code == 201
+    assert len(b_keys) == 2
+    assert len(set(b_keys)) == 1
