@@ -484,7 +484,10 @@ def _task_place() -> object:
     `id()`, is another place), else anyio's id of the task (trio)."""
     try:
         task = asyncio.current_task()
-    except RuntimeError:  # trio
+    except RuntimeError:  # trio (its tasks, too, are told apart by weak reference)
+        trio = sys.modules.get("trio")
+        with contextlib.suppress(Exception):
+            return weakref.ref(trio.lowlevel.current_task())  # type: ignore[union-attr]
         return anyio.get_current_task().id
     return weakref.ref(task) if task is not None else anyio.get_current_task().id
 

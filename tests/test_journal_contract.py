@@ -159,6 +159,22 @@ def test_past_the_retention_a_sent_operation_expires(journal: JournalBackend, cl
     assert (reissued.state, reissued.previous_key, reissued.attempts) == ("pending", "key-1", 0)
 
 
+def test_an_unnamed_expired_operation_is_reissued_by_its_key(
+    journal: JournalBackend, clock: Clock
+) -> None:
+    """Reissued by its key, an unnamed operation is found again under its new one (the
+    change was committed, then the look-up by the old key failed: an AssertionError)."""
+    reg = journal.register(record(name=None), current_owner(), LEASE)
+    journal.release("key-1", reg.lease_version, "lost")
+    clock.now += 25 * 3600
+    assert journal.register(record(name=None, key_given=True), current_owner(), LEASE).decision is (
+        Decision.EXPIRED
+    )
+    reissued = journal.reissue("key-1")
+    assert (reissued.state, reissued.previous_key, reissued.name) == ("pending", "key-1", None)
+    assert reissued.key != "key-1"
+
+
 def test_a_never_sent_operation_does_not_expire(journal: JournalBackend, clock: Clock) -> None:
     reg = journal.register(record(), current_owner(), LEASE)
     journal.release("key-1", reg.lease_version, "refused", never_sent=True)

@@ -1441,6 +1441,8 @@ class Journal(ReadBack):
                 db.execute(*also(row))
             updated = self._find(db, "name", row[0]) if row[0] else None
             updated = updated or self._find(db, "key", row[1])
+            # (an unnamed one reissued: under its new key, the old one its previous_key)
+            updated = updated or self._find(db, "previous_key", row[1])
         assert updated is not None
         return operation(updated)
 
