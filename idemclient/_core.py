@@ -326,10 +326,7 @@ class _Unfinished:
         self.place = place
         # one for every mark of this key, wherever it is remembered (the caller's, a
         # resumer's): its completion anywhere marks them all done
-        outcome = _outcomes.get(key)
-        if outcome is None:
-            outcome = _outcomes[key] = _Outcome()
-        self.outcome: _Outcome = outcome
+        self.outcome: _Outcome = _outcomes.setdefault(key, _Outcome())
 
     @property
     def done(self) -> bool:
