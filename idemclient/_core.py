@@ -603,7 +603,9 @@ class Plan:
         """`op` failed now (a stream cut or closed before its end), after its registration:
         it is its thread's or task's last unfinished operation again, unless that one has
         another since (which it would otherwise displace: the failed call an SDK retries).
-        From another thread or task (a consumer), nothing: the opener's is the opener's."""
+        Closed by another thread or task (a consumer), it never displaces that one's own: at
+        most it lands where nothing is remembered, under the opener's place, which no request
+        of that thread or task matches."""
         if self.scope is not None:
             current = self.scope.unfinished.get(self.place)
             if current is None or current.done or current.key == op.key:

@@ -1162,3 +1162,27 @@ def test_a_callers_structured_key_goes_out_as_written(
     client.post("/x", json={}, headers={"Idempotency-Key": '"abc-1"'})
     assert script.requests[0].headers["Idempotency-Key"] == '"abc-1"'
     assert journal_of(client).get("abc-1") is not None
+
+
+def test_a_trio_task_is_told_apart_by_weak_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under trio (no asyncio loop running), a request's place is a weak reference to trio's
+    task, not its `id()`: a task started after another ended may get that id, and was taken
+    for it (its different request then wiped the ended task's mark: a retry went out under
+    a new key)."""
+    import sys
+    import types
+    import weakref
+
+    from idemclient._transport import _task_place
+
+    class Task:
+        pass
+
+    task = Task()
+    lowlevel = types.SimpleNamespace(current_task=lambda: task)
+    monkeypatch.setitem(sys.modules, "trio", types.SimpleNamespace(lowlevel=lowlevel))
+    place = _task_place()
+    assert isinstance(place, weakref.ref)
+    assert place() is task
+    assert place == weakref.ref(task)
+    assert place != weakref.ref(Task())
