@@ -710,6 +710,10 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
         elif k == "transfer-encoding":
             chunked = True
     given = in_header = ", ".join(given_values) if given_values else None
+    if in_header is not None and not isinstance(resume, Mapping):
+        # The caller's key goes out as the caller wrote it, on every later send too (a
+        # resume, a rerun): a server may compare the header's value as written.
+        key_style = "structured" if in_header.lstrip().startswith('"') else "bare"
     url = stored_url(request.url, secret)
     boundary = multipart_boundary(body, content_type)
     the_fingerprint = fingerprint(request.method, url, body, boundary)

@@ -175,6 +175,54 @@ def test_an_unnamed_expired_operation_is_reissued_by_its_key(
     assert reissued.key != "key-1"
 
 
+def _reissued(journal: JournalBackend, clock: Clock, key: str, name: str | None) -> str:
+    """Send `key`'s operation, lose it, let it expire, reissue it: its new key."""
+    reg = journal.register(record(name=name, key=key, key_given=True), current_owner(), LEASE)
+    assert reg.decision is Decision.SEND
+    journal.release(reg.operation.key, reg.lease_version, "lost")
+    clock.now += 25 * 3600
+    assert journal.expire_stale() != []
+    return journal.reissue(name or reg.operation.key).key
+
+
+def test_a_key_given_up_by_a_reissue_is_never_a_new_operation(
+    journal: JournalBackend, clock: Clock
+) -> None:
+    """A request that still carries the key its operation gave up when a person reissued it
+    (a caller's retry of the call that failed, an SDK's stored key) is that operation: refused,
+    nothing sent. It was inserted as a new operation and sent under the old key, which the
+    server had forgotten, and a resume then sent the reissued one: performed twice."""
+    second = _reissued(journal, clock, "key-1", None)
+    old = record(name=None, key="key-1", key_given=True)
+    refused = journal.register(old, current_owner(), LEASE)
+    assert refused.decision is Decision.MISMATCH
+    assert refused.operation.key == second
+    assert "given up" in (refused.detail or "")
+    # with new operations, in one batch (one insert for all of them, where it can)
+    fresh = record(name=None, key="key-9", key_given=True)
+    results = journal.register_many(
+        [(old, current_owner(), LEASE), (fresh, current_owner(), LEASE)]
+    )
+    assert [r.decision for r in results if not isinstance(r, JournalError)] == [
+        Decision.MISMATCH, Decision.SEND
+    ]  # fmt: skip
+    # reissued again: both keys it gave up are still its own
+    third = _reissued(journal, clock, second, None)
+    for key in ("key-1", second):
+        again = journal.register(record(name=None, key=key, key_given=True), current_owner(), LEASE)
+        assert (again.decision, again.operation.key) == (Decision.MISMATCH, third)
+    assert sorted(op.key for op in journal.operations()) == sorted([third, "key-9"])
+
+
+def test_a_named_operation_rerun_with_a_key_it_gave_up_goes_out_under_its_new_key(
+    journal: JournalBackend, clock: Clock
+) -> None:
+    new_key = _reissued(journal, clock, "key-1", "op-1")
+    reg = journal.register(record(key="key-1", key_given=True), current_owner(), LEASE)
+    assert (reg.decision, reg.operation.key) == (Decision.SEND, new_key)
+    assert [op.key for op in journal.operations()] == [new_key]
+
+
 def test_a_never_sent_operation_does_not_expire(journal: JournalBackend, clock: Clock) -> None:
     reg = journal.register(record(), current_owner(), LEASE)
     journal.release("key-1", reg.lease_version, "refused", never_sent=True)

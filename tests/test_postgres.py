@@ -23,11 +23,14 @@ import pytest
 import idemclient
 from idemclient import JournalError, PostgresJournal, RetryPolicy, open_journal
 from idemclient._cli import EXIT_JOURNAL, EXIT_OK
+from idemclient._records import Decision
+from idemclient.journal._owner import current_owner
 from idemclient.journal._postgres import scrubbed
 from idemclient.testing import IdempotentServer
 
 from .pgserver import PostgresServer
 from .test_cli import cli
+from .test_journal import record
 
 
 def free_port() -> int:
@@ -620,6 +623,7 @@ def test_a_version_1_schema_is_brought_forward(pg_dsn: str) -> None:
             client.post("https://x/charges", json={})
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE idemclient.decisions")
+        conn.execute("DROP TABLE idemclient.retired_keys")
         conn.execute("UPDATE idemclient.settings SET value = '1' WHERE name = 'schema_version'")
     with PostgresJournal(pg_dsn) as journal:
         assert [(op.name, op.state) for op in journal.operations()] == [("kept", "completed")]
@@ -628,7 +632,27 @@ def test_a_version_1_schema_is_brought_forward(pg_dsn: str) -> None:
         version = conn.execute(
             "SELECT value FROM idemclient.settings WHERE name = 'schema_version'"
         ).fetchone()
-    assert version == ("2",)
+    assert version == ("3",)
+
+
+def test_a_version_2_schema_keeps_the_keys_its_reissued_operations_gave_up(pg_dsn: str) -> None:
+    """Reissued before version 3 kept given-up keys: the upgrade finds them by their
+    `previous_key`, and a request that still carries one is refused, not a new operation."""
+    with PostgresJournal(pg_dsn, auto_purge=None) as journal:
+        owner = current_owner()
+        reg = journal.register(record(name=None, key_given=True), owner, 60.0)
+        journal.release("key-1", reg.lease_version, "lost")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # sent two days ago, then reissued
+        conn.execute(
+            "UPDATE idemclient.operations SET state = 'pending', previous_key = key, "
+            "key = 'key-2' WHERE key = 'key-1'"
+        )
+        conn.execute("DROP TABLE idemclient.retired_keys")
+        conn.execute("UPDATE idemclient.settings SET value = '2' WHERE name = 'schema_version'")
+    with PostgresJournal(pg_dsn, auto_purge=None) as journal:
+        old = journal.register(record(name=None, key_given=True), current_owner(), 60.0)
+        assert (old.decision, old.operation.key) == (Decision.MISMATCH, "key-2")
+        assert [op.key for op in journal.operations()] == ["key-2"]
 
 
 def test_a_user_without_rights_gets_a_journal_error(pg_dsn: str) -> None:
@@ -838,8 +862,9 @@ def test_a_version_1_schema_is_not_read_by_a_read_only_look(pg_dsn: str) -> None
     PostgresJournal(pg_dsn).close()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE idemclient.decisions")
+        conn.execute("DROP TABLE idemclient.retired_keys")
         conn.execute("UPDATE idemclient.settings SET value = '1' WHERE name = 'schema_version'")
-    with pytest.raises(JournalError, match="must be upgraded to 2 first"):
+    with pytest.raises(JournalError, match="must be upgraded to 3 first"):
         PostgresJournal(pg_dsn, read_only=True)
     code, _, err = cli("--journal", pg_dsn, "show", "op-1")
     assert code == EXIT_JOURNAL

@@ -183,3 +183,38 @@ def test_the_cli_reconciles_with_a_function_named_module_colon_function(
     assert "happened by billing_checks.found" in out
     code, out, err = cli("--journal", str(journal_path), "show", "charge-missed", "--json")
     assert [d["verdict"] for d in json.loads(out)["decisions"]] == ["unknown"]
+
+
+def test_the_callers_retry_of_an_operation_reissued_meanwhile_is_not_a_new_operation(
+    journal_path: Path,
+) -> None:
+    """An unnamed call fails (its answer lost), and a day later a person reissues it; the
+    caller, in the same thread, then makes the same call again. It is that operation, which
+    gave its key up: refused, nothing sent, and the resume sends it once under its new key.
+    (It went out under the old key, a new operation to a server that had forgotten it, and
+    the resume then sent the reissued one: the charge made twice.)"""
+    clock = Clock()
+    keys: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["idempotency-key"])
+        if len(keys) == 1:
+            raise httpx.ReadTimeout("the answer was lost", request=request)
+        return httpx.Response(201, json={"id": "ch_1"})
+
+    journal = Journal(journal_path, clock=clock, auto_purge=None)
+    with idemclient.Client(
+        base_url="https://pay.example", journal=journal, transport=httpx.MockTransport(api),
+        retry=RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+        with pytest.raises(idemclient.RetriesExhaustedError):
+            client.post("/charges", json={"ref": "r1"})
+        clock.now += 25 * 3600
+        (expired,) = journal.expire_stale()
+        reissued = journal.reissue(expired.key)
+        with pytest.raises(idemclient.OperationMismatchError, match="given up"):
+            client.post("/charges", json={"ref": "r1"})
+        assert keys == [expired.key]
+        report = client.resume_pending()
+        assert [r.outcome for r in report] == ["completed"]
+        assert keys == [expired.key, reissued.key]

@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -1162,6 +1163,35 @@ def test_a_callers_structured_key_goes_out_as_written(
     client.post("/x", json={}, headers={"Idempotency-Key": '"abc-1"'})
     assert script.requests[0].headers["Idempotency-Key"] == '"abc-1"'
     assert journal_of(client).get("abc-1") is not None
+
+
+@pytest.mark.parametrize(
+    ("written", "key_style"),
+    [('"order-77"', "bare"), ("order-77", "structured")],
+    ids=["quoted-under-bare", "bare-under-structured"],
+)
+def test_a_callers_key_is_resumed_as_the_caller_wrote_it(
+    tmp_path: Path, written: str, key_style: Literal["bare", "structured"]
+) -> None:
+    """A resume sends a caller's key as the caller wrote it (quoted or bare), not in the
+    client's style: a server that compares the header's value as written (Stripe) saw two
+    keys, and acted twice."""
+    sent: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers["idempotency-key"])
+        if len(sent) == 1:
+            raise httpx.ReadTimeout("the answer was lost", request=request)
+        return httpx.Response(201, json={"id": "o_77"})
+
+    with idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3", key_style=key_style,
+        transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+        with pytest.raises(RetriesExhaustedError):
+            client.post("/orders", json={}, headers={"Idempotency-Key": written})
+        assert [r.outcome for r in client.resume_pending()] == ["completed"]
+    assert sent == [written, written]
 
 
 def test_a_trio_task_is_told_apart_by_weak_reference(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -165,7 +165,8 @@ def register(
     limits: Limits,
 ) -> Decided:
     """`register`'s decision for `record`, given the stored row with its name and the one with
-    its key (each `None` if unknown, or if `lookups` said it need not be read)."""
+    its key (each `None` if unknown, or if `lookups` said it need not be read). The row with
+    its key is the operation that gave the key up for a new one, when one did (`reissue`)."""
     row = None
     if record.name is not None:
         row = by_name
@@ -184,10 +185,12 @@ def register(
     op = row.operation
     # Inside a named operation the journal's key is the key: one a caller (an SDK that
     # draws a key per call) put in the header is replaced by it (`request_with_key`).
+    # An unnamed operation found by a key it gave up (reissued by a person: the server may
+    # have forgotten the old key): never sent under that key again, nor as a new operation
+    # (the operation would be performed twice, once under each key). A resume sends it.
     if record.key_given and op.key != record.key and record.name is None:
-        return Decided(
-            Registration(Decision.MISMATCH, op, detail=f"it has another key ({op.key!r})")
-        )
+        detail = f"its key {record.key!r} was given up for {op.key!r} (reissued); a resume sends it"
+        return Decided(Registration(Decision.MISMATCH, op, detail=detail))
     # A request a 307/308 sent on (httpx follows it with the same key) is the same
     # operation at its new URL.
     moved = (

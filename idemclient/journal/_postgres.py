@@ -273,6 +273,7 @@ _INSERT = (
     "%(expires)b::float8[], %(key_header)b::text[], %(key_style)b::text[]) "
     "AS v(name, key, method, url, headers, body, fingerprint, owner, expires, key_header, "
     "key_style) "
+    "WHERE NOT EXISTS (SELECT 1 FROM {retired} AS r WHERE r.key = v.key) "
     "ON CONFLICT DO NOTHING RETURNING key"
 )
 _CLAIM = (
@@ -335,7 +336,7 @@ def _claim_values(write: ClaimUpdate) -> tuple[Any, ...]:
 
 
 #: Bumped by every schema change; migrations go forward only.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _EXTRA = "pip install 'idemclient[postgres]'"
 
 
@@ -602,6 +603,7 @@ def _schema_sql(schema: str) -> list[str]:
         f"CREATE INDEX operations_finished ON {q}.operations (updated_at) WHERE state <> 'pending'",
         f"CREATE TABLE {q}.settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         *_v1_to_v2(schema),
+        *_v2_to_v3(schema),
     ]
 
 
@@ -616,8 +618,20 @@ def _v1_to_v2(schema: str) -> list[str]:
     ]
 
 
+def _v2_to_v3(schema: str) -> list[str]:
+    """Version 3 keeps the keys that operations gave up (reissued), each with its operation's
+    row: a request that still carries one is that operation, never a new one (the insert of
+    a new operation skips them). Those reissued before it are known by their previous_key."""
+    q = f'"{schema}"'
+    return [
+        f"CREATE TABLE {q}.retired_keys (key TEXT PRIMARY KEY, id BIGINT NOT NULL)",
+        f"INSERT INTO {q}.retired_keys (key, id) SELECT previous_key, id FROM {q}.operations "
+        "WHERE previous_key IS NOT NULL ON CONFLICT DO NOTHING",
+    ]
+
+
 #: from version N to N + 1: the statements, run under the creators' advisory lock
-_MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: _v1_to_v2}
+_MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 #: every PostgresJournal not closed: their held completions are written at exit
@@ -736,6 +750,7 @@ class PostgresJournal(ReadBack):
         self._settings = self._settings_table = f'"{schema}".settings'
         self._retention_setting = "retention_seconds"
         self._decisions_table = f'"{schema}".decisions'
+        self._retired_table = f'"{schema}".retired_keys'
         self._closed = False
         self._held: list[tuple[Any, ...]] = []  # completions not written yet
         # every completion not committed yet (held, or being written), by key: what a read
@@ -1160,11 +1175,14 @@ class PostgresJournal(ReadBack):
         are written. Those are looked up after the read: a completion of this row cannot be
         committed in between, its UPDATE waits for the lock this read takes."""
         lock = "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"
+        where = f"{column} = %s"
+        if column == "given up":  # the operation that gave this key up (`reissue`)
+            where = f"id = (SELECT id FROM {self._retired_table} WHERE key = %s)"
         # with the retention as the settings keep it now (another process may have changed
         # it): the rules decide on this row with it
         rows, _ = yield _Sql(
             f"SELECT {COLUMNS}, (SELECT value FROM {self._settings} WHERE name = "
-            f"'retention_seconds') FROM {self._table} WHERE {column} = %s {lock}",
+            f"'retention_seconds') FROM {self._table} WHERE {where} {lock}",
             (value,),
         )
         if not rows:
@@ -1466,6 +1484,8 @@ class PostgresJournal(ReadBack):
         if by_key:
             key_row = yield from self._row("key", record.key, skip_locked=record.resume)
             looked.append(("key", record.key))
+            if key_row is None and not record.resume:  # a key a reissued operation gave up
+                key_row = yield from self._row("given up", record.key)
         if record.resume:  # a row skipped as locked: another resumer is claiming it
             for (column, value), found in zip(looked, (name_row, key_row), strict=False):
                 busy = found or (yield from self._locked_elsewhere(column, value))
@@ -1579,7 +1599,7 @@ class PostgresJournal(ReadBack):
         inserted. One whose name or key is taken is not (a row another host is inserting at
         this moment is waited for, then counts as taken)."""
         rows, _ = yield _Sql(
-            _INSERT.format(table=self._table),
+            _INSERT.format(table=self._table, retired=self._retired_table),
             {
                 "now": now,
                 "name": [record.name for record, _, _ in items],
@@ -1991,6 +2011,12 @@ class PostgresJournal(ReadBack):
         )
         if also is not None:
             yield _Sql(*also(row))
+        if rows[0][1] != row[1]:  # reissued: its old key is refused to new operations
+            yield _Sql(
+                f"INSERT INTO {self._retired_table} (key, id) SELECT %s, id FROM {self._table} "
+                "WHERE key = %s ON CONFLICT (key) DO UPDATE SET id = excluded.id",
+                (row[1], rows[0][1]),
+            )
         return operation(rows[0])
 
     # -- what `ReadBack` asks of a backend ----------------------------------------------

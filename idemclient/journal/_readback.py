@@ -119,6 +119,7 @@ class ReadBack:
     _settings_table: str
     _retention_setting: str  # the name of the retention's row in the settings table
     _decisions_table: str
+    _retired_table: str  # the keys that reissued operations gave up: key -> operation id
     max_response_body: int
     _mark: str
     _backlog_columns = ""
@@ -370,7 +371,14 @@ class ReadBack:
             (*states, cutoff),
             unbounded=True,
         )
-        if purged:  # and the decisions on operations no longer kept
+        if purged:  # the keys that purged operations gave up, and their decisions
+            self._write_statement(
+                "purge given-up keys",
+                f"DELETE FROM {self._retired_table} WHERE NOT EXISTS (SELECT 1 FROM "
+                f"{self._table} AS o WHERE o.id = {self._retired_table}.id)",
+                (),
+                unbounded=True,
+            )
             self._write_statement(
                 "purge decisions",
                 f"DELETE FROM {self._decisions_table} WHERE decided_at < {self._mark} AND NOT "

@@ -59,7 +59,7 @@ from ._rows import (
 __all__ = ["SCHEMA_VERSION", "Journal", "default_journal_path"]
 
 #: Bumped by every schema change; migrations go forward only (`_MIGRATIONS`).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _V2COLUMNS = """
@@ -112,6 +112,19 @@ _INDEXES = (
 )
 
 
+# Keys that operations gave up (`reissue`, a reconcile that found it not done), each with its
+# operation's row: a request that still carries one (a caller's retry of the call that failed
+# before a person reissued it, an SDK's stored key) is that operation, never a new one (it
+# would be sent under the given-up key, and the operation again under its new key). The
+# trigger turns the insert of such a key into an IntegrityError, as a taken key is.
+_RETIRED = (
+    "CREATE TABLE retired_keys (key TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TRIGGER operations_retired_key BEFORE INSERT ON operations "
+    "WHEN EXISTS (SELECT 1 FROM retired_keys WHERE key = NEW.key) "
+    "BEGIN SELECT RAISE(ABORT, 'the key was given up by its operation'); END",
+)
+
+
 def _create(db: sqlite3.Connection, table: str = _TABLE) -> None:
     db.execute(table)
     for index in _INDEXES:
@@ -126,6 +139,17 @@ def _v3_to_v4(db: sqlite3.Connection) -> None:
     """Version 4 keeps the decisions taken on expired operations (`Journal.reconcile`)."""
     for statement in _DECISIONS:
         db.execute(statement)
+
+
+def _v4_to_v5(db: sqlite3.Connection) -> None:
+    """Version 5 keeps the keys that operations gave up (`retired_keys`), and refuses them
+    to new operations. Those reissued before it are known by their `previous_key`."""
+    for statement in _RETIRED:
+        db.execute(statement)
+    db.execute(
+        "INSERT OR IGNORE INTO retired_keys (key, id) "
+        "SELECT previous_key, id FROM operations WHERE previous_key IS NOT NULL"
+    )
 
 
 def _v1_to_v2(db: sqlite3.Connection) -> None:
@@ -153,6 +177,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_to_v2,
     2: _v2_to_v3,
     3: _v3_to_v4,
+    4: _v4_to_v5,
 }
 
 
@@ -679,6 +704,7 @@ class Journal(ReadBack):
                 _create(db)
                 _create_settings(db)
                 _v3_to_v4(db)
+                _v4_to_v5(db)
             else:
                 for version in range(current, SCHEMA_VERSION):
                     logger.info("journal %s: upgrading from schema version %d", self.path, version)
@@ -959,6 +985,16 @@ class Journal(ReadBack):
         row = self._find(db, column, value)
         return stored_row(row) if row is not None else None
 
+    @staticmethod
+    def _given_up(db: sqlite3.Connection, key: str) -> _decide.StoredRow | None:
+        """The operation that gave `key` up for a new one (`reissue`), if any."""
+        row = db.execute(
+            f"SELECT {COLUMNS} FROM operations WHERE id = "
+            "(SELECT id FROM retired_keys WHERE key = ?)",
+            (key,),
+        ).fetchone()
+        return stored_row(row) if row is not None else None
+
     def _limits(self, db: sqlite3.Connection) -> _decide.Limits:
         """The rules' limits, with the retention as the file keeps it now (read in the
         caller's transaction: another process may have changed it since this one opened)."""
@@ -1077,7 +1113,10 @@ class Journal(ReadBack):
     ) -> Registration | None:
         """Insert a new operation, claimed; `None` if its name or key is taken."""
         values = _new_row(record, owner, lease_seconds, now)
-        if db.execute(_INSERT_OR_IGNORE, values).rowcount != 1:
+        try:
+            if db.execute(_INSERT_OR_IGNORE, values).rowcount != 1:
+                return None
+        except sqlite3.IntegrityError:  # a given-up key (`_RETIRED`'s trigger)
             return None
         return _decide.new_registration(record, now)
 
@@ -1095,10 +1134,15 @@ class Journal(ReadBack):
         if not record.resume and (inserted := self._insert(db, record, owner, lease_seconds, now)):
             return inserted
         by_name, by_key = _decide.lookups(record)
+        key_row = None
+        if by_key:
+            key_row = self._row(db, "key", record.key)
+            if key_row is None and not record.resume:  # a key a reissued operation gave up
+                key_row = self._given_up(db, record.key)
         decided = _decide.register(
             record,
             self._row(db, "name", record.name) if by_name and record.name is not None else None,
-            self._row(db, "key", record.key) if by_key else None,
+            key_row,
             owner=owner, lease_seconds=lease_seconds, now=now, limits=self._limits(db),
         )  # fmt: skip
         if isinstance(decided.write, _decide.Insert):
@@ -1403,6 +1447,7 @@ class Journal(ReadBack):
     _settings_table = "settings"
     _retention_setting = "retention"
     _decisions_table = "decisions"
+    _retired_table = "retired_keys"
     _mark = "?"
 
     def _read_operations(
@@ -1443,7 +1488,13 @@ class Journal(ReadBack):
             updated = updated or self._find(db, "key", row[1])
             # (an unnamed one reissued: under its new key, the old one its previous_key)
             updated = updated or self._find(db, "previous_key", row[1])
-        assert updated is not None
+            assert updated is not None
+            if updated[1] != row[1]:  # reissued: its old key is refused to new operations
+                db.execute(
+                    "INSERT OR REPLACE INTO retired_keys (key, id) "
+                    "SELECT ?, id FROM operations WHERE key = ?",
+                    (row[1], updated[1]),
+                )
         return operation(updated)
 
 
