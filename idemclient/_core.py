@@ -37,7 +37,6 @@ from ._errors import (
     ConflictError,
     IdempotencyError,
     InvalidOperationError,
-    JournalError,
     OperationAbandonedError,
     OperationExpiredError,
     OperationInProgressError,
@@ -325,8 +324,12 @@ class _Unfinished:
         self.scope, self.fingerprints, self.key, self.name = scope, fingerprints, key, name
         self.place = place
         # one for every mark of this key, wherever it is remembered (the caller's, a
-        # resumer's): its completion anywhere marks them all done
-        self.outcome: _Outcome = _outcomes.setdefault(key, _Outcome())
+        # resumer's): its completion anywhere marks them all done. A new mark of a key
+        # that finished (its call failed after: `FollowUp`; it is sent again) starts anew.
+        outcome = _outcomes.get(key)
+        if outcome is None or outcome.done:
+            outcome = _outcomes[key] = _Outcome()
+        self.outcome: _Outcome = outcome
 
     @property
     def done(self) -> bool:
@@ -1424,10 +1427,13 @@ def keyed_flow(
     me = owner()
     try:
         reg: Registration = yield Register(record, me, the_plan.lease_seconds)
-    except JournalError:
+    except BaseException:
         # Nothing was sent. The registration may have been written all the same (a server
-        # that went silent may commit it when it wakes): a resend of this request in this
-        # context takes the same key, so that it cannot become a second operation.
+        # that went silent may commit it when it wakes; Ctrl-C, or a signal handler's
+        # exception, raised as the commit returned): a resend of this request in this
+        # context takes the same key, so that it cannot become a second operation. (Its
+        # lease, if committed, is this process's until it ends: the resend is refused as in
+        # progress until then, and a resume sends it once, under that key.)
         the_plan.unfinished(record)
         raise
     op = reg.operation
@@ -1684,7 +1690,41 @@ def keyed_flow(
     )  # fmt: skip
     if state == "completed" and not streaming:  # a stream is done when it ends
         the_plan.finished(op.key)  # done: the same request again is a new operation
+        if response.status_code in (301, 302, 303) and "location" in response.headers:
+            request.extensions[FOLLOW_UP_EXTENSION] = FollowUp(the_plan, op)
     return response
+
+
+#: set on the request of an operation completed with a redirect that httpx follows with a
+#: GET (a 303 after a POST): the requests of those hops carry it (httpx hands a request's
+#: extensions on to its redirect)
+FOLLOW_UP_EXTENSION = "idemclient_follow_up"
+
+
+class FollowUp:
+    """An operation completed with a redirect (POST, then 303: GET the result), whose call
+    goes on with the hops httpx follows. If one of them fails (a transport error, a server
+    error), the call fails after its operation was performed: the same request again right
+    after is that operation (answered from the journal, the redirect followed again), not a
+    new one under a new key, which the server would perform a second time."""
+
+    __slots__ = ("op", "plan")
+
+    def __init__(self, the_plan: Plan, op: Operation) -> None:
+        self.plan, self.op = the_plan, op
+
+    def watching(
+        self, flow: Generator[Step, Any, httpx.Response]
+    ) -> Generator[Step, Any, httpx.Response]:
+        """`flow`, a hop of the call: its failure is the operation's call's."""
+        try:
+            response = yield from flow
+        except BaseException:
+            self.plan.unfailed(self.op)
+            raise
+        if response.status_code >= 500:
+            self.plan.unfailed(self.op)
+        return response
 
 
 def plain_flow(

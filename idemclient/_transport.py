@@ -37,10 +37,12 @@ import httpx
 from ._budget import OWN_BUDGET, BudgetOption, own_budget
 from ._config import testing_mode
 from ._core import (
+    FOLLOW_UP_EXTENSION,
     JOURNAL_STEPS,
     Emit,
     Event,
     Finish,
+    FollowUp,
     Read,
     Received,
     Register,
@@ -276,10 +278,14 @@ class _Base:
             policy = self.settings.policy.replace(max_attempts=1)
         else:
             policy = testing_mode().apply(request_policy(request, self.settings.policy))
-        return plain_flow(
+        flow = plain_flow(
             request, policy, self._clock, self._wall_clock, self._rng, self.settings.secrets,
             self.retry_budget,
         )  # fmt: skip
+        follow_up = request.extensions.get(FOLLOW_UP_EXTENSION)
+        if isinstance(follow_up, FollowUp):  # a hop of a completed operation's redirect
+            return follow_up.watching(flow)
+        return flow
 
 
 T = TypeVar("T")

@@ -392,6 +392,17 @@ def test_a_version_4_journal_keeps_the_keys_its_reissued_operations_gave_up(
         assert [op.key for op in journal.operations()] == [new_key]
 
 
+def test_a_write_ahead_log_deleted_while_in_use_fails_closed(journal_path: Path) -> None:
+    """`rm journal.sqlite3-*` under a running process: SQLite would go on appending intents
+    to the unlinked log, which no rerun reads (it sends them again). Refused instead."""
+    with Journal(journal_path) as journal:
+        journal.register(record(name="op-1", key="k-1"), "o", LEASE)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{journal_path}{suffix}").unlink()
+        with pytest.raises(JournalError, match="write-ahead log"):
+            journal.register(record(name="op-2", key="k-2"), "o", LEASE)
+
+
 def test_newer_schema_is_refused(journal_path: Path) -> None:
     Journal(journal_path).close()
     with sqlite3.connect(journal_path) as db:

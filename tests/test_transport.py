@@ -1194,6 +1194,87 @@ def test_a_callers_key_is_resumed_as_the_caller_wrote_it(
     assert sent == [written, written]
 
 
+@pytest.mark.parametrize("failure", ["timeout", "server error"])
+def test_a_post_redirected_to_a_get_that_fails_is_the_same_operation_again(
+    tmp_path: Path, failure: str
+) -> None:
+    """POST, 303 See Other, and the GET httpx follows with fails: the call fails after the
+    operation was performed. The caller's retry right after is that operation, answered from
+    the journal (the 303, followed again), not a new one under a new key: the server saw two
+    keys and created the order twice."""
+    posts: list[str] = []
+    gets = 0
+
+    def api(request: httpx.Request) -> httpx.Response:
+        nonlocal gets
+        if request.method == "POST":
+            posts.append(request.headers["idempotency-key"])
+            return httpx.Response(303, headers={"location": "/orders/1"})
+        gets += 1
+        if gets == 1:
+            if failure == "timeout":
+                raise httpx.ReadTimeout("lost", request=request)
+            return httpx.Response(503)
+        return httpx.Response(200, json={"id": 1})
+
+    with idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3", follow_redirects=True,
+        transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+        if failure == "timeout":
+            with pytest.raises(httpx.ReadTimeout):
+                client.post("/orders", json={"item": 1})
+        else:
+            assert client.post("/orders", json={"item": 1}).status_code == 503
+        again = client.post("/orders", json={"item": 1})
+        assert again.json() == {"id": 1}
+        assert again.history[0].extensions["idempotency"]["replayed"] is True
+        assert len(posts) == 1
+        # then done: the same request is an intended repeat
+        client.post("/orders", json={"item": 1})
+        assert len(posts) == 2
+        assert posts[0] != posts[1]
+
+
+def test_interrupted_as_its_registration_commits_a_resend_is_the_same_operation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or a signal handler's exception) raised as the registration's commit returns:
+    the row is written, the caller never learns it. The caller's resend right after takes the
+    same key (refused while the lease the interrupted call took lasts, then sent under it),
+    never a new one, which a resume of the first would have made a second operation."""
+    from .test_journal import Clock
+
+    clock = Clock()
+    keys: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["idempotency-key"])
+        return httpx.Response(201, json={"id": 1})
+
+    journal = Journal(tmp_path / "j.sqlite3", clock=clock, auto_purge=None)
+    register = journal.register
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        register(*args, **kwargs)  # type: ignore[arg-type]
+        monkeypatch.setattr(journal, "register", register)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(journal, "register", interrupted)
+    with idemclient.Client(
+        base_url="https://api.example", journal=journal, transport=httpx.MockTransport(api)
+    ) as client:
+        with pytest.raises(KeyboardInterrupt):
+            client.post("/charges", json={"amount": 5})
+        (op,) = journal.operations()
+        with pytest.raises(OperationInProgressError):
+            client.post("/charges", json={"amount": 5})
+        clock.now += 3600  # its lease ended
+        assert client.post("/charges", json={"amount": 5}).status_code == 201
+        assert keys == [op.key]
+        assert [o.key for o in journal.operations()] == [op.key]
+
+
 def test_a_trio_task_is_told_apart_by_weak_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under trio (no asyncio loop running), a request's place is a weak reference to trio's
     task, not its `id()`: a task started after another ended may get that id, and was taken

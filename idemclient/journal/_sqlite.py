@@ -405,12 +405,15 @@ os.register_at_fork(
 class _ThreadConnection:
     """A thread's connection, held in the journal's thread-local storage."""
 
-    __slots__ = ("__weakref__", "db", "generation", "pid")
+    __slots__ = ("__weakref__", "db", "generation", "pid", "wal")
 
     def __init__(self, pid: int, db: sqlite3.Connection, generation: int) -> None:
         self.pid = pid
         self.db = db
         self.generation = generation  # the journal's, when it was opened (see `_connection`)
+        #: the write-ahead log this connection writes to (device, inode), once seen: SQLite
+        #: never deletes it while a connection is open, so another one is someone's doing
+        self.wal: tuple[int, int] | None = None
 
 
 @dataclass
@@ -643,6 +646,30 @@ class Journal(ReadBack):
                 path=str(self.path),
             )
 
+    def _check_wal(self) -> None:
+        """Fail closed if this connection's write-ahead log was deleted or replaced while in
+        use (a cleanup of what looked like temporary files): SQLite would go on appending
+        intents to the unlinked file, which no other process and no later run reads."""
+        holder: _ThreadConnection | None = getattr(self._local, "conn", None)
+        if holder is None:
+            return
+        try:
+            stat = os.stat(f"{self.path}-wal")
+        except FileNotFoundError:
+            seen = None
+        else:
+            seen = (stat.st_dev, stat.st_ino)
+        if holder.wal is None:
+            holder.wal = seen
+        elif seen != holder.wal:
+            raise JournalError(
+                f"journal {self.path}: its write-ahead log ({self.path}-wal) was deleted or "
+                "replaced while in use; nothing was sent (what was written to it since is "
+                "lost to every other reader: open the journal again, and check what a rerun "
+                "would send)",
+                path=str(self.path),
+            )
+
     def _open(self, retention: timedelta | None) -> timedelta:
         """Check the schema (create or upgrade it) and settle the retention."""
         with self._errors_as_journal_error("open the journal"), self._reading():
@@ -688,8 +715,9 @@ class Journal(ReadBack):
         return stored
 
     def _migrate(self, db: sqlite3.Connection, retention: timedelta | None) -> None:
-        db.execute("BEGIN IMMEDIATE")
         try:
+            # (inside: an interruption as it returns must not leave the write lock held)
+            db.execute("BEGIN IMMEDIATE")
             current = db.execute("PRAGMA user_version").fetchone()[0]
             if current == 0:
                 tables = db.execute(
@@ -718,7 +746,8 @@ class Journal(ReadBack):
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     def set_retention(self, retention: timedelta) -> None:
@@ -866,8 +895,9 @@ class Journal(ReadBack):
         self._writable()
         with self._errors_as_journal_error(action), self._shared.write_lock:
             db = self._connection(relaxed)
-            db.execute("BEGIN IMMEDIATE")
             try:
+                # (inside: an interruption as it returns must not leave the write lock held)
+                db.execute("BEGIN IMMEDIATE")
                 self._flush_in(db)
                 yield db
             except BaseException:
@@ -1056,11 +1086,13 @@ class Journal(ReadBack):
     def _commit_batch(self, batch: list[_Ticket]) -> None:
         self._check_identity()
         db = self._connection()
+        self._check_wal()
         now = self._clock()
         if self._insert_new(db, batch, now):
             return
-        db.execute("BEGIN IMMEDIATE")
         try:
+            # (inside: an interruption as it returns must not leave the write lock held)
+            db.execute("BEGIN IMMEDIATE")
             # A known operation may have finished in this process moments ago: write the held
             # completions first, so that the lookups below see them.
             self._flush_in(db)
@@ -1072,8 +1104,9 @@ class Journal(ReadBack):
         except BaseException:
             for ticket in batch:
                 ticket.result = None
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
 
     @staticmethod
@@ -1304,8 +1337,9 @@ class Journal(ReadBack):
             if len(shared.deferred) <= _ROWS_PER_STATEMENT:
                 self._flush_in(db)
                 return
-            db.execute("BEGIN IMMEDIATE")
             try:
+                # (inside: an interruption as it returns must not leave the write lock held)
+                db.execute("BEGIN IMMEDIATE")
                 self._flush_in(db)
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
