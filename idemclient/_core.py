@@ -264,6 +264,16 @@ class _Scope:
         # Concurrent calls of the block (an SDK's calls gathered) each keep their own.
         self.unfinished: dict[object, _Unfinished] = {}
         self.by_fingerprint: dict[str, object] = {}
+        # each place's operation refused before any effect (401, 407) that another request
+        # followed (an auth flow's token refresh): a resend of it later is it (`_Unfinished`)
+        self.aside: dict[object, _Unfinished] = {}
+
+    def set_aside(self, mark: _Unfinished) -> None:
+        self.aside.pop(mark.place, None)  # (to the end: the oldest are forgotten first)
+        self.aside[mark.place] = mark
+        while len(self.aside) > _BLOCK_MARKS_KEPT:
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del self.aside[next(iter(self.aside))]
 
     def mark(self, mark: _Unfinished) -> None:
         """`mark` is the last unfinished operation of its thread or task."""
@@ -311,7 +321,7 @@ class _Unfinished:
     redirect's, at the new URL): a resend of any of them is it again. `done` once it
     finished, wherever (a stream read to its end by another task, a resume)."""
 
-    __slots__ = ("fingerprints", "key", "name", "outcome", "place", "scope")
+    __slots__ = ("fingerprints", "key", "name", "outcome", "place", "refused", "scope")
 
     def __init__(
         self,
@@ -330,6 +340,11 @@ class _Unfinished:
         if outcome is None or outcome.done:
             outcome = _outcomes[key] = _Outcome()
         self.outcome: _Outcome = outcome
+        # Refused before any effect (401, 407): never performed, so a resend of it after other
+        # requests (an auth flow that refreshes its token through the same client, then sends
+        # a new request) is still it, never a new operation beside it (which a resume of
+        # this one would make two). Set aside, not forgotten, by the next other request.
+        self.refused = False
 
     @property
     def done(self) -> bool:
@@ -356,6 +371,11 @@ _BLOCK_MARKS_KEPT = 100_000
 #: outside a block, the last unfinished operation of this thread or task
 _unfinished: contextvars.ContextVar[_Unfinished | None] = contextvars.ContextVar(
     "idemclient_unfinished", default=None
+)
+#: outside a block, this thread's or task's last operation refused before any effect that
+#: another request followed (`_Unfinished.refused`)
+_aside: contextvars.ContextVar[_Unfinished | None] = contextvars.ContextVar(
+    "idemclient_aside", default=None
 )
 
 
@@ -620,6 +640,14 @@ class Plan:
         ):
             self.unfinished(op)
 
+    def refused(self, key: str) -> None:
+        """The operation with `key`, this place's last unfinished one, was refused before any
+        effect (401, 407): never forgotten for another request (`_Unfinished.refused`)."""
+        scope = self.scope
+        mark = scope.unfinished.get(self.place) if scope is not None else _unfinished.get()
+        if mark is not None and mark.key == key and mark.place == self.place:
+            mark.refused = True
+
     def finished(self, key: str) -> None:
         """The operation with `key` finished: the same request again is a new operation (an
         intended repeat). Another operation remembered meanwhile (a stream read to its end
@@ -735,6 +763,21 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
         and explicit in (None, last.name)
         and not resume
     )
+    if not again and not resume:  # an operation refused before any effect, resent later
+        aside = scope.aside.get(place) if scope is not None else _aside.get()
+        if (
+            aside is not None
+            and not aside.done
+            and the_fingerprint in aside.fingerprints
+            and aside.scope is scope
+            and aside.place == place
+            and explicit in (None, aside.name)
+        ):
+            last, again = aside, True
+            if scope is not None:
+                scope.aside.pop(place, None)
+            else:
+                _aside.set(None)
     # The same operation going on under its key (a redirect's request at the new URL, an auth
     # flow's resend): a resend of the first request right after is that operation too.
     carried: frozenset[str] = frozenset()
@@ -754,8 +797,12 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
             if last.place != place:  # continued here: no longer the other one's to resend
                 scope.clear(last.place, last.key)
         elif not carried:  # another request: this place's last one is not "right before"
+            if own is not None and own.refused and not own.done:
+                scope.set_aside(own)
             scope.clear(place)
     elif last is not None and not again and not carried:
+        if last.refused and not last.done and last.place == place:
+            _aside.set(last)
         _unfinished.set(None)
     name: str | None = explicit
     if again:
@@ -1611,6 +1658,8 @@ def keyed_flow(
             moved_fingerprint = the_plan.fingerprint_at(moved) if moved is not None else None
             yield Release(op.key, version, result.reason, moved_fingerprint=moved_fingerprint)
             settled = True
+            if response.status_code in (401, 407):
+                the_plan.refused(op.key)
             logger.info(
                 "operation %s: %s; handed to the caller, it stays pending",
                 label, result.reason,

@@ -4,7 +4,7 @@ multipart uploads are the same request whatever boundary httpx draws."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -621,3 +621,55 @@ def test_an_operation_a_resume_completed_is_done_for_its_caller_too(journal_path
         assert again.extensions["idempotency"]["replayed"] is False
     assert len(keys) == 3  # refused, resumed (acted), and the new one (acted)
     assert len(set(keys)) == 2
+
+
+@pytest.mark.anyio
+async def test_async_an_auth_refresh_through_the_client_and_a_failed_303_get_keep_the_key(
+    journal_path: Path,
+) -> None:
+    """The async client: an auth flow that refreshes its token through the same client and
+    yields a new request resends the 401'd operation under its key; a POST whose 303 is
+    followed by a GET that times out is answered from the journal when the caller retries."""
+    charges: list[str] = []
+    gets = 0
+
+    async def api(request: httpx.Request) -> httpx.Response:
+        nonlocal gets
+        await request.aread()
+        if request.url.path == "/refresh":
+            return httpx.Response(200, json={"token": "new"})
+        if request.method == "GET":
+            gets += 1
+            if gets == 1:
+                raise httpx.ReadTimeout("lost", request=request)
+            return httpx.Response(200, json={"id": 1})
+        charges.append(request.headers["idempotency-key"])
+        if request.headers.get("authorization") != "Bearer new":
+            return httpx.Response(401)
+        return httpx.Response(303, headers={"location": "/charges/1"})
+
+    class Refreshing(httpx.Auth):
+        token = "old"
+
+        async def async_auth_flow(
+            self, request: httpx.Request
+        ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+            request.headers["Authorization"] = f"Bearer {self.token}"
+            response = yield request
+            if response.status_code == 401:
+                self.token = (await c.post("/refresh")).json()["token"]
+                yield httpx.Request(
+                    request.method, request.url, content=request.content,
+                    headers={"Authorization": f"Bearer {self.token}"},
+                )  # fmt: skip
+
+    async with idemclient.AsyncClient(
+        journal=journal_path, transport=httpx.MockTransport(api), base_url="https://api.example",
+        auth=Refreshing(), follow_redirects=True, retry=RetryPolicy(max_attempts=1),
+    ) as c:  # fmt: skip
+        with pytest.raises(httpx.ReadTimeout):
+            await c.post("/charges", json={"amount": 5})
+        again = await c.post("/charges", json={"amount": 5})
+        assert again.json() == {"id": 1}
+    assert len(charges) == 2  # the 401, then its resend: one key
+    assert len(set(charges)) == 1

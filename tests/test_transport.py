@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import random
 import sqlite3
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -1273,6 +1274,54 @@ def test_interrupted_as_its_registration_commits_a_resend_is_the_same_operation(
         assert client.post("/charges", json={"amount": 5}).status_code == 201
         assert keys == [op.key]
         assert [o.key for o in journal.operations()] == [op.key]
+
+
+@pytest.mark.parametrize("in_block", [False, True], ids=["unnamed", "in-a-block"])
+def test_an_auth_flow_that_refreshes_through_the_client_resends_the_same_operation(
+    tmp_path: Path, in_block: bool
+) -> None:
+    """An OAuth-style auth flow: on 401 it POSTs to /refresh through the same client, then
+    yields a new request. The resend is the 401'd operation (refused before any effect), not
+    a new one beside it: the server saw two keys, and a resume (or a rerun of the block)
+    then sent the first one too, performed twice."""
+    charges: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/refresh":
+            return httpx.Response(200, json={"token": "new"})
+        charges.append(request.headers["idempotency-key"])
+        if request.headers["authorization"] != "Bearer new":
+            return httpx.Response(401)
+        return httpx.Response(201, json={"id": 1})
+
+    class Refreshing(httpx.Auth):
+        token = "old"
+
+        def auth_flow(
+            self, request: httpx.Request
+        ) -> Generator[httpx.Request, httpx.Response, None]:
+            request.headers["Authorization"] = f"Bearer {self.token}"
+            response = yield request
+            if response.status_code == 401:
+                self.token = client.post("/refresh").json()["token"]
+                yield httpx.Request(
+                    request.method, request.url, content=request.content,
+                    headers={"Authorization": f"Bearer {self.token}",
+                             "Content-Type": "application/json"},
+                )  # fmt: skip
+
+    client = idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3", auth=Refreshing(),
+        transport=httpx.MockTransport(api),
+    )  # fmt: skip
+    with client:
+        with idemclient.operation("charge-1") if in_block else contextlib.nullcontext():
+            assert client.post("/charges", json={"amount": 5}).status_code == 201
+        assert len(charges) == 2
+        assert charges[0] == charges[1]
+        assert client.resume_pending() == []
+        assert [op.state for op in client.journal.operations()] == ["completed"] * 2
+    assert len(charges) == 2
 
 
 def test_a_trio_task_is_told_apart_by_weak_reference(monkeypatch: pytest.MonkeyPatch) -> None:
