@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Literal
 
@@ -92,6 +94,7 @@ class RetryBudget:
         self._slice = self.window / _SLICES
         self._reserve = self.min_per_second * self.window
         self._lock = threading.Lock()
+        _budgets.add(self)
         # first attempts and retries per slice of the window, a ring indexed by slice number
         self._firsts = [0] * _SLICES
         self._retries = [0] * _SLICES
@@ -146,6 +149,19 @@ class RetryBudget:
             f"RetryBudget(ratio={self.ratio:g}, min_per_second={self.min_per_second:g}, "
             f"window={self.window:g}, balance={self.balance})"
         )
+
+
+#: every budget of this process: a forked child gives each a fresh lock (a thread of the
+#: parent may have held one at the fork, and no thread of the child would ever release it)
+_budgets: weakref.WeakSet[RetryBudget] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for budget in list(_budgets):
+        budget._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Own(enum.Enum):

@@ -240,3 +240,39 @@ def test_each_transport_has_a_budget_of_its_own_by_default(journal_path: Path) -
         assert mounted.retry_budget is main.retry_budget  # one client, one budget
         assert other.retry_budget is not main.retry_budget
     other.close()
+
+
+def test_a_forked_child_gets_a_fresh_lock_of_each_budget() -> None:
+    """A thread of the parent held a budget's lock at the fork: the child's first request
+    waited forever for it (no thread of the child ever releases it)."""
+    import os
+    import threading
+    import time
+
+    budget = RetryBudget()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with budget._lock:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: would hang on the parent's held lock
+        budget.deposit()
+        os._exit(0)
+    release.set()
+    thread.join()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the child hung on the budget's lock")
