@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import re
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping
@@ -321,7 +322,10 @@ class _Unfinished:
     redirect's, at the new URL): a resend of any of them is it again. `done` once it
     finished, wherever (a stream read to its end by another task, a resume)."""
 
-    __slots__ = ("fingerprints", "key", "name", "outcome", "place", "refused", "scope")
+    __slots__ = (
+        "aside_until", "fingerprints", "key", "name", "outcome", "place", "refused", "revived",
+        "scope",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -345,6 +349,10 @@ class _Unfinished:
         # a new request) is still it, never a new operation beside it (which a resume of
         # this one would make two). Set aside, not forgotten, by the next other request.
         self.refused = False
+        self.aside_until = 0.0  # (monotonic) set aside: a resend is it until then
+        # Remembered again after it completed, its call failing after (`FollowUp`): only
+        # right after, so any other request of this place forgets it, an unjournaled one too.
+        self.revived = False
 
     @property
     def done(self) -> bool:
@@ -372,6 +380,10 @@ _BLOCK_MARKS_KEPT = 100_000
 _unfinished: contextvars.ContextVar[_Unfinished | None] = contextvars.ContextVar(
     "idemclient_unfinished", default=None
 )
+#: how long an operation refused before any effect stays set aside (an auth flow's token
+#: refresh takes a request or two): a resend later is a new operation, as after any other
+_ASIDE_SECONDS = 60.0
+
 #: outside a block, this thread's or task's last operation refused before any effect that
 #: another request followed (`_Unfinished.refused`)
 _aside: contextvars.ContextVar[_Unfinished | None] = contextvars.ContextVar(
@@ -610,19 +622,20 @@ class Plan:
     #: (a redirect goes on at another URL under the same key): a resend of either is it
     carried: frozenset[str] = frozenset()
 
-    def unfinished(self, op: Operation | RequestRecord) -> None:
+    def unfinished(self, op: Operation | RequestRecord, *, revived: bool = False) -> None:
         """Remember that `op` is the last operation of this thread or task (in this block, if
         in one) and has not finished: a resend of the same request right after is that
         operation again. The record, when its registration failed: it may have reached the
         journal all the same."""
         fingerprints = self.carried | {self.record.fingerprint}
         mark = _Unfinished(self.scope, fingerprints, op.key, op.name, self.place)
+        mark.revived = revived
         if self.scope is not None:  # the block's, seen from every thread and task in it
             self.scope.mark(mark)
         else:
             _unfinished.set(mark)
 
-    def unfailed(self, op: Operation) -> None:
+    def unfailed(self, op: Operation, *, revived: bool = False) -> None:
         """`op` failed now (a stream cut or closed before its end), after its registration:
         it is its thread's or task's last unfinished operation again, unless that one has
         another since (which it would otherwise displace: the failed call an SDK retries).
@@ -632,13 +645,13 @@ class Plan:
         if self.scope is not None:
             current = self.scope.unfinished.get(self.place)
             if current is None or current.done or current.key == op.key:
-                self.unfinished(op)
+                self.unfinished(op, revived=revived)
             return
         current = _unfinished.get()
         if current is None or (
             current.place == self.place and (current.done or current.key == op.key)
         ):
-            self.unfinished(op)
+            self.unfinished(op, revived=revived)
 
     def refused(self, key: str) -> None:
         """The operation with `key`, this place's last unfinished one, was refused before any
@@ -768,6 +781,7 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
         if (
             aside is not None
             and not aside.done
+            and time.monotonic() < aside.aside_until
             and the_fingerprint in aside.fingerprints
             and aside.scope is scope
             and aside.place == place
@@ -798,17 +812,22 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
                 scope.clear(last.place, last.key)
         elif not carried:  # another request: this place's last one is not "right before"
             if own is not None and own.refused and not own.done:
+                own.aside_until = time.monotonic() + _ASIDE_SECONDS
                 scope.set_aside(own)
             scope.clear(place)
     elif last is not None and not again and not carried:
         if last.refused and not last.done and last.place == place:
+            last.aside_until = time.monotonic() + _ASIDE_SECONDS
             _aside.set(last)
         _unfinished.set(None)
     name: str | None = explicit
     if again:
         assert last is not None
         name = last.name
-        if given is None:
+        # Its key, also over another in the header: an SDK that draws a key per call
+        # (stripe-python) sends its caller's retry under a new one, which the server would
+        # take for a second operation (and a resume then sends this one too).
+        if given is None or not _same_key(given, last.key):
             given = _key_value(last.key, key_style)
     elif explicit is None and scope is not None:
         name = scope.next_name()
@@ -1523,7 +1542,10 @@ def keyed_flow(
         logger.info("operation %s already completed: replaying", label)
         yield from event("replayed", status=reg.response.status if reg.response else None)
         the_plan.finished(op.key)
-        return replay_response(reg, request)
+        replayed = replay_response(reg, request)
+        if "location" in replayed.headers:
+            follow_ups(the_plan, op, request, replayed.status_code)
+        return replayed
     if hand_back and reg.decision is Decision.CONFLICT and reg.response is not None:
         return replay_response(reg, request)  # the stored 422, for the SDK to raise on
     if reg.decision is not Decision.SEND:
@@ -1739,8 +1761,8 @@ def keyed_flow(
     )  # fmt: skip
     if state == "completed" and not streaming:  # a stream is done when it ends
         the_plan.finished(op.key)  # done: the same request again is a new operation
-        if response.status_code in (301, 302, 303) and "location" in response.headers:
-            request.extensions[FOLLOW_UP_EXTENSION] = FollowUp(the_plan, op)
+        if "location" in response.headers:
+            follow_ups(the_plan, op, request, response.status_code)
     return response
 
 
@@ -1763,17 +1785,41 @@ class FollowUp:
         self.plan, self.op = the_plan, op
 
     def watching(
-        self, flow: Generator[Step, Any, httpx.Response]
+        self, flow: Generator[Step, Any, httpx.Response], retry_statuses: frozenset[int]
     ) -> Generator[Step, Any, httpx.Response]:
-        """`flow`, a hop of the call: its failure is the operation's call's."""
+        """`flow`, a hop of the call: its failure (an error, or an answer a caller or an SDK
+        retries: a server error, 408, 409, 429, ...) is the operation's call's."""
         try:
             response = yield from flow
         except BaseException:
-            self.plan.unfailed(self.op)
+            self.plan.unfailed(self.op, revived=True)
             raise
-        if response.status_code >= 500:
-            self.plan.unfailed(self.op)
+        status = response.status_code
+        if status >= 500 or status in retry_statuses:
+            self.plan.unfailed(self.op, revived=True)
         return response
+
+
+def follow_ups(the_plan: Plan, op: Operation, request: httpx.Request, status: int) -> None:
+    """If a completed operation's answer (sent or replayed) is a redirect that httpx follows
+    with a GET, watch its hops (`FollowUp`)."""
+    if status in (301, 302, 303):
+        request.extensions[FOLLOW_UP_EXTENSION] = FollowUp(the_plan, op)
+
+
+def plain_request(place: Callable[[], object]) -> None:
+    """An unjournaled request that is no hop of a redirect: an operation remembered again
+    after its call failed (`FollowUp`) is no longer "right before" in this place."""
+    scope = _scope.get()
+    if scope is None:
+        mark = _unfinished.get()
+        if mark is not None and mark.revived:
+            _unfinished.set(None)
+    elif scope.unfinished:
+        here = place()
+        mark = scope.unfinished.get(here)
+        if mark is not None and mark.revived:
+            scope.clear(here, mark.key)
 
 
 def plain_flow(

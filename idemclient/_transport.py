@@ -57,6 +57,7 @@ from ._core import (
     logger,
     perform,
     plain_flow,
+    plain_request,
     plan,
     request_policy,
 )
@@ -273,6 +274,10 @@ class _Base:
             budget=self.retry_budget,
         )
 
+    def _place(self) -> object:
+        """The thread or task sending a request (`_thread_place`, `_task_place`)."""
+        raise NotImplementedError
+
     def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
         if is_unjournaled(request):  # sent once, on purpose: no retry rules apply
             policy = self.settings.policy.replace(max_attempts=1)
@@ -284,7 +289,8 @@ class _Base:
         )  # fmt: skip
         follow_up = request.extensions.get(FOLLOW_UP_EXTENSION)
         if isinstance(follow_up, FollowUp):  # a hop of a completed operation's redirect
-            return follow_up.watching(flow)
+            return follow_up.watching(flow, policy.retry_statuses)
+        plain_request(self._place)
         return flow
 
 
@@ -755,6 +761,10 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         self._transport_lock = threading.Lock()
         self._sleep = sleep or time.sleep
 
+    @staticmethod
+    def _place() -> object:
+        return _thread_place()
+
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if (policy := self._keyed(request)) is not None:
             body = read_body(request, self.settings.max_body_size)
@@ -877,6 +887,10 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         self._transport = transport
         self._sleep = sleep or anyio.sleep
         self._registrar = _AsyncRegistrar(self._journal)
+
+    @staticmethod
+    def _place() -> object:
+        return _task_place()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if (policy := self._keyed(request)) is not None:

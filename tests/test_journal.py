@@ -386,10 +386,37 @@ def test_a_version_4_journal_keeps_the_keys_its_reissued_operations_gave_up(
         db.execute("DROP TRIGGER operations_retired_key")
         db.execute("DROP TABLE retired_keys")
         db.execute("PRAGMA user_version = 4")
+    with Journal(journal_path, read_only=True) as reader:  # read as it is: no upgrade needed
+        assert [op.key for op in reader.operations()] == [new_key]
     with Journal(journal_path, clock=clock, auto_purge=None) as journal:
         old = journal.register(record(name=None, key_given=True), "o", LEASE)
         assert (old.decision, old.operation.key) == (Decision.MISMATCH, new_key)
         assert [op.key for op in journal.operations()] == [new_key]
+
+
+def test_a_second_journal_on_the_file_keeps_this_processs_locks(journal_path: Path) -> None:
+    """Opening a second journal on a file this process uses closed a descriptor of it, which
+    dropped every POSIX lock of the process on the file, SQLite's included: another process
+    closing its last connection then deleted the write-ahead log under this one, whose
+    later registrations no other reader saw (a rerun sent them again)."""
+    first = Journal(journal_path)
+    first.register(record(name="op-1", key="k-1"), "o", LEASE)
+    second = Journal(journal_path)
+    code = (
+        "import sys; from idemclient import Journal; "
+        "from tests.test_journal import record; "
+        "j = Journal(sys.argv[1]); j.register(record(name='op-b', key='k-b'), 'o', 60.0); "
+        "j.close()"
+    )
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code, str(journal_path)], check=True, cwd=root)
+    assert Path(f"{journal_path}-wal").exists()
+    first.register(record(name="op-2", key="k-2"), "o", LEASE)  # seen by every reader
+    with sqlite3.connect(journal_path) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM operations")}
+    assert names == {"op-1", "op-b", "op-2"}
+    second.close()
+    first.close()
 
 
 def test_a_write_ahead_log_deleted_while_in_use_fails_closed(journal_path: Path) -> None:

@@ -649,6 +649,8 @@ def test_a_version_2_schema_keeps_the_keys_its_reissued_operations_gave_up(pg_ds
         )
         conn.execute("DROP TABLE idemclient.retired_keys")
         conn.execute("UPDATE idemclient.settings SET value = '2' WHERE name = 'schema_version'")
+    with PostgresJournal(pg_dsn, read_only=True) as reader:  # read as it is: no upgrade needed
+        assert [op.key for op in reader.operations()] == ["key-2"]
     with PostgresJournal(pg_dsn, auto_purge=None) as journal:
         old = journal.register(record(name=None, key_given=True), current_owner(), 60.0)
         assert (old.decision, old.operation.key) == (Decision.MISMATCH, "key-2")

@@ -1195,14 +1195,15 @@ def test_a_callers_key_is_resumed_as_the_caller_wrote_it(
     assert sent == [written, written]
 
 
-@pytest.mark.parametrize("failure", ["timeout", "server error"])
+@pytest.mark.parametrize("failure", ["timeout", "server error", "too many requests"])
 def test_a_post_redirected_to_a_get_that_fails_is_the_same_operation_again(
     tmp_path: Path, failure: str
 ) -> None:
-    """POST, 303 See Other, and the GET httpx follows with fails: the call fails after the
-    operation was performed. The caller's retry right after is that operation, answered from
-    the journal (the 303, followed again), not a new one under a new key: the server saw two
-    keys and created the order twice."""
+    """POST, 303 See Other, and the GET httpx follows fails (twice): the call fails after the
+    operation was performed. The caller's retries right after are that operation, answered
+    from the journal (the 303, followed again), not new ones under new keys: the server saw
+    two keys and created the order twice (the second retry too, before replays were
+    watched; a 429 to the GET, which an SDK retries, too)."""
     posts: list[str] = []
     gets = 0
 
@@ -1212,21 +1213,22 @@ def test_a_post_redirected_to_a_get_that_fails_is_the_same_operation_again(
             posts.append(request.headers["idempotency-key"])
             return httpx.Response(303, headers={"location": "/orders/1"})
         gets += 1
-        if gets == 1:
+        if gets <= 2:
             if failure == "timeout":
                 raise httpx.ReadTimeout("lost", request=request)
-            return httpx.Response(503)
+            return httpx.Response(503 if failure == "server error" else 429)
         return httpx.Response(200, json={"id": 1})
 
     with idemclient.Client(
         base_url="https://api.example", journal=tmp_path / "j.sqlite3", follow_redirects=True,
         transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
     ) as client:  # fmt: skip
-        if failure == "timeout":
-            with pytest.raises(httpx.ReadTimeout):
-                client.post("/orders", json={"item": 1})
-        else:
-            assert client.post("/orders", json={"item": 1}).status_code == 503
+        for _ in range(2):
+            if failure == "timeout":
+                with pytest.raises(httpx.ReadTimeout):
+                    client.post("/orders", json={"item": 1})
+            else:
+                assert client.post("/orders", json={"item": 1}).status_code >= 429
         again = client.post("/orders", json={"item": 1})
         assert again.json() == {"id": 1}
         assert again.history[0].extensions["idempotency"]["replayed"] is True
@@ -1235,6 +1237,31 @@ def test_a_post_redirected_to_a_get_that_fails_is_the_same_operation_again(
         client.post("/orders", json={"item": 1})
         assert len(posts) == 2
         assert posts[0] != posts[1]
+
+
+def test_a_request_after_a_failed_redirect_hop_makes_an_identical_post_a_new_operation(
+    tmp_path: Path,
+) -> None:
+    """POST, 303, the GET fails; the caller then looks (a GET of its own), sees the order,
+    and places an identical one on purpose: a new operation, not a replay of the first."""
+    posts: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posts.append(request.headers["idempotency-key"])
+            return httpx.Response(303, headers={"location": "/orders/1"})
+        if request.url.path == "/orders/1" and len(posts) == 1:
+            return httpx.Response(500)
+        return httpx.Response(200, json=[{"id": 1}])
+
+    with idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3", follow_redirects=True,
+        transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+        assert client.post("/orders", json={"item": 1}).status_code == 500
+        assert client.get("/orders").json() == [{"id": 1}]
+        client.post("/orders", json={"item": 1})
+    assert len(set(posts)) == 2
 
 
 def test_interrupted_as_its_registration_commits_a_resend_is_the_same_operation(
@@ -1322,6 +1349,69 @@ def test_an_auth_flow_that_refreshes_through_the_client_resends_the_same_operati
         assert client.resume_pending() == []
         assert [op.state for op in client.journal.operations()] == ["completed"] * 2
     assert len(charges) == 2
+
+
+def test_an_operation_refused_with_401_is_set_aside_only_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set aside by another request, a 401'd operation is resent as itself only for a while
+    (an auth flow's refresh): the same request much later is a new operation, not the old
+    one (which may have expired meanwhile, and was then refused)."""
+    keys: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/daily":
+            keys.append(request.headers["idempotency-key"])
+            return httpx.Response(401 if len(keys) == 1 else 201)
+        return httpx.Response(201)
+
+    with idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3",
+        transport=httpx.MockTransport(api),
+    ) as client:  # fmt: skip
+        assert client.post("/daily", json={}).status_code == 401
+        monkeypatch.setattr(idemclient._core, "_ASIDE_SECONDS", 0.0)
+        client.post("/other", json={})  # sets it aside, for no time at all
+        assert client.post("/daily", json={}).status_code == 201
+    assert len(set(keys)) == 2
+
+
+@pytest.mark.parametrize("acted", [True, False], ids=["acted-then-500", "500s-only"])
+def test_a_retry_under_a_key_an_sdk_drew_anew_is_the_failed_operation_again(
+    tmp_path: Path, acted: bool
+) -> None:
+    """stripe-python draws a new Idempotency-Key for every call. Its caller's retry, right
+    after the operation failed, in the same thread: that operation again, under its key (the
+    retry went out under the new key, a second payment; or, when nothing had acted, the
+    resume then sent the first key too)."""
+    keys: list[str] = []
+    effects: set[str] = set()
+
+    def api(request: httpx.Request) -> httpx.Response:
+        key = request.headers["idempotency-key"]
+        keys.append(key)
+        if len(keys) == 1:
+            if acted:
+                effects.add(key)
+            return httpx.Response(500)
+        effects.add(key)
+        return httpx.Response(201, json={"id": "pi_1"})
+
+    with idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3",
+        transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+
+        def create() -> httpx.Response:  # as the SDK does: a new key per call
+            return client.post("/v1/payment_intents", content=b"amount=5",
+                               headers={"Idempotency-Key": str(uuid.uuid4())})  # fmt: skip
+
+        with pytest.raises(RetriesExhaustedError):
+            create()
+        assert create().status_code == 201
+        assert client.resume_pending() == []
+    assert len(set(keys)) == 1
+    assert len(effects) == 1
 
 
 def test_a_trio_task_is_told_apart_by_weak_reference(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -337,6 +337,8 @@ def _claim_values(write: ClaimUpdate) -> tuple[Any, ...]:
 
 #: Bumped by every schema change; migrations go forward only.
 SCHEMA_VERSION = 3
+#: the oldest version a read-only look reads as it is (version 3 added only what writers use)
+_READABLE_FROM = 2
 _EXTRA = "pip install 'idemclient[postgres]'"
 
 
@@ -1134,7 +1136,7 @@ class PostgresJournal(ReadBack):
                 "upgrade idemclient",
                 path=self.path,
             )
-        if version < SCHEMA_VERSION:  # only a read-only look: a writer has upgraded it
+        if version < _READABLE_FROM:  # only a read-only look: a writer has upgraded it
             raise JournalError(
                 f"journal {self.path} (schema {self.schema!r}) has schema version {version} "
                 f"and must be upgraded to {SCHEMA_VERSION} first: open it once with a role "

@@ -60,6 +60,8 @@ __all__ = ["SCHEMA_VERSION", "Journal", "default_journal_path"]
 
 #: Bumped by every schema change; migrations go forward only (`_MIGRATIONS`).
 SCHEMA_VERSION = 5
+#: the oldest version a read-only look reads as it is (version 5 added only what writers use)
+_READABLE_FROM = 4
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _V2COLUMNS = """
@@ -292,7 +294,17 @@ class _SharedFile:
     def __init__(self, identity: tuple[int, int]) -> None:
         self.identity = identity  # (device, inode) of the file
         self.journals: weakref.WeakSet[Journal] = weakref.WeakSet()  # the open ones
+        # This process's descriptors of the file, opened to create it and look at its first
+        # bytes, and kept open as long as any journal on it may be: closing one would drop
+        # every POSIX lock of this process on the file, SQLite's own included, and another
+        # process closing its last connection would then delete the write-ahead log that
+        # this one is still writing to (its registrations lost to every reader).
+        self.fds: list[int] = []
         self.reset()
+
+    def keep(self, fd: int) -> None:
+        self.fds.append(fd)
+        weakref.finalize(self, os.close, fd).atexit = False
 
     def reset(self) -> None:
         """Fresh locks and nothing held: at creation, and in a child after `fork()` (a lock
@@ -345,14 +357,6 @@ _inherited: list[sqlite3.Connection] = []
 _connected: weakref.WeakSet[Journal] = weakref.WeakSet()
 _files_lock = threading.Lock()
 _files: weakref.WeakValueDictionary[tuple[int, int], _SharedFile] = weakref.WeakValueDictionary()
-
-
-def _shared_file(identity: tuple[int, int]) -> _SharedFile:
-    with _files_lock:
-        shared = _files.get(identity)
-        if shared is None:
-            shared = _files[identity] = _SharedFile(identity)
-        return shared
 
 
 _held_at_fork: list[Callable[[], None]] = []  # what releases what `_before_fork` took
@@ -526,8 +530,8 @@ class Journal(ReadBack):
         self._closing = False
         self._closed = False
         self._generation = 0  # one more each time every connection is closed for a fork
-        self._identity = self._open_file()
-        self._shared = _shared_file(self._identity)
+        self._shared = self._open_file()
+        self._identity = self._shared.identity
         try:
             self.retention = self._open(retention)
         except BaseException:
@@ -571,22 +575,39 @@ class Journal(ReadBack):
                 f"could not {action}: journal {self.path}: {exc}", path=str(self.path)
             ) from exc
 
-    def _open_file(self) -> tuple[int, int]:
+    def _open_file(self) -> _SharedFile:
         """Create the file if need be (not when read-only), check that it is SQLite's, and
-        return its identity (device, inode): a file deleted or replaced later is detected."""
-        with self._errors_as_journal_error("open the journal"):
-            if self.read_only:
-                fd = os.open(self.path, os.O_RDONLY)
-            else:
-                parent = self.path.parent
-                if not parent.exists():
-                    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        return what this process shares of it, with its identity (device, inode): a file
+        deleted or replaced later is detected. A descriptor opened here is never closed
+        while a journal on the file may be open (see `_SharedFile.fds`)."""
+        with self._errors_as_journal_error("open the journal"), _files_lock:
             try:
-                head = os.read(fd, 20)
-                stat = os.fstat(fd)
-            finally:
-                os.close(fd)
+                found = os.stat(self.path)
+            except FileNotFoundError:
+                known = None
+            else:
+                known = _files.get((found.st_dev, found.st_ino))
+            if known is not None and known.fds:  # open here already: look through it
+                shared = known
+                head = os.pread(known.fds[0], 20, 0)
+            else:
+                if self.read_only:
+                    fd = os.open(self.path, os.O_RDONLY)
+                else:
+                    parent = self.path.parent
+                    if not parent.exists():
+                        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    stat = os.fstat(fd)
+                    identity = (stat.st_dev, stat.st_ino)
+                    shared = _files.get(identity) or _SharedFile(identity)
+                    _files[identity] = shared
+                except BaseException:
+                    os.close(fd)  # (no journal of this process has the file open)
+                    raise
+                shared.keep(fd)
+                head = os.pread(fd, 20, 0)
         if head and head[: len(_SQLITE_MAGIC)] != _SQLITE_MAGIC[: len(head)]:
             raise JournalError(
                 f"journal {self.path} is not an SQLite database; it was left untouched "
@@ -598,7 +619,7 @@ class Journal(ReadBack):
             # An SQLite database not in WAL mode (every journal is): the first connection
             # would switch it to WAL, for good, before its tables are looked at. Look first.
             self._look_before_wal()
-        return stat.st_dev, stat.st_ino
+        return shared
 
     def _look_before_wal(self) -> None:
         """Refuse, untouched, an SQLite database that is not an idemclient journal (another
@@ -646,6 +667,14 @@ class Journal(ReadBack):
                 path=str(self.path),
             )
 
+    def _wal_seen(self) -> tuple[int, int] | None:
+        """The identity (device, inode) of the write-ahead log at the journal's path."""
+        try:
+            stat = os.stat(f"{self.path}-wal")
+        except FileNotFoundError:
+            return None
+        return stat.st_dev, stat.st_ino
+
     def _check_wal(self) -> None:
         """Fail closed if this connection's write-ahead log was deleted or replaced while in
         use (a cleanup of what looked like temporary files): SQLite would go on appending
@@ -653,12 +682,7 @@ class Journal(ReadBack):
         holder: _ThreadConnection | None = getattr(self._local, "conn", None)
         if holder is None:
             return
-        try:
-            stat = os.stat(f"{self.path}-wal")
-        except FileNotFoundError:
-            seen = None
-        else:
-            seen = (stat.st_dev, stat.st_ino)
+        seen = self._wal_seen()
         if holder.wal is None:
             holder.wal = seen
         elif seen != holder.wal:
@@ -692,13 +716,16 @@ class Journal(ReadBack):
                     path=str(self.path),
                 )
             if version < SCHEMA_VERSION:
-                if self.read_only:
+                if self.read_only and version >= _READABLE_FROM:
+                    pass  # read as it is: what it lacks only writers use
+                elif self.read_only:
                     raise JournalError(
                         f"journal {self.path} has schema version {version} and must be "
                         f"upgraded to {SCHEMA_VERSION} first: open it once with write access",
                         path=str(self.path),
                     )
-                self._migrate(db, retention)
+                else:
+                    self._migrate(db, retention)
             db.execute("SELECT 1 FROM operations LIMIT 1").fetchall()
             row = db.execute("SELECT value FROM settings WHERE name = 'retention'").fetchone()
         if row is None:  # only a read-only look at a journal nobody has written to yet
@@ -814,6 +841,10 @@ class Journal(ReadBack):
             db.close()
             raise
         holder = _ThreadConnection(pid, db, self._generation)
+        if not self.read_only:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("SELECT 1 FROM sqlite_master LIMIT 1")  # (opens the log)
+            holder.wal = self._wal_seen()
         _connected.add(self)
         # When this thread ends, its thread-local holder goes, and the connection is retired:
         # closed by the next thread that opens one, or by close(). A program that starts a
@@ -900,11 +931,12 @@ class Journal(ReadBack):
                 db.execute("BEGIN IMMEDIATE")
                 self._flush_in(db)
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
+                if db.in_transaction:  # (interrupted before or during the COMMIT)
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     def _write_one(
         self, action: str, sql: str, params: tuple[Any, ...], *, relaxed: bool = False
