@@ -19,6 +19,8 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl
 
+import httpx
+
 from idemclient.testing import Effect, IdempotentServer, Reply
 
 _GATE_SECONDS = 10.0
@@ -127,6 +129,22 @@ class FakeAPI(IdempotentServer):
     def pace(self, effect: Effect, index: int) -> None:
         if self.gated and index == 1 and not self._gate.wait(_GATE_SECONDS):
             self.late = True
+
+
+class AnswerLostOnce:
+    """A `httpx.MockTransport` handler whose first answer is lost (a read timeout, after the
+    request arrived); every later request is answered 201 with `answer`. `keys`: the
+    Idempotency-Key of each request, as it came."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        self.answer = answer
+        self.keys: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.keys.append(request.headers["idempotency-key"])
+        if len(self.keys) == 1:
+            raise httpx.ReadTimeout("the answer was lost", request=request)
+        return httpx.Response(201, json=self.answer)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import pytest
 import idemclient
 from idemclient import Journal, Operation, ResponseNotKeptError, RetryPolicy
 
+from .fakes import AnswerLostOnce
 from .test_cli import cli
 from .test_journal import Clock
 
@@ -194,14 +195,8 @@ def test_the_callers_retry_of_an_operation_reissued_meanwhile_is_not_a_new_opera
     (It went out under the old key, a new operation to a server that had forgotten it, and
     the resume then sent the reissued one: the charge made twice.)"""
     clock = Clock()
-    keys: list[str] = []
-
-    def api(request: httpx.Request) -> httpx.Response:
-        keys.append(request.headers["idempotency-key"])
-        if len(keys) == 1:
-            raise httpx.ReadTimeout("the answer was lost", request=request)
-        return httpx.Response(201, json={"id": "ch_1"})
-
+    api = AnswerLostOnce({"id": "ch_1"})
+    keys = api.keys
     journal = Journal(journal_path, clock=clock, auto_purge=None)
     with idemclient.Client(
         base_url="https://pay.example", journal=journal, transport=httpx.MockTransport(api),

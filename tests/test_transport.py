@@ -31,6 +31,8 @@ from idemclient import (
     RetryPolicy,
 )
 
+from .fakes import AnswerLostOnce
+
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
@@ -1177,14 +1179,8 @@ def test_a_callers_key_is_resumed_as_the_caller_wrote_it(
     """A resume sends a caller's key as the caller wrote it (quoted or bare), not in the
     client's style: a server that compares the header's value as written (Stripe) saw two
     keys, and acted twice."""
-    sent: list[str] = []
-
-    def api(request: httpx.Request) -> httpx.Response:
-        sent.append(request.headers["idempotency-key"])
-        if len(sent) == 1:
-            raise httpx.ReadTimeout("the answer was lost", request=request)
-        return httpx.Response(201, json={"id": "o_77"})
-
+    api = AnswerLostOnce({"id": "o_77"})
+    sent = api.keys
     with idemclient.Client(
         base_url="https://api.example", journal=tmp_path / "j.sqlite3", key_style=key_style,
         transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),

@@ -306,6 +306,11 @@ class _SharedFile:
         self.fds.append(fd)
         weakref.finalize(self, os.close, fd).atexit = False
 
+    def linked(self) -> bool:
+        """Whether the file this process holds is still in a directory (not deleted: its
+        inode may be another file's by now)."""
+        return bool(self.fds) and os.fstat(self.fds[-1]).st_nlink > 0
+
     def reset(self) -> None:
         """Fresh locks and nothing held: at creation, and in a child after `fork()` (a lock
         that a parent's thread held at the fork would never be released in the child, and
@@ -587,9 +592,9 @@ class Journal(ReadBack):
                 known = None
             else:
                 known = _files.get((found.st_dev, found.st_ino))
-            if known is not None and known.fds:  # open here already: look through it
+            if known is not None and known.linked():  # open here already: look through it
                 shared = known
-                head = os.pread(known.fds[0], 20, 0)
+                head = os.pread(known.fds[-1], 20, 0)
             else:
                 if self.read_only:
                     fd = os.open(self.path, os.O_RDONLY)
@@ -602,6 +607,8 @@ class Journal(ReadBack):
                     stat = os.fstat(fd)
                     identity = (stat.st_dev, stat.st_ino)
                     shared = _files.get(identity) or _SharedFile(identity)
+                    if shared.fds and not shared.linked():  # a deleted file's inode, reused
+                        shared = _SharedFile(identity)
                     _files[identity] = shared
                 except BaseException:
                     os.close(fd)  # (no journal of this process has the file open)
