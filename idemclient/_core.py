@@ -381,8 +381,9 @@ _unfinished: contextvars.ContextVar[_Unfinished | None] = contextvars.ContextVar
     "idemclient_unfinished", default=None
 )
 #: how long an operation refused before any effect stays set aside (an auth flow's token
-#: refresh takes a request or two): a resend later is a new operation, as after any other
-_ASIDE_SECONDS = 60.0
+#: refresh takes a request or two; a device-code sign-in, minutes): a resend later is a new
+#: operation, as after any other (the refused one stays pending: see the README's limits)
+_ASIDE_SECONDS = 900.0
 
 #: outside a block, this thread's or task's last operation refused before any effect that
 #: another request followed (`_Unfinished.refused`)
@@ -811,15 +812,9 @@ def plan(request: httpx.Request, body: bytes, settings: Settings, place: object 
             if last.place != place:  # continued here: no longer the other one's to resend
                 scope.clear(last.place, last.key)
         elif not carried:  # another request: this place's last one is not "right before"
-            if own is not None and own.refused and not own.done:
-                own.aside_until = time.monotonic() + _ASIDE_SECONDS
-                scope.set_aside(own)
-            scope.clear(place)
+            _another_request(scope, place, own)
     elif last is not None and not again and not carried:
-        if last.refused and not last.done and last.place == place:
-            last.aside_until = time.monotonic() + _ASIDE_SECONDS
-            _aside.set(last)
-        _unfinished.set(None)
+        _another_request(None, place, last)
     name: str | None = explicit
     if again:
         assert last is not None
@@ -1792,12 +1787,54 @@ class FollowUp:
         try:
             response = yield from flow
         except BaseException:
-            self.plan.unfailed(self.op, revived=True)
+            self.failed()
             raise
         status = response.status_code
         if status >= 500 or status in retry_statuses:
-            self.plan.unfailed(self.op, revived=True)
+            self.failed()
+        else:  # its body is read after: a read that fails is the call's too
+            stream: Any = _hop_class(family(response))(response.stream, self)
+            response.stream = stream
         return response
+
+    def failed(self) -> None:
+        self.plan.unfailed(self.op, revived=True)
+
+
+class _HopStream:
+    """The body of a redirect's hop (`FollowUp`) as httpx reads it: a read that fails (the
+    connection lost mid-body, a read timeout) fails the operation's call."""
+
+    def __init__(self, inner: Any, follow_up: FollowUp) -> None:
+        self._inner, self._follow_up = inner, follow_up
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._inner
+        except Exception:
+            self._follow_up.failed()
+            raise
+
+    def close(self) -> None:
+        if hasattr(self._inner, "close"):
+            self._inner.close()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        except Exception:
+            self._follow_up.failed()
+            raise
+
+    async def aclose(self) -> None:
+        if hasattr(self._inner, "aclose"):
+            await self._inner.aclose()
+
+
+@functools.cache
+def _hop_class(fam: ModuleType) -> type[_HopStream]:
+    return type("HopStream", (_HopStream, fam.SyncByteStream, fam.AsyncByteStream), {})
 
 
 def follow_ups(the_plan: Plan, op: Operation, request: httpx.Request, status: int) -> None:
@@ -1807,19 +1844,33 @@ def follow_ups(the_plan: Plan, op: Operation, request: httpx.Request, status: in
         request.extensions[FOLLOW_UP_EXTENSION] = FollowUp(the_plan, op)
 
 
+def _another_request(scope: _Scope | None, place: object, mark: _Unfinished | None) -> None:
+    """Another request of `place` than its last unfinished operation's (`mark`): that one is
+    no longer "right before", and a resend of it is a new operation; set aside, if it was
+    refused before any effect (`_Unfinished.refused`)."""
+    if mark is not None and mark.refused and not mark.done and mark.place == place:
+        mark.aside_until = time.monotonic() + _ASIDE_SECONDS
+        if scope is not None:
+            scope.set_aside(mark)
+        else:
+            _aside.set(mark)
+    if scope is not None:
+        scope.clear(place)
+    else:
+        _unfinished.set(None)
+
+
 def plain_request(place: Callable[[], object]) -> None:
-    """An unjournaled request that is no hop of a redirect: an operation remembered again
-    after its call failed (`FollowUp`) is no longer "right before" in this place."""
+    """An unjournaled request (a GET) that is no hop of a redirect: another request of this
+    thread or task, as a journaled one is (`_another_request`)."""
     scope = _scope.get()
     if scope is None:
         mark = _unfinished.get()
-        if mark is not None and mark.revived:
-            _unfinished.set(None)
+        if mark is not None:
+            _another_request(None, mark.place if mark.place is not None else place(), mark)
     elif scope.unfinished:
         here = place()
-        mark = scope.unfinished.get(here)
-        if mark is not None and mark.revived:
-            scope.clear(here, mark.key)
+        _another_request(scope, here, scope.unfinished.get(here))
 
 
 def plain_flow(

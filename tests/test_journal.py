@@ -419,6 +419,36 @@ def test_a_second_journal_on_the_file_keeps_this_processs_locks(journal_path: Pa
     first.close()
 
 
+def test_a_journal_dropped_unclosed_leaves_the_next_ones_locks(journal_path: Path) -> None:
+    """A journal dropped without close() is collected before its connection (a reference
+    cycle keeps that one for a later pass): the file's descriptor, closed with the journal,
+    took every lock of the process with it while the connection was still open, and the
+    next journal's connection never took them again (SQLite counts them as held). Another
+    process closing its last connection then deleted the write-ahead log under this one."""
+    import gc
+
+    Journal(journal_path, auto_purge=None).close()
+    gc.disable()
+    try:
+        first = Journal(journal_path, auto_purge=None)
+        first.pending()
+        del first
+        gc.collect()
+        second = Journal(journal_path, auto_purge=None)
+        second.register(record(name="op-1", key="k-1"), "o", LEASE)
+        wal = os.stat(f"{journal_path}-wal").st_ino
+        code = (
+            "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+            "db.execute('SELECT count(*) FROM operations').fetchall(); db.close()"
+        )
+        subprocess.run([sys.executable, "-c", code, str(journal_path)], check=True)
+        assert os.stat(f"{journal_path}-wal").st_ino == wal  # not deleted under this one
+        second.register(record(name="op-2", key="k-2"), "o", LEASE)
+        second.close()
+    finally:
+        gc.enable()
+
+
 def test_a_write_ahead_log_deleted_while_in_use_fails_closed(journal_path: Path) -> None:
     """`rm journal.sqlite3-*` under a running process: SQLite would go on appending intents
     to the unlinked log, which no rerun reads (it sends them again). Refused instead."""

@@ -1347,6 +1347,69 @@ def test_an_auth_flow_that_refreshes_through_the_client_resends_the_same_operati
     assert len(charges) == 2
 
 
+def test_a_redirect_hop_whose_body_is_cut_fails_the_call_of_its_operation(
+    tmp_path: Path,
+) -> None:
+    """POST, 303, and the GET's answer is cut mid-body (read by httpx after the transport
+    returned it): the retry right after is the operation, answered from the journal."""
+    posts: list[str] = []
+    gets = 0
+
+    def cut() -> Iterator[bytes]:
+        yield b'{"id":'
+        raise httpx.RemoteProtocolError("peer closed connection mid-body")
+
+    def api(request: httpx.Request) -> httpx.Response:
+        nonlocal gets
+        if request.method == "POST":
+            posts.append(request.headers["idempotency-key"])
+            return httpx.Response(303, headers={"location": "/orders/1"})
+        gets += 1
+        return httpx.Response(200, content=cut() if gets == 1 else b'{"id": 1}')
+
+    with idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3", follow_redirects=True,
+        transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+        with pytest.raises(httpx.RemoteProtocolError):
+            client.post("/orders", json={"item": 1})
+        assert client.post("/orders", json={"item": 1}).json() == {"id": 1}
+    assert len(posts) == 1
+
+
+@pytest.mark.parametrize("own_keys", [False, True], ids=["drawn-keys", "callers-keys"])
+def test_a_get_between_makes_the_next_identical_post_a_new_operation(
+    tmp_path: Path, own_keys: bool
+) -> None:
+    """A POST fails (its answer lost after the server acted); the caller looks (a GET), sees
+    it, and sends an identical POST on purpose: a new operation (with its own key, if it
+    gave one), as after any other request in between."""
+    api = AnswerLostOnce({"id": 1})
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json=[{"id": 1}])
+        return api(request)
+
+    with idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3",
+        transport=httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+        keys = iter(["K1", "K2"])
+
+        def post() -> httpx.Response:
+            headers = {"Idempotency-Key": next(keys)} if own_keys else {}
+            return client.post("/orders", json={"item": 1}, headers=headers)
+
+        with pytest.raises(RetriesExhaustedError):
+            post()
+        client.get("/orders")
+        assert post().status_code == 201
+    assert len(set(api.keys)) == 2
+    if own_keys:
+        assert api.keys == ["K1", "K2"]
+
+
 def test_an_operation_refused_with_401_is_set_aside_only_for_a_while(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

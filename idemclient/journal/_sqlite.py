@@ -294,22 +294,60 @@ class _SharedFile:
     def __init__(self, identity: tuple[int, int]) -> None:
         self.identity = identity  # (device, inode) of the file
         self.journals: weakref.WeakSet[Journal] = weakref.WeakSet()  # the open ones
-        # This process's descriptors of the file, opened to create it and look at its first
-        # bytes, and kept open as long as any journal on it may be: closing one would drop
-        # every POSIX lock of this process on the file, SQLite's own included, and another
-        # process closing its last connection would then delete the write-ahead log that
-        # this one is still writing to (its registrations lost to every reader).
-        self.fds: list[int] = []
+        # This process's descriptor of the file, opened to create it and look at its first
+        # bytes. Closing it while an SQLite connection of this process is open on the file
+        # would drop every POSIX lock of the process on it, SQLite's own included: another
+        # process closing its last connection would then delete the write-ahead log this one
+        # is still writing to (its registrations lost to every reader). So it is closed only
+        # when no connection is (`users`: counted by `_Connection`), or with this object.
+        self.fd: int | None = None
+        self.users = 0
+        self.fd_lock = threading.RLock()  # (a connection's finalizer may run in any thread)
+        # the descriptor, for the finalizer that closes it with this object (no connection
+        # can be open then: each holds this object through its own finalizer)
+        self._fd_box: list[int | None] = [None]
+        weakref.finalize(self, _SharedFile._close_box, self._fd_box).atexit = False
         self.reset()
 
+    @staticmethod
+    def _close_box(box: list[int | None]) -> None:
+        fd, box[0] = box[0], None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def keep(self, fd: int) -> None:
-        self.fds.append(fd)
-        weakref.finalize(self, os.close, fd).atexit = False
+        """Keep `fd` as the file's descriptor (one more is closed now, if no connection of
+        this process is open on the file, else kept open too)."""
+        with self.fd_lock:
+            old, self.fd = self.fd, fd
+            self._fd_box[0] = fd
+            if old is not None:
+                if self.users:
+                    _kept_fds.append(old)  # (rare: a file reopened while connections are)
+                else:
+                    os.close(old)
 
     def linked(self) -> bool:
         """Whether the file this process holds is still in a directory (not deleted: its
         inode may be another file's by now)."""
-        return bool(self.fds) and os.fstat(self.fds[-1]).st_nlink > 0
+        with self.fd_lock:
+            return self.fd is not None and os.fstat(self.fd).st_nlink > 0
+
+    def add_user(self) -> None:
+        with self.fd_lock:
+            self.users += 1
+
+    def drop_user(self) -> None:
+        """A connection of this process on the file closed: with the last, the descriptor
+        goes too (nothing holds a lock it could drop)."""
+        with self.fd_lock:
+            self.users = max(0, self.users - 1)
+            if self.users == 0 and self.fd is not None:
+                fd, self.fd = self.fd, None
+                self._fd_box[0] = None
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def reset(self) -> None:
         """Fresh locks and nothing held: at creation, and in a child after `fork()` (a lock
@@ -409,6 +447,24 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(
     before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
 )
+
+
+class _Connection(sqlite3.Connection):
+    """An SQLite connection that tells its file's `_SharedFile` when it closes (explicitly,
+    or collected unclosed): while any is open, the file's descriptor stays open."""
+
+    _released: Callable[[], object]
+
+    def close(self) -> None:
+        super().close()  # (if this raises, it is not closed: its finalizer tells, later)
+        released = getattr(self, "_released", None)
+        if released is not None:
+            released()
+
+
+#: descriptors of a file replaced by another descriptor of it while connections were open:
+#: never closed (see `_SharedFile.fd`)
+_kept_fds: list[int] = []
 
 
 class _ThreadConnection:
@@ -594,7 +650,9 @@ class Journal(ReadBack):
                 known = _files.get((found.st_dev, found.st_ino))
             if known is not None and known.linked():  # open here already: look through it
                 shared = known
-                head = os.pread(known.fds[-1], 20, 0)
+                with known.fd_lock:
+                    assert known.fd is not None
+                    head = os.pread(known.fd, 20, 0)
             else:
                 if self.read_only:
                     fd = os.open(self.path, os.O_RDONLY)
@@ -603,16 +661,13 @@ class Journal(ReadBack):
                     if not parent.exists():
                         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    stat = os.fstat(fd)
-                    identity = (stat.st_dev, stat.st_ino)
-                    shared = _files.get(identity) or _SharedFile(identity)
-                    if shared.fds and not shared.linked():  # a deleted file's inode, reused
-                        shared = _SharedFile(identity)
-                    _files[identity] = shared
-                except BaseException:
-                    os.close(fd)  # (no journal of this process has the file open)
-                    raise
+                # (never closed here: a connection of this process may be open on the file)
+                stat = os.fstat(fd)
+                identity = (stat.st_dev, stat.st_ino)
+                shared = _files.get(identity) or _SharedFile(identity)
+                if shared.fd is not None and not shared.linked():  # a deleted file's inode
+                    shared = _SharedFile(identity)
+                _files[identity] = shared
                 shared.keep(fd)
                 head = os.pread(fd, 20, 0)
         if head and head[: len(_SQLITE_MAGIC)] != _SQLITE_MAGIC[: len(head)]:
@@ -834,13 +889,22 @@ class Journal(ReadBack):
         # isolation_level=None: no implicit transactions; we say BEGIN IMMEDIATE ourselves,
         # and a lone INSERT or UPDATE commits by itself (one statement, one transaction).
         # check_same_thread=False only so that close() may close every thread's connection.
-        db = sqlite3.connect(
-            self._uri(),
-            uri=True,
-            timeout=self.busy_timeout,
-            isolation_level=None,
-            check_same_thread=False,
-        )
+        shared = self._shared
+        shared.add_user()  # (before it opens: the file's descriptor stays open from now on)
+        try:
+            db = sqlite3.connect(
+                self._uri(),
+                uri=True,
+                timeout=self.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                factory=_Connection,
+            )
+        except BaseException:
+            shared.drop_user()
+            raise
+        # once, when it is closed or collected unclosed
+        db._released = weakref.finalize(db, shared.drop_user)
         try:
             if not self.read_only:
                 self._configure(db, relaxed)
