@@ -55,6 +55,7 @@ from ._policy import (
     Verdict,
     classify_error,
     classify_response,
+    retry_hint,
 )
 from ._policy import is_replayed as server_replayed
 from ._records import Decision, Operation, Registration, RequestRecord, StoredResponse
@@ -1790,8 +1791,9 @@ class FollowUp:
             self.failed()
             raise
         status = response.status_code
-        if status >= 500 or status in retry_statuses:
-            self.failed()
+        hint = retry_hint(response.headers)
+        if hint or (hint is None and (status >= 500 or status in retry_statuses)):
+            self.failed()  # an answer a caller or an SDK retries
         else:  # its body is read after: a read that fails is the call's too
             stream: Any = _hop_class(family(response))(response.stream, self)
             response.stream = stream
@@ -1803,19 +1805,29 @@ class FollowUp:
 
 class _HopStream:
     """The body of a redirect's hop (`FollowUp`) as httpx reads it: a read that fails (the
-    connection lost mid-body, a read timeout) fails the operation's call."""
+    connection lost mid-body, a read timeout), or a close before its end (its decoding
+    failed, a response hook raised: httpx reads a followed answer whole unless the caller
+    streams it), fails the operation's call."""
 
     def __init__(self, inner: Any, follow_up: FollowUp) -> None:
         self._inner, self._follow_up = inner, follow_up
+        self._ended = False
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._inner
         except Exception:
-            self._follow_up.failed()
+            self._fail()
             raise
+        self._ended = True
+
+    def _fail(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._follow_up.failed()
 
     def close(self) -> None:
+        self._fail()
         if hasattr(self._inner, "close"):
             self._inner.close()
 
@@ -1824,10 +1836,12 @@ class _HopStream:
             async for chunk in self._inner:
                 yield chunk
         except Exception:
-            self._follow_up.failed()
+            self._fail()
             raise
+        self._ended = True
 
     async def aclose(self) -> None:
+        self._fail()
         if hasattr(self._inner, "aclose"):
             await self._inner.aclose()
 
@@ -1860,19 +1874,6 @@ def _another_request(scope: _Scope | None, place: object, mark: _Unfinished | No
         _unfinished.set(None)
 
 
-def plain_request(place: Callable[[], object]) -> None:
-    """An unjournaled request (a GET) that is no hop of a redirect: another request of this
-    thread or task, as a journaled one is (`_another_request`)."""
-    scope = _scope.get()
-    if scope is None:
-        mark = _unfinished.get()
-        if mark is not None:
-            _another_request(None, mark.place if mark.place is not None else place(), mark)
-    elif scope.unfinished:
-        here = place()
-        _another_request(scope, here, scope.unfinished.get(here))
-
-
 def plain_flow(
     request: httpx.Request,
     policy: RetryPolicy,
@@ -1902,10 +1903,12 @@ def plain_flow(
         )
 
     def on_sleep(outcome: Outcome, seconds: float) -> Generator[Step, Any, None]:
-        _close_response(outcome)
+        if outcome.response is not None:
+            # read by the shell, and so closed (an async transport's stream has no sync
+            # close: it raised RuntimeError instead of retrying)
+            yield Read(outcome.response)
         url = stored_url(request.url, secret)  # for logs: never a credential
         logger.info("%s %s: %s, retrying in %.2fs", request.method, url, outcome.reason, seconds)
-        yield from ()
 
     def on_denied(outcome: Outcome, reason: str) -> Generator[Step, Any, None]:
         url = stored_url(request.url, secret)

@@ -142,6 +142,18 @@ def parse_retry_after(headers: httpx.Headers, now: float) -> float | None:
     return min(max(0.0, wait), MAX_HINT_SECONDS)
 
 
+def retry_hint(headers: httpx.Headers) -> bool | None:
+    """What a server's hint header (`x-should-retry`, `Stripe-Should-Retry`) says of
+    retrying this answer; `None` without one that reads as yes or no."""
+    for name in _HINT_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            hint = _truthy(value)
+            if hint is not None:
+                return hint
+    return None
+
+
 def classify_response(
     response: httpx.Response,
     body: bytes | None,
@@ -178,13 +190,7 @@ def classify_response(
     ):
         return Outcome(Verdict.CONFLICT, response=response, reason=f"HTTP {status}")
     retry_after = parse_retry_after(response.headers, now)
-    hint = None
-    for name in _HINT_HEADERS:
-        value = response.headers.get(name)
-        if value is not None:
-            hint = _truthy(value)
-            if hint is not None:
-                break
+    hint = retry_hint(response.headers)
     if hint is None:
         retryable = status in policy.retry_statuses and (keyed or status != 409)
     else:

@@ -57,7 +57,6 @@ from ._core import (
     logger,
     perform,
     plain_flow,
-    plain_request,
     plan,
     request_policy,
 )
@@ -274,10 +273,6 @@ class _Base:
             budget=self.retry_budget,
         )
 
-    def _place(self) -> object:
-        """The thread or task sending a request (`_thread_place`, `_task_place`)."""
-        raise NotImplementedError
-
     def _plain_flow(self, request: httpx.Request) -> Generator[Step, Any, httpx.Response]:
         if is_unjournaled(request):  # sent once, on purpose: no retry rules apply
             policy = self.settings.policy.replace(max_attempts=1)
@@ -290,7 +285,6 @@ class _Base:
         follow_up = request.extensions.get(FOLLOW_UP_EXTENSION)
         if isinstance(follow_up, FollowUp):  # a hop of a completed operation's redirect
             return follow_up.watching(flow, policy.retry_statuses)
-        plain_request(self._place)
         return flow
 
 
@@ -761,10 +755,6 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         self._transport_lock = threading.Lock()
         self._sleep = sleep or time.sleep
 
-    @staticmethod
-    def _place() -> object:
-        return _thread_place()
-
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if (policy := self._keyed(request)) is not None:
             body = read_body(request, self.settings.max_body_size)
@@ -887,10 +877,6 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         self._transport = transport
         self._sleep = sleep or anyio.sleep
         self._registrar = _AsyncRegistrar(self._journal)
-
-    @staticmethod
-    def _place() -> object:
-        return _task_place()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if (policy := self._keyed(request)) is not None:

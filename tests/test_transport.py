@@ -1235,31 +1235,6 @@ def test_a_post_redirected_to_a_get_that_fails_is_the_same_operation_again(
         assert posts[0] != posts[1]
 
 
-def test_a_request_after_a_failed_redirect_hop_makes_an_identical_post_a_new_operation(
-    tmp_path: Path,
-) -> None:
-    """POST, 303, the GET fails; the caller then looks (a GET of its own), sees the order,
-    and places an identical one on purpose: a new operation, not a replay of the first."""
-    posts: list[str] = []
-
-    def api(request: httpx.Request) -> httpx.Response:
-        if request.method == "POST":
-            posts.append(request.headers["idempotency-key"])
-            return httpx.Response(303, headers={"location": "/orders/1"})
-        if request.url.path == "/orders/1" and len(posts) == 1:
-            return httpx.Response(500)
-        return httpx.Response(200, json=[{"id": 1}])
-
-    with idemclient.Client(
-        base_url="https://api.example", journal=tmp_path / "j.sqlite3", follow_redirects=True,
-        transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
-    ) as client:  # fmt: skip
-        assert client.post("/orders", json={"item": 1}).status_code == 500
-        assert client.get("/orders").json() == [{"id": 1}]
-        client.post("/orders", json={"item": 1})
-    assert len(set(posts)) == 2
-
-
 def test_interrupted_as_its_registration_commits_a_resend_is_the_same_operation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1377,37 +1352,95 @@ def test_a_redirect_hop_whose_body_is_cut_fails_the_call_of_its_operation(
     assert len(posts) == 1
 
 
-@pytest.mark.parametrize("own_keys", [False, True], ids=["drawn-keys", "callers-keys"])
-def test_a_get_between_makes_the_next_identical_post_a_new_operation(
-    tmp_path: Path, own_keys: bool
+def test_an_auth_flow_that_gets_a_token_before_each_post_keeps_the_retry_its_operation(
+    tmp_path: Path,
 ) -> None:
-    """A POST fails (its answer lost after the server acted); the caller looks (a GET), sees
-    it, and sends an identical POST on purpose: a new operation (with its own key, if it
-    gave one), as after any other request in between."""
+    """An auth flow that fetches a token with a GET through the same client before every POST
+    (CSRF, nonces): the POST's answer is lost after the server acted, and the caller's retry
+    (its auth flow's GET first) is the same operation, not a second action."""
     api = AnswerLostOnce({"id": 1})
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.method == "GET":
-            return httpx.Response(200, json=[{"id": 1}])
+            return httpx.Response(200, json={"csrf": "t"})
         return api(request)
 
+    class Csrf(httpx.Auth):
+        def auth_flow(
+            self, request: httpx.Request
+        ) -> Generator[httpx.Request, httpx.Response, None]:
+            token = yield httpx.Request("GET", "https://api.example/csrf")
+            request.headers["X-CSRF"] = token.json()["csrf"]
+            yield request
+
     with idemclient.Client(
-        base_url="https://api.example", journal=tmp_path / "j.sqlite3",
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3", auth=Csrf(),
         transport=httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=1),
     ) as client:  # fmt: skip
-        keys = iter(["K1", "K2"])
-
-        def post() -> httpx.Response:
-            headers = {"Idempotency-Key": next(keys)} if own_keys else {}
-            return client.post("/orders", json={"item": 1}, headers=headers)
-
         with pytest.raises(RetriesExhaustedError):
-            post()
-        client.get("/orders")
-        assert post().status_code == 201
-    assert len(set(api.keys)) == 2
-    if own_keys:
-        assert api.keys == ["K1", "K2"]
+            client.post("/orders", json={"item": 1})
+        assert client.post("/orders", json={"item": 1}).status_code == 201
+    assert len(api.keys) == 2
+    assert len(set(api.keys)) == 1
+
+
+@pytest.mark.parametrize("hop", ["corrupt gzip", "retry hint"])
+def test_a_redirect_hop_that_fails_after_its_headers_fails_its_operations_call(
+    tmp_path: Path, hop: str
+) -> None:
+    """POST, 303, and the followed GET is answered with a body that does not decode, or with
+    a 400 that says `x-should-retry: true` (an SDK retries both): the retry is the same
+    operation, answered from the journal."""
+    posts: list[str] = []
+    gets = 0
+
+    def api(request: httpx.Request) -> httpx.Response:
+        nonlocal gets
+        if request.method == "POST":
+            posts.append(request.headers["idempotency-key"])
+            return httpx.Response(303, headers={"location": "/orders/1"})
+        gets += 1
+        if gets == 1 and hop == "corrupt gzip":
+            return httpx.Response(200, headers={"content-encoding": "gzip"}, content=b"nope")
+        if gets == 1:
+            return httpx.Response(400, headers={"x-should-retry": "true"})
+        return httpx.Response(200, json={"id": 1})
+
+    with idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3", follow_redirects=True,
+        transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
+    ) as client:  # fmt: skip
+        if hop == "corrupt gzip":
+            with pytest.raises(httpx.DecodingError):
+                client.post("/orders", json={"item": 1})
+        else:
+            assert client.post("/orders", json={"item": 1}).status_code == 400
+        assert client.post("/orders", json={"item": 1}).json() == {"id": 1}
+    assert len(posts) == 1
+
+
+@pytest.mark.anyio
+async def test_an_async_get_answered_with_a_retryable_status_is_retried(tmp_path: Path) -> None:
+    """The answer to retry is closed before the retry: an async transport's stream has no
+    sync close (RuntimeError instead of a retry)."""
+    answers = [503, 200]
+
+    async def api(request: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"{}"
+
+        return httpx.Response(answers.pop(0), content=body())
+
+    async with idemclient.AsyncClient(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3",
+        transport=httpx.MockTransport(api), sleep=_no_sleep,
+    ) as client:  # fmt: skip
+        assert (await client.get("/status")).status_code == 200
+    assert answers == []
+
+
+async def _no_sleep(seconds: float) -> None:
+    return None
 
 
 def test_an_operation_refused_with_401_is_set_aside_only_for_a_while(

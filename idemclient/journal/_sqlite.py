@@ -298,8 +298,9 @@ class _SharedFile:
         # bytes. Closing it while an SQLite connection of this process is open on the file
         # would drop every POSIX lock of the process on it, SQLite's own included: another
         # process closing its last connection would then delete the write-ahead log this one
-        # is still writing to (its registrations lost to every reader). So it is closed only
-        # when no connection is (`users`: counted by `_Connection`), or with this object.
+        # is still writing to (its registrations lost to every reader). So it is closed with
+        # this object only, which every journal and every connection (`_Connection`, also
+        # one collected after its journal) holds.
         self.fd: int | None = None
         self.users = 0
         self.fd_lock = threading.RLock()  # (a connection's finalizer may run in any thread)
@@ -339,15 +340,12 @@ class _SharedFile:
             self.users += 1
 
     def drop_user(self) -> None:
-        """A connection of this process on the file closed: with the last, the descriptor
-        goes too (nothing holds a lock it could drop)."""
+        """A connection of this process on the file closed. The descriptor stays open all the
+        same, for as long as this object (a journal, or a connection, holds it): the file's
+        inode cannot be another file's while it is (a file deleted and made anew at the
+        path would get it, and pass for this one)."""
         with self.fd_lock:
             self.users = max(0, self.users - 1)
-            if self.users == 0 and self.fd is not None:
-                fd, self.fd = self.fd, None
-                self._fd_box[0] = None
-                with contextlib.suppress(OSError):
-                    os.close(fd)
 
     def reset(self) -> None:
         """Fresh locks and nothing held: at creation, and in a child after `fork()` (a lock
