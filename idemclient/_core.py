@@ -995,6 +995,14 @@ class Read:
 
 
 @dataclass(frozen=True, slots=True)
+class Close:
+    """Close a live response unread (an answer given up for a retry): the shell closes it as
+    its stream wants, sync or async (answered with `None`)."""
+
+    response: httpx.Response
+
+
+@dataclass(frozen=True, slots=True)
 class Sleep:
     seconds: float
 
@@ -1061,7 +1069,7 @@ class Emit:
     event: Event
 
 
-Step = JournalStep | Send | Read | Sleep | Emit
+Step = JournalStep | Send | Read | Close | Sleep | Emit
 
 
 @dataclass(frozen=True, slots=True)
@@ -1792,10 +1800,13 @@ class FollowUp:
             raise
         status = response.status_code
         hint = retry_hint(response.headers)
-        if hint or (hint is None and (status >= 500 or status in retry_statuses)):
-            self.failed()  # an answer a caller or an SDK retries
+        if status >= 400 and (
+            hint or (hint is None and (status >= 500 or status in retry_statuses))
+        ):
+            self.failed()  # an answer a caller or an SDK retries (a success is final)
         else:  # its body is read after: a read that fails is the call's too
-            stream: Any = _hop_class(family(response))(response.stream, self)
+            encoded = "content-encoding" in response.headers
+            stream: Any = _hop_class(family(response))(response.stream, self, encoded)
             response.stream = stream
         return response
 
@@ -1805,15 +1816,19 @@ class FollowUp:
 
 class _HopStream:
     """The body of a redirect's hop (`FollowUp`) as httpx reads it: a read that fails (the
-    connection lost mid-body, a read timeout), or a close before its end (its decoding
-    failed, a response hook raised: httpx reads a followed answer whole unless the caller
-    streams it), fails the operation's call."""
+    connection lost mid-body, a read timeout) fails the operation's call; so does a close
+    before its end of a content-encoded body that was being read (its decoding failed,
+    above this stream). A close before the end otherwise is a caller that had enough (it
+    streams the answer), not a failure."""
 
-    def __init__(self, inner: Any, follow_up: FollowUp) -> None:
+    def __init__(self, inner: Any, follow_up: FollowUp, encoded: bool) -> None:
         self._inner, self._follow_up = inner, follow_up
+        self._encoded = encoded
+        self._started = False
         self._ended = False
 
     def __iter__(self) -> Iterator[bytes]:
+        self._started = True
         try:
             yield from self._inner
         except Exception:
@@ -1826,12 +1841,17 @@ class _HopStream:
             self._ended = True
             self._follow_up.failed()
 
+    def _closed_early(self) -> None:
+        if self._encoded and self._started:
+            self._fail()
+
     def close(self) -> None:
-        self._fail()
+        self._closed_early()
         if hasattr(self._inner, "close"):
             self._inner.close()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        self._started = True
         try:
             async for chunk in self._inner:
                 yield chunk
@@ -1841,7 +1861,7 @@ class _HopStream:
         self._ended = True
 
     async def aclose(self) -> None:
-        self._fail()
+        self._closed_early()
         if hasattr(self._inner, "aclose"):
             await self._inner.aclose()
 
@@ -1904,9 +1924,9 @@ def plain_flow(
 
     def on_sleep(outcome: Outcome, seconds: float) -> Generator[Step, Any, None]:
         if outcome.response is not None:
-            # read by the shell, and so closed (an async transport's stream has no sync
-            # close: it raised RuntimeError instead of retrying)
-            yield Read(outcome.response)
+            # closed by the shell (an async transport's stream has no sync close: it raised
+            # RuntimeError instead of retrying), unread: its body may be long, or endless
+            yield Close(outcome.response)
         url = stored_url(request.url, secret)  # for logs: never a credential
         logger.info("%s %s: %s, retrying in %.2fs", request.method, url, outcome.reason, seconds)
 

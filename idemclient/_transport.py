@@ -39,6 +39,7 @@ from ._config import testing_mode
 from ._core import (
     FOLLOW_UP_EXTENSION,
     JOURNAL_STEPS,
+    Close,
     Emit,
     Event,
     Finish,
@@ -773,6 +774,9 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
             return _read_whole(response)
         if isinstance(step, Read):
             return _read_whole(step.response)
+        if isinstance(step, Close):
+            step.response.close()
+            return None
         if not testing_mode().on:
             self._sleep(step.seconds)
         return None
@@ -911,6 +915,9 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
             return await _aread_whole(response), None
         if isinstance(step, Read):
             return await _aread_whole(step.response), None
+        if isinstance(step, Close):
+            await step.response.aclose()
+            return None, None
         if not testing_mode().on:
             await self._sleep(step.seconds)
         return None, None

@@ -449,6 +449,19 @@ def test_a_journal_dropped_unclosed_leaves_the_next_ones_locks(journal_path: Pat
         gc.enable()
 
 
+def test_journals_closed_leave_no_descriptor_open(tmp_path: Path) -> None:
+    """A client per job, each on a journal of its own, closed: no descriptor of their files
+    stays open (a closed journal still referenced kept one, and a long worker ran out)."""
+    before = len(os.listdir("/proc/self/fd"))
+    kept = []
+    for i in range(50):
+        journal = Journal(tmp_path / f"job-{i}" / "journal.sqlite3", auto_purge=None)
+        journal.register(record(name="op", key=f"k-{i}"), "o", LEASE)
+        journal.close()
+        kept.append(journal)  # still referenced
+    assert len(os.listdir("/proc/self/fd")) - before < 5
+
+
 def test_a_write_ahead_log_deleted_while_in_use_fails_closed(journal_path: Path) -> None:
     """`rm journal.sqlite3-*` under a running process: SQLite would go on appending intents
     to the unlinked log, which no rerun reads (it sends them again). Refused instead."""

@@ -1419,6 +1419,53 @@ def test_a_redirect_hop_that_fails_after_its_headers_fails_its_operations_call(
     assert len(posts) == 1
 
 
+@pytest.mark.parametrize("hop", ["hinted success", "streamed, closed early"])
+def test_a_redirect_hop_that_succeeded_ends_its_operation(tmp_path: Path, hop: str) -> None:
+    """A followed GET answered with a success (even one hinting `x-should-retry: true`), or
+    streamed by the caller and closed before its end on purpose: the call succeeded, and an
+    identical POST after it is a new operation."""
+    posts: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posts.append(request.headers["idempotency-key"])
+            return httpx.Response(303, headers={"location": f"/orders/{len(posts)}"})
+        chunks = iter([b"x" * 10_000] * 10)  # on the wire: not read in advance
+        return httpx.Response(200, headers={"x-should-retry": "true"}, content=chunks)
+
+    with idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3", follow_redirects=True,
+        transport=httpx.MockTransport(api),
+    ) as client:  # fmt: skip
+        for _ in range(2):
+            if hop == "hinted success":
+                assert client.post("/orders", json={"item": 1}).status_code == 200
+            else:
+                with client.stream("POST", "/orders", json={"item": 1}) as response:
+                    next(response.iter_raw(10))
+    assert len(set(posts)) == 2
+
+
+def test_an_unjournaled_answer_given_up_for_a_retry_is_closed_unread(tmp_path: Path) -> None:
+    """A GET answered 503 whose body is cut (or endless): closed, not read, and retried."""
+    answers = [503, 200]
+
+    def cut() -> Iterator[bytes]:
+        yield b"busy"
+        raise httpx.RemoteProtocolError("peer closed connection mid-body")
+
+    def api(request: httpx.Request) -> httpx.Response:
+        status = answers.pop(0)
+        return httpx.Response(status, content=cut() if status == 503 else b"{}")
+
+    with idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3",
+        transport=httpx.MockTransport(api), sleep=lambda seconds: None,
+    ) as client:  # fmt: skip
+        assert client.get("/status").status_code == 200
+    assert answers == []
+
+
 @pytest.mark.anyio
 async def test_an_async_get_answered_with_a_retryable_status_is_retried(tmp_path: Path) -> None:
     """The answer to retry is closed before the retry: an async transport's stream has no

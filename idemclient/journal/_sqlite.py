@@ -303,6 +303,7 @@ class _SharedFile:
         # one collected after its journal) holds.
         self.fd: int | None = None
         self.users = 0
+        self.journals_open = 0
         self.fd_lock = threading.RLock()  # (a connection's finalizer may run in any thread)
         # the descriptor, for the finalizer that closes it with this object (no connection
         # can be open then: each holds this object through its own finalizer)
@@ -340,12 +341,32 @@ class _SharedFile:
             self.users += 1
 
     def drop_user(self) -> None:
-        """A connection of this process on the file closed. The descriptor stays open all the
-        same, for as long as this object (a journal, or a connection, holds it): the file's
-        inode cannot be another file's while it is (a file deleted and made anew at the
-        path would get it, and pass for this one)."""
+        """A connection of this process on the file closed."""
         with self.fd_lock:
             self.users = max(0, self.users - 1)
+            self._release_if_unused()
+
+    def opened(self) -> None:
+        """A journal of this process opened the file."""
+        with self.fd_lock:
+            self.journals_open += 1
+
+    def closed(self) -> None:
+        """A journal of this process on the file was closed."""
+        with self.fd_lock:
+            self.journals_open = max(0, self.journals_open - 1)
+            self._release_if_unused()
+
+    def _release_if_unused(self) -> None:
+        """Close the descriptor once no journal and no connection of this process has the
+        file open: none holds a lock it could drop, and none checks the file's identity (an
+        open journal keeps it, so that the inode cannot become another file's, made anew at
+        the path, and pass for this one). A client per job leaves no descriptor behind."""
+        if self.users == 0 and self.journals_open == 0 and self.fd is not None:
+            fd, self.fd = self.fd, None
+            self._fd_box[0] = None
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def reset(self) -> None:
         """Fresh locks and nothing held: at creation, and in a child after `fork()` (a lock
@@ -595,6 +616,7 @@ class Journal(ReadBack):
             self.retention = self._open(retention)
         except BaseException:
             self._close_connections()
+            self._shared.closed()
             raise
         if not read_only:  # the journals that may write what any of them holds
             self._shared.journals.add(self)
@@ -637,8 +659,9 @@ class Journal(ReadBack):
     def _open_file(self) -> _SharedFile:
         """Create the file if need be (not when read-only), check that it is SQLite's, and
         return what this process shares of it, with its identity (device, inode): a file
-        deleted or replaced later is detected. A descriptor opened here is never closed
-        while a journal on the file may be open (see `_SharedFile.fds`)."""
+        deleted or replaced later is detected. Counted as open on it (`_SharedFile.opened`)
+        from here on: a descriptor of it is never closed while a journal or a connection of
+        this process is (see `_SharedFile.fd`)."""
         with self._errors_as_journal_error("open the journal"), _files_lock:
             try:
                 found = os.stat(self.path)
@@ -646,12 +669,15 @@ class Journal(ReadBack):
                 known = None
             else:
                 known = _files.get((found.st_dev, found.st_ino))
-            if known is not None and known.linked():  # open here already: look through it
-                shared = known
+            shared = None
+            if known is not None:  # open here already: look through its descriptor
                 with known.fd_lock:
-                    assert known.fd is not None
-                    head = os.pread(known.fd, 20, 0)
-            else:
+                    if known.linked():
+                        assert known.fd is not None
+                        head = os.pread(known.fd, 20, 0)
+                        known.opened()
+                        shared = known
+            if shared is None:
                 if self.read_only:
                     fd = os.open(self.path, os.O_RDONLY)
                 else:
@@ -666,19 +692,26 @@ class Journal(ReadBack):
                 if shared.fd is not None and not shared.linked():  # a deleted file's inode
                     shared = _SharedFile(identity)
                 _files[identity] = shared
-                shared.keep(fd)
+                with shared.fd_lock:
+                    shared.keep(fd)
+                    shared.opened()
                 head = os.pread(fd, 20, 0)
-        if head and head[: len(_SQLITE_MAGIC)] != _SQLITE_MAGIC[: len(head)]:
-            raise JournalError(
-                f"journal {self.path} is not an SQLite database; it was left untouched "
-                "(move it away or pass another path)",
-                path=str(self.path),
-            )
-        hot = Path(f"{self.path}-journal").exists()  # (only a writer can roll it back)
-        if len(head) == 20 and head[18:20] != b"\x02\x02" and not hot:
-            # An SQLite database not in WAL mode (every journal is): the first connection
-            # would switch it to WAL, for good, before its tables are looked at. Look first.
-            self._look_before_wal()
+        try:
+            if head and head[: len(_SQLITE_MAGIC)] != _SQLITE_MAGIC[: len(head)]:
+                raise JournalError(
+                    f"journal {self.path} is not an SQLite database; it was left untouched "
+                    "(move it away or pass another path)",
+                    path=str(self.path),
+                )
+            hot = Path(f"{self.path}-journal").exists()  # (only a writer can roll it back)
+            if len(head) == 20 and head[18:20] != b"\x02\x02" and not hot:
+                # An SQLite database not in WAL mode (every journal is): the first connection
+                # would switch it to WAL, for good, before its tables are looked at. Look
+                # first.
+                self._look_before_wal()
+        except BaseException:
+            shared.closed()
+            raise
         return shared
 
     def _look_before_wal(self) -> None:
@@ -1081,6 +1114,7 @@ class Journal(ReadBack):
                 self._close_connections()
             finally:
                 shared.undrain()
+                shared.closed()
 
     def _close_connections(self, *, for_fork: bool = False) -> None:
         """Close every connection this journal opened in this process (no thread may be
