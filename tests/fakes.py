@@ -16,6 +16,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -145,6 +146,24 @@ class AnswerLostOnce:
         if len(self.keys) == 1:
             raise httpx.ReadTimeout("the answer was lost", request=request)
         return httpx.Response(201, json=self.answer)
+
+
+class SeeOther:
+    """A `httpx.MockTransport` handler: a POST is answered 303 See Other to /orders/1; each
+    GET that follows is answered by `hop(number, request)` (1 for the first). `posts`: the
+    Idempotency-Key of each POST."""
+
+    def __init__(self, hop: Callable[[int, httpx.Request], httpx.Response]) -> None:
+        self.hop = hop
+        self.posts: list[str] = []
+        self.gets = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            self.posts.append(request.headers["idempotency-key"])
+            return httpx.Response(303, headers={"location": "/orders/1"})
+        self.gets += 1
+        return self.hop(self.gets, request)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from idemclient import (
     RetryPolicy,
 )
 
-from .fakes import AnswerLostOnce
+from .fakes import AnswerLostOnce, SeeOther
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -1191,6 +1191,14 @@ def test_a_callers_key_is_resumed_as_the_caller_wrote_it(
     assert sent == [written, written]
 
 
+def _following(tmp_path: Path, api: Handler) -> idemclient.Client:
+    """A client that follows redirects, one attempt per call, on a journal in `tmp_path`."""
+    return idemclient.Client(
+        base_url="https://api.example", journal=tmp_path / "j.sqlite3", follow_redirects=True,
+        transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("failure", ["timeout", "server error", "too many requests"])
 def test_a_post_redirected_to_a_get_that_fails_is_the_same_operation_again(
     tmp_path: Path, failure: str
@@ -1200,25 +1208,17 @@ def test_a_post_redirected_to_a_get_that_fails_is_the_same_operation_again(
     from the journal (the 303, followed again), not new ones under new keys: the server saw
     two keys and created the order twice (the second retry too, before replays were
     watched; a 429 to the GET, which an SDK retries, too)."""
-    posts: list[str] = []
-    gets = 0
 
-    def api(request: httpx.Request) -> httpx.Response:
-        nonlocal gets
-        if request.method == "POST":
-            posts.append(request.headers["idempotency-key"])
-            return httpx.Response(303, headers={"location": "/orders/1"})
-        gets += 1
-        if gets <= 2:
+    def hop(number: int, request: httpx.Request) -> httpx.Response:
+        if number <= 2:
             if failure == "timeout":
                 raise httpx.ReadTimeout("lost", request=request)
             return httpx.Response(503 if failure == "server error" else 429)
         return httpx.Response(200, json={"id": 1})
 
-    with idemclient.Client(
-        base_url="https://api.example", journal=tmp_path / "j.sqlite3", follow_redirects=True,
-        transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
-    ) as client:  # fmt: skip
+    api = SeeOther(hop)
+    posts = api.posts
+    with _following(tmp_path, api) as client:
         for _ in range(2):
             if failure == "timeout":
                 with pytest.raises(httpx.ReadTimeout):
@@ -1391,25 +1391,17 @@ def test_a_redirect_hop_that_fails_after_its_headers_fails_its_operations_call(
     """POST, 303, and the followed GET is answered with a body that does not decode, or with
     a 400 that says `x-should-retry: true` (an SDK retries both): the retry is the same
     operation, answered from the journal."""
-    posts: list[str] = []
-    gets = 0
 
-    def api(request: httpx.Request) -> httpx.Response:
-        nonlocal gets
-        if request.method == "POST":
-            posts.append(request.headers["idempotency-key"])
-            return httpx.Response(303, headers={"location": "/orders/1"})
-        gets += 1
-        if gets == 1 and hop == "corrupt gzip":
+    def answer(number: int, request: httpx.Request) -> httpx.Response:
+        if number == 1 and hop == "corrupt gzip":
             return httpx.Response(200, headers={"content-encoding": "gzip"}, content=b"nope")
-        if gets == 1:
+        if number == 1:
             return httpx.Response(400, headers={"x-should-retry": "true"})
         return httpx.Response(200, json={"id": 1})
 
-    with idemclient.Client(
-        base_url="https://api.example", journal=tmp_path / "j.sqlite3", follow_redirects=True,
-        transport=httpx.MockTransport(api), retry=RetryPolicy(max_attempts=1),
-    ) as client:  # fmt: skip
+    api = SeeOther(answer)
+    posts = api.posts
+    with _following(tmp_path, api) as client:
         if hop == "corrupt gzip":
             with pytest.raises(httpx.DecodingError):
                 client.post("/orders", json={"item": 1})
