@@ -324,8 +324,7 @@ class _Unfinished:
     finished, wherever (a stream read to its end by another task, a resume)."""
 
     __slots__ = (
-        "aside_until", "fingerprints", "key", "name", "outcome", "place", "refused", "revived",
-        "scope",
+        "aside_until", "fingerprints", "key", "name", "outcome", "place", "refused", "scope",
     )  # fmt: skip
 
     def __init__(
@@ -351,9 +350,6 @@ class _Unfinished:
         # this one would make two). Set aside, not forgotten, by the next other request.
         self.refused = False
         self.aside_until = 0.0  # (monotonic) set aside: a resend is it until then
-        # Remembered again after it completed, its call failing after (`FollowUp`): only
-        # right after, so any other request of this place forgets it, an unjournaled one too.
-        self.revived = False
 
     @property
     def done(self) -> bool:
@@ -624,20 +620,19 @@ class Plan:
     #: (a redirect goes on at another URL under the same key): a resend of either is it
     carried: frozenset[str] = frozenset()
 
-    def unfinished(self, op: Operation | RequestRecord, *, revived: bool = False) -> None:
+    def unfinished(self, op: Operation | RequestRecord) -> None:
         """Remember that `op` is the last operation of this thread or task (in this block, if
         in one) and has not finished: a resend of the same request right after is that
         operation again. The record, when its registration failed: it may have reached the
         journal all the same."""
         fingerprints = self.carried | {self.record.fingerprint}
         mark = _Unfinished(self.scope, fingerprints, op.key, op.name, self.place)
-        mark.revived = revived
         if self.scope is not None:  # the block's, seen from every thread and task in it
             self.scope.mark(mark)
         else:
             _unfinished.set(mark)
 
-    def unfailed(self, op: Operation, *, revived: bool = False) -> None:
+    def unfailed(self, op: Operation) -> None:
         """`op` failed now (a stream cut or closed before its end), after its registration:
         it is its thread's or task's last unfinished operation again, unless that one has
         another since (which it would otherwise displace: the failed call an SDK retries).
@@ -647,13 +642,13 @@ class Plan:
         if self.scope is not None:
             current = self.scope.unfinished.get(self.place)
             if current is None or current.done or current.key == op.key:
-                self.unfinished(op, revived=revived)
+                self.unfinished(op)
             return
         current = _unfinished.get()
         if current is None or (
             current.place == self.place and (current.done or current.key == op.key)
         ):
-            self.unfinished(op, revived=revived)
+            self.unfinished(op)
 
     def refused(self, key: str) -> None:
         """The operation with `key`, this place's last unfinished one, was refused before any
@@ -1811,7 +1806,7 @@ class FollowUp:
         return response
 
     def failed(self) -> None:
-        self.plan.unfailed(self.op, revived=True)
+        self.plan.unfailed(self.op)
 
 
 class _HopStream:

@@ -298,18 +298,20 @@ class _SharedFile:
         # bytes. Closing it while an SQLite connection of this process is open on the file
         # would drop every POSIX lock of the process on it, SQLite's own included: another
         # process closing its last connection would then delete the write-ahead log this one
-        # is still writing to (its registrations lost to every reader). So it is closed with
-        # this object only, which every journal and every connection (`_Connection`, also
-        # one collected after its journal) holds.
-        self.fd: int | None = None
-        self.users = 0
+        # is still writing to (its registrations lost to every reader). So it is closed only
+        # once no journal and no connection (`_Connection`) of this process has the file
+        # open (`_release_if_unused`), or with this object, which each of them holds.
+        self.users = 0  # connections open, or being opened
         self.journals_open = 0
         self.fd_lock = threading.RLock()  # (a connection's finalizer may run in any thread)
-        # the descriptor, for the finalizer that closes it with this object (no connection
-        # can be open then: each holds this object through its own finalizer)
+        # the descriptor, in a box the finalizer can close without holding this object
         self._fd_box: list[int | None] = [None]
         weakref.finalize(self, _SharedFile._close_box, self._fd_box).atexit = False
         self.reset()
+
+    @property
+    def fd(self) -> int | None:
+        return self._fd_box[0]
 
     @staticmethod
     def _close_box(box: list[int | None]) -> None:
@@ -322,8 +324,7 @@ class _SharedFile:
         """Keep `fd` as the file's descriptor (one more is closed now, if no connection of
         this process is open on the file, else kept open too)."""
         with self.fd_lock:
-            old, self.fd = self.fd, fd
-            self._fd_box[0] = fd
+            old, self._fd_box[0] = self._fd_box[0], fd
             if old is not None:
                 if self.users:
                     _kept_fds.append(old)  # (rare: a file reopened while connections are)
@@ -362,11 +363,8 @@ class _SharedFile:
         file open: none holds a lock it could drop, and none checks the file's identity (an
         open journal keeps it, so that the inode cannot become another file's, made anew at
         the path, and pass for this one). A client per job leaves no descriptor behind."""
-        if self.users == 0 and self.journals_open == 0 and self.fd is not None:
-            fd, self.fd = self.fd, None
-            self._fd_box[0] = None
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        if self.users == 0 and self.journals_open == 0:
+            _SharedFile._close_box(self._fd_box)
 
     def reset(self) -> None:
         """Fresh locks and nothing held: at creation, and in a child after `fork()` (a lock
